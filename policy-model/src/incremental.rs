@@ -1,0 +1,404 @@
+//! Incremental compilation for one node: apply cluster changes, recompile only the local
+//! endpoints whose tables can change, and report which did.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::compile::compile_endpoint;
+use crate::error::InvalidObject;
+use crate::objects::{Namespace, Node, ObjectKey, Pod};
+use crate::policy::{Direction, NamespaceScope, Peer, Policy, PortSpec};
+use crate::state::ClusterState;
+use crate::table::{EndpointId, EndpointTables};
+
+/// One change to the cluster, as a watch reports it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    UpsertNamespace(Namespace),
+    DeleteNamespace(String),
+    UpsertPod(Pod),
+    DeletePod(ObjectKey),
+    /// The raw object: the compiler validates it.
+    UpsertPolicy(Box<NetworkPolicy>),
+    DeletePolicy(ObjectKey),
+    UpsertNode(Node),
+    DeleteNode(String),
+}
+
+/// A local endpoint's compiled state.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub id: EndpointId,
+    /// Bumped each time the tables change for the datapath; starts at 1.
+    pub revision: u32,
+    pub tables: EndpointTables,
+    /// Policies that select this pod (either direction): changes to them, or to the pods
+    /// and namespaces their peers select, may change the tables.
+    policies: Vec<ObjectKey>,
+}
+
+/// What a batch of changes did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeReport {
+    /// Endpoints that appeared on this node.
+    pub added: Vec<ObjectKey>,
+    /// Endpoints whose tables changed for the datapath (revision bumped).
+    pub changed: Vec<ObjectKey>,
+    /// Endpoints that left this node, with the id they had.
+    pub removed: Vec<(ObjectKey, EndpointId)>,
+    /// Policies refused by validation in this batch. A refused update keeps the last valid
+    /// version of the policy in force.
+    pub rejected: Vec<InvalidObject>,
+    /// Endpoints recompiled (for metrics: the work done).
+    pub recompiled: usize,
+}
+
+impl ChangeReport {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.removed.is_empty()
+            && self.rejected.is_empty()
+    }
+}
+
+/// The compiled state of every local endpoint of one node.
+#[derive(Debug, Clone)]
+pub struct NodeCompiler {
+    node: String,
+    state: ClusterState,
+    endpoints: BTreeMap<ObjectKey, Endpoint>,
+    /// Policy → local endpoints it selects.
+    policy_users: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    free_ids: BTreeSet<EndpointId>,
+    next_id: EndpointId,
+    /// Policies currently refused, by key.
+    rejected: BTreeMap<ObjectKey, InvalidObject>,
+}
+
+impl NodeCompiler {
+    pub fn new(node: impl Into<String>) -> NodeCompiler {
+        NodeCompiler {
+            node: node.into(),
+            state: ClusterState::new(),
+            endpoints: BTreeMap::new(),
+            policy_users: HashMap::new(),
+            free_ids: BTreeSet::new(),
+            next_id: 1,
+            rejected: BTreeMap::new(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    pub fn endpoint(&self, pod: &ObjectKey) -> Option<&Endpoint> {
+        self.endpoints.get(pod)
+    }
+
+    /// Policies refused by validation and not since fixed or deleted.
+    pub fn rejected(&self) -> impl Iterator<Item = &InvalidObject> {
+        self.rejected.values()
+    }
+
+    fn is_local(&self, pod: &Pod) -> bool {
+        !pod.host_network && pod.node.as_deref() == Some(self.node.as_str())
+    }
+
+    /// Applies a batch of changes and recompiles what they may affect.
+    pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> ChangeReport {
+        let mut report = ChangeReport::default();
+        let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
+        for change in changes {
+            self.apply_one(change, &mut dirty, &mut report);
+        }
+        self.recompile(dirty, &mut report);
+        report
+    }
+
+    fn apply_one(
+        &mut self,
+        change: Change,
+        dirty: &mut BTreeSet<ObjectKey>,
+        report: &mut ChangeReport,
+    ) {
+        match change {
+            Change::UpsertNamespace(ns) => {
+                let old = self.state.namespace_labels(&ns.name).into_owned();
+                self.mark_namespace_peers(&ns.name, &old, &ns.labels, dirty);
+                self.state.upsert_namespace(ns);
+            }
+            Change::DeleteNamespace(name) => {
+                let old = self.state.namespace_labels(&name).into_owned();
+                // Pods of a deleted namespace are deleted on their own; until then they keep
+                // the labels every namespace has.
+                let default = ClusterState::new().namespace_labels(&name).into_owned();
+                self.mark_namespace_peers(&name, &old, &default, dirty);
+                self.state.remove_namespace(&name);
+            }
+            Change::UpsertPod(pod) => {
+                let old = self.state.pod(&pod.key).cloned();
+                self.mark_pod(old.as_ref(), dirty);
+                self.mark_pod(Some(&pod), dirty);
+                self.state.upsert_pod(pod.clone());
+                // Ownership of shared addresses may have moved, to or from this pod.
+                self.mark_pod(Some(&pod), dirty);
+                if let Some(old) = &old {
+                    self.mark_address_holders(&old.ips, dirty);
+                }
+            }
+            Change::DeletePod(key) => {
+                if let Some(old) = self.state.pod(&key).cloned() {
+                    self.mark_pod(Some(&old), dirty);
+                    self.state.remove_pod(&key);
+                    self.mark_address_holders(&old.ips, dirty);
+                }
+            }
+            Change::UpsertPolicy(np) => match Policy::from_k8s(&np) {
+                Ok(policy) => {
+                    self.rejected.remove(&policy.key);
+                    if let Some(old) = self.state.policy(&policy.key).cloned() {
+                        self.mark_policy_targets(&old, dirty);
+                    }
+                    self.mark_policy_targets(&policy, dirty);
+                    self.state.upsert_policy(policy);
+                }
+                Err(invalid) => {
+                    self.rejected.insert(invalid.key.clone(), invalid.clone());
+                    report.rejected.push(invalid);
+                }
+            },
+            Change::DeletePolicy(key) => {
+                self.rejected.remove(&key);
+                if let Some(old) = self.state.remove_policy(&key) {
+                    self.mark_policy_targets(&old, dirty);
+                }
+            }
+            Change::UpsertNode(node) => {
+                if node.name == self.node {
+                    dirty.extend(self.endpoints.keys().cloned());
+                }
+                let old_addresses = self
+                    .state
+                    .node(&node.name)
+                    .map(|n| n.addresses.clone())
+                    .unwrap_or_default();
+                self.state.upsert_node(node.clone());
+                self.mark_address_holders(&old_addresses, dirty);
+                self.mark_address_holders(&node.addresses, dirty);
+            }
+            Change::DeleteNode(name) => {
+                if name == self.node {
+                    dirty.extend(self.endpoints.keys().cloned());
+                }
+                if let Some(old) = self.state.remove_node(&name) {
+                    self.mark_address_holders(&old.addresses, dirty);
+                }
+            }
+        }
+    }
+
+    /// Local pods a policy selects.
+    fn mark_policy_targets(&self, policy: &Policy, dirty: &mut BTreeSet<ObjectKey>) {
+        for pod in self.state.pods_in(&policy.key.namespace) {
+            if self.is_local(pod) && self.state.selects(policy, pod) {
+                dirty.insert(pod.key.clone());
+            }
+        }
+        if let Some(users) = self.policy_users.get(&policy.key) {
+            dirty.extend(users.iter().cloned());
+        }
+    }
+
+    /// Endpoints whose tables may depend on `pod` (as it is now in the state, or `pod`).
+    fn mark_pod(&self, pod: Option<&Pod>, dirty: &mut BTreeSet<ObjectKey>) {
+        let Some(pod) = pod else { return };
+        if pod.node.as_deref() == Some(self.node.as_str()) {
+            dirty.insert(pod.key.clone());
+            if pod.host_network {
+                // Its addresses are this node's: every local endpoint admits them.
+                dirty.extend(self.endpoints.keys().cloned());
+            }
+        }
+        if !pod.host_network {
+            for (policy_key, users) in &self.policy_users {
+                if let Some(policy) = self.state.policy(policy_key) {
+                    if policy_depends_on_pod(&self.state, policy, pod) {
+                        dirty.extend(users.iter().cloned());
+                    }
+                }
+            }
+        }
+        self.mark_address_holders(&pod.ips, dirty);
+    }
+
+    /// Other pods claiming the same addresses: ownership may move between them.
+    fn mark_address_holders(&self, ips: &[IpAddr], dirty: &mut BTreeSet<ObjectKey>) {
+        for ip in ips {
+            if let Some(holder) = self.state.pod_at(*ip) {
+                if holder.node.as_deref() == Some(self.node.as_str()) {
+                    dirty.insert(holder.key.clone());
+                }
+                for (policy_key, users) in &self.policy_users {
+                    if let Some(policy) = self.state.policy(policy_key) {
+                        if policy_depends_on_pod(&self.state, policy, holder) {
+                            dirty.extend(users.iter().cloned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn mark_namespace_peers(
+        &self,
+        namespace: &str,
+        old: &crate::labels::Labels,
+        new: &crate::labels::Labels,
+        dirty: &mut BTreeSet<ObjectKey>,
+    ) {
+        if old == new {
+            return;
+        }
+        for (policy_key, users) in &self.policy_users {
+            let Some(policy) = self.state.policy(policy_key) else {
+                continue;
+            };
+            let depends = all_peers(policy).any(|peer| match peer {
+                Peer::Pods {
+                    namespaces: NamespaceScope::Matching(sel),
+                    ..
+                } => sel.matches(old) != sel.matches(new),
+                _ => false,
+            });
+            if depends && self.state.pods_in(namespace).next().is_some() {
+                dirty.extend(users.iter().cloned());
+            }
+        }
+    }
+
+    fn recompile(&mut self, dirty: BTreeSet<ObjectKey>, report: &mut ChangeReport) {
+        if dirty.is_empty() {
+            return;
+        }
+        let node_addresses = self.state.node_addresses(&self.node);
+        for key in dirty {
+            let pod = self.state.pod(&key).filter(|p| self.is_local(p)).cloned();
+            match pod {
+                None => {
+                    if let Some(old) = self.endpoints.remove(&key) {
+                        self.forget_users(&key, &old.policies);
+                        self.free_ids.insert(old.id);
+                        report.removed.push((key, old.id));
+                    }
+                }
+                Some(pod) => {
+                    report.recompiled += 1;
+                    let tables = compile_endpoint(&self.state, &pod, &node_addresses);
+                    let policies: Vec<ObjectKey> = self
+                        .state
+                        .policies_in(&pod.key.namespace)
+                        .filter(|p| self.state.selects(p, &pod))
+                        .map(|p| p.key.clone())
+                        .collect();
+                    let old_policies = self
+                        .endpoints
+                        .get(&key)
+                        .map(|e| e.policies.clone())
+                        .unwrap_or_default();
+                    self.forget_users(&key, &old_policies);
+                    for p in &policies {
+                        self.policy_users
+                            .entry(p.clone())
+                            .or_default()
+                            .insert(key.clone());
+                    }
+                    match self.endpoints.get_mut(&key) {
+                        Some(ep) => {
+                            if !ep.tables.same_datapath(&tables) {
+                                ep.revision = ep.revision.wrapping_add(1).max(1);
+                                report.changed.push(key.clone());
+                            }
+                            ep.tables = tables;
+                            ep.policies = policies;
+                        }
+                        None => {
+                            let id = self.free_ids.pop_first().unwrap_or_else(|| {
+                                self.next_id += 1;
+                                self.next_id - 1
+                            });
+                            self.endpoints.insert(
+                                key.clone(),
+                                Endpoint {
+                                    id,
+                                    revision: 1,
+                                    tables,
+                                    policies,
+                                },
+                            );
+                            report.added.push(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn forget_users(&mut self, endpoint: &ObjectKey, policies: &[ObjectKey]) {
+        for p in policies {
+            if let Some(users) = self.policy_users.get_mut(p) {
+                users.remove(endpoint);
+                if users.is_empty() {
+                    self.policy_users.remove(p);
+                }
+            }
+        }
+    }
+}
+
+fn all_peers(policy: &Policy) -> impl Iterator<Item = &Peer> {
+    Direction::BOTH
+        .into_iter()
+        .filter_map(|d| policy.rules(d))
+        .flatten()
+        .filter_map(|r| r.peers.as_ref())
+        .flatten()
+}
+
+/// Whether `policy`'s tables can change when `pod` (a non-hostNetwork pod) appears, goes
+/// or changes: it is a pod peer of a rule, or a destination that an egress rule's named
+/// ports resolve on.
+fn policy_depends_on_pod(state: &ClusterState, policy: &Policy, pod: &Pod) -> bool {
+    let ns = &policy.key.namespace;
+    let pod_peer = all_peers(policy).any(|peer| match peer {
+        Peer::Pods { namespaces, pods } => state.pod_peer_matches(ns, namespaces, pods, pod),
+        Peer::Block(_) => false,
+    });
+    if pod_peer {
+        return true;
+    }
+    policy.egress.iter().flatten().any(|rule| {
+        let named = rule
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| matches!(p, PortSpec::Named(..)));
+        named && match &rule.peers {
+            None => true,
+            Some(peers) => peers.iter().any(
+                |peer| matches!(peer, Peer::Block(b) if pod.ips.iter().any(|ip| b.contains(*ip))),
+            ),
+        }
+    })
+}

@@ -1,0 +1,35 @@
+//! policy-model: the Kubernetes NetworkPolicy v1 semantics, with no I/O.
+//!
+//! - [`ClusterState`] holds namespaces, pods, nodes and validated [`Policy`]s.
+//! - [`verdict`] is the reference evaluator: one flow, judged from the API text, with
+//!   provenance.
+//! - [`compile_endpoint`] turns one pod's policies into LPM-exact [`PeerTable`]s, and
+//!   [`NodeCompiler`] keeps every local pod's tables current as the cluster changes.
+#![forbid(unsafe_code)]
+
+pub mod compile;
+pub mod error;
+pub mod incremental;
+pub mod ip;
+pub mod labels;
+pub mod objects;
+pub mod policy;
+pub mod ports;
+pub mod state;
+pub mod table;
+pub mod verdict;
+
+#[cfg(test)]
+mod tests;
+
+pub use compile::compile_endpoint;
+pub use error::{FieldError, InvalidObject};
+pub use incremental::{Change, ChangeReport, Endpoint, NodeCompiler};
+pub use ip::{Family, Prefix};
+pub use labels::{Labels, Selector};
+pub use objects::{NAMESPACE_NAME_LABEL, NamedPort, Namespace, Node, ObjectKey, Pod};
+pub use policy::{Direction, Policy};
+pub use ports::{IpProtocol, PortRange, PortSet, Protocol};
+pub use state::{AddressOwner, ClusterState};
+pub use table::{EndpointId, EndpointTables, Origin, PeerEntry, PeerTable};
+pub use verdict::{Decision, Flow, RuleRef, Verdict, verdict};

@@ -1,0 +1,387 @@
+//! Protocols and port sets.
+//!
+//! A [`PortSet`] is canonical (sorted, merged ranges), so two sets that allow the same
+//! traffic compare equal: the compiler relies on that to deduplicate and to prune
+//! redundant LPM entries.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+/// The protocols a NetworkPolicy port can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// IANA protocol number, as in the IP header.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Protocol::Tcp => 0,
+            Protocol::Udp => 1,
+            Protocol::Sctp => 2,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    /// Exact, case-sensitive names, as the API server accepts them.
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            _ => Err(format!(
+                "unsupported protocol {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""
+            )),
+        }
+    }
+}
+
+/// The IP protocol of a flow: any IANA number, with names for the common ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpProtocol(pub u8);
+
+impl IpProtocol {
+    pub const ICMP: IpProtocol = IpProtocol(1);
+    pub const TCP: IpProtocol = IpProtocol(6);
+    pub const UDP: IpProtocol = IpProtocol(17);
+    pub const ICMPV6: IpProtocol = IpProtocol(58);
+    pub const SCTP: IpProtocol = IpProtocol(132);
+
+    /// The NetworkPolicy protocol this is, if ports apply to it.
+    pub fn policy_protocol(self) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.number() == self.0)
+    }
+
+    /// Whether the flow carries ports (only then does a policy port match it).
+    pub fn has_ports(self) -> bool {
+        self.policy_protocol().is_some()
+    }
+}
+
+impl From<Protocol> for IpProtocol {
+    fn from(p: Protocol) -> IpProtocol {
+        IpProtocol(p.number())
+    }
+}
+
+impl fmt::Display for IpProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            1 => f.write_str("ICMP"),
+            58 => f.write_str("ICMPv6"),
+            n => match self.policy_protocol() {
+                Some(p) => f.write_str(p.as_str()),
+                None => write!(f, "proto-{n}"),
+            },
+        }
+    }
+}
+
+impl FromStr for IpProtocol {
+    type Err = String;
+    /// Case-insensitive names (TCP, udp, SCTP, ICMP, ICMPv6) or a number.
+    fn from_str(s: &str) -> Result<IpProtocol, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(IpProtocol::TCP),
+            "UDP" => Ok(IpProtocol::UDP),
+            "SCTP" => Ok(IpProtocol::SCTP),
+            "ICMP" => Ok(IpProtocol::ICMP),
+            "ICMPV6" => Ok(IpProtocol::ICMPV6),
+            other => other
+                .parse::<u8>()
+                .map(IpProtocol)
+                .map_err(|_| format!("unknown protocol {s:?}")),
+        }
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange {
+        start: 0,
+        end: u16::MAX,
+    };
+
+    pub fn single(port: u16) -> PortRange {
+        PortRange {
+            start: port,
+            end: port,
+        }
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.start <= port && port <= self.end
+    }
+
+    /// The fewest `(port, prefix length)` pairs whose union is exactly this range, for a
+    /// port-keyed LPM trie (a prefix of length L covers `2^(16-L)` ports). At most 30.
+    pub fn to_prefixes(&self) -> Vec<(u16, u8)> {
+        let mut out = Vec::new();
+        let mut start = self.start as u32;
+        let end = self.end as u32;
+        while start <= end {
+            // The largest aligned block that starts at `start` and stays within `end`.
+            let mut size = if start == 0 {
+                1u32 << 16
+            } else {
+                1u32 << start.trailing_zeros().min(16)
+            };
+            while start + size - 1 > end {
+                size >>= 1;
+            }
+            out.push((start as u16, 16 - size.trailing_zeros() as u8));
+            start += size;
+        }
+        out
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == PortRange::ALL {
+            f.write_str("any port")
+        } else if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// What a table entry allows: every protocol (ICMP too), or per-protocol port ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortSet {
+    all: bool,
+    ranges: [Vec<PortRange>; 3],
+}
+
+impl PortSet {
+    /// Nothing: an entry with this set denies.
+    pub fn empty() -> PortSet {
+        PortSet::default()
+    }
+
+    /// Every protocol and port, as a rule with no `ports` allows.
+    pub fn all() -> PortSet {
+        PortSet {
+            all: true,
+            ranges: Default::default(),
+        }
+    }
+
+    pub fn protocol(protocol: Protocol) -> PortSet {
+        PortSet::range(protocol, PortRange::ALL)
+    }
+
+    pub fn range(protocol: Protocol, range: PortRange) -> PortSet {
+        let mut s = PortSet::empty();
+        s.insert(protocol, range);
+        s
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.ranges.iter().all(Vec::is_empty)
+    }
+
+    /// Canonical ranges of one protocol (empty when `is_all`).
+    pub fn ranges(&self, protocol: Protocol) -> &[PortRange] {
+        &self.ranges[protocol.index()]
+    }
+
+    pub fn insert(&mut self, protocol: Protocol, range: PortRange) {
+        if self.all {
+            return;
+        }
+        let v = &mut self.ranges[protocol.index()];
+        v.push(range);
+        v.sort();
+        let mut merged: Vec<PortRange> = Vec::with_capacity(v.len());
+        for r in v.drain(..) {
+            match merged.last_mut() {
+                Some(last) if r.start as u32 <= last.end as u32 + 1 => {
+                    last.end = last.end.max(r.end)
+                }
+                _ => merged.push(r),
+            }
+        }
+        *v = merged;
+    }
+
+    pub fn union_with(&mut self, other: &PortSet) {
+        if other.all {
+            *self = PortSet::all();
+            return;
+        }
+        for p in Protocol::ALL {
+            for r in other.ranges(p) {
+                self.insert(p, *r);
+            }
+        }
+    }
+
+    pub fn contains(&self, protocol: IpProtocol, port: u16) -> bool {
+        if self.all {
+            return true;
+        }
+        match protocol.policy_protocol() {
+            Some(p) => self.ranges(p).iter().any(|r| r.contains(port)),
+            None => false,
+        }
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.all {
+            return f.write_str("all traffic");
+        }
+        if self.is_empty() {
+            return f.write_str("nothing");
+        }
+        let mut first = true;
+        for p in Protocol::ALL {
+            let rs = self.ranges(p);
+            if rs.is_empty() {
+                continue;
+            }
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            write!(f, "{p}")?;
+            if rs != [PortRange::ALL] {
+                f.write_str(" ")?;
+                for (i, r) in rs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{r}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for PortSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        if self.all {
+            m.serialize_entry("all", &true)?;
+        } else {
+            for p in Protocol::ALL {
+                if !self.ranges(p).is_empty() {
+                    m.serialize_entry(p.as_str(), self.ranges(p))?;
+                }
+            }
+        }
+        m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ranges_merge_canonically() {
+        let mut a = PortSet::empty();
+        a.insert(Protocol::Tcp, PortRange { start: 80, end: 81 });
+        a.insert(Protocol::Tcp, PortRange { start: 82, end: 90 });
+        a.insert(Protocol::Tcp, PortRange::single(85));
+        assert_eq!(
+            a,
+            PortSet::range(Protocol::Tcp, PortRange { start: 80, end: 90 })
+        );
+        assert!(a.contains(IpProtocol::TCP, 90) && !a.contains(IpProtocol::UDP, 85));
+        assert!(!a.contains(IpProtocol::ICMP, 0));
+        assert!(PortSet::all().contains(IpProtocol::ICMP, 0));
+        assert_eq!(a.to_string(), "TCP 80-90");
+    }
+
+    #[test]
+    fn prefixes_of_known_ranges() {
+        assert_eq!(PortRange::ALL.to_prefixes(), vec![(0, 0)]);
+        assert_eq!(PortRange::single(80).to_prefixes(), vec![(80, 16)]);
+        assert_eq!(
+            PortRange { start: 80, end: 81 }.to_prefixes(),
+            vec![(80, 15)]
+        );
+        assert_eq!(
+            PortRange {
+                start: 1,
+                end: 65535
+            }
+            .to_prefixes()
+            .len(),
+            16
+        );
+        assert!(
+            PortRange {
+                start: 1,
+                end: 65534
+            }
+            .to_prefixes()
+            .len()
+                <= 30
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn prefixes_cover_exactly_the_range(a in any::<u16>(), b in any::<u16>(), probe in any::<u16>()) {
+            let r = PortRange { start: a.min(b), end: a.max(b) };
+            let ps = r.to_prefixes();
+            prop_assert!(ps.len() <= 30);
+            let covered = ps.iter().any(|&(p, len)| {
+                let mask = if len == 0 { 0 } else { u16::MAX << (16 - len) };
+                probe & mask == p
+            });
+            prop_assert_eq!(covered, r.contains(probe));
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The cluster as the model sees it, with the indices evaluation and compilation need.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use crate::labels::Labels;
+use crate::objects::{NAMESPACE_NAME_LABEL, Namespace, Node, ObjectKey, Pod};
+use crate::policy::{Direction, NamespaceScope, Peer, Policy};
+
+/// Who holds an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressOwner<'a> {
+    /// A (non-hostNetwork) pod.
+    Pod(&'a Pod),
+    /// A node: its own addresses, and those of its hostNetwork pods.
+    Node(&'a str),
+    /// Anything else: outside the cluster, or a pod we do not know (yet).
+    External,
+}
+
+#[derive(Debug, Default, Clone)]
+struct AddressHolders {
+    pods: BTreeSet<ObjectKey>,
+    nodes: BTreeSet<String>,
+}
+
+/// Namespaces, pods, policies and nodes, keyed and indexed.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterState {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<ObjectKey, Pod>,
+    policies: BTreeMap<ObjectKey, Policy>,
+    nodes: BTreeMap<String, Node>,
+    /// Every address, with every pod and node that claims it. Claims by several pods happen
+    /// briefly when an address is reused; the first pod (by namespace/name) wins, the same
+    /// for the evaluator and the compiler.
+    addresses: HashMap<IpAddr, AddressHolders>,
+}
+
+impl ClusterState {
+    pub fn new() -> ClusterState {
+        ClusterState::default()
+    }
+
+    // ---- reads ----
+
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.namespaces.values()
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values()
+    }
+
+    pub fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
+        self.pods.get(key)
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
+    }
+
+    pub fn policy(&self, key: &ObjectKey) -> Option<&Policy> {
+        self.policies.get(key)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// Pods of one namespace, in name order.
+    pub fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &Pod> {
+        let start = ObjectKey::new(namespace, "");
+        self.pods
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, p)| p)
+    }
+
+    /// Policies of one namespace, in name order.
+    pub fn policies_in(&self, namespace: &str) -> impl Iterator<Item = &Policy> {
+        let start = ObjectKey::new(namespace, "");
+        self.policies
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, p)| p)
+    }
+
+    /// A namespace's labels; a namespace we have not seen still has its name label, which
+    /// the control plane guarantees.
+    pub fn namespace_labels(&self, namespace: &str) -> std::borrow::Cow<'_, Labels> {
+        match self.namespaces.get(namespace) {
+            Some(ns) => std::borrow::Cow::Borrowed(&ns.labels),
+            None => std::borrow::Cow::Owned(Labels::from([(
+                NAMESPACE_NAME_LABEL.to_string(),
+                namespace.to_string(),
+            )])),
+        }
+    }
+
+    /// Who holds `addr`. A pod wins over a node claim.
+    pub fn owner(&self, addr: IpAddr) -> AddressOwner<'_> {
+        let Some(h) = self.addresses.get(&addr) else {
+            return AddressOwner::External;
+        };
+        if let Some(p) = h.pods.iter().next().and_then(|k| self.pods.get(k)) {
+            return AddressOwner::Pod(p);
+        }
+        match h.nodes.iter().next() {
+            Some(n) => AddressOwner::Node(n),
+            None => AddressOwner::External,
+        }
+    }
+
+    /// The pod that owns `addr`, if any.
+    pub fn pod_at(&self, addr: IpAddr) -> Option<&Pod> {
+        match self.owner(addr) {
+            AddressOwner::Pod(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The addresses `pod` is reachable at as a peer: the ones it owns.
+    pub fn owned_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
+        pod.ips
+            .iter()
+            .copied()
+            .filter(move |ip| self.pod_at(*ip).is_some_and(|p| p.key == pod.key))
+    }
+
+    /// The addresses traffic from node `name` comes from: the Node's addresses and its
+    /// hostNetwork pods' addresses.
+    pub fn node_addresses(&self, name: &str) -> BTreeSet<IpAddr> {
+        let mut out: BTreeSet<IpAddr> = self
+            .nodes
+            .get(name)
+            .map(|n| n.addresses.iter().copied().collect())
+            .unwrap_or_default();
+        for p in self
+            .pods
+            .values()
+            .filter(|p| p.host_network && p.node.as_deref() == Some(name))
+        {
+            out.extend(p.ips.iter().copied());
+        }
+        out.retain(|ip| matches!(self.owner(*ip), AddressOwner::Node(n) if n == name));
+        out
+    }
+
+    /// Whether `policy` selects `pod` as a target (hostNetwork pods never are).
+    pub fn selects(&self, policy: &Policy, pod: &Pod) -> bool {
+        !pod.host_network
+            && policy.key.namespace == pod.key.namespace
+            && policy.pod_selector.matches(&pod.labels)
+    }
+
+    /// Policies that isolate `pod` in `direction`, in key order.
+    pub fn isolating_policies<'a>(
+        &'a self,
+        pod: &'a Pod,
+        direction: Direction,
+    ) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies_in(&pod.key.namespace)
+            .filter(move |p| p.rules(direction).is_some() && self.selects(p, pod))
+    }
+
+    /// Whether a pod peer (`Peer::Pods`) of a policy in `policy_ns` matches `pod`.
+    pub fn pod_peer_matches(
+        &self,
+        policy_ns: &str,
+        namespaces: &NamespaceScope,
+        pods: &crate::labels::Selector,
+        pod: &Pod,
+    ) -> bool {
+        if pod.host_network {
+            return false;
+        }
+        let ns_ok = match namespaces {
+            NamespaceScope::PolicyNamespace => pod.key.namespace == policy_ns,
+            NamespaceScope::Matching(sel) => {
+                sel.matches(&self.namespace_labels(&pod.key.namespace))
+            }
+        };
+        ns_ok && pods.matches(&pod.labels)
+    }
+
+    /// Namespaces a peer's scope covers (including ones only known through their pods).
+    pub fn scoped_namespaces<'a>(
+        &'a self,
+        policy_ns: &'a str,
+        scope: &'a NamespaceScope,
+    ) -> Vec<&'a str> {
+        match scope {
+            NamespaceScope::PolicyNamespace => vec![policy_ns],
+            NamespaceScope::Matching(sel) => {
+                let mut names: BTreeSet<&str> =
+                    self.namespaces.keys().map(String::as_str).collect();
+                names.extend(self.pods.keys().map(|k| k.namespace.as_str()));
+                names
+                    .into_iter()
+                    .filter(|n| sel.matches(&self.namespace_labels(n)))
+                    .collect()
+            }
+        }
+    }
+
+    /// Pods a `Peer::Pods` of a policy in `policy_ns` selects.
+    pub fn peer_pods<'a>(&'a self, policy_ns: &'a str, peer: &'a Peer) -> Vec<&'a Pod> {
+        let Peer::Pods { namespaces, pods } = peer else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for ns in self.scoped_namespaces(policy_ns, namespaces) {
+            out.extend(
+                self.pods_in(ns)
+                    .filter(|p| !p.host_network && pods.matches(&p.labels)),
+            );
+        }
+        out
+    }
+
+    // ---- writes ----
+
+    pub fn upsert_namespace(&mut self, ns: Namespace) -> Option<Namespace> {
+        self.namespaces.insert(ns.name.clone(), ns)
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) -> Option<Namespace> {
+        self.namespaces.remove(name)
+    }
+
+    pub fn upsert_policy(&mut self, policy: Policy) -> Option<Policy> {
+        self.policies.insert(policy.key.clone(), policy)
+    }
+
+    pub fn remove_policy(&mut self, key: &ObjectKey) -> Option<Policy> {
+        self.policies.remove(key)
+    }
+
+    pub fn upsert_pod(&mut self, pod: Pod) -> Option<Pod> {
+        let old = self.remove_pod(&pod.key.clone());
+        for ip in &pod.ips {
+            let h = self.addresses.entry(*ip).or_default();
+            if pod.host_network {
+                if let Some(n) = &pod.node {
+                    h.nodes.insert(n.clone());
+                }
+            } else {
+                h.pods.insert(pod.key.clone());
+            }
+        }
+        self.pods.insert(pod.key.clone(), pod);
+        old
+    }
+
+    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Pod> {
+        let old = self.pods.remove(key)?;
+        for ip in &old.ips {
+            if let Some(h) = self.addresses.get_mut(ip) {
+                h.pods.remove(key);
+                if old.host_network {
+                    self.recompute_node_claims(*ip);
+                }
+            }
+            self.drop_if_unclaimed(*ip);
+        }
+        Some(old)
+    }
+
+    pub fn upsert_node(&mut self, node: Node) -> Option<Node> {
+        let old = self.nodes.insert(node.name.clone(), node.clone());
+        if let Some(o) = &old {
+            for ip in &o.addresses {
+                self.recompute_node_claims(*ip);
+                self.drop_if_unclaimed(*ip);
+            }
+        }
+        for ip in &node.addresses {
+            self.addresses
+                .entry(*ip)
+                .or_default()
+                .nodes
+                .insert(node.name.clone());
+        }
+        old
+    }
+
+    pub fn remove_node(&mut self, name: &str) -> Option<Node> {
+        let old = self.nodes.remove(name)?;
+        for ip in &old.addresses {
+            self.recompute_node_claims(*ip);
+            self.drop_if_unclaimed(*ip);
+        }
+        Some(old)
+    }
+
+    fn recompute_node_claims(&mut self, ip: IpAddr) {
+        let mut nodes = BTreeSet::new();
+        for n in self.nodes.values().filter(|n| n.addresses.contains(&ip)) {
+            nodes.insert(n.name.clone());
+        }
+        for p in self
+            .pods
+            .values()
+            .filter(|p| p.host_network && p.ips.contains(&ip))
+        {
+            nodes.extend(p.node.clone());
+        }
+        if let Some(h) = self.addresses.get_mut(&ip) {
+            h.nodes = nodes;
+        }
+    }
+
+    fn drop_if_unclaimed(&mut self, ip: IpAddr) {
+        if self
+            .addresses
+            .get(&ip)
+            .is_some_and(|h| h.pods.is_empty() && h.nodes.is_empty())
+        {
+            self.addresses.remove(&ip);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Compiled per-endpoint tables: what the datapath loads, with provenance for operators.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::ip::Prefix;
+use crate::objects::ObjectKey;
+use crate::ports::{IpProtocol, PortSet};
+use crate::verdict::RuleRef;
+
+/// Identifies a local endpoint (pod) in the datapath's maps. Stable for the pod's life on
+/// this node; 0 is never used.
+pub type EndpointId = u32;
+
+/// Index of a port set within one [`PeerTable`].
+pub type PortSetId = u32;
+
+/// What a prefix of a table stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    /// The endpoint's own address (a pod may always reach itself).
+    OwnAddress,
+    /// An address of the node the endpoint runs on (ingress from it is always allowed).
+    Node { name: String },
+    /// A pod selected by a rule's peer.
+    Pod { pod: ObjectKey },
+    /// An ipBlock's cidr.
+    Block { cidr: Prefix },
+    /// An ipBlock's except range.
+    Except { cidr: Prefix, except: Prefix },
+    /// A rule with no peers: every address of the family.
+    Everything,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::OwnAddress => f.write_str("itself"),
+            Origin::Node { name } => write!(f, "node {name}"),
+            Origin::Pod { pod } => write!(f, "pod {pod}"),
+            Origin::Block { cidr } => write!(f, "ipBlock {cidr}"),
+            Origin::Except { cidr, except } => write!(f, "except {except} of ipBlock {cidr}"),
+            Origin::Everything => f.write_str("any address"),
+        }
+    }
+}
+
+/// One LPM entry: addresses whose longest matching prefix in the table is `prefix` get
+/// exactly the port set `port_set`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerEntry {
+    pub prefix: Prefix,
+    pub port_set: PortSetId,
+    /// What this prefix stands for (pods, ipBlocks, excepts, the node, ...).
+    pub stands_for: Vec<Origin>,
+    /// The rules whose allowances make up the port set.
+    pub rules: Vec<RuleRef>,
+}
+
+/// One direction of one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerTable {
+    /// Not isolated: everything passes and the entries are empty.
+    pub isolated: bool,
+    pub isolated_by: Vec<ObjectKey>,
+    /// Sorted by prefix (family, address, length): deterministic, and a pre-order of the
+    /// prefix tree.
+    pub entries: Vec<PeerEntry>,
+    /// Port sets referenced by the entries, in order of first use.
+    pub port_sets: Vec<PortSet>,
+}
+
+impl PeerTable {
+    pub fn not_isolated() -> PeerTable {
+        PeerTable {
+            isolated: false,
+            isolated_by: Vec::new(),
+            entries: Vec::new(),
+            port_sets: Vec::new(),
+        }
+    }
+
+    /// The entry an address gets (longest matching prefix).
+    pub fn lookup(&self, addr: IpAddr) -> Option<&PeerEntry> {
+        self.entries
+            .iter()
+            .filter(|e| e.prefix.contains_addr(addr))
+            .max_by_key(|e| e.prefix.len())
+    }
+
+    pub fn port_set(&self, entry: &PeerEntry) -> &PortSet {
+        &self.port_sets[entry.port_set as usize]
+    }
+
+    /// What the datapath decides for traffic with `remote` on the other side.
+    pub fn allows(&self, remote: IpAddr, protocol: IpProtocol, port: u16) -> bool {
+        !self.isolated
+            || self
+                .lookup(remote)
+                .is_some_and(|e| self.port_set(e).contains(protocol, port))
+    }
+
+    /// Equal for the datapath (provenance aside): same isolation and same prefix → ports.
+    pub fn same_datapath(&self, other: &PeerTable) -> bool {
+        self.isolated == other.isolated
+            && self.entries.len() == other.entries.len()
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| a.prefix == b.prefix && self.port_set(a) == other.port_set(b))
+    }
+}
+
+/// Both tables of one local pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointTables {
+    pub pod: ObjectKey,
+    /// The addresses the endpoint owns; the datapath finds the endpoint by them.
+    pub addresses: Vec<IpAddr>,
+    /// Judges traffic entering the pod, by source address.
+    pub ingress: PeerTable,
+    /// Judges traffic leaving the pod, by destination address.
+    pub egress: PeerTable,
+}
+
+impl EndpointTables {
+    pub fn same_datapath(&self, other: &EndpointTables) -> bool {
+        self.addresses == other.addresses
+            && self.ingress.same_datapath(&other.ingress)
+            && self.egress.same_datapath(&other.egress)
+    }
+
+    /// Total entries in both directions.
+    pub fn entry_count(&self) -> usize {
+        self.ingress.entries.len() + self.egress.entries.len()
+    }
+}

@@ -1,0 +1,205 @@
+//! The reference evaluator: one flow, judged straight from the NetworkPolicy API text.
+//!
+//! It is deliberately naive (no tables, no indices beyond address ownership) so that it
+//! can serve as the oracle the compiled tables are tested against, and it records why:
+//! which policies isolate each side and which rules allow the flow.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::objects::{ObjectKey, Pod};
+use crate::policy::{Direction, Peer, Policy, PortSpec, Rule};
+use crate::ports::IpProtocol;
+use crate::state::{AddressOwner, ClusterState};
+
+/// A connection attempt: the first packet's addresses, protocol and destination port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: IpProtocol,
+    /// Destination port (ignored for protocols without ports).
+    pub port: u16,
+}
+
+/// A rule that allowed a flow: policy, direction and the rule's index in its list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RuleRef {
+    pub policy: ObjectKey,
+    pub direction: Direction,
+    pub rule: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} rule #{}", self.policy, self.direction, self.rule)
+    }
+}
+
+/// What one side of the flow decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Decision {
+    /// That side is not a pod of the cluster (external address or node): no policy applies.
+    NotAPod,
+    /// A pod talking to itself: a pod cannot block its own traffic.
+    SelfTraffic,
+    /// Ingress from the node the pod runs on is always allowed.
+    FromOwnNode { node: String },
+    /// No policy selects the pod for this direction.
+    NotIsolated,
+    /// Isolated, and these rules allow the flow.
+    Allowed {
+        isolated_by: Vec<ObjectKey>,
+        allowed_by: Vec<RuleRef>,
+    },
+    /// Isolated, and no rule of these policies allows the flow.
+    Denied { isolated_by: Vec<ObjectKey> },
+}
+
+impl Decision {
+    pub fn allows(&self) -> bool {
+        !matches!(self, Decision::Denied { .. })
+    }
+
+    pub fn is_isolated(&self) -> bool {
+        matches!(self, Decision::Allowed { .. } | Decision::Denied { .. })
+    }
+}
+
+/// The verdict on a flow: egress of the source AND ingress of the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// The source pod's egress side.
+    pub egress: Decision,
+    /// The destination pod's ingress side.
+    pub ingress: Decision,
+}
+
+/// Judges `flow` against the cluster state.
+pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
+    let src = state.owner(flow.src);
+    let dst = state.owner(flow.dst);
+    let dst_pod = match dst {
+        AddressOwner::Pod(p) => Some(p),
+        _ => None,
+    };
+
+    if let (AddressOwner::Pod(s), Some(d)) = (src, dst_pod) {
+        if s.key == d.key {
+            return Verdict {
+                allowed: true,
+                egress: Decision::SelfTraffic,
+                ingress: Decision::SelfTraffic,
+            };
+        }
+    }
+
+    let egress = match src {
+        AddressOwner::Pod(pod) => decide(state, pod, Direction::Egress, flow.dst, dst_pod, flow),
+        _ => Decision::NotAPod,
+    };
+    let ingress = match dst_pod {
+        Some(pod) => match src {
+            AddressOwner::Node(n) if pod.node.as_deref() == Some(n) => Decision::FromOwnNode {
+                node: n.to_string(),
+            },
+            _ => decide(state, pod, Direction::Ingress, flow.src, dst_pod, flow),
+        },
+        None => Decision::NotAPod,
+    };
+    Verdict {
+        allowed: egress.allows() && ingress.allows(),
+        egress,
+        ingress,
+    }
+}
+
+/// The decision of `subject`'s policies for `direction`, where `remote` is the address on
+/// the other side and `dst_pod` the pod that owns the destination (named ports resolve
+/// there, in both directions).
+fn decide(
+    state: &ClusterState,
+    subject: &Pod,
+    direction: Direction,
+    remote: IpAddr,
+    dst_pod: Option<&Pod>,
+    flow: &Flow,
+) -> Decision {
+    let policies: Vec<&Policy> = state.isolating_policies(subject, direction).collect();
+    if policies.is_empty() {
+        return Decision::NotIsolated;
+    }
+    let mut allowed_by = Vec::new();
+    for policy in &policies {
+        for (i, rule) in policy
+            .rules(direction)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if rule_matches(state, policy, rule, remote, dst_pod, flow) {
+                allowed_by.push(RuleRef {
+                    policy: policy.key.clone(),
+                    direction,
+                    rule: i,
+                });
+            }
+        }
+    }
+    let isolated_by = policies.iter().map(|p| p.key.clone()).collect();
+    if allowed_by.is_empty() {
+        Decision::Denied { isolated_by }
+    } else {
+        Decision::Allowed {
+            isolated_by,
+            allowed_by,
+        }
+    }
+}
+
+fn rule_matches(
+    state: &ClusterState,
+    policy: &Policy,
+    rule: &Rule,
+    remote: IpAddr,
+    dst_pod: Option<&Pod>,
+    flow: &Flow,
+) -> bool {
+    let peer_ok = match &rule.peers {
+        None => true,
+        Some(peers) => peers
+            .iter()
+            .any(|peer| peer_matches(state, policy, peer, remote)),
+    };
+    let port_ok = match &rule.ports {
+        None => true,
+        Some(ports) => ports.iter().any(|p| port_matches(p, dst_pod, flow)),
+    };
+    peer_ok && port_ok
+}
+
+fn peer_matches(state: &ClusterState, policy: &Policy, peer: &Peer, remote: IpAddr) -> bool {
+    match peer {
+        Peer::Block(block) => block.contains(remote),
+        Peer::Pods { namespaces, pods } => match state.pod_at(remote) {
+            Some(pod) => state.pod_peer_matches(&policy.key.namespace, namespaces, pods, pod),
+            None => false,
+        },
+    }
+}
+
+fn port_matches(spec: &PortSpec, dst_pod: Option<&Pod>, flow: &Flow) -> bool {
+    if flow.protocol.policy_protocol() != Some(spec.protocol()) {
+        return false;
+    }
+    match spec {
+        PortSpec::AnyPort(_) => true,
+        PortSpec::Range(_, r) => r.contains(flow.port),
+        PortSpec::Named(proto, name) => {
+            dst_pod.and_then(|p| p.resolve_named_port(name, *proto)) == Some(flow.port)
+        }
+    }
+}
