@@ -1,1 +1,8 @@
-//! conformance
+//! conformance: the upstream NetworkPolicy e2e cases as data, and the runners that check
+//! them. The model-level runner judges a case with the project's model through the same
+//! path as `policy-agent matrix`; the expectations in `cases/` are written from the
+//! upstream tests, never computed.
+
+pub mod case;
+pub mod cluster;
+pub mod model;

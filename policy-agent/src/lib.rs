@@ -1,1 +1,9 @@
-//! policy-agent
+//! policy-agent: the node agent's library — manifest loading, the offline commands
+//! (`matrix`, `explain`, `compile`) and their renderings.
+
+pub mod cli;
+pub mod describe;
+pub mod explain;
+pub mod manifests;
+pub mod matrix;
+pub mod tables_view;

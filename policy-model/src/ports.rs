@@ -10,7 +10,9 @@ use std::str::FromStr;
 use serde::Serialize;
 
 /// The protocols a NetworkPolicy port can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,

@@ -160,6 +160,57 @@ fn decide(
     }
 }
 
+/// How one rule of `subject`'s policies relates to a flow, for explanations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RuleMatch {
+    /// The remote side is one of the rule's peers.
+    pub peer: bool,
+    /// The protocol and destination port are among the rule's ports.
+    pub port: bool,
+}
+
+/// Matches every rule of every policy isolating `subject` in `direction` against `flow`
+/// (the subject is the source for egress, the destination for ingress).
+pub fn rule_matches_for(
+    state: &ClusterState,
+    subject: &Pod,
+    direction: Direction,
+    flow: &Flow,
+) -> Vec<(RuleRef, RuleMatch)> {
+    let remote = match direction {
+        Direction::Egress => flow.dst,
+        Direction::Ingress => flow.src,
+    };
+    let dst_pod = state.pod_at(flow.dst);
+    let mut out = Vec::new();
+    for policy in state.isolating_policies(subject, direction) {
+        for (i, rule) in policy
+            .rules(direction)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let peer = rule
+                .peers
+                .as_ref()
+                .is_none_or(|peers| peers.iter().any(|p| peer_matches(state, policy, p, remote)));
+            let port = rule
+                .ports
+                .as_ref()
+                .is_none_or(|ports| ports.iter().any(|p| port_matches(p, dst_pod, flow)));
+            out.push((
+                RuleRef {
+                    policy: policy.key.clone(),
+                    direction,
+                    rule: i,
+                },
+                RuleMatch { peer, port },
+            ));
+        }
+    }
+    out
+}
+
 fn rule_matches(
     state: &ClusterState,
     policy: &Policy,

@@ -1,0 +1,219 @@
+//! Case files: upstream-style NetworkPolicy tests as data (see conformance/cases/).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use policy_model::Protocol;
+use serde::Deserialize;
+
+/// One case file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    /// `ns/pod` names; default: x, y, z × a, b, c.
+    #[serde(default)]
+    pub pods: Option<Vec<String>>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Step {
+    /// NetworkPolicy manifests to create (placeholders not yet expanded).
+    #[serde(default)]
+    pub apply: Vec<serde_json::Value>,
+    /// Manifests that replace objects of the same name.
+    #[serde(default)]
+    pub update: Vec<serde_json::Value>,
+    /// `ns/name` of policies to delete.
+    #[serde(default)]
+    pub delete: Vec<String>,
+    /// Labels merged into namespaces.
+    #[serde(default)]
+    pub label_namespace: BTreeMap<String, BTreeMap<String, Option<String>>>,
+    /// Labels merged into pods; `null` removes a label.
+    #[serde(default)]
+    pub label_pod: BTreeMap<String, BTreeMap<String, Option<String>>>,
+    #[serde(default)]
+    pub probes: Vec<ProbeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeSpec {
+    pub port: u16,
+    pub protocol: Protocol,
+    pub expect: String,
+}
+
+/// One expected cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Connected,
+    Blocked,
+    Unchecked,
+}
+
+impl Expect {
+    pub fn mark(self) -> char {
+        match self {
+            Expect::Connected => '.',
+            Expect::Blocked => 'X',
+            Expect::Unchecked => '-',
+        }
+    }
+}
+
+/// A parsed expectation matrix: rows are clients, columns servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reachability {
+    pub pods: Vec<String>,
+    /// `cells[from][to]`.
+    pub cells: Vec<Vec<Expect>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a case file: {source}")]
+    Parse {
+        path: String,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub const DEFAULT_PODS: [&str; 9] = [
+    "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
+];
+
+impl Case {
+    pub fn load(path: &Path) -> Result<Case, CaseError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CaseError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let case: Case = serde_yaml_ng::from_str(&text).map_err(|source| CaseError::Parse {
+            path: p.clone(),
+            source,
+        })?;
+        case.validate()
+            .map_err(|e| CaseError::Invalid(format!("{p}: {e}")))?;
+        Ok(case)
+    }
+
+    pub fn pod_names(&self) -> Vec<String> {
+        self.pods
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PODS.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let pods = self.pod_names();
+        for p in &pods {
+            let ok = p
+                .split_once('/')
+                .is_some_and(|(ns, name)| ["x", "y", "z"].contains(&ns) && !name.is_empty());
+            if !ok {
+                return Err(format!("pod {p:?}: expected x|y|z/NAME"));
+            }
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            for (j, probe) in step.probes.iter().enumerate() {
+                let r = Reachability::parse(&probe.expect)
+                    .map_err(|e| format!("steps[{i}].probes[{j}].expect: {e}"))?;
+                if r.pods != pods {
+                    return Err(format!(
+                        "steps[{i}].probes[{j}].expect: header {:?} does not list the case's pods {:?} in order",
+                        r.pods, pods
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Reachability {
+    /// Parses the text form: a header `- p1 p2 ...`, then one row per client.
+    pub fn parse(text: &str) -> Result<Reachability, String> {
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let header: Vec<&str> = lines
+            .next()
+            .ok_or("empty matrix")?
+            .split_whitespace()
+            .collect();
+        if header.first() != Some(&"-") {
+            return Err("the header must start with `-`".into());
+        }
+        let pods: Vec<String> = header[1..].iter().map(|s| s.to_string()).collect();
+        let mut cells = Vec::new();
+        for (i, line) in lines.enumerate() {
+            let row: Vec<&str> = line.split_whitespace().collect();
+            let expected_pod = pods
+                .get(i)
+                .ok_or_else(|| format!("more rows than columns at {line:?}"))?;
+            if row.first() != Some(&expected_pod.as_str()) {
+                return Err(format!(
+                    "row {} must start with {expected_pod}, found {line:?}",
+                    i + 1
+                ));
+            }
+            if row.len() != pods.len() + 1 {
+                return Err(format!(
+                    "row {expected_pod} has {} cells, expected {}",
+                    row.len() - 1,
+                    pods.len()
+                ));
+            }
+            let parsed: Result<Vec<Expect>, String> = row[1..]
+                .iter()
+                .map(|c| match *c {
+                    "." => Ok(Expect::Connected),
+                    "X" => Ok(Expect::Blocked),
+                    "-" => Ok(Expect::Unchecked),
+                    other => Err(format!(
+                        "cell {other:?} in row {expected_pod}: expected `.`, `X` or `-`"
+                    )),
+                })
+                .collect();
+            cells.push(parsed?);
+        }
+        if cells.len() != pods.len() {
+            return Err(format!("{} rows for {} pods", cells.len(), pods.len()));
+        }
+        Ok(Reachability { pods, cells })
+    }
+
+    /// The text form, aligned.
+    pub fn render(&self) -> Vec<String> {
+        let w = self.pods.iter().map(String::len).max().unwrap_or(1);
+        let mut out = vec![format!(
+            "{:w$} {}",
+            "-",
+            self.pods
+                .iter()
+                .map(|p| format!("{p:w$}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )];
+        for (i, from) in self.pods.iter().enumerate() {
+            out.push(format!(
+                "{from:w$} {}",
+                self.cells[i]
+                    .iter()
+                    .map(|c| format!("{:w$}", c.mark()))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        out
+    }
+}

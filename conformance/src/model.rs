@@ -1,0 +1,240 @@
+//! Running a case against the model: the cluster becomes manifests, the manifests go
+//! through the same loading and `matrix` code as `policy-agent matrix`, and each probe's
+//! matrix is compared with the case's expectation.
+
+use std::collections::BTreeMap;
+
+use policy_agent::manifests::Manifests;
+use policy_agent::matrix::{Probe, compute};
+use policy_model::ObjectKey;
+use serde_json::Value;
+
+use crate::case::{Case, Expect, Reachability};
+use crate::cluster::{
+    Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest,
+};
+
+/// The outcome of one probe.
+#[derive(Debug, Clone)]
+pub struct ProbeOutcome {
+    pub step: usize,
+    pub probe: Probe,
+    pub expected: Reachability,
+    pub observed: Reachability,
+    /// Pairs (from, to) where they differ.
+    pub wrong: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseOutcome {
+    pub name: String,
+    pub probes: Vec<ProbeOutcome>,
+    /// Problems that stop the case (bad manifests, internal disagreements).
+    pub errors: Vec<String>,
+}
+
+impl CaseOutcome {
+    pub fn passed(&self) -> bool {
+        self.errors.is_empty() && self.probes.iter().all(|p| p.wrong.is_empty())
+    }
+
+    /// Expected and observed matrices side by side, for each failing probe.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for e in &self.errors {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+        for p in self.probes.iter().filter(|p| !p.wrong.is_empty()) {
+            out.push_str(&format!(
+                "  step {} probe {}: {} wrong cell(s)\n",
+                p.step + 1,
+                p.probe,
+                p.wrong.len()
+            ));
+            let exp = p.expected.render();
+            let obs = p.observed.render();
+            let w = exp.iter().map(String::len).max().unwrap_or(0);
+            out.push_str(&format!("    {:w$}   {}\n", "expected", "observed"));
+            for (a, b) in exp.iter().zip(&obs) {
+                out.push_str(&format!("    {a:w$}   {b}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// The emulated cluster as objects, mutated step by step.
+struct ModelCluster {
+    pods: Vec<PodSpec>,
+    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    policies: BTreeMap<ObjectKey, Value>,
+}
+
+impl ModelCluster {
+    fn manifests(&self) -> Manifests {
+        let mut m = Manifests::default();
+        for (ns, labels) in &self.namespace_labels {
+            m.add_value(
+                "namespaces",
+                serde_yaml_ng::to_value(namespace_manifest(ns, labels)).expect("json to yaml"),
+            );
+        }
+        for p in &self.pods {
+            m.add_value(
+                &format!("pod {}", p.key()),
+                serde_yaml_ng::to_value(p.manifest()).expect("json to yaml"),
+            );
+        }
+        for (k, v) in &self.policies {
+            m.add_value(
+                &format!("policy {k}"),
+                serde_yaml_ng::to_value(v).expect("json to yaml"),
+            );
+        }
+        m
+    }
+}
+
+fn policy_key(v: &Value) -> Result<ObjectKey, String> {
+    let ns = v
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .ok_or("policy without metadata.namespace")?;
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .ok_or("policy without metadata.name")?;
+    Ok(ObjectKey::new(ns, name))
+}
+
+fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Option<String>>) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => labels.insert(k.clone(), v.clone()),
+            None => labels.remove(k),
+        };
+    }
+}
+
+/// Runs a case at model level. In a dual-stack cluster the pods have both addresses (so
+/// both families' tables are compiled) and probes use the primary family, as upstream's
+/// probes through single-stack Services do.
+pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
+    let names = case.pod_names();
+    let mut cluster = ModelCluster {
+        pods: make_pods(&names, families, 1),
+        namespace_labels: NAMESPACES
+            .iter()
+            .map(|n| (n.to_string(), BTreeMap::new()))
+            .collect(),
+        policies: BTreeMap::new(),
+    };
+    let keys: Vec<ObjectKey> = names.iter().filter_map(|n| ObjectKey::parse(n)).collect();
+    let mut outcome = CaseOutcome {
+        name: case.name.clone(),
+        probes: Vec::new(),
+        errors: Vec::new(),
+    };
+
+    for (si, step) in case.steps.iter().enumerate() {
+        for (verb, list) in [("apply", &step.apply), ("update", &step.update)] {
+            for manifest in list {
+                let mut v = manifest.clone();
+                if let Err(e) = expand_placeholders(&mut v, &cluster.pods, families.primary()) {
+                    outcome.errors.push(format!("step {}: {verb}: {e}", si + 1));
+                    continue;
+                }
+                match policy_key(&v) {
+                    Ok(k) => {
+                        let exists = cluster.policies.contains_key(&k);
+                        if verb == "update" && !exists {
+                            outcome.errors.push(format!(
+                                "step {}: update of {k}, which does not exist",
+                                si + 1
+                            ));
+                        }
+                        cluster.policies.insert(k, v);
+                    }
+                    Err(e) => outcome.errors.push(format!("step {}: {verb}: {e}", si + 1)),
+                }
+            }
+        }
+        for d in &step.delete {
+            match ObjectKey::parse(d) {
+                Some(k) if cluster.policies.remove(&k).is_some() => {}
+                _ => outcome
+                    .errors
+                    .push(format!("step {}: delete {d}: no such policy", si + 1)),
+            }
+        }
+        for (ns, changes) in &step.label_namespace {
+            merge(
+                cluster.namespace_labels.entry(ns.clone()).or_default(),
+                changes,
+            );
+        }
+        for (pod, changes) in &step.label_pod {
+            match cluster.pods.iter_mut().find(|p| &p.key() == pod) {
+                Some(p) => merge(&mut p.labels, changes),
+                None => outcome
+                    .errors
+                    .push(format!("step {}: labelPod {pod}: no such pod", si + 1)),
+            }
+        }
+
+        let (state, errors) = cluster.manifests().state();
+        outcome
+            .errors
+            .extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
+
+        for spec in &step.probes {
+            let expected =
+                Reachability::parse(&spec.expect).expect("validated when the case was loaded");
+            let probe = Probe {
+                port: spec.port,
+                protocol: spec.protocol,
+            };
+            let m = compute(&state, &[probe], Some(&keys));
+            outcome.errors.extend(
+                m.disagreements
+                    .iter()
+                    .map(|d| format!("step {}: internal: {d}", si + 1)),
+            );
+            let mut observed = Reachability {
+                pods: expected.pods.clone(),
+                cells: Vec::new(),
+            };
+            let mut wrong = Vec::new();
+            for (i, from) in expected.pods.iter().enumerate() {
+                let mut row = Vec::new();
+                for (j, to) in expected.pods.iter().enumerate() {
+                    let cell = match m.mark_in(from, to, probe, &[families.probe_family()]) {
+                        '.' => Expect::Connected,
+                        'X' => Expect::Blocked,
+                        // Mixed families or no shared family: never what a case expects.
+                        _ => Expect::Unchecked,
+                    };
+                    let want = expected.cells[i][j];
+                    let shown = if want == Expect::Unchecked {
+                        Expect::Unchecked
+                    } else {
+                        cell
+                    };
+                    if want != Expect::Unchecked && cell != want {
+                        wrong.push((from.clone(), to.clone()));
+                    }
+                    row.push(shown);
+                }
+                observed.cells.push(row);
+            }
+            outcome.probes.push(ProbeOutcome {
+                step: si,
+                probe,
+                expected,
+                observed,
+                wrong,
+            });
+        }
+    }
+    outcome
+}

@@ -1,0 +1,55 @@
+//! All upstream cases (conformance/cases/) at model level, in IPv4, IPv6 and dual-stack.
+
+use std::path::PathBuf;
+
+use conformance::case::Case;
+use conformance::cluster::Families;
+use conformance::model::run_case;
+
+fn case_files() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cases");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("conformance/cases exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn run_all(families: Families) {
+    let files = case_files();
+    assert_eq!(files.len(), 48, "the 48 upstream cases");
+    let mut failed = Vec::new();
+    for f in &files {
+        let case = Case::load(f).unwrap_or_else(|e| panic!("{e}"));
+        let outcome = run_case(&case, families);
+        if outcome.passed() {
+            println!("PASS {}", case.name);
+        } else {
+            println!("FAIL {} ({})\n{}", case.name, f.display(), outcome.report());
+            failed.push(case.name.clone());
+        }
+    }
+    println!(
+        "{} passed, {} failed",
+        files.len() - failed.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed cases: {failed:?}");
+}
+
+#[test]
+fn upstream_cases_ipv4() {
+    run_all(Families::Ipv4);
+}
+
+#[test]
+fn upstream_cases_ipv6() {
+    run_all(Families::Ipv6);
+}
+
+#[test]
+fn upstream_cases_dual_stack() {
+    run_all(Families::Dual);
+}

@@ -1,0 +1,46 @@
+//! `policy-agent compile`: the tables one node's pods get.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use policy_model::NodeCompiler;
+
+use super::{CliError, OutputFormat, exit_for};
+use crate::manifests::Manifests;
+use crate::tables_view::{NodeView, endpoint_view};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory of Kubernetes YAML (Namespaces, Pods with status.podIPs, Nodes,
+    /// NetworkPolicies), read recursively; repeat to combine directories.
+    #[arg(long, required = true, value_name = "DIR")]
+    pub manifests: Vec<PathBuf>,
+    /// The node whose pods (spec.nodeName) to compile.
+    #[arg(long)]
+    pub node: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+pub fn run(args: Args) -> Result<ExitCode, CliError> {
+    let m = Manifests::read_dirs(&args.manifests)
+        .map_err(|(dir, source)| CliError::Manifests { dir, source })?;
+    let (changes, errors) = m.changes();
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    let mut compiler = NodeCompiler::new(args.node.clone());
+    compiler.apply(changes);
+    let view = NodeView {
+        node: args.node,
+        endpoints: compiler.endpoints().map(endpoint_view).collect(),
+    };
+    match args.output {
+        OutputFormat::Text => print!("{}", view.render_text()),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&view).expect("tables serialize")
+        ),
+    }
+    Ok(exit_for(&errors))
+}

@@ -1,0 +1,41 @@
+//! `policy-agent matrix`: the verdict for every ordered pair of pods.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::{CliError, EXIT_INCONSISTENT, OutputFormat, exit_for, load};
+use crate::matrix::{Probe, compute, default_probes};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory of Kubernetes YAML (Namespaces, Pods with status.podIPs, Nodes,
+    /// NetworkPolicies), read recursively; repeat to combine directories.
+    #[arg(long, required = true, value_name = "DIR")]
+    pub manifests: Vec<PathBuf>,
+    /// PORT/PROTOCOL to judge, repeatable (default: 80 and 81 over TCP, UDP and SCTP).
+    #[arg(long = "port", value_name = "PORT/PROTO")]
+    pub ports: Vec<Probe>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+pub fn run(args: Args) -> Result<ExitCode, CliError> {
+    let (state, errors) = load(&args.manifests)?;
+    let probes = if args.ports.is_empty() {
+        default_probes()
+    } else {
+        args.ports
+    };
+    let m = compute(&state, &probes, None);
+    match args.output {
+        OutputFormat::Text => print!("{}", m.render_text()),
+        OutputFormat::Json => println!("{}", m.render_json()),
+    }
+    if !m.disagreements.is_empty() {
+        for d in &m.disagreements {
+            eprintln!("internal error: {d}");
+        }
+        return Ok(ExitCode::from(EXIT_INCONSISTENT));
+    }
+    Ok(exit_for(&errors))
+}

@@ -1,0 +1,96 @@
+//! The command line: one module per subcommand.
+//!
+//! Exit codes: 0 success; 1 the output is complete but some objects were invalid and left
+//! out (each named on stderr); 2 the command could not run (bad arguments, unreadable
+//! directory); 3 internal inconsistency (compiled tables disagree with the reference
+//! evaluator — a bug to report).
+
+pub mod compile;
+pub mod explain;
+pub mod matrix;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use policy_model::ClusterState;
+
+use crate::manifests::{ManifestError, Manifests};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "policy-agent",
+    version,
+    about = "Kubernetes NetworkPolicy enforcement agent and its operator tools"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Reachability between every pair of pods in a manifest directory.
+    Matrix(matrix::Args),
+    /// Why one flow is allowed or blocked.
+    Explain(explain::Args),
+    /// The tables the agent would load for one node's pods.
+    Compile(compile::Args),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+pub const EXIT_INVALID_OBJECTS: u8 = 1;
+pub const EXIT_CANNOT_RUN: u8 = 2;
+pub const EXIT_INCONSISTENT: u8 = 3;
+
+/// A command's failure to run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot read manifests from {dir}: {source}")]
+    Manifests {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Matrix(a) => matrix::run(a),
+        Command::Explain(a) => explain::run(a),
+        Command::Compile(a) => compile::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CANNOT_RUN)
+        }
+    }
+}
+
+/// Loads a manifest directory, reporting every unusable object on stderr.
+pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliError> {
+    let m =
+        Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
+    let (state, errors) = m.state();
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    Ok((state, errors))
+}
+
+pub fn exit_for(errors: &[ManifestError]) -> ExitCode {
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID_OBJECTS)
+    }
+}

@@ -1,0 +1,280 @@
+//! Why a flow is allowed or blocked, in an operator's words.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use policy_model::{
+    AddressOwner, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod,
+    RuleMatch, RuleRef, Verdict, rule_matches_for, verdict,
+};
+use serde::Serialize;
+
+use crate::describe;
+
+/// `NS/POD` or an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Party {
+    Pod(ObjectKey),
+    Address(IpAddr),
+}
+
+impl std::str::FromStr for Party {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Party, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Party::Address(ip));
+        }
+        ObjectKey::parse(s)
+            .map(Party::Pod)
+            .ok_or_else(|| format!("{s:?}: expected NAMESPACE/POD or an IP address"))
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleCheck {
+    #[serde(flatten)]
+    pub rule: RuleRef,
+    #[serde(flatten)]
+    pub matched: RuleMatch,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowExplanation {
+    pub family: Family,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_is: String,
+    pub dst_is: String,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// Every rule of the policies isolating the source (egress) and destination (ingress).
+    pub egress_rules: Vec<RuleCheck>,
+    pub ingress_rules: Vec<RuleCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: String,
+    pub allowed: bool,
+    pub flows: Vec<FlowExplanation>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("pod {0} is not in the manifests")]
+    UnknownPod(ObjectKey),
+    #[error("pod {0} has no address (status.podIPs is empty)")]
+    NoAddress(ObjectKey),
+    #[error("{from} and {to} share no address family")]
+    NoCommonFamily { from: String, to: String },
+}
+
+fn addresses(state: &ClusterState, party: &Party) -> Result<Vec<IpAddr>, ExplainError> {
+    match party {
+        Party::Address(ip) => Ok(vec![*ip]),
+        Party::Pod(key) => {
+            let pod = state
+                .pod(key)
+                .ok_or_else(|| ExplainError::UnknownPod(key.clone()))?;
+            let ips: Vec<IpAddr> = if pod.host_network {
+                pod.ips.clone()
+            } else {
+                state.owned_ips(pod).collect()
+            };
+            if ips.is_empty() {
+                return Err(ExplainError::NoAddress(key.clone()));
+            }
+            Ok(ips)
+        }
+    }
+}
+
+fn who(state: &ClusterState, ip: IpAddr) -> String {
+    match state.owner(ip) {
+        AddressOwner::Pod(p) => format!("pod {}", p.key),
+        AddressOwner::Node(n) => format!("node {n}"),
+        AddressOwner::External => "an address of no pod or node".to_string(),
+    }
+}
+
+fn label(party: &Party) -> String {
+    match party {
+        Party::Pod(k) => k.to_string(),
+        Party::Address(ip) => ip.to_string(),
+    }
+}
+
+fn checks(
+    state: &ClusterState,
+    subject: Option<&Pod>,
+    direction: Direction,
+    flow: &Flow,
+) -> Vec<RuleCheck> {
+    let Some(subject) = subject else {
+        return Vec::new();
+    };
+    rule_matches_for(state, subject, direction, flow)
+        .into_iter()
+        .map(|(rule, matched)| {
+            let policy = state.policy(&rule.policy).expect("rule of a known policy");
+            let r = &policy.rules(direction).expect("isolating direction")[rule.rule];
+            RuleCheck {
+                text: describe::rule(policy, direction, r),
+                rule,
+                matched,
+            }
+        })
+        .collect()
+}
+
+pub fn explain(
+    state: &ClusterState,
+    from: &Party,
+    to: &Party,
+    protocol: IpProtocol,
+    port: u16,
+) -> Result<Explanation, ExplainError> {
+    let srcs = addresses(state, from)?;
+    let dsts = addresses(state, to)?;
+    let mut flows = Vec::new();
+    for src in &srcs {
+        let Some(dst) = dsts.iter().find(|d| d.is_ipv4() == src.is_ipv4()) else {
+            continue;
+        };
+        let flow = Flow {
+            src: *src,
+            dst: *dst,
+            protocol,
+            port,
+        };
+        let v = verdict(state, &flow);
+        let src_pod = state.pod_at(flow.src);
+        let dst_pod = state.pod_at(flow.dst);
+        flows.push(FlowExplanation {
+            family: Family::of(*src),
+            src: *src,
+            dst: *dst,
+            src_is: who(state, *src),
+            dst_is: who(state, *dst),
+            egress_rules: checks(state, src_pod, Direction::Egress, &flow),
+            ingress_rules: checks(state, dst_pod, Direction::Ingress, &flow),
+            verdict: v,
+        });
+    }
+    if flows.is_empty() {
+        return Err(ExplainError::NoCommonFamily {
+            from: label(from),
+            to: label(to),
+        });
+    }
+    Ok(Explanation {
+        from: label(from),
+        to: label(to),
+        port,
+        protocol: protocol.to_string(),
+        allowed: flows.iter().all(|f| f.verdict.allowed),
+        flows,
+    })
+}
+
+fn side(
+    out: &mut String,
+    title: &str,
+    decision: &Decision,
+    rules: &[RuleCheck],
+    direction: Direction,
+) {
+    let _ = match decision {
+        Decision::NotAPod => writeln!(
+            out,
+            "  {title}: no policy applies (not a pod of the cluster)"
+        ),
+        Decision::SelfTraffic => {
+            writeln!(out, "  {title}: allowed (a pod can always reach itself)")
+        }
+        Decision::FromOwnNode { node } => writeln!(
+            out,
+            "  {title}: allowed (traffic from the pod's own node {node} is always allowed)"
+        ),
+        Decision::NotIsolated => writeln!(
+            out,
+            "  {title}: allowed (not isolated: no NetworkPolicy selects the pod for {direction})"
+        ),
+        Decision::Allowed { .. } => writeln!(out, "  {title}: allowed"),
+        Decision::Denied { .. } => writeln!(
+            out,
+            "  {title}: BLOCKED (isolated, and no rule allows this)"
+        ),
+    };
+    let isolated_by = match decision {
+        Decision::Allowed { isolated_by, .. } | Decision::Denied { isolated_by } => isolated_by,
+        _ => return,
+    };
+    let names: Vec<String> = isolated_by.iter().map(|k| k.to_string()).collect();
+    let _ = writeln!(out, "    isolated by {}", names.join(", "));
+    for k in isolated_by {
+        let of_policy: Vec<&RuleCheck> = rules.iter().filter(|r| &r.rule.policy == k).collect();
+        if of_policy.is_empty() {
+            let _ = writeln!(out, "    {k}: no {direction} rules (allows nothing)");
+        }
+        for r in of_policy {
+            let status = match (r.matched.peer, r.matched.port) {
+                (true, true) => "ALLOWS",
+                (false, true) => "peer does not match",
+                (true, false) => "port does not match",
+                (false, false) => "neither peer nor port match",
+            };
+            let _ = writeln!(
+                out,
+                "    {k} {direction} rule #{}: {}  [{status}]",
+                r.rule.rule, r.text
+            );
+        }
+    }
+}
+
+impl Explanation {
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        for f in &self.flows {
+            let _ = writeln!(
+                out,
+                "{} -> {} {}/{} ({}): {}",
+                self.from,
+                self.to,
+                self.protocol,
+                self.port,
+                f.family,
+                if f.verdict.allowed {
+                    "ALLOWED"
+                } else {
+                    "BLOCKED"
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  from {} ({}) to {} ({})",
+                f.src, f.src_is, f.dst, f.dst_is
+            );
+            side(
+                &mut out,
+                &format!("egress of {}", f.src_is),
+                &f.verdict.egress,
+                &f.egress_rules,
+                Direction::Egress,
+            );
+            side(
+                &mut out,
+                &format!("ingress of {}", f.dst_is),
+                &f.verdict.ingress,
+                &f.ingress_rules,
+                Direction::Ingress,
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,145 @@
+//! A node's compiled tables, for people (`compile`, later `dump`) and for tools (JSON).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use policy_model::{Endpoint, ObjectKey, Origin, PeerTable, PortSet, Prefix, RuleRef};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EntryView {
+    pub prefix: Prefix,
+    /// What addresses matching this prefix may do.
+    pub allows: PortSet,
+    pub stands_for: Vec<Origin>,
+    pub rules: Vec<RuleRef>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DirectionView {
+    pub isolated: bool,
+    pub isolated_by: Vec<ObjectKey>,
+    pub entries: Vec<EntryView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointView {
+    pub pod: ObjectKey,
+    pub endpoint_id: u32,
+    pub revision: u32,
+    pub addresses: Vec<IpAddr>,
+    pub ingress: DirectionView,
+    pub egress: DirectionView,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub node: String,
+    pub endpoints: Vec<EndpointView>,
+}
+
+fn direction(t: &PeerTable) -> DirectionView {
+    DirectionView {
+        isolated: t.isolated,
+        isolated_by: t.isolated_by.clone(),
+        entries: t
+            .entries
+            .iter()
+            .map(|e| EntryView {
+                prefix: e.prefix,
+                allows: t.port_set(e).clone(),
+                stands_for: e.stands_for.clone(),
+                rules: e.rules.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn endpoint_view(ep: &Endpoint) -> EndpointView {
+    EndpointView {
+        pod: ep.tables.pod.clone(),
+        endpoint_id: ep.id,
+        revision: ep.revision,
+        addresses: ep.tables.addresses.clone(),
+        ingress: direction(&ep.tables.ingress),
+        egress: direction(&ep.tables.egress),
+    }
+}
+
+fn stands_for(origins: &[Origin]) -> String {
+    if origins.is_empty() {
+        return "(inherits a shorter prefix's value)".into();
+    }
+    origins
+        .iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn render_direction(out: &mut String, name: &str, d: &DirectionView) {
+    if !d.isolated {
+        let _ = writeln!(out, "  {name}: not isolated: all traffic passes");
+        return;
+    }
+    let by: Vec<String> = d.isolated_by.iter().map(|k| k.to_string()).collect();
+    let _ = writeln!(
+        out,
+        "  {name}: isolated by {}; addresses not listed are blocked",
+        by.join(", ")
+    );
+    let pw = d
+        .entries
+        .iter()
+        .map(|e| e.prefix.to_string().len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let aw = d
+        .entries
+        .iter()
+        .map(|e| e.allows.to_string().len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let _ = writeln!(out, "    {:pw$}  {:aw$}  STANDS FOR", "PREFIX", "ALLOWS");
+    for e in &d.entries {
+        let _ = writeln!(
+            out,
+            "    {:pw$}  {:aw$}  {}",
+            e.prefix.to_string(),
+            e.allows.to_string(),
+            stands_for(&e.stands_for)
+        );
+    }
+}
+
+impl NodeView {
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        if self.endpoints.is_empty() {
+            let _ = writeln!(out, "node {}: no pods to enforce", self.node);
+        }
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let addrs: Vec<String> = ep.addresses.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "{}  endpoint {}  revision {}  addresses {}",
+                ep.pod,
+                ep.endpoint_id,
+                ep.revision,
+                if addrs.is_empty() {
+                    "(none yet)".into()
+                } else {
+                    addrs.join(", ")
+                }
+            );
+            render_direction(&mut out, "ingress", &ep.ingress);
+            render_direction(&mut out, "egress", &ep.egress);
+        }
+        out
+    }
+}
