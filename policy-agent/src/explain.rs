@@ -238,9 +238,33 @@ fn side(
 }
 
 impl Explanation {
+    /// Families that reach the same verdict for the same reasons are shown once.
     pub fn render_text(&self) -> String {
-        let mut out = String::new();
+        let mut groups: Vec<(Vec<&FlowExplanation>, String)> = Vec::new();
         for f in &self.flows {
+            let mut body = String::new();
+            side(
+                &mut body,
+                &format!("egress of {}", f.src_is),
+                &f.verdict.egress,
+                &f.egress_rules,
+                Direction::Egress,
+            );
+            side(
+                &mut body,
+                &format!("ingress of {}", f.dst_is),
+                &f.verdict.ingress,
+                &f.ingress_rules,
+                Direction::Ingress,
+            );
+            match groups.iter_mut().find(|(_, b)| *b == body) {
+                Some((flows, _)) => flows.push(f),
+                None => groups.push((vec![f], body)),
+            }
+        }
+        let mut out = String::new();
+        for (flows, body) in groups {
+            let families: Vec<&str> = flows.iter().map(|f| f.family.as_str()).collect();
             let _ = writeln!(
                 out,
                 "{} -> {} {}/{} ({}): {}",
@@ -248,32 +272,21 @@ impl Explanation {
                 self.to,
                 self.protocol,
                 self.port,
-                f.family,
-                if f.verdict.allowed {
+                families.join(" and "),
+                if flows[0].verdict.allowed {
                     "ALLOWED"
                 } else {
                     "BLOCKED"
                 }
             );
-            let _ = writeln!(
-                out,
-                "  from {} ({}) to {} ({})",
-                f.src, f.src_is, f.dst, f.dst_is
-            );
-            side(
-                &mut out,
-                &format!("egress of {}", f.src_is),
-                &f.verdict.egress,
-                &f.egress_rules,
-                Direction::Egress,
-            );
-            side(
-                &mut out,
-                &format!("ingress of {}", f.dst_is),
-                &f.verdict.ingress,
-                &f.ingress_rules,
-                Direction::Ingress,
-            );
+            for f in &flows {
+                let _ = writeln!(
+                    out,
+                    "  from {} ({}) to {} ({})",
+                    f.src, f.src_is, f.dst, f.dst_is
+                );
+            }
+            out.push_str(&body);
         }
         out
     }

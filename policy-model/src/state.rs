@@ -35,6 +35,11 @@ pub struct ClusterState {
     /// briefly when an address is reused; the first pod (by namespace/name) wins, the same
     /// for the evaluator and the compiler.
     addresses: HashMap<IpAddr, AddressHolders>,
+    /// Namespaces that hold pods, with their pod count: namespace selectors must see a
+    /// namespace whose object we have not (yet) seen.
+    pod_namespaces: BTreeMap<String, usize>,
+    /// hostNetwork pods: their addresses are their node's.
+    host_network_pods: BTreeSet<ObjectKey>,
 }
 
 impl ClusterState {
@@ -145,9 +150,8 @@ impl ClusterState {
             .map(|n| n.addresses.iter().copied().collect())
             .unwrap_or_default();
         for p in self
-            .pods
-            .values()
-            .filter(|p| p.host_network && p.node.as_deref() == Some(name))
+            .host_network_pods()
+            .filter(|p| p.node.as_deref() == Some(name))
         {
             out.extend(p.ips.iter().copied());
         }
@@ -203,7 +207,7 @@ impl ClusterState {
             NamespaceScope::Matching(sel) => {
                 let mut names: BTreeSet<&str> =
                     self.namespaces.keys().map(String::as_str).collect();
-                names.extend(self.pods.keys().map(|k| k.namespace.as_str()));
+                names.extend(self.pod_namespaces.keys().map(String::as_str));
                 names
                     .into_iter()
                     .filter(|n| sel.matches(&self.namespace_labels(n)))
@@ -225,6 +229,12 @@ impl ClusterState {
             );
         }
         out
+    }
+
+    fn host_network_pods(&self) -> impl Iterator<Item = &Pod> {
+        self.host_network_pods
+            .iter()
+            .filter_map(|k| self.pods.get(k))
     }
 
     // ---- writes ----
@@ -257,12 +267,26 @@ impl ClusterState {
                 h.pods.insert(pod.key.clone());
             }
         }
+        *self
+            .pod_namespaces
+            .entry(pod.key.namespace.clone())
+            .or_default() += 1;
+        if pod.host_network {
+            self.host_network_pods.insert(pod.key.clone());
+        }
         self.pods.insert(pod.key.clone(), pod);
         old
     }
 
     pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Pod> {
         let old = self.pods.remove(key)?;
+        self.host_network_pods.remove(key);
+        if let Some(n) = self.pod_namespaces.get_mut(&key.namespace) {
+            *n -= 1;
+            if *n == 0 {
+                self.pod_namespaces.remove(&key.namespace);
+            }
+        }
         for ip in &old.ips {
             if let Some(h) = self.addresses.get_mut(ip) {
                 h.pods.remove(key);
@@ -307,13 +331,11 @@ impl ClusterState {
         for n in self.nodes.values().filter(|n| n.addresses.contains(&ip)) {
             nodes.insert(n.name.clone());
         }
-        for p in self
-            .pods
-            .values()
-            .filter(|p| p.host_network && p.ips.contains(&ip))
-        {
-            nodes.extend(p.node.clone());
-        }
+        nodes.extend(
+            self.host_network_pods()
+                .filter(|p| p.ips.contains(&ip))
+                .filter_map(|p| p.node.clone()),
+        );
         if let Some(h) = self.addresses.get_mut(&ip) {
             h.nodes = nodes;
         }
