@@ -4,13 +4,11 @@
 //! compiled tables the datapath would load. A disagreement is a bug in the compiler and is
 //! reported, never hidden.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::IpAddr;
 
 use policy_model::{
-    ClusterState, EndpointTables, Family, Flow, IpProtocol, ObjectKey, Pod, Protocol,
-    compile_endpoint, verdict,
+    ClusterState, EndpointTables, Family, Flow, IpProtocol, ObjectKey, Pod, Protocol, compile_pod,
+    verdict,
 };
 use serde::Serialize;
 
@@ -93,17 +91,7 @@ pub fn compute(state: &ClusterState, probes: &[Probe], pods: Option<&[ObjectKey]
             .filter_map(|k| all.iter().find(|p| &p.key == k).copied())
             .collect(),
     };
-    let tables: Vec<EndpointTables> = pods
-        .iter()
-        .map(|p| {
-            let node_addrs: BTreeSet<IpAddr> = p
-                .node
-                .as_deref()
-                .map(|n| state.node_addresses(n))
-                .unwrap_or_default();
-            compile_endpoint(state, p, &node_addrs)
-        })
-        .collect();
+    let tables: Vec<EndpointTables> = pods.iter().map(|p| compile_pod(state, p)).collect();
     let mut m = Matrix {
         pods: pods.iter().map(|p| p.key.to_string()).collect(),
         probes: probes.to_vec(),

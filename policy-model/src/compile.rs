@@ -51,6 +51,17 @@ pub fn compile_endpoint(
     }
 }
 
+/// [`compile_endpoint`] with the addresses of the pod's own node looked up (for one-off
+/// compiles; [`crate::NodeCompiler`] computes them once per batch).
+pub fn compile_pod(state: &ClusterState, pod: &Pod) -> EndpointTables {
+    let node_addresses = pod
+        .node
+        .as_deref()
+        .map(|n| state.node_addresses(n))
+        .unwrap_or_default();
+    compile_endpoint(state, pod, &node_addresses)
+}
+
 fn compile_direction(
     state: &ClusterState,
     pod: &Pod,

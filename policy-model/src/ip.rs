@@ -120,6 +120,8 @@ impl Prefix {
         self.family
     }
 
+    /// The prefix length (a `Prefix` is never empty: `/0` is everything).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
         self.len
     }
@@ -205,7 +207,7 @@ mod tests {
 
     #[test]
     fn sort_order_is_preorder() {
-        let mut v = vec![
+        let mut v = [
             p("10.1.0.0/16"),
             p("10.0.0.0/16"),
             p("10.0.0.0/8"),

@@ -22,7 +22,7 @@ pub mod verdict;
 #[cfg(test)]
 mod tests;
 
-pub use compile::compile_endpoint;
+pub use compile::{compile_endpoint, compile_pod};
 pub use error::{FieldError, InvalidObject};
 pub use incremental::{Change, ChangeReport, Endpoint, NodeCompiler};
 pub use ip::{Family, Prefix};

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::objects::{ObjectKey, Pod};
-use crate::policy::{Direction, Peer, Policy, PortSpec, Rule};
+use crate::policy::{Direction, Peer, Policy, PortSpec};
 use crate::ports::IpProtocol;
 use crate::state::{AddressOwner, ClusterState};
 
@@ -98,7 +98,7 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
     }
 
     let egress = match src {
-        AddressOwner::Pod(pod) => decide(state, pod, Direction::Egress, flow.dst, dst_pod, flow),
+        AddressOwner::Pod(pod) => decide(state, pod, Direction::Egress, flow),
         _ => Decision::NotAPod,
     };
     let ingress = match dst_pod {
@@ -106,7 +106,7 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
             AddressOwner::Node(n) if pod.node.as_deref() == Some(n) => Decision::FromOwnNode {
                 node: n.to_string(),
             },
-            _ => decide(state, pod, Direction::Ingress, flow.src, dst_pod, flow),
+            _ => decide(state, pod, Direction::Ingress, flow),
         },
         None => Decision::NotAPod,
     };
@@ -117,39 +117,21 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
     }
 }
 
-/// The decision of `subject`'s policies for `direction`, where `remote` is the address on
-/// the other side and `dst_pod` the pod that owns the destination (named ports resolve
-/// there, in both directions).
-fn decide(
-    state: &ClusterState,
-    subject: &Pod,
-    direction: Direction,
-    remote: IpAddr,
-    dst_pod: Option<&Pod>,
-    flow: &Flow,
-) -> Decision {
-    let policies: Vec<&Policy> = state.isolating_policies(subject, direction).collect();
-    if policies.is_empty() {
+/// The decision of `subject`'s policies for `direction` (the subject is the source for
+/// egress, the destination for ingress).
+fn decide(state: &ClusterState, subject: &Pod, direction: Direction, flow: &Flow) -> Decision {
+    let isolated_by: Vec<ObjectKey> = state
+        .isolating_policies(subject, direction)
+        .map(|p| p.key.clone())
+        .collect();
+    if isolated_by.is_empty() {
         return Decision::NotIsolated;
     }
-    let mut allowed_by = Vec::new();
-    for policy in &policies {
-        for (i, rule) in policy
-            .rules(direction)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            if rule_matches(state, policy, rule, remote, dst_pod, flow) {
-                allowed_by.push(RuleRef {
-                    policy: policy.key.clone(),
-                    direction,
-                    rule: i,
-                });
-            }
-        }
-    }
-    let isolated_by = policies.iter().map(|p| p.key.clone()).collect();
+    let allowed_by: Vec<RuleRef> = rule_matches_for(state, subject, direction, flow)
+        .into_iter()
+        .filter(|(_, m)| m.peer && m.port)
+        .map(|(r, _)| r)
+        .collect();
     if allowed_by.is_empty() {
         Decision::Denied { isolated_by }
     } else {
@@ -209,27 +191,6 @@ pub fn rule_matches_for(
         }
     }
     out
-}
-
-fn rule_matches(
-    state: &ClusterState,
-    policy: &Policy,
-    rule: &Rule,
-    remote: IpAddr,
-    dst_pod: Option<&Pod>,
-    flow: &Flow,
-) -> bool {
-    let peer_ok = match &rule.peers {
-        None => true,
-        Some(peers) => peers
-            .iter()
-            .any(|peer| peer_matches(state, policy, peer, remote)),
-    };
-    let port_ok = match &rule.ports {
-        None => true,
-        Some(ports) => ports.iter().any(|p| port_matches(p, dst_pod, flow)),
-    };
-    peer_ok && port_ok
 }
 
 fn peer_matches(state: &ClusterState, policy: &Policy, peer: &Peer, remote: IpAddr) -> bool {

@@ -5,14 +5,13 @@ mod props;
 mod semantics;
 mod validation;
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::{
     ClusterState, Flow, IpProtocol, NamedPort, Namespace, Node, ObjectKey, Pod, Policy, Protocol,
-    compile_endpoint, verdict,
+    compile_pod, verdict,
 };
 
 pub fn labels(kv: &[(&str, &str)]) -> crate::Labels {
@@ -127,16 +126,7 @@ impl World {
 /// What the datapath would decide from the compiled tables alone: the source endpoint's
 /// egress table (if the source is a pod) and the destination's ingress table.
 pub fn compiled_verdict(state: &ClusterState, flow: &Flow) -> bool {
-    let tables_of = |addr: IpAddr| {
-        state.pod_at(addr).map(|pod| {
-            let node_addrs: BTreeSet<IpAddr> = pod
-                .node
-                .as_deref()
-                .map(|n| state.node_addresses(n))
-                .unwrap_or_default();
-            compile_endpoint(state, pod, &node_addrs)
-        })
-    };
+    let tables_of = |addr: IpAddr| state.pod_at(addr).map(|pod| compile_pod(state, pod));
     let egress_ok =
         tables_of(flow.src).is_none_or(|t| t.egress.allows(flow.dst, flow.protocol, flow.port));
     let ingress_ok =

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::{Change, NodeCompiler, Prefix};
+use crate::{Change, NodeCompiler, Prefix, compile_endpoint};
 
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")

@@ -301,7 +301,7 @@ fn named_ports_resolve_per_destination_pod() {
 
     w.policy("y", "ingress-http", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": "http", "protocol": "UDP"}]}]}));
     assert!(
-        w.allowed("x/a", "y/c", IpProtocol::UDP, 9090) == false,
+        !w.allowed("x/a", "y/c", IpProtocol::UDP, 9090),
         "x/a's egress still blocks UDP"
     );
     assert!(
