@@ -9,9 +9,10 @@ log() { echo "setup: $*" >&2; }
 
 command -v cargo >/dev/null || { log "cargo not found: this machine needs a Rust toolchain (rustup)"; exit 1; }
 
-# Debian packages the tests use (ip for network namespaces arrives with the datapath).
+# Debian packages: iproute2 (network namespaces, veths), iptables and nftables (the
+# tests' kube-proxy-style Service DNAT and masquerade).
 need_pkgs=()
-for tool in pkg-config:pkg-config; do
+for tool in ip:iproute2 iptables:iptables nft:nftables; do
   bin=${tool%%:*}; pkg=${tool##*:}
   command -v "$bin" >/dev/null || need_pkgs+=("$pkg")
 done
@@ -22,5 +23,13 @@ if ((${#need_pkgs[@]})); then
   else
     log "not root: install ${need_pkgs[*]} yourself"; exit 1
   fi
+fi
+# The eBPF toolchain (nightly rust-src, bpf-linker on the nightly's LLVM).
+bash "$(dirname "$0")/setup-ebpf.sh"
+
+# Pins live on the BPF filesystem.
+if [ "$(id -u)" -eq 0 ] && ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  log "mounting bpffs on /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
 fi
 log "ok ($(cargo --version))"

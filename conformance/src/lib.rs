@@ -6,3 +6,7 @@
 pub mod case;
 pub mod cluster;
 pub mod model;
+pub mod netns;
+pub mod rig;
+pub mod topology;
+pub mod traffic;

@@ -2,6 +2,7 @@
 //! (`matrix`, `explain`, `compile`) and their renderings.
 
 pub mod cli;
+pub mod datapath;
 pub mod describe;
 pub mod explain;
 pub mod manifests;

@@ -1,4 +1,228 @@
-//! policy-ebpf: the datapath's kernel programs and the map types they share with user
-//! space. The programs and the map layout arrive with the datapath work (issue 3); this
-//! crate holds their place in the workspace so the layout is the product's from day one.
+//! The datapath's map layout, shared by the kernel programs (`src/main.rs`, feature
+//! `ebpf`) and the agent (feature `user`).
+//!
+//! Byte order and encoding, for every map:
+//! - Addresses are 16 bytes in network byte order; an IPv4 address is stored IPv4-mapped
+//!   (`::ffff:a.b.c.d`), so an IPv4 prefix of length L is an address prefix of 96 + L.
+//! - Ports inside LPM keys are big-endian (network order), so that a port prefix is a
+//!   prefix of the key's bits; elsewhere ports are host order `u16`.
+//! - Other integers are host order.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields (checked by the size asserts
+//! below), so the kernel and user space agree byte for byte.
 #![no_std]
+
+/// A 16-byte address (see the module doc for the encoding).
+pub type Addr = [u8; 16];
+
+/// Maps, by the names they are pinned under (`/sys/fs/bpf/policy-agent/<name>`).
+pub mod map_names {
+    pub const ENDPOINTS: &str = "PA_ENDPOINTS";
+    pub const PEERS: &str = "PA_PEERS";
+    pub const PORTS: &str = "PA_PORTS";
+    pub const CONNTRACK: &str = "PA_CONNTRACK";
+    pub const PENDING: &str = "PA_PENDING";
+    pub const SERVICES: &str = "PA_SERVICES";
+    pub const COUNTERS: &str = "PA_COUNTERS";
+}
+
+/// Programs, by function name.
+pub mod program_names {
+    /// tc egress of a pod's host-side veth: traffic entering the pod (its ingress).
+    pub const POD_INGRESS: &str = "pod_ingress";
+    /// tc ingress of a pod's host-side veth: traffic leaving the pod (its egress).
+    pub const POD_EGRESS: &str = "pod_egress";
+    /// tc egress of every other device: post-translation egress checks of Service traffic
+    /// that leaves the node.
+    pub const NODE_EGRESS: &str = "node_egress";
+}
+
+/// `ENDPOINTS` key: a local pod's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub addr: Addr,
+}
+
+/// `ENDPOINTS` value. Written in one map update, so a packet sees the old or the new
+/// revision with its matching flags, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// Datapath endpoint id (1..); indexes `COUNTERS` and prefixes `PEERS`/`PORTS` keys.
+    pub id: u32,
+    /// The tables in force: `PEERS`/`PORTS` entries of this revision.
+    pub revision: u32,
+    /// The pod's host-side veth; traffic claiming this address elsewhere is dropped.
+    pub ifindex: u32,
+    /// `ENDPOINT_*` flags.
+    pub flags: u32,
+}
+
+pub const ENDPOINT_INGRESS_ISOLATED: u32 = 1;
+pub const ENDPOINT_EGRESS_ISOLATED: u32 = 2;
+/// Deny everything (tables not (yet) in place, or a failed write): fail closed.
+pub const ENDPOINT_FAIL_CLOSED: u32 = 4;
+
+/// Table selector inside keys: `revision << 1 | direction`.
+pub const DIRECTION_INGRESS: u32 = 0;
+pub const DIRECTION_EGRESS: u32 = 1;
+
+pub const fn table_id(revision: u32, direction: u32) -> u32 {
+    (revision << 1) | direction
+}
+
+/// `PEERS` LPM key data: (endpoint, table) always match in full, then the address prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub endpoint: u32,
+    pub table: u32,
+    pub addr: Addr,
+}
+
+/// Bits of `PeerKey` before the address.
+pub const PEER_KEY_FIXED_BITS: u32 = 64;
+
+/// `PEERS` value: what the matched prefix may do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerValue {
+    /// `PORTS` set id for this table (ignored with `PEER_ALL`).
+    pub port_set: u32,
+    pub flags: u32,
+}
+
+/// Every protocol and port (ICMP included).
+pub const PEER_ALL: u32 = 1;
+
+/// `PORTS` LPM key data: (endpoint, table, port set, protocol) match in full, then the
+/// port's bits (big-endian) as the prefix, so a range is a handful of prefixes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub endpoint: u32,
+    pub table: u32,
+    pub port_set: u32,
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Big-endian.
+    pub port: [u8; 2],
+}
+
+/// Bits of `PortKey` before the port (including the zero pad byte).
+pub const PORT_KEY_FIXED_BITS: u32 = 112;
+
+/// `CONNTRACK` key: the flow's two (address, port) ends in a canonical order (the lower
+/// one first), so both directions find the same entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub lo_addr: Addr,
+    pub hi_addr: Addr,
+    pub lo_port: u16,
+    pub hi_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// The originator's endpoint revision its egress allowed the flow under; 0 not judged
+    /// yet, `CT_NOT_LOCAL` not a local endpoint.
+    pub src_rev: u32,
+    /// The same for the destination's ingress.
+    pub dst_rev: u32,
+    /// For a flow to a Service address: the backend (after DNAT) the originator's egress
+    /// was judged against, so the judgment can be redone when its policy changes.
+    pub nat_addr: Addr,
+    pub nat_port: u16,
+    /// `CT_*` flags.
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+pub const CT_NOT_LOCAL: u32 = u32::MAX;
+/// The originator is the `lo` end of the key.
+pub const CT_ORIG_IS_LO: u16 = 1;
+/// The destination was a Service address: egress is judged after translation.
+pub const CT_VIA_SERVICE: u16 = 2;
+/// A FIN was seen: the entry expires soon.
+pub const CT_TCP_CLOSING: u16 = 4;
+
+/// `PENDING` key: the originator of a Service flow whose egress is judged after DNAT.
+/// The source address, port and protocol survive DNAT, so the later hook finds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub addr: Addr,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// `COUNTERS` value, per CPU, at index `endpoint id * 2 + direction`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub allowed_packets: u64,
+    pub allowed_bytes: u64,
+    pub denied_packets: u64,
+    pub denied_bytes: u64,
+}
+
+/// Idle timeouts of connection-tracking entries.
+pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
+
+/// Default map sizes (the agent may set others at load time): 250 local pods with
+/// 10,000 table entries each, plus room for one endpoint's next revision.
+pub const DEFAULT_MAX_ENDPOINT_ADDRESSES: u32 = 1024;
+pub const DEFAULT_MAX_PEER_ENTRIES: u32 = 250 * 10_000 + 10_000;
+pub const DEFAULT_MAX_PORT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_MAX_CONNTRACK: u32 = 131_072;
+pub const DEFAULT_MAX_PENDING: u32 = 16_384;
+pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
+/// Endpoint ids are below this (COUNTERS has two slots per id).
+pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
+
+// No implicit padding: sizes are the sums of the fields.
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 16);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 20);
+const _: () = assert!(core::mem::size_of::<Counters>() == 32);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY (for each impl below): the type is `#[repr(C)]`, `Copy`, has no padding (see
+    // the size asserts) and is valid for any bit pattern, as aya::Pod requires.
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerValue {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for PendingKey {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+/// An address in the maps' encoding.
+pub fn addr_from_v4(octets: [u8; 4]) -> Addr {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12..].copy_from_slice(&octets);
+    a
+}

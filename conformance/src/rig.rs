@@ -1,0 +1,280 @@
+//! A one-node test rig: pods in network namespaces serving TCP, UDP and SCTP on 80 and
+//! 81, and the real enforcement (compiler → maps → tc programs) running in the node's
+//! namespace, driven by model changes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use policy_agent::datapath::{Enforcer, MapSizes, PodInterface, SyncReport};
+use policy_model::{Change, Namespace, Node, NodeCompiler, ObjectKey, Pod, Prefix, Protocol};
+
+use crate::netns::{NetnsError, unique};
+use crate::topology::{NodeNet, PodNet};
+use crate::traffic::{Servers, probe, serve};
+
+pub const NODE: &str = "node-1";
+pub const NODE_V4: &str = "10.250.0.1";
+pub const NODE_V6: &str = "fd10:250::1";
+
+enum Command {
+    Apply(Vec<Change>, mpsc::Sender<Result<SyncReport, String>>),
+    Services(Vec<Prefix>, mpsc::Sender<Result<(), String>>),
+    AttachNodeDevices(Vec<String>, mpsc::Sender<Result<(), String>>),
+    /// Stop, leaving the pins (and so enforcement) in place.
+    Exit,
+}
+
+pub struct RigPod {
+    pub net: PodNet,
+    _servers: Servers,
+}
+
+pub struct Rig {
+    pub node: NodeNet,
+    pub pods: BTreeMap<ObjectKey, RigPod>,
+    pub pin_dir: PathBuf,
+    agent: Option<(mpsc::Sender<Command>, JoinHandle<()>)>,
+    interfaces: BTreeMap<ObjectKey, PodInterface>,
+    /// Everything applied so far, to replay into a restarted agent.
+    history: Vec<Change>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("agent: {0}")]
+    Agent(String),
+}
+
+fn agent_loop(
+    pin_dir: PathBuf,
+    interfaces: BTreeMap<ObjectKey, PodInterface>,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let mut enforcer = match Enforcer::new(
+        &pin_dir,
+        MapSizes {
+            peer_entries: 65_536,
+            port_entries: 16_384,
+            conntrack: 16_384,
+            ..MapSizes::default()
+        },
+    ) {
+        Ok(e) => {
+            let _ = ready.send(Ok(()));
+            e
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let mut compiler = NodeCompiler::new(NODE);
+    let lookup = |k: &ObjectKey| interfaces.get(k).cloned();
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            Command::Apply(changes, reply) => {
+                let r = compiler.apply(changes);
+                let rejected: Vec<String> = r.rejected.iter().map(|e| e.to_string()).collect();
+                let report = enforcer.reconcile(&compiler, &lookup);
+                let _ = reply.send(if rejected.is_empty() {
+                    Ok(report)
+                } else {
+                    Err(rejected.join("; "))
+                });
+            }
+            Command::Services(p, reply) => {
+                let _ = reply.send(enforcer.set_services(&p));
+            }
+            Command::AttachNodeDevices(names, reply) => {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let _ = reply.send(
+                    enforcer
+                        .attach_node_devices(&refs)
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            Command::Exit => return,
+        }
+    }
+}
+
+impl Rig {
+    /// A node with `pods` (each gets a namespace, a veth and servers on 80 and 81), and the
+    /// agent enforcing on it. Namespaces and pods go to the model first.
+    pub fn new(pods: Vec<Pod>) -> Result<Rig, RigError> {
+        let node = NodeNet::create(
+            &unique("pan"),
+            NODE,
+            &[NODE_V4.parse().unwrap(), NODE_V6.parse().unwrap()],
+        )?;
+        let mut rig_pods = BTreeMap::new();
+        let mut interfaces = BTreeMap::new();
+        for (i, pod) in pods.iter().enumerate() {
+            let veth = format!("pv{i}");
+            let net = node.add_pod(&unique("pap"), &veth, &pod.ips)?;
+            let servers = serve(&net.ns, &[80, 81])?;
+            interfaces.insert(
+                pod.key.clone(),
+                PodInterface {
+                    name: veth.clone(),
+                    ifindex: node.ifindex(&veth)?,
+                },
+            );
+            rig_pods.insert(
+                pod.key.clone(),
+                RigPod {
+                    net,
+                    _servers: servers,
+                },
+            );
+        }
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("pa-test-")));
+        let mut rig = Rig {
+            node,
+            pods: rig_pods,
+            pin_dir,
+            agent: None,
+            interfaces,
+            history: Vec::new(),
+        };
+        rig.start_agent()?;
+        let mut changes: Vec<Change> = Vec::new();
+        let mut namespaces: Vec<String> = pods.iter().map(|p| p.key.namespace.clone()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        changes.extend(
+            namespaces
+                .into_iter()
+                .map(|n| Change::UpsertNamespace(Namespace::new(n, Default::default()))),
+        );
+        changes.push(Change::UpsertNode(Node {
+            name: NODE.into(),
+            addresses: vec![NODE_V4.parse().unwrap(), NODE_V6.parse().unwrap()],
+        }));
+        changes.extend(pods.into_iter().map(Change::UpsertPod));
+        rig.apply(changes)?;
+        Ok(rig)
+    }
+
+    /// Starts (or restarts) the agent in the node's namespace, replaying what was applied.
+    pub fn start_agent(&mut self) -> Result<(), RigError> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let pin = self.pin_dir.clone();
+        let ifs = self.interfaces.clone();
+        let h = self
+            .node
+            .ns
+            .spawn(move || agent_loop(pin, ifs, rx, ready_tx))?;
+        ready_rx
+            .recv()
+            .map_err(|e| RigError::Agent(e.to_string()))?
+            .map_err(RigError::Agent)?;
+        self.agent = Some((tx, h));
+        if !self.history.is_empty() {
+            let replay = self.history.clone();
+            self.send_apply(replay)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the agent as a crash or an upgrade would: pins stay, enforcement goes on.
+    pub fn stop_agent(&mut self) {
+        if let Some((tx, h)) = self.agent.take() {
+            let _ = tx.send(Command::Exit);
+            let _ = h.join();
+        }
+    }
+
+    fn sender(&self) -> Result<&mpsc::Sender<Command>, RigError> {
+        self.agent
+            .as_ref()
+            .map(|(tx, _)| tx)
+            .ok_or_else(|| RigError::Agent("not running".into()))
+    }
+
+    fn send_apply(&self, changes: Vec<Change>) -> Result<SyncReport, RigError> {
+        let (tx, rx) = mpsc::channel();
+        self.sender()?
+            .send(Command::Apply(changes, tx))
+            .map_err(|e| RigError::Agent(e.to_string()))?;
+        let report = rx
+            .recv()
+            .map_err(|e| RigError::Agent(e.to_string()))?
+            .map_err(RigError::Agent)?;
+        if !report.errors.is_empty() {
+            return Err(RigError::Agent(report.errors.join("; ")));
+        }
+        Ok(report)
+    }
+
+    /// Applies model changes and waits until the maps hold them.
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<SyncReport, RigError> {
+        self.history.extend(changes.iter().cloned());
+        self.send_apply(changes)
+    }
+
+    pub fn set_services(&self, prefixes: Vec<Prefix>) -> Result<(), RigError> {
+        let (tx, rx) = mpsc::channel();
+        self.sender()?
+            .send(Command::Services(prefixes, tx))
+            .map_err(|e| RigError::Agent(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| RigError::Agent(e.to_string()))?
+            .map_err(RigError::Agent)
+    }
+
+    pub fn attach_node_devices(&self, names: &[&str]) -> Result<(), RigError> {
+        let (tx, rx) = mpsc::channel();
+        self.sender()?
+            .send(Command::AttachNodeDevices(
+                names.iter().map(|s| s.to_string()).collect(),
+                tx,
+            ))
+            .map_err(|e| RigError::Agent(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| RigError::Agent(e.to_string()))?
+            .map_err(RigError::Agent)
+    }
+
+    pub fn pod(&self, key: &str) -> &RigPod {
+        self.pods
+            .get(&ObjectKey::parse(key).expect("ns/name"))
+            .unwrap_or_else(|| panic!("no pod {key}"))
+    }
+
+    pub fn ip(&self, key: &str, v4: bool) -> IpAddr {
+        self.pod(key).net.ip(v4)
+    }
+
+    /// A real connection from pod `from` to `dst:port`.
+    pub fn probe_addr(&self, from: &str, dst: IpAddr, protocol: Protocol, port: u16) -> bool {
+        probe(
+            &self.pod(from).net.ns,
+            protocol,
+            SocketAddr::new(dst, port),
+            Duration::from_millis(400),
+        )
+        .expect("probe")
+    }
+
+    /// A real connection from pod `from` to pod `to` (IPv4 unless `v6`).
+    pub fn probe(&self, from: &str, to: &str, protocol: Protocol, port: u16, v6: bool) -> bool {
+        self.probe_addr(from, self.ip(to, !v6), protocol, port)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop_agent();
+        // Unpinning detaches the links and frees the maps.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}

@@ -1,0 +1,241 @@
+//! Real traffic: servers that answer TCP, UDP and SCTP (raw protocol-132 packets: there
+//! is no SCTP kernel module, and nothing here may load one), and clients that probe them
+//! the way `agnhost connect` does (UDP and SCTP need the server's reply).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use policy_model::Protocol;
+use socket2::{Domain, Protocol as SockProtocol, SockAddr, Socket, Type};
+
+use crate::netns::{Netns, NetnsError};
+
+const IPPROTO_SCTP: i32 = 132;
+const POLL: Duration = Duration::from_millis(20);
+
+/// Servers running in a pod; stopped on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn dual_stack(
+    domain_type: Type,
+    protocol: Option<SockProtocol>,
+    port: u16,
+) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::IPV6, domain_type, protocol)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SockAddr::from(SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        port,
+    )))?;
+    Ok(s)
+}
+
+/// Starts TCP, UDP and SCTP servers on `ports` in `ns` (both families).
+pub fn serve(ns: &Netns, ports: &[u16]) -> Result<Servers, NetnsError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for &port in ports {
+        let st = stop.clone();
+        handles.push(ns.spawn(move || tcp_server(port, st))?);
+        let st = stop.clone();
+        handles.push(ns.spawn(move || udp_server(port, st))?);
+    }
+    for v6 in [false, true] {
+        let st = stop.clone();
+        let ports = ports.to_vec();
+        handles.push(ns.spawn(move || sctp_server(v6, ports, st))?);
+    }
+    // Wait until the sockets exist.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(Servers { stop, handles })
+}
+
+fn tcp_server(port: u16, stop: Arc<AtomicBool>) {
+    let s = dual_stack(Type::STREAM, None, port).expect("tcp bind");
+    s.listen(128).expect("listen");
+    let l: TcpListener = s.into();
+    l.set_nonblocking(true).expect("nonblocking");
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((mut c, _)) => {
+                let _ = c.set_nonblocking(false);
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut b = [0u8; 1];
+                if c.read(&mut b).is_ok() {
+                    let _ = c.write_all(b"k");
+                }
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
+
+fn udp_server(port: u16, stop: Arc<AtomicBool>) {
+    let s: UdpSocket = dual_stack(Type::DGRAM, None, port)
+        .expect("udp bind")
+        .into();
+    s.set_read_timeout(Some(POLL * 5)).expect("timeout");
+    let mut buf = [0u8; 512];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(b"pod\n", from);
+        }
+    }
+}
+
+/// An SCTP packet: common header and one chunk (INIT or INIT ACK), CRC32c filled in.
+pub fn sctp_packet(sport: u16, dport: u16, chunk_type: u8, tag: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(32);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&(if chunk_type == 1 { 0 } else { tag }).to_be_bytes());
+    p.extend_from_slice(&[0; 4]);
+    p.extend_from_slice(&[chunk_type, 0, 0, 20]);
+    p.extend_from_slice(&tag.to_be_bytes()); // initiate tag
+    p.extend_from_slice(&65535u32.to_be_bytes()); // a_rwnd
+    p.extend_from_slice(&1u16.to_be_bytes()); // outbound streams
+    p.extend_from_slice(&1u16.to_be_bytes()); // inbound streams
+    p.extend_from_slice(&tag.to_be_bytes()); // initial TSN
+    let crc = crc32c::crc32c(&p);
+    p[8..12].copy_from_slice(&crc.to_le_bytes());
+    p
+}
+
+fn raw_sctp(v6: bool) -> std::io::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    Socket::new(domain, Type::RAW, Some(SockProtocol::from(IPPROTO_SCTP)))
+}
+
+/// The SCTP part of a received raw packet (IPv4 raw sockets include the IP header).
+fn sctp_payload(buf: &[u8], v6: bool) -> Option<&[u8]> {
+    let off = if v6 {
+        0
+    } else {
+        ((*buf.first()? & 0x0f) as usize) * 4
+    };
+    let p = buf.get(off..)?;
+    (p.len() >= 12).then_some(p)
+}
+
+fn recv_raw(s: &Socket, buf: &mut [u8]) -> std::io::Result<(usize, SockAddr)> {
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and `recv_from` only writes
+    // initialised bytes into the buffer.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    s.recv_from(uninit)
+}
+
+fn sctp_server(v6: bool, ports: Vec<u16>, stop: Arc<AtomicBool>) {
+    let s = raw_sctp(v6).expect("raw SCTP socket");
+    s.set_read_timeout(Some(POLL * 5)).expect("timeout");
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = recv_raw(&s, &mut buf) else {
+            continue;
+        };
+        let Some(p) = sctp_payload(&buf[..n], v6) else {
+            continue;
+        };
+        let (sport, dport) = (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        );
+        if p.get(12) != Some(&1) || !ports.contains(&dport) {
+            continue; // only answer INITs to our ports
+        }
+        let tag = u32::from_be_bytes([p[16], p[17], p[18], p[19]]);
+        let _ = s.send_to(&sctp_packet(dport, sport, 2, tag), &from);
+    }
+}
+
+/// One probe from `ns` to `dst`: connected (true) or not within `timeout`.
+pub fn probe(
+    ns: &Netns,
+    protocol: Protocol,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<bool, NetnsError> {
+    ns.run(move || match protocol {
+        Protocol::Tcp => probe_tcp(dst, timeout),
+        Protocol::Udp => probe_udp(dst, timeout),
+        Protocol::Sctp => probe_sctp(dst, timeout),
+    })
+}
+
+fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&dst, timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut b = [0u8; 1];
+    s.write_all(b"h").is_ok() && matches!(s.read(&mut b), Ok(1))
+}
+
+fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let Ok(s) = UdpSocket::bind(bind) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    if s.send_to(b"hostname\n", dst).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.recv_from(&mut buf), Ok((n, from)) if n > 0 && from == dst)
+}
+
+fn probe_sctp(dst: SocketAddr, timeout: Duration) -> bool {
+    let v6 = dst.is_ipv6();
+    let Ok(s) = raw_sctp(v6) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let sport = 20_000
+        + (std::process::id() as u16 % 10_000)
+        + (Instant::now().elapsed().subsec_nanos() % 1000) as u16;
+    let tag = 0x5c7b_0000 | sport as u32;
+    let to = SockAddr::from(SocketAddr::new(dst.ip(), 0));
+    if s.send_to(&sctp_packet(sport, dst.port(), 1, tag), &to)
+        .is_err()
+    {
+        return false;
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let Ok((n, from)) = recv_raw(&s, &mut buf) else {
+            continue;
+        };
+        if from.as_socket().map(|a| a.ip()) != Some(dst.ip()) {
+            continue;
+        }
+        if let Some(p) = sctp_payload(&buf[..n], v6) {
+            let (ps, pd) = (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            );
+            if ps == dst.port() && pd == sport && p.get(12) == Some(&2) {
+                return true;
+            }
+        }
+    }
+    false
+}

@@ -1,0 +1,115 @@
+//! One node's enforcement: the compiler's endpoints, written to the maps and attached to
+//! their interfaces. Used by the daemon's reconcile loop and by the tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use policy_model::{NodeCompiler, ObjectKey, Prefix};
+
+use super::loader::{AttachPoint, Datapath, DatapathError, MapSizes};
+use super::sync::{MapSync, SyncReport};
+
+/// A pod's host-side interface in the node's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInterface {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+pub struct Enforcer {
+    pub datapath: Datapath,
+    pub sync: MapSync,
+    /// Pod → the interface its programs are attached to.
+    attached: BTreeMap<ObjectKey, PodInterface>,
+    node_devices: BTreeSet<String>,
+    first_sync_done: bool,
+}
+
+impl Enforcer {
+    /// Loads (or reuses, after a restart) the datapath pinned in `pin_dir`.
+    pub fn new(pin_dir: &Path, sizes: MapSizes) -> Result<Enforcer, DatapathError> {
+        let datapath = Datapath::load(pin_dir, sizes)?;
+        let mut sync = MapSync::new();
+        sync.adopt(&datapath);
+        Ok(Enforcer {
+            datapath,
+            sync,
+            attached: BTreeMap::new(),
+            node_devices: BTreeSet::new(),
+            first_sync_done: false,
+        })
+    }
+
+    /// Brings the datapath to the compiler's state. `interface_of` gives each local pod's
+    /// host-side interface (pods without one yet are left for a later pass). Maps are
+    /// written before programs are attached, so no packet meets a half-known pod.
+    pub fn reconcile(
+        &mut self,
+        compiler: &NodeCompiler,
+        interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut live = BTreeSet::new();
+        for ep in compiler.endpoints() {
+            let pod = &ep.tables.pod;
+            let Some(iface) = interface_of(pod) else {
+                continue;
+            };
+            live.insert(pod.clone());
+            // Errors are recorded in the report (the pod is left fail-closed).
+            let _ = self.sync.sync_endpoint(
+                &mut self.datapath,
+                pod,
+                &ep.tables,
+                iface.ifindex,
+                &mut report,
+            );
+            if self.attached.get(pod) != Some(&iface) {
+                let mut ok = true;
+                for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
+                    if let Err(e) = self.datapath.attach(&iface.name, point) {
+                        report.errors.push(format!("pod {pod}: {e}"));
+                        ok = false;
+                    }
+                }
+                if ok {
+                    self.attached.insert(pod.clone(), iface);
+                }
+            }
+        }
+        let gone: Vec<ObjectKey> = self
+            .attached
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        for pod in gone {
+            if let Some(iface) = self.attached.remove(&pod) {
+                for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
+                    let _ = self.datapath.detach(&iface.name, point);
+                }
+            }
+            self.sync
+                .remove_endpoint(&mut self.datapath, &pod, &mut report);
+        }
+        if !self.first_sync_done {
+            self.sync.collect_garbage(&mut self.datapath, &mut report);
+            self.first_sync_done = true;
+        }
+        report
+    }
+
+    /// Attaches the post-translation egress check to the node's other devices (uplinks,
+    /// tunnels, bridges).
+    pub fn attach_node_devices(&mut self, names: &[&str]) -> Result<(), DatapathError> {
+        for n in names {
+            self.datapath.attach(n, AttachPoint::NodeEgress)?;
+            self.node_devices.insert(n.to_string());
+        }
+        Ok(())
+    }
+
+    pub fn set_services(&mut self, prefixes: &[Prefix]) -> Result<(), String> {
+        self.sync.set_services(&mut self.datapath, prefixes)
+    }
+}

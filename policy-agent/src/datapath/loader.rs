@@ -1,0 +1,293 @@
+//! Loading, pinning and attaching the kernel programs.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use policy_ebpf::{
+    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, PeerKey, PeerValue, PendingKey,
+    PortKey, map_names as names, program_names,
+};
+
+use super::program_bytes;
+
+/// Where pins live by default. Enforcement outlives the agent through these pins.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/policy-agent";
+
+/// Map capacities (see `policy-ebpf` for the defaults: 250 pods × 10,000 entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    pub endpoint_addresses: u32,
+    pub peer_entries: u32,
+    pub port_entries: u32,
+    pub conntrack: u32,
+    pub pending: u32,
+    pub services: u32,
+    /// Endpoint ids stay below this.
+    pub endpoints: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> MapSizes {
+        MapSizes {
+            endpoint_addresses: policy_ebpf::DEFAULT_MAX_ENDPOINT_ADDRESSES,
+            peer_entries: policy_ebpf::DEFAULT_MAX_PEER_ENTRIES,
+            port_entries: policy_ebpf::DEFAULT_MAX_PORT_ENTRIES,
+            conntrack: policy_ebpf::DEFAULT_MAX_CONNTRACK,
+            pending: policy_ebpf::DEFAULT_MAX_PENDING,
+            services: policy_ebpf::DEFAULT_MAX_SERVICES,
+            endpoints: policy_ebpf::DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+/// Where a program goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttachPoint {
+    /// tc egress of a pod's host-side veth (the pod's ingress).
+    PodIngress,
+    /// tc ingress of a pod's host-side veth (the pod's egress).
+    PodEgress,
+    /// tc egress of any other device of the node.
+    NodeEgress,
+}
+
+impl AttachPoint {
+    fn program(self) -> &'static str {
+        match self {
+            AttachPoint::PodIngress => program_names::POD_INGRESS,
+            AttachPoint::PodEgress => program_names::POD_EGRESS,
+            AttachPoint::NodeEgress => program_names::NODE_EGRESS,
+        }
+    }
+
+    fn tc(self) -> TcAttachType {
+        match self {
+            AttachPoint::PodEgress => TcAttachType::Ingress,
+            AttachPoint::PodIngress | AttachPoint::NodeEgress => TcAttachType::Egress,
+        }
+    }
+
+    fn pin_name(self) -> &'static str {
+        match self {
+            AttachPoint::PodIngress => "pod-ingress",
+            AttachPoint::PodEgress => "pod-egress",
+            AttachPoint::NodeEgress => "node-egress",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("cannot prepare the pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("loading the kernel programs failed (is this root, with BPF, on Linux >= 6.6?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("attaching {point:?} to {interface}: {message}")]
+    Attach {
+        interface: String,
+        point: AttachPoint,
+        message: String,
+    },
+}
+
+/// The loaded programs and typed handles on their (pinned) maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    pub(crate) endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    pub(crate) peers: LpmTrie<MapData, PeerKey, PeerValue>,
+    pub(crate) ports: LpmTrie<MapData, PortKey, u32>,
+    pub(crate) conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub(crate) pending: HashMap<MapData, PendingKey, CtKey>,
+    pub(crate) services: LpmTrie<MapData, Addr, u32>,
+    pub(crate) counters: PerCpuArray<MapData, Counters>,
+    pub sizes: MapSizes,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_string(),
+        },
+    })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps already pinned in `pin_dir` (so a restarted agent
+    /// keeps its predecessor's tables and connections) and pinning new ones there.
+    pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath, DatapathError> {
+        std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(names::ENDPOINTS, sizes.endpoint_addresses)
+            .map_max_entries(names::PEERS, sizes.peer_entries)
+            .map_max_entries(names::PORTS, sizes.port_entries)
+            .map_max_entries(names::CONNTRACK, sizes.conntrack)
+            .map_max_entries(names::PENDING, sizes.pending)
+            .map_max_entries(names::SERVICES, sizes.services)
+            .map_max_entries(names::COUNTERS, sizes.endpoints * 2);
+        let mut ebpf = loader.load(program_bytes())?;
+        for name in [
+            program_names::POD_INGRESS,
+            program_names::POD_EGRESS,
+            program_names::NODE_EGRESS,
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Datapath {
+            endpoints: take(&mut ebpf, names::ENDPOINTS)?,
+            peers: take(&mut ebpf, names::PEERS)?,
+            ports: take(&mut ebpf, names::PORTS)?,
+            conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            pending: take(&mut ebpf, names::PENDING)?,
+            services: take(&mut ebpf, names::SERVICES)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            sizes,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn link_pin(&self, interface: &str, point: AttachPoint) -> PathBuf {
+        // bpffs names may not contain '.'.
+        self.pin_dir
+            .join("links")
+            .join(format!("{}-{interface}", point.pin_name()))
+    }
+
+    /// Attaches (tcx) a program to an interface of the current network namespace and pins
+    /// the link, so it stays attached after this process exits. If a pinned link is
+    /// already there (a previous agent), its program is replaced atomically: no packet
+    /// goes unjudged across an agent restart or upgrade.
+    pub fn attach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
+        let pin = self.link_pin(interface, point);
+        let err = |message: String| DatapathError::Attach {
+            interface: interface.to_string(),
+            point,
+            message,
+        };
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(point.program())
+            .ok_or_else(|| err("program missing".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
+        let id = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let fd: FdLink = old
+                    .unpin()
+                    .map_err(|e| err(format!("unpinning the previous link: {e}")))?;
+                let link = SchedClassifierLink::try_from(fd)
+                    .map_err(|e| err(format!("previous link: {e}")))?;
+                prog.attach_to_link(link)
+                    .map_err(|e| err(format!("replacing the previous program: {e}")))?
+            }
+            Err(_) if !pin.exists() => prog
+                .attach_with_options(
+                    interface,
+                    point.tc(),
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| err(e.to_string()))?,
+            Err(e) => {
+                return Err(err(format!(
+                    "reading the pinned link {}: {e}",
+                    pin.display()
+                )));
+            }
+        };
+        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+        fd.pin(&pin)
+            .map_err(|e| err(format!("pinning the link: {e}")))?;
+        Ok(())
+    }
+
+    /// Detaches the program from an interface (a no-op if it is not attached).
+    pub fn detach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
+        let pin = self.link_pin(interface, point);
+        if !pin.exists() {
+            return Ok(());
+        }
+        let err = |message: String| DatapathError::Attach {
+            interface: interface.to_string(),
+            point,
+            message,
+        };
+        let link = PinnedLink::from_pin(&pin).map_err(|e| err(e.to_string()))?;
+        // Dropping the last reference to an unpinned link detaches it.
+        drop(link.unpin().map_err(|e| err(e.to_string()))?);
+        Ok(())
+    }
+
+    /// Interfaces with a pinned link, as (interface, attach point).
+    pub fn attached(&self) -> Vec<(String, AttachPoint)> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir(self.pin_dir.join("links")) else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            for point in [
+                AttachPoint::PodIngress,
+                AttachPoint::PodEgress,
+                AttachPoint::NodeEgress,
+            ] {
+                if let Some(ifname) = name
+                    .strip_prefix(point.pin_name())
+                    .and_then(|r| r.strip_prefix('-'))
+                {
+                    out.push((ifname.to_string(), point));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Removes every link and map pin: enforcement stops. (`uninstall`.)
+    pub fn unpin_all(self) -> io::Result<()> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        std::fs::remove_dir_all(dir)
+    }
+}

@@ -1,0 +1,18 @@
+//! The datapath from user space: load the kernel programs once, pin them and their maps
+//! under `/sys/fs/bpf/policy-agent/`, attach them to interfaces, and keep the maps equal
+//! to the compiler's tables.
+
+mod encode;
+mod enforcer;
+mod loader;
+mod sync;
+
+pub use encode::{EncodedTables, encode_addr, peer_entries, port_entries};
+pub use enforcer::{Enforcer, PodInterface};
+pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
+pub use sync::{EndpointStatus, MapSync, SyncError, SyncReport};
+
+/// The compiled kernel programs (ELF), built by `build.rs`.
+pub fn program_bytes() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf"))
+}

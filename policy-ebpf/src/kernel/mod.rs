@@ -1,0 +1,425 @@
+//! The three classifiers and the maps they share with the agent.
+//!
+//! - `pod_egress` (tc ingress of a pod's host veth): anti-spoofing, then the pod's egress.
+//!   A destination in `SERVICES` is judged after DNAT, by the hook that sees the backend.
+//! - `pod_ingress` (tc egress of a pod's host veth): the pod's ingress, and the egress of a
+//!   local source whose judgment waited for DNAT.
+//! - `node_egress` (tc egress of the node's other devices): the post-DNAT egress judgment
+//!   of Service traffic from local pods that leaves the node.
+//!
+//! Connection tracking records, per flow, under which revision each local end approved it,
+//! so replies pass, established packets skip the tables, and a policy change makes the
+//! next packet of an existing flow be judged again.
+
+mod packet;
+mod verdict;
+
+use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{classifier, map};
+use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::TcContext;
+use policy_ebpf::*;
+
+use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse};
+use verdict::{allows, count};
+
+#[map(name = "PA_ENDPOINTS")]
+static ENDPOINTS: HashMap<EndpointKey, EndpointValue> =
+    HashMap::pinned(DEFAULT_MAX_ENDPOINT_ADDRESSES, 0);
+#[map(name = "PA_PEERS")]
+static PEERS: LpmTrie<PeerKey, PeerValue> = LpmTrie::pinned(DEFAULT_MAX_PEER_ENTRIES, 0);
+#[map(name = "PA_PORTS")]
+static PORTS: LpmTrie<PortKey, u32> = LpmTrie::pinned(DEFAULT_MAX_PORT_ENTRIES, 0);
+#[map(name = "PA_CONNTRACK")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
+#[map(name = "PA_PENDING")]
+static PENDING: LruHashMap<PendingKey, CtKey> = LruHashMap::pinned(DEFAULT_MAX_PENDING, 0);
+#[map(name = "PA_SERVICES")]
+static SERVICES: LpmTrie<Addr, u32> = LpmTrie::pinned(DEFAULT_MAX_SERVICES, 0);
+#[map(name = "PA_COUNTERS")]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX_ENDPOINTS * 2, 0);
+
+/// Per-CPU working space: the BPF stack (512 bytes) cannot hold these beside the lookup
+/// keys. A program run never nests on one CPU, so one slot per CPU suffices.
+#[repr(C)]
+pub struct Scratch {
+    packet: Packet,
+    /// The packet's flow.
+    key: CtKey,
+    /// An ICMP error's quoted flow; the pre-DNAT flow of a deferred judgment.
+    other: CtKey,
+    value: CtValue,
+}
+
+#[map(name = "PA_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn scratch() -> Result<&'static mut Scratch, ()> {
+    let ptr = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: the slot of this CPU; programs do not nest on a CPU, so nothing else holds
+    // a reference to it while this run uses it.
+    Ok(unsafe { &mut *ptr })
+}
+
+/// Let the packet go on (and later tc programs, if any, see it).
+const PASS: i32 = TC_ACT_UNSPEC;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program; reading a
+    // field of `__sk_buff` through it is what the verifier allows for tc programs.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn endpoint(addr: &Addr) -> Option<EndpointValue> {
+    // SAFETY: the value is copied out at once; a concurrent update may at worst give a
+    // torn read of a value the agent is replacing, which the revision check then rejects.
+    unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
+    let timeout = if protocol == PROTO_TCP {
+        if ct.flags & CT_TCP_CLOSING != 0 {
+            CT_TIMEOUT_TCP_CLOSING_NS
+        } else {
+            CT_TIMEOUT_TCP_NS
+        }
+    } else {
+        CT_TIMEOUT_OTHER_NS
+    };
+    now.saturating_sub(ct.last_seen_ns) > timeout
+}
+
+/// The side of a tracked flow that local endpoint `ep` holds, judged again if the
+/// approval on record is not from `ep`'s current revision. `orig`: this packet travels in
+/// the flow's original direction; `ep_is_src`: `ep` sent it.
+#[inline(always)]
+fn established(
+    c: &mut CtValue,
+    key: &CtKey,
+    p: &Packet,
+    ep: &EndpointValue,
+    ep_is_src: bool,
+    orig: bool,
+    now: u64,
+) -> bool {
+    // `ep` originated the flow iff it sends in the original direction or receives a reply.
+    let ep_is_originator = ep_is_src == orig;
+    let ok = if ep_is_originator {
+        if c.src_rev == ep.revision
+            || (c.src_rev == 0 && c.flags & CT_VIA_SERVICE != 0 && ep_is_src)
+        {
+            true
+        } else {
+            // The originator's egress again, toward the backend it was judged against (or
+            // the plain destination).
+            let (remote, port) = if c.flags & CT_VIA_SERVICE != 0 && c.src_rev != 0 {
+                (c.nat_addr, c.nat_port)
+            } else if orig {
+                (p.dst, p.dport)
+            } else {
+                (p.src, p.sport)
+            };
+            let allowed = allows(
+                ep,
+                DIRECTION_EGRESS,
+                &remote,
+                key.protocol,
+                port,
+                p.l4 == L4::Ports,
+            );
+            if allowed {
+                c.src_rev = ep.revision;
+            }
+            allowed
+        }
+    } else if c.dst_rev == ep.revision {
+        true
+    } else {
+        // The destination's ingress from the originator, again.
+        let (remote, port) = if orig {
+            (p.src, p.dport)
+        } else {
+            (p.dst, p.sport)
+        };
+        let allowed = allows(
+            ep,
+            DIRECTION_INGRESS,
+            &remote,
+            key.protocol,
+            port,
+            p.l4 == L4::Ports,
+        );
+        if allowed {
+            c.dst_rev = ep.revision;
+        }
+        allowed
+    };
+    if ok {
+        c.last_seen_ns = now;
+        if p.tcp_flags & TCP_FIN != 0 {
+            c.flags |= CT_TCP_CLOSING;
+        }
+        if p.tcp_flags & TCP_RST != 0 {
+            let _ = CONNTRACK.remove(key);
+        }
+    }
+    ok
+}
+
+/// Writes the packet's flow key into `s.key` and looks it up: `Some(verdict)` if the flow
+/// is tracked and fresh. Returns whether the packet's source is the key's `lo` end too.
+#[inline(always)]
+fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (bool, Option<bool>) {
+    let p = &s.packet;
+    let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
+    let Some(ct) = CONNTRACK.get_ptr_mut(&s.key) else {
+        return (src_is_lo, None);
+    };
+    // SAFETY: `ct` points into a map value, valid for this program run; its fields are
+    // plain integers, so a racing writer can only make us judge again.
+    let c = unsafe { &mut *ct };
+    if expired(c, p.protocol, now) {
+        return (src_is_lo, None);
+    }
+    let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
+    (
+        src_is_lo,
+        Some(established(c, &s.key, p, ep, ep_is_src, orig, now)),
+    )
+}
+
+/// Tracks the flow in `s.key`.
+#[inline(always)]
+fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u16, now: u64) {
+    let v = &mut s.value;
+    v.last_seen_ns = now;
+    v.src_rev = src_rev;
+    v.dst_rev = dst_rev;
+    v.nat_addr = [0; 16];
+    v.nat_port = 0;
+    v.flags = flags | if src_is_lo { CT_ORIG_IS_LO } else { 0 };
+    v._pad = 0;
+    // A full LRU map evicts its oldest entry; a failure here only means the next packet
+    // is judged again.
+    let _ = CONNTRACK.insert(&s.key, &s.value, 0);
+}
+
+#[inline(always)]
+fn is_service(addr: &Addr) -> bool {
+    SERVICES
+        .get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
+        .is_some()
+}
+
+/// A local source's egress toward the post-DNAT destination, for a flow whose judgment
+/// waited for translation (`PENDING`). The revision it was approved under, or `None`.
+#[inline(always)]
+fn judge_deferred(s: &mut Scratch, src: &EndpointValue) -> Option<u32> {
+    let p = &s.packet;
+    if !allows(
+        src,
+        DIRECTION_EGRESS,
+        &p.dst,
+        p.protocol,
+        p.dport,
+        p.l4 == L4::Ports,
+    ) {
+        return None;
+    }
+    let pk = PendingKey {
+        addr: p.src,
+        port: p.sport,
+        protocol: p.protocol,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(pre) = unsafe { PENDING.get(&pk) } {
+        s.other = *pre;
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&s.other) {
+            // SAFETY: see `tracked`.
+            let c = unsafe { &mut *ct };
+            c.src_rev = src.revision;
+            c.nat_addr = p.dst;
+            c.nat_port = p.dport;
+        }
+        let _ = PENDING.remove(&pk);
+    }
+    Some(src.revision)
+}
+
+#[classifier]
+pub fn pod_egress(ctx: TcContext) -> i32 {
+    match try_pod_egress(&ctx) {
+        Ok(action) => action,
+        // Truncated or malformed: a pod has no business sending it.
+        Err(()) => DROP,
+    }
+}
+
+fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
+    let s = scratch()?;
+    if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
+        return Ok(PASS);
+    }
+    let len = ctx.len();
+    // Anti-spoofing: the source must be this veth's pod.
+    let ep = match endpoint(&s.packet.src) {
+        Some(ep) if ep.ifindex == ifindex(ctx) => ep,
+        _ => return Ok(DROP),
+    };
+    if s.packet.l4 == L4::Error && s.packet.related_tracked {
+        count(&ep, DIRECTION_EGRESS, true, len);
+        return Ok(PASS);
+    }
+    let now = now();
+    let (src_is_lo, known) = tracked(s, &ep, true, now);
+    if let Some(ok) = known {
+        count(&ep, DIRECTION_EGRESS, ok, len);
+        return Ok(if ok { PASS } else { DROP });
+    }
+    let p = &s.packet;
+    if p.l4 != L4::Error && is_service(&p.dst) {
+        // Judged after DNAT, against the backend; remember where the flow started.
+        let pk = PendingKey {
+            addr: p.src,
+            port: p.sport,
+            protocol: p.protocol,
+            _pad: 0,
+        };
+        track(s, src_is_lo, 0, CT_NOT_LOCAL, CT_VIA_SERVICE, now);
+        let _ = PENDING.insert(&pk, &s.key, 0);
+        count(&ep, DIRECTION_EGRESS, true, len);
+        return Ok(PASS);
+    }
+    if !allows(
+        &ep,
+        DIRECTION_EGRESS,
+        &p.dst,
+        p.protocol,
+        p.dport,
+        p.l4 == L4::Ports,
+    ) {
+        count(&ep, DIRECTION_EGRESS, false, len);
+        return Ok(DROP);
+    }
+    let dst_rev = if endpoint(&p.dst).is_some() {
+        0
+    } else {
+        CT_NOT_LOCAL
+    };
+    if p.l4 != L4::Echo || p.echo_request {
+        track(s, src_is_lo, ep.revision, dst_rev, 0, now);
+    }
+    count(&ep, DIRECTION_EGRESS, true, len);
+    Ok(PASS)
+}
+
+#[classifier]
+pub fn pod_ingress(ctx: TcContext) -> i32 {
+    match try_pod_ingress(&ctx) {
+        Ok(action) => action,
+        Err(()) => DROP,
+    }
+}
+
+fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
+    let s = scratch()?;
+    if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
+        return Ok(PASS);
+    }
+    let len = ctx.len();
+    let ep = match endpoint(&s.packet.dst) {
+        Some(ep) if ep.ifindex == ifindex(ctx) => ep,
+        // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
+        _ => return Ok(PASS),
+    };
+    if s.packet.l4 == L4::Error && s.packet.related_tracked {
+        count(&ep, DIRECTION_INGRESS, true, len);
+        return Ok(PASS);
+    }
+    let now = now();
+    let (src_is_lo, known) = tracked(s, &ep, false, now);
+    if let Some(ok) = known {
+        count(&ep, DIRECTION_INGRESS, ok, len);
+        return Ok(if ok { PASS } else { DROP });
+    }
+    // A new flow. A local source that sent it to a Service address had its egress
+    // judgment deferred to here, where the backend is known.
+    let mut src_rev = CT_NOT_LOCAL;
+    if let Some(src) = endpoint(&s.packet.src) {
+        match judge_deferred(s, &src) {
+            Some(rev) => src_rev = rev,
+            None => {
+                count(&src, DIRECTION_EGRESS, false, len);
+                return Ok(DROP);
+            }
+        }
+    }
+    let p = &s.packet;
+    if !allows(
+        &ep,
+        DIRECTION_INGRESS,
+        &p.src,
+        p.protocol,
+        p.dport,
+        p.l4 == L4::Ports,
+    ) {
+        count(&ep, DIRECTION_INGRESS, false, len);
+        return Ok(DROP);
+    }
+    if p.l4 != L4::Echo || p.echo_request {
+        track(s, src_is_lo, src_rev, ep.revision, 0, now);
+    }
+    count(&ep, DIRECTION_INGRESS, true, len);
+    Ok(PASS)
+}
+
+#[classifier]
+pub fn node_egress(ctx: TcContext) -> i32 {
+    // Packets this program cannot read are not a pod's: leave them alone.
+    try_node_egress(&ctx).unwrap_or(PASS)
+}
+
+fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
+    let s = scratch()?;
+    if !parse(ctx, &mut s.packet, &mut s.other)? || matches!(s.packet.l4, L4::Neighbor | L4::Error)
+    {
+        return Ok(PASS);
+    }
+    // Only traffic that still carries a local pod's address (not masqueraded).
+    let Some(ep) = endpoint(&s.packet.src) else {
+        return Ok(PASS);
+    };
+    let now = now();
+    let (src_is_lo, known) = tracked(s, &ep, true, now);
+    if let Some(ok) = known {
+        if !ok {
+            count(&ep, DIRECTION_EGRESS, false, ctx.len());
+        }
+        return Ok(if ok { PASS } else { DROP });
+    }
+    match judge_deferred(s, &ep) {
+        Some(rev) => {
+            if s.packet.l4 != L4::Echo || s.packet.echo_request {
+                track(s, src_is_lo, rev, CT_NOT_LOCAL, 0, now);
+            }
+            Ok(PASS)
+        }
+        None => {
+            count(&ep, DIRECTION_EGRESS, false, ctx.len());
+            Ok(DROP)
+        }
+    }
+}

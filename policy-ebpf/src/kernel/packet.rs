@@ -1,0 +1,297 @@
+//! Parsing: Ethernet (one VLAN tag), IPv4, IPv6 with a bounded walk of extension headers,
+//! then TCP/UDP/SCTP ports or ICMP/ICMPv6. Reads go through `bpf_skb_load_bytes`
+//! (`TcContext::load`), which is safe on non-linear packets and needs no verifier-visible
+//! bounds arithmetic.
+
+use aya_ebpf::programs::TcContext;
+use policy_ebpf::{Addr, CtKey};
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// What the L4 part is, for the verdict.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP, UDP or SCTP: ports are valid.
+    Ports,
+    /// ICMP/ICMPv6 echo: `sport` = `dport` = identifier (for connection tracking only).
+    Echo,
+    /// ICMP/ICMPv6 error; `related` is the flow the quoted packet belongs to.
+    Error,
+    /// IPv6 neighbour discovery and MLD: always passes.
+    Neighbor,
+    /// Anything else, and non-first fragments: no ports.
+    Other,
+}
+
+#[repr(C)]
+pub struct Packet {
+    pub src: Addr,
+    pub dst: Addr,
+    pub protocol: u8,
+    pub l4: L4,
+    pub tcp_flags: u8,
+    /// Host order.
+    pub sport: u16,
+    pub dport: u16,
+    /// For `L4::Error`: the quoted flow is tracked (looked up while parsing, so the
+    /// 40-byte key never sits on the stack beside the packet).
+    pub related_tracked: bool,
+    /// For `L4::Echo`: the packet is a request (else a reply).
+    pub echo_request: bool,
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    ctx.load::<T>(off).map_err(|_| ())
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+pub fn mapped_v4(a: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+/// Parses the packet at `ctx` into `p` (`quoted` is scratch space for an ICMP error's
+/// quoted flow). `Ok(false)`: not IP (ARP and the like), which passes. `Err`: truncated
+/// or malformed.
+#[inline(always)]
+pub fn parse(ctx: &TcContext, p: &mut Packet, quoted: &mut CtKey) -> Result<bool, ()> {
+    let mut l3 = 14usize;
+    let mut ethertype = be16(load(ctx, 12)?);
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(load(ctx, 16)?);
+        l3 = 18;
+    }
+    p.l4 = L4::Other;
+    p.tcp_flags = 0;
+    p.sport = 0;
+    p.dport = 0;
+    p.related_tracked = false;
+    p.echo_request = false;
+    match ethertype {
+        ETH_P_IP => parse_v4(ctx, l3, p, quoted).map(|_| true),
+        ETH_P_IPV6 => parse_v6(ctx, l3, p, quoted).map(|_| true),
+        _ => Ok(false),
+    }
+}
+
+#[inline(always)]
+fn is_tracked(key: &CtKey) -> bool {
+    super::CONNTRACK.get_ptr(key).is_some()
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> Result<(), ()> {
+    let hdr: [u8; 20] = load(ctx, l3)?;
+    if hdr[0] >> 4 != 4 {
+        return Err(());
+    }
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(());
+    }
+    let frag_off = be16([hdr[6], hdr[7]]) & 0x1fff;
+    p.src = mapped_v4([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    p.dst = mapped_v4([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    p.protocol = hdr[9];
+    if frag_off != 0 {
+        // A non-first fragment carries no L4 header.
+        return Ok(());
+    }
+    parse_l4(ctx, l3 + ihl, p, false, quoted)
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> Result<(), ()> {
+    let fixed: [u8; 8] = load(ctx, l3)?;
+    if fixed[0] >> 4 != 6 {
+        return Err(());
+    }
+    p.src = load(ctx, l3 + 8)?;
+    p.dst = load(ctx, l3 + 24)?;
+    p.protocol = fixed[6];
+    let mut off = l3 + 40;
+    // A bounded walk: hop-by-hop, routing, destination options, fragment, AH.
+    for _ in 0..6 {
+        match p.protocol {
+            0 | 43 | 60 => {
+                let h: [u8; 2] = load(ctx, off)?;
+                p.protocol = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            44 => {
+                let h: [u8; 4] = load(ctx, off)?;
+                p.protocol = h[0];
+                off += 8;
+                if be16([h[2], h[3]]) >> 3 != 0 {
+                    return Ok(());
+                }
+            }
+            51 => {
+                let h: [u8; 2] = load(ctx, off)?;
+                p.protocol = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            _ => break,
+        }
+    }
+    parse_l4(ctx, off, p, true, quoted)
+}
+
+#[inline(always)]
+fn parse_l4(
+    ctx: &TcContext,
+    l4: usize,
+    p: &mut Packet,
+    v6: bool,
+    quoted: &mut CtKey,
+) -> Result<(), ()> {
+    match p.protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            let ports: [u8; 4] = load(ctx, l4)?;
+            p.sport = be16([ports[0], ports[1]]);
+            p.dport = be16([ports[2], ports[3]]);
+            p.l4 = L4::Ports;
+            if p.protocol == PROTO_TCP {
+                p.tcp_flags = load(ctx, l4 + 13)?;
+            }
+        }
+        PROTO_ICMP if !v6 => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            match h[0] {
+                8 | 0 => {
+                    p.l4 = L4::Echo;
+                    p.echo_request = h[0] == 8;
+                    let id = be16([h[4], h[5]]);
+                    p.sport = id;
+                    p.dport = id;
+                }
+                3 | 11 | 12 => {
+                    p.l4 = L4::Error;
+                    p.related_tracked = quoted_v4(ctx, l4 + 8, quoted).unwrap_or(false);
+                }
+                _ => {}
+            }
+        }
+        PROTO_ICMPV6 if v6 => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            match h[0] {
+                128 | 129 => {
+                    p.l4 = L4::Echo;
+                    p.echo_request = h[0] == 128;
+                    let id = be16([h[4], h[5]]);
+                    p.sport = id;
+                    p.dport = id;
+                }
+                1..=4 => {
+                    p.l4 = L4::Error;
+                    p.related_tracked = quoted_v6(ctx, l4 + 8, quoted).unwrap_or(false);
+                }
+                130..=137 | 143 => p.l4 = L4::Neighbor,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether the flow of the packet an ICMP error quotes is tracked.
+#[inline(always)]
+fn quoted_v4(ctx: &TcContext, off: usize, key: &mut CtKey) -> Result<bool, ()> {
+    let hdr: [u8; 20] = load(ctx, off)?;
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    let proto = hdr[9];
+    let (sport, dport) = quoted_ports(ctx, off + ihl, proto)?;
+    let src = mapped_v4([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    let dst = mapped_v4([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    ct_key(key, &src, sport, &dst, dport, proto);
+    Ok(is_tracked(key))
+}
+
+#[inline(always)]
+fn quoted_v6(ctx: &TcContext, off: usize, key: &mut CtKey) -> Result<bool, ()> {
+    let fixed: [u8; 8] = load(ctx, off)?;
+    let src: Addr = load(ctx, off + 8)?;
+    let dst: Addr = load(ctx, off + 24)?;
+    let proto = fixed[6];
+    let (sport, dport) = quoted_ports(ctx, off + 40, proto)?;
+    ct_key(key, &src, sport, &dst, dport, proto);
+    Ok(is_tracked(key))
+}
+
+#[inline(always)]
+fn quoted_ports(ctx: &TcContext, off: usize, proto: u8) -> Result<(u16, u16), ()> {
+    match proto {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            let ports: [u8; 4] = load(ctx, off)?;
+            Ok((be16([ports[0], ports[1]]), be16([ports[2], ports[3]])))
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let h: [u8; 8] = load(ctx, off)?;
+            let id = be16([h[4], h[5]]);
+            Ok((id, id))
+        }
+        _ => Err(()),
+    }
+}
+
+/// Whether end `(a, ap)` sorts before `(b, bp)`: any fixed total order works, as long as
+/// both directions of a flow agree.
+#[inline(always)]
+fn before(a: &Addr, ap: u16, b: &Addr, bp: u16) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return a[i] < b[i];
+        }
+        i += 1;
+    }
+    ap <= bp
+}
+
+/// Writes the canonical connection-tracking key of a flow into `key`; returns whether
+/// `(src, sport)` is the `lo` end.
+#[inline(always)]
+pub fn ct_key(
+    key: &mut CtKey,
+    src: &Addr,
+    sport: u16,
+    dst: &Addr,
+    dport: u16,
+    protocol: u8,
+) -> bool {
+    let src_is_lo = before(src, sport, dst, dport);
+    if src_is_lo {
+        key.lo_addr = *src;
+        key.hi_addr = *dst;
+        key.lo_port = sport;
+        key.hi_port = dport;
+    } else {
+        key.lo_addr = *dst;
+        key.hi_addr = *src;
+        key.lo_port = dport;
+        key.hi_port = sport;
+    }
+    key.protocol = protocol;
+    key._pad = [0; 3];
+    src_is_lo
+}

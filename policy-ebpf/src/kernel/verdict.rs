@@ -1,0 +1,80 @@
+//! The table lookups: at most two per new flow (peer prefix, then port), whatever the
+//! number of rules.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use policy_ebpf::*;
+
+use super::{COUNTERS, PEERS, PORTS};
+
+/// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
+/// `direction`, for `protocol`/`port` (`has_ports` false: only "all traffic" entries).
+#[inline(always)]
+pub fn allows(
+    ep: &EndpointValue,
+    direction: u32,
+    remote: &Addr,
+    protocol: u8,
+    port: u16,
+    has_ports: bool,
+) -> bool {
+    if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
+        return false;
+    }
+    let isolated = if direction == DIRECTION_INGRESS {
+        ENDPOINT_INGRESS_ISOLATED
+    } else {
+        ENDPOINT_EGRESS_ISOLATED
+    };
+    if ep.flags & isolated == 0 {
+        return true;
+    }
+    let table = table_id(ep.revision, direction);
+    let key = Key::new(
+        PEER_KEY_FIXED_BITS + 128,
+        PeerKey {
+            endpoint: ep.id,
+            table,
+            addr: *remote,
+        },
+    );
+    let (port_set, flags) = match PEERS.get(&key) {
+        Some(v) => (v.port_set, v.flags),
+        None => return false,
+    };
+    if flags & PEER_ALL != 0 {
+        return true;
+    }
+    if !has_ports {
+        return false;
+    }
+    let key = Key::new(
+        PORT_KEY_FIXED_BITS + 16,
+        PortKey {
+            endpoint: ep.id,
+            table,
+            port_set,
+            protocol,
+            _pad: 0,
+            port: port.to_be_bytes(),
+        },
+    );
+    PORTS.get(&key).is_some()
+}
+
+/// Adds a packet to the endpoint's per-CPU counters.
+#[inline(always)]
+pub fn count(ep: &EndpointValue, direction: u32, allowed: bool, bytes: u32) {
+    let index = ep.id.wrapping_mul(2).wrapping_add(direction);
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not
+        // re-entered on this CPU while it runs.
+        let c = unsafe { &mut *c };
+        if allowed {
+            c.allowed_packets += 1;
+            c.allowed_bytes += bytes as u64;
+        } else {
+            c.denied_packets += 1;
+            c.denied_bytes += bytes as u64;
+        }
+    }
+}
