@@ -4,12 +4,7 @@
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "policy-ebpf",
-            root_dir: root,
-            no_default_features: false,
-            features: &["ebpf"],
-        }],
+        [aya_build::Package { name: "policy-ebpf", root_dir: root, no_default_features: false, features: &["ebpf"] }],
         aya_build::Toolchain::default(),
     )
 }

@@ -76,59 +76,39 @@ pub struct Reachability {
 #[derive(Debug, thiserror::Error)]
 pub enum CaseError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: not a case file: {source}")]
-    Parse {
-        path: String,
-        source: serde_yaml_ng::Error,
-    },
+    Parse { path: String, source: serde_yaml_ng::Error },
     #[error("{0}")]
     Invalid(String),
 }
 
-pub const DEFAULT_PODS: [&str; 9] = [
-    "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
-];
+pub const DEFAULT_PODS: [&str; 9] = ["x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"];
 
 impl Case {
     pub fn load(path: &Path) -> Result<Case, CaseError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CaseError::Read {
-            path: p.clone(),
-            source,
-        })?;
-        let case: Case = serde_yaml_ng::from_str(&text).map_err(|source| CaseError::Parse {
-            path: p.clone(),
-            source,
-        })?;
-        case.validate()
-            .map_err(|e| CaseError::Invalid(format!("{p}: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|source| CaseError::Read { path: p.clone(), source })?;
+        let case: Case = serde_yaml_ng::from_str(&text).map_err(|source| CaseError::Parse { path: p.clone(), source })?;
+        case.validate().map_err(|e| CaseError::Invalid(format!("{p}: {e}")))?;
         Ok(case)
     }
 
     pub fn pod_names(&self) -> Vec<String> {
-        self.pods
-            .clone()
-            .unwrap_or_else(|| DEFAULT_PODS.iter().map(|s| s.to_string()).collect())
+        self.pods.clone().unwrap_or_else(|| DEFAULT_PODS.iter().map(|s| s.to_string()).collect())
     }
 
     fn validate(&self) -> Result<(), String> {
         let pods = self.pod_names();
         for p in &pods {
-            let ok = p
-                .split_once('/')
-                .is_some_and(|(ns, name)| ["x", "y", "z"].contains(&ns) && !name.is_empty());
+            let ok = p.split_once('/').is_some_and(|(ns, name)| ["x", "y", "z"].contains(&ns) && !name.is_empty());
             if !ok {
                 return Err(format!("pod {p:?}: expected x|y|z/NAME"));
             }
         }
         for (i, step) in self.steps.iter().enumerate() {
             for (j, probe) in step.probes.iter().enumerate() {
-                let r = Reachability::parse(&probe.expect)
-                    .map_err(|e| format!("steps[{i}].probes[{j}].expect: {e}"))?;
+                let r = Reachability::parse(&probe.expect).map_err(|e| format!("steps[{i}].probes[{j}].expect: {e}"))?;
                 if r.pods != pods {
                     return Err(format!(
                         "steps[{i}].probes[{j}].expect: header {:?} does not list the case's pods {:?} in order",
@@ -145,11 +125,7 @@ impl Reachability {
     /// Parses the text form: a header `- p1 p2 ...`, then one row per client.
     pub fn parse(text: &str) -> Result<Reachability, String> {
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-        let header: Vec<&str> = lines
-            .next()
-            .ok_or("empty matrix")?
-            .split_whitespace()
-            .collect();
+        let header: Vec<&str> = lines.next().ok_or("empty matrix")?.split_whitespace().collect();
         if header.first() != Some(&"-") {
             return Err("the header must start with `-`".into());
         }
@@ -157,21 +133,12 @@ impl Reachability {
         let mut cells = Vec::new();
         for (i, line) in lines.enumerate() {
             let row: Vec<&str> = line.split_whitespace().collect();
-            let expected_pod = pods
-                .get(i)
-                .ok_or_else(|| format!("more rows than columns at {line:?}"))?;
+            let expected_pod = pods.get(i).ok_or_else(|| format!("more rows than columns at {line:?}"))?;
             if row.first() != Some(&expected_pod.as_str()) {
-                return Err(format!(
-                    "row {} must start with {expected_pod}, found {line:?}",
-                    i + 1
-                ));
+                return Err(format!("row {} must start with {expected_pod}, found {line:?}", i + 1));
             }
             if row.len() != pods.len() + 1 {
-                return Err(format!(
-                    "row {expected_pod} has {} cells, expected {}",
-                    row.len() - 1,
-                    pods.len()
-                ));
+                return Err(format!("row {expected_pod} has {} cells, expected {}", row.len() - 1, pods.len()));
             }
             let parsed: Result<Vec<Expect>, String> = row[1..]
                 .iter()
@@ -179,9 +146,7 @@ impl Reachability {
                     "." => Ok(Expect::Connected),
                     "X" => Ok(Expect::Blocked),
                     "-" => Ok(Expect::Unchecked),
-                    other => Err(format!(
-                        "cell {other:?} in row {expected_pod}: expected `.`, `X` or `-`"
-                    )),
+                    other => Err(format!("cell {other:?} in row {expected_pod}: expected `.`, `X` or `-`")),
                 })
                 .collect();
             cells.push(parsed?);
@@ -195,24 +160,9 @@ impl Reachability {
     /// The text form, aligned.
     pub fn render(&self) -> Vec<String> {
         let w = self.pods.iter().map(String::len).max().unwrap_or(1);
-        let mut out = vec![format!(
-            "{:w$} {}",
-            "-",
-            self.pods
-                .iter()
-                .map(|p| format!("{p:w$}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        )];
+        let mut out = vec![format!("{:w$} {}", "-", self.pods.iter().map(|p| format!("{p:w$}")).collect::<Vec<_>>().join(" "))];
         for (i, from) in self.pods.iter().enumerate() {
-            out.push(format!(
-                "{from:w$} {}",
-                self.cells[i]
-                    .iter()
-                    .map(|c| format!("{:w$}", c.mark()))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ));
+            out.push(format!("{from:w$} {}", self.cells[i].iter().map(|c| format!("{:w$}", c.mark())).collect::<Vec<_>>().join(" ")));
         }
         out
     }

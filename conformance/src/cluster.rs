@@ -22,10 +22,7 @@ pub enum Families {
 
 impl Families {
     pub fn has(self, f: Family) -> bool {
-        matches!(
-            (self, f),
-            (Families::Dual, _) | (Families::Ipv4, Family::Ipv4) | (Families::Ipv6, Family::Ipv6)
-        )
+        matches!((self, f), (Families::Dual, _) | (Families::Ipv4, Family::Ipv4) | (Families::Ipv6, Family::Ipv6))
     }
 
     /// The family probes use: upstream probes a Service ClusterIP, and a Service is
@@ -59,10 +56,7 @@ impl PodSpec {
     }
 
     pub fn ip(&self, family: Family) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .copied()
-            .find(|ip| Family::of(*ip) == family)
+        self.ips.iter().copied().find(|ip| Family::of(*ip) == family)
     }
 
     /// The Pod manifest, with `status.podIPs` and the upstream container port names.
@@ -93,9 +87,7 @@ pub fn namespace_manifest(name: &str, labels: &BTreeMap<String, String>) -> Valu
 pub fn pod_address(family: Family, node: usize, index: usize) -> IpAddr {
     match family {
         Family::Ipv4 => format!("10.244.{node}.{}", 10 + index).parse().unwrap(),
-        Family::Ipv6 => format!("fd10:244:0:{node}::{:x}", 10 + index)
-            .parse()
-            .unwrap(),
+        Family::Ipv6 => format!("fd10:244:0:{node}::{:x}", 10 + index).parse().unwrap(),
     }
 }
 
@@ -107,11 +99,7 @@ pub fn make_pods(names: &[String], families: Families, nodes: usize) -> Vec<PodS
         .map(|(i, key)| {
             let (ns, name) = key.split_once('/').expect("validated ns/pod");
             let node = i % nodes.max(1);
-            let ips = [Family::Ipv4, Family::Ipv6]
-                .into_iter()
-                .filter(|f| families.has(*f))
-                .map(|f| pod_address(f, node, i))
-                .collect();
+            let ips = [Family::Ipv4, Family::Ipv6].into_iter().filter(|f| families.has(*f)).map(|f| pod_address(f, node, i)).collect();
             PodSpec {
                 namespace: ns.to_string(),
                 name: name.to_string(),
@@ -131,38 +119,23 @@ pub struct PlaceholderError {
 }
 
 /// Expands `${ip:ns/pod}`, `${host:ns/pod}` and `${net:ns/pod:N}` in every string of `v`.
-pub fn expand_placeholders(
-    v: &mut Value,
-    pods: &[PodSpec],
-    family: Family,
-) -> Result<(), PlaceholderError> {
+pub fn expand_placeholders(v: &mut Value, pods: &[PodSpec], family: Family) -> Result<(), PlaceholderError> {
     match v {
         Value::String(s) => {
             while let Some(start) = s.find("${") {
-                let end =
-                    s[start..]
-                        .find('}')
-                        .map(|e| start + e)
-                        .ok_or_else(|| PlaceholderError {
-                            placeholder: s.clone(),
-                            message: "unterminated".into(),
-                        })?;
+                let end = s[start..]
+                    .find('}')
+                    .map(|e| start + e)
+                    .ok_or_else(|| PlaceholderError { placeholder: s.clone(), message: "unterminated".into() })?;
                 let inner = &s[start + 2..end];
-                let replacement =
-                    expand_one(inner, pods, family).map_err(|message| PlaceholderError {
-                        placeholder: format!("${{{inner}}}"),
-                        message,
-                    })?;
+                let replacement = expand_one(inner, pods, family)
+                    .map_err(|message| PlaceholderError { placeholder: format!("${{{inner}}}"), message })?;
                 s.replace_range(start..=end, &replacement);
             }
             Ok(())
         }
-        Value::Array(a) => a
-            .iter_mut()
-            .try_for_each(|x| expand_placeholders(x, pods, family)),
-        Value::Object(o) => o
-            .values_mut()
-            .try_for_each(|x| expand_placeholders(x, pods, family)),
+        Value::Array(a) => a.iter_mut().try_for_each(|x| expand_placeholders(x, pods, family)),
+        Value::Object(o) => o.values_mut().try_for_each(|x| expand_placeholders(x, pods, family)),
         _ => Ok(()),
     }
 }
@@ -172,24 +145,13 @@ fn expand_one(inner: &str, pods: &[PodSpec], family: Family) -> Result<String, S
     let (pod_key, len) = match kind {
         "net" => {
             let (p, n) = rest.rsplit_once(':').ok_or("expected net:ns/pod:N")?;
-            (
-                p,
-                Some(
-                    n.parse::<u8>()
-                        .map_err(|_| format!("bad prefix length {n:?}"))?,
-                ),
-            )
+            (p, Some(n.parse::<u8>().map_err(|_| format!("bad prefix length {n:?}"))?))
         }
         "ip" | "host" => (rest, None),
         other => return Err(format!("unknown placeholder kind {other:?}")),
     };
-    let pod = pods
-        .iter()
-        .find(|p| p.key() == pod_key)
-        .ok_or_else(|| format!("no pod {pod_key} in this case"))?;
-    let ip = pod
-        .ip(family)
-        .ok_or_else(|| format!("{pod_key} has no {family} address"))?;
+    let pod = pods.iter().find(|p| p.key() == pod_key).ok_or_else(|| format!("no pod {pod_key} in this case"))?;
+    let ip = pod.ip(family).ok_or_else(|| format!("{pod_key} has no {family} address"))?;
     Ok(match (kind, len) {
         ("ip", _) => ip.to_string(),
         ("host", _) => Prefix::host(ip).to_string(),

@@ -10,9 +10,7 @@ use policy_model::ObjectKey;
 use serde_json::Value;
 
 use crate::case::{Case, Expect, Reachability};
-use crate::cluster::{
-    Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest,
-};
+use crate::cluster::{Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest};
 
 /// The outcome of one probe.
 #[derive(Debug, Clone)]
@@ -45,12 +43,7 @@ impl CaseOutcome {
             out.push_str(&format!("  error: {e}\n"));
         }
         for p in self.probes.iter().filter(|p| !p.wrong.is_empty()) {
-            out.push_str(&format!(
-                "  step {} probe {}: {} wrong cell(s)\n",
-                p.step + 1,
-                p.probe,
-                p.wrong.len()
-            ));
+            out.push_str(&format!("  step {} probe {}: {} wrong cell(s)\n", p.step + 1, p.probe, p.wrong.len()));
             let exp = p.expected.render();
             let obs = p.observed.render();
             let w = exp.iter().map(String::len).max().unwrap_or(0);
@@ -74,36 +67,21 @@ impl ModelCluster {
     fn manifests(&self) -> Manifests {
         let mut m = Manifests::default();
         for (ns, labels) in &self.namespace_labels {
-            m.add_value(
-                "namespaces",
-                serde_yaml_ng::to_value(namespace_manifest(ns, labels)).expect("json to yaml"),
-            );
+            m.add_value("namespaces", serde_yaml_ng::to_value(namespace_manifest(ns, labels)).expect("json to yaml"));
         }
         for p in &self.pods {
-            m.add_value(
-                &format!("pod {}", p.key()),
-                serde_yaml_ng::to_value(p.manifest()).expect("json to yaml"),
-            );
+            m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest()).expect("json to yaml"));
         }
         for (k, v) in &self.policies {
-            m.add_value(
-                &format!("policy {k}"),
-                serde_yaml_ng::to_value(v).expect("json to yaml"),
-            );
+            m.add_value(&format!("policy {k}"), serde_yaml_ng::to_value(v).expect("json to yaml"));
         }
         m
     }
 }
 
 fn policy_key(v: &Value) -> Result<ObjectKey, String> {
-    let ns = v
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .ok_or("policy without metadata.namespace")?;
-    let name = v
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .ok_or("policy without metadata.name")?;
+    let ns = v.pointer("/metadata/namespace").and_then(Value::as_str).ok_or("policy without metadata.namespace")?;
+    let name = v.pointer("/metadata/name").and_then(Value::as_str).ok_or("policy without metadata.name")?;
     Ok(ObjectKey::new(ns, name))
 }
 
@@ -123,18 +101,11 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
     let names = case.pod_names();
     let mut cluster = ModelCluster {
         pods: make_pods(&names, families, 1),
-        namespace_labels: NAMESPACES
-            .iter()
-            .map(|n| (n.to_string(), BTreeMap::new()))
-            .collect(),
+        namespace_labels: NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect(),
         policies: BTreeMap::new(),
     };
     let keys: Vec<ObjectKey> = names.iter().filter_map(|n| ObjectKey::parse(n)).collect();
-    let mut outcome = CaseOutcome {
-        name: case.name.clone(),
-        probes: Vec::new(),
-        errors: Vec::new(),
-    };
+    let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
 
     for (si, step) in case.steps.iter().enumerate() {
         for (verb, list) in [("apply", &step.apply), ("update", &step.update)] {
@@ -148,10 +119,7 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
                     Ok(k) => {
                         let exists = cluster.policies.contains_key(&k);
                         if verb == "update" && !exists {
-                            outcome.errors.push(format!(
-                                "step {}: update of {k}, which does not exist",
-                                si + 1
-                            ));
+                            outcome.errors.push(format!("step {}: update of {k}, which does not exist", si + 1));
                         }
                         cluster.policies.insert(k, v);
                     }
@@ -162,48 +130,28 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         for d in &step.delete {
             match ObjectKey::parse(d) {
                 Some(k) if cluster.policies.remove(&k).is_some() => {}
-                _ => outcome
-                    .errors
-                    .push(format!("step {}: delete {d}: no such policy", si + 1)),
+                _ => outcome.errors.push(format!("step {}: delete {d}: no such policy", si + 1)),
             }
         }
         for (ns, changes) in &step.label_namespace {
-            merge(
-                cluster.namespace_labels.entry(ns.clone()).or_default(),
-                changes,
-            );
+            merge(cluster.namespace_labels.entry(ns.clone()).or_default(), changes);
         }
         for (pod, changes) in &step.label_pod {
             match cluster.pods.iter_mut().find(|p| &p.key() == pod) {
                 Some(p) => merge(&mut p.labels, changes),
-                None => outcome
-                    .errors
-                    .push(format!("step {}: labelPod {pod}: no such pod", si + 1)),
+                None => outcome.errors.push(format!("step {}: labelPod {pod}: no such pod", si + 1)),
             }
         }
 
         let (state, errors) = cluster.manifests().state();
-        outcome
-            .errors
-            .extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
+        outcome.errors.extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
 
         for spec in &step.probes {
-            let expected =
-                Reachability::parse(&spec.expect).expect("validated when the case was loaded");
-            let probe = Probe {
-                port: spec.port,
-                protocol: spec.protocol,
-            };
+            let expected = Reachability::parse(&spec.expect).expect("validated when the case was loaded");
+            let probe = Probe { port: spec.port, protocol: spec.protocol };
             let m = compute(&state, &[probe], Some(&keys));
-            outcome.errors.extend(
-                m.disagreements
-                    .iter()
-                    .map(|d| format!("step {}: internal: {d}", si + 1)),
-            );
-            let mut observed = Reachability {
-                pods: expected.pods.clone(),
-                cells: Vec::new(),
-            };
+            outcome.errors.extend(m.disagreements.iter().map(|d| format!("step {}: internal: {d}", si + 1)));
+            let mut observed = Reachability { pods: expected.pods.clone(), cells: Vec::new() };
             let mut wrong = Vec::new();
             for (i, from) in expected.pods.iter().enumerate() {
                 let mut row = Vec::new();
@@ -215,11 +163,7 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
                         _ => Expect::Unchecked,
                     };
                     let want = expected.cells[i][j];
-                    let shown = if want == Expect::Unchecked {
-                        Expect::Unchecked
-                    } else {
-                        cell
-                    };
+                    let shown = if want == Expect::Unchecked { Expect::Unchecked } else { cell };
                     if want != Expect::Unchecked && cell != want {
                         wrong.push((from.clone(), to.clone()));
                     }
@@ -227,13 +171,7 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
                 }
                 observed.cells.push(row);
             }
-            outcome.probes.push(ProbeOutcome {
-                step: si,
-                probe,
-                expected,
-                observed,
-                wrong,
-            });
+            outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
         }
     }
     outcome

@@ -21,15 +21,10 @@ pub enum NetnsError {
 
 /// Runs a command (in the current network namespace) and fails with its stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String, NetnsError> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| NetnsError::Command {
-            command: format!("{program} {}", args.join(" ")),
-            message: format!(
-                "cannot run {program}: {e} (is it installed? scripts/setup.sh installs it)"
-            ),
-        })?;
+    let out = Command::new(program).args(args).output().map_err(|e| NetnsError::Command {
+        command: format!("{program} {}", args.join(" ")),
+        message: format!("cannot run {program}: {e} (is it installed? scripts/setup.sh installs it)"),
+    })?;
     if !out.status.success() {
         return Err(NetnsError::Command {
             command: format!("{program} {}", args.join(" ")),
@@ -57,9 +52,7 @@ impl Netns {
     /// Creates `name` (fails if it exists), with loopback up.
     pub fn create(name: &str) -> Result<Netns, NetnsError> {
         run("ip", &["netns", "add", name])?;
-        let ns = Netns {
-            name: name.to_string(),
-        };
+        let ns = Netns { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -83,48 +76,28 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
-            .map(|_| ())
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
     }
 
     /// Enters this namespace on the current thread (for threads made to live in it).
     pub fn enter(&self) -> Result<(), NetnsError> {
-        let f = File::open(format!("/run/netns/{}", self.name)).map_err(|source| {
-            NetnsError::Enter {
-                name: self.name.clone(),
-                source,
-            }
-        })?;
-        setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| NetnsError::Enter {
-            name: self.name.clone(),
-            source: io::Error::from(e),
-        })
+        let f = File::open(format!("/run/netns/{}", self.name)).map_err(|source| NetnsError::Enter { name: self.name.clone(), source })?;
+        setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| NetnsError::Enter { name: self.name.clone(), source: io::Error::from(e) })
     }
 
     /// Runs `f` in this namespace, on a thread of its own, and returns what it returns.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, NetnsError> {
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
         let h = self.spawn(f)?;
         Ok(h.join().expect("thread in network namespace panicked"))
     }
 
     /// Starts `f` in this namespace on a new thread.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<std::thread::JoinHandle<T>, NetnsError> {
-        let file = File::open(format!("/run/netns/{}", self.name)).map_err(|source| {
-            NetnsError::Enter {
-                name: self.name.clone(),
-                source,
-            }
-        })?;
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<std::thread::JoinHandle<T>, NetnsError> {
+        let file =
+            File::open(format!("/run/netns/{}", self.name)).map_err(|source| NetnsError::Enter { name: self.name.clone(), source })?;
         let name = self.name.clone();
         Ok(std::thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("entering network namespace {name}: {e}"));
+            setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("entering network namespace {name}: {e}"));
             f()
         }))
     }

@@ -10,11 +10,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use policy_agent::datapath::{Enforcer, MapSizes, PodInterface, SyncReport};
+use policy_ebpf::Counters;
 use policy_model::{Change, Namespace, Node, NodeCompiler, ObjectKey, Pod, Prefix, Protocol};
 
 use crate::netns::{NetnsError, unique};
 use crate::topology::{NodeNet, PodNet};
-use crate::traffic::{Servers, probe, serve};
+use crate::traffic::{Servers, probe, probe_tcp_from, serve};
 
 pub const NODE: &str = "node-1";
 pub const NODE_V4: &str = "10.250.0.1";
@@ -24,6 +25,7 @@ enum Command {
     Apply(Vec<Change>, mpsc::Sender<Result<SyncReport, String>>),
     Services(Vec<Prefix>, mpsc::Sender<Result<(), String>>),
     AttachNodeDevices(Vec<String>, mpsc::Sender<Result<(), String>>),
+    Counters(ObjectKey, mpsc::Sender<Option<[Counters; 2]>>),
     /// Stop, leaving the pins (and so enforcement) in place.
     Exit,
 }
@@ -39,6 +41,7 @@ pub struct Rig {
     pub pin_dir: PathBuf,
     agent: Option<(mpsc::Sender<Command>, JoinHandle<()>)>,
     interfaces: BTreeMap<ObjectKey, PodInterface>,
+    sizes: MapSizes,
     /// Everything applied so far, to replay into a restarted agent.
     history: Vec<Change>,
 }
@@ -51,21 +54,19 @@ pub enum RigError {
     Agent(String),
 }
 
+/// Map sizes for tests: small, so many rigs fit in memory at once.
+pub fn test_sizes() -> MapSizes {
+    MapSizes { peer_entries: 65_536, port_entries: 16_384, conntrack: 16_384, ..MapSizes::default() }
+}
+
 fn agent_loop(
     pin_dir: PathBuf,
+    sizes: MapSizes,
     interfaces: BTreeMap<ObjectKey, PodInterface>,
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
-    let mut enforcer = match Enforcer::new(
-        &pin_dir,
-        MapSizes {
-            peer_entries: 65_536,
-            port_entries: 16_384,
-            conntrack: 16_384,
-            ..MapSizes::default()
-        },
-    ) {
+    let mut enforcer = match Enforcer::new(&pin_dir, sizes) {
         Ok(e) => {
             let _ = ready.send(Ok(()));
             e
@@ -83,22 +84,18 @@ fn agent_loop(
                 let r = compiler.apply(changes);
                 let rejected: Vec<String> = r.rejected.iter().map(|e| e.to_string()).collect();
                 let report = enforcer.reconcile(&compiler, &lookup);
-                let _ = reply.send(if rejected.is_empty() {
-                    Ok(report)
-                } else {
-                    Err(rejected.join("; "))
-                });
+                let _ = reply.send(if rejected.is_empty() { Ok(report) } else { Err(rejected.join("; ")) });
             }
             Command::Services(p, reply) => {
                 let _ = reply.send(enforcer.set_services(&p));
             }
             Command::AttachNodeDevices(names, reply) => {
                 let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                let _ = reply.send(
-                    enforcer
-                        .attach_node_devices(&refs)
-                        .map_err(|e| e.to_string()),
-                );
+                let _ = reply.send(enforcer.attach_node_devices(&refs).map_err(|e| e.to_string()));
+            }
+            Command::Counters(pod, reply) => {
+                let c = enforcer.sync.id_and_revision(&pod).map(|(id, _)| enforcer.datapath.counters(id));
+                let _ = reply.send(c);
             }
             Command::Exit => return,
         }
@@ -109,55 +106,30 @@ impl Rig {
     /// A node with `pods` (each gets a namespace, a veth and servers on 80 and 81), and the
     /// agent enforcing on it. Namespaces and pods go to the model first.
     pub fn new(pods: Vec<Pod>) -> Result<Rig, RigError> {
-        let node = NodeNet::create(
-            &unique("pan"),
-            NODE,
-            &[NODE_V4.parse().unwrap(), NODE_V6.parse().unwrap()],
-        )?;
+        Rig::with_sizes(pods, test_sizes())
+    }
+
+    /// [`Rig::new`] with chosen map sizes.
+    pub fn with_sizes(pods: Vec<Pod>, sizes: MapSizes) -> Result<Rig, RigError> {
+        let node = NodeNet::create(&unique("pan"), NODE, &[NODE_V4.parse().unwrap(), NODE_V6.parse().unwrap()])?;
         let mut rig_pods = BTreeMap::new();
         let mut interfaces = BTreeMap::new();
         for (i, pod) in pods.iter().enumerate() {
             let veth = format!("pv{i}");
             let net = node.add_pod(&unique("pap"), &veth, &pod.ips)?;
             let servers = serve(&net.ns, &[80, 81])?;
-            interfaces.insert(
-                pod.key.clone(),
-                PodInterface {
-                    name: veth.clone(),
-                    ifindex: node.ifindex(&veth)?,
-                },
-            );
-            rig_pods.insert(
-                pod.key.clone(),
-                RigPod {
-                    net,
-                    _servers: servers,
-                },
-            );
+            interfaces.insert(pod.key.clone(), PodInterface { name: veth.clone(), ifindex: node.ifindex(&veth)? });
+            rig_pods.insert(pod.key.clone(), RigPod { net, _servers: servers });
         }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("pa-test-")));
-        let mut rig = Rig {
-            node,
-            pods: rig_pods,
-            pin_dir,
-            agent: None,
-            interfaces,
-            history: Vec::new(),
-        };
+        let mut rig = Rig { node, pods: rig_pods, pin_dir, agent: None, interfaces, sizes, history: Vec::new() };
         rig.start_agent()?;
         let mut changes: Vec<Change> = Vec::new();
         let mut namespaces: Vec<String> = pods.iter().map(|p| p.key.namespace.clone()).collect();
         namespaces.sort();
         namespaces.dedup();
-        changes.extend(
-            namespaces
-                .into_iter()
-                .map(|n| Change::UpsertNamespace(Namespace::new(n, Default::default()))),
-        );
-        changes.push(Change::UpsertNode(Node {
-            name: NODE.into(),
-            addresses: vec![NODE_V4.parse().unwrap(), NODE_V6.parse().unwrap()],
-        }));
+        changes.extend(namespaces.into_iter().map(|n| Change::UpsertNamespace(Namespace::new(n, Default::default()))));
+        changes.push(Change::UpsertNode(Node { name: NODE.into(), addresses: vec![NODE_V4.parse().unwrap(), NODE_V6.parse().unwrap()] }));
         changes.extend(pods.into_iter().map(Change::UpsertPod));
         rig.apply(changes)?;
         Ok(rig)
@@ -169,14 +141,9 @@ impl Rig {
         let (ready_tx, ready_rx) = mpsc::channel();
         let pin = self.pin_dir.clone();
         let ifs = self.interfaces.clone();
-        let h = self
-            .node
-            .ns
-            .spawn(move || agent_loop(pin, ifs, rx, ready_tx))?;
-        ready_rx
-            .recv()
-            .map_err(|e| RigError::Agent(e.to_string()))?
-            .map_err(RigError::Agent)?;
+        let sizes = self.sizes;
+        let h = self.node.ns.spawn(move || agent_loop(pin, sizes, ifs, rx, ready_tx))?;
+        ready_rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)?;
         self.agent = Some((tx, h));
         if !self.history.is_empty() {
             let replay = self.history.clone();
@@ -194,21 +161,13 @@ impl Rig {
     }
 
     fn sender(&self) -> Result<&mpsc::Sender<Command>, RigError> {
-        self.agent
-            .as_ref()
-            .map(|(tx, _)| tx)
-            .ok_or_else(|| RigError::Agent("not running".into()))
+        self.agent.as_ref().map(|(tx, _)| tx).ok_or_else(|| RigError::Agent("not running".into()))
     }
 
     fn send_apply(&self, changes: Vec<Change>) -> Result<SyncReport, RigError> {
         let (tx, rx) = mpsc::channel();
-        self.sender()?
-            .send(Command::Apply(changes, tx))
-            .map_err(|e| RigError::Agent(e.to_string()))?;
-        let report = rx
-            .recv()
-            .map_err(|e| RigError::Agent(e.to_string()))?
-            .map_err(RigError::Agent)?;
+        self.sender()?.send(Command::Apply(changes, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
+        let report = rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)?;
         if !report.errors.is_empty() {
             return Err(RigError::Agent(report.errors.join("; ")));
         }
@@ -221,33 +180,58 @@ impl Rig {
         self.send_apply(changes)
     }
 
+    /// Like [`Rig::apply`], but returns the sync report even when it holds errors.
+    pub fn apply_report(&mut self, changes: Vec<Change>) -> Result<SyncReport, RigError> {
+        self.history.extend(changes.iter().cloned());
+        let (tx, rx) = mpsc::channel();
+        self.sender()?.send(Command::Apply(changes, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
+        rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
+    }
+
+    /// A pod's counters: [ingress, egress], summed over CPUs.
+    pub fn counters(&self, pod: &str) -> Option<[Counters; 2]> {
+        let (tx, rx) = mpsc::channel();
+        self.sender().ok()?.send(Command::Counters(ObjectKey::parse(pod)?, tx)).ok()?;
+        rx.recv().ok()?
+    }
+
+    /// A TCP probe from the node itself (its own addresses).
+    pub fn probe_from_node(&self, dst: IpAddr, port: u16) -> bool {
+        probe(&self.node.ns, Protocol::Tcp, SocketAddr::new(dst, port), Duration::from_millis(400)).expect("probe")
+    }
+
+    /// A TCP probe from pod `from` claiming source address `src`.
+    pub fn probe_spoofed(&self, from: &str, src: IpAddr, dst: IpAddr, port: u16) -> bool {
+        let ns = &self.pod(from).net.ns;
+        let plen = if src.is_ipv4() { "32" } else { "128" };
+        let fam = if src.is_ipv4() { "-4" } else { "-6" };
+        let cidr = format!("{src}/{plen}");
+        let mut add = vec![fam, "addr", "add", cidr.as_str(), "dev", "eth0"];
+        if !src.is_ipv4() {
+            add.push("nodad");
+        }
+        ns.ip(&add).expect("add spoofed address");
+        let r = probe_tcp_from(ns, src, SocketAddr::new(dst, port), Duration::from_millis(400)).expect("probe");
+        let _ = ns.ip(&[fam, "addr", "del", cidr.as_str(), "dev", "eth0"]);
+        r
+    }
+
     pub fn set_services(&self, prefixes: Vec<Prefix>) -> Result<(), RigError> {
         let (tx, rx) = mpsc::channel();
-        self.sender()?
-            .send(Command::Services(prefixes, tx))
-            .map_err(|e| RigError::Agent(e.to_string()))?;
-        rx.recv()
-            .map_err(|e| RigError::Agent(e.to_string()))?
-            .map_err(RigError::Agent)
+        self.sender()?.send(Command::Services(prefixes, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
+        rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
     }
 
     pub fn attach_node_devices(&self, names: &[&str]) -> Result<(), RigError> {
         let (tx, rx) = mpsc::channel();
         self.sender()?
-            .send(Command::AttachNodeDevices(
-                names.iter().map(|s| s.to_string()).collect(),
-                tx,
-            ))
+            .send(Command::AttachNodeDevices(names.iter().map(|s| s.to_string()).collect(), tx))
             .map_err(|e| RigError::Agent(e.to_string()))?;
-        rx.recv()
-            .map_err(|e| RigError::Agent(e.to_string()))?
-            .map_err(RigError::Agent)
+        rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
     }
 
     pub fn pod(&self, key: &str) -> &RigPod {
-        self.pods
-            .get(&ObjectKey::parse(key).expect("ns/name"))
-            .unwrap_or_else(|| panic!("no pod {key}"))
+        self.pods.get(&ObjectKey::parse(key).expect("ns/name")).unwrap_or_else(|| panic!("no pod {key}"))
     }
 
     pub fn ip(&self, key: &str, v4: bool) -> IpAddr {
@@ -256,13 +240,7 @@ impl Rig {
 
     /// A real connection from pod `from` to `dst:port`.
     pub fn probe_addr(&self, from: &str, dst: IpAddr, protocol: Protocol, port: u16) -> bool {
-        probe(
-            &self.pod(from).net.ns,
-            protocol,
-            SocketAddr::new(dst, port),
-            Duration::from_millis(400),
-        )
-        .expect("probe")
+        probe(&self.pod(from).net.ns, protocol, SocketAddr::new(dst, port), Duration::from_millis(400)).expect("probe")
     }
 
     /// A real connection from pod `from` to pod `to` (IPv4 unless `v6`).

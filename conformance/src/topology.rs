@@ -29,11 +29,7 @@ fn plen(ip: &IpAddr) -> &'static str {
 
 impl NodeNet {
     /// A node namespace with `addresses`, forwarding on.
-    pub fn create(
-        ns_name: &str,
-        node_name: &str,
-        addresses: &[IpAddr],
-    ) -> Result<NodeNet, NetnsError> {
+    pub fn create(ns_name: &str, node_name: &str, addresses: &[IpAddr]) -> Result<NodeNet, NetnsError> {
         let ns = Netns::create(ns_name)?;
         // The node's own addresses live on loopback (this kernel has no dummy devices);
         // routes to pods name them as source, so node traffic comes from them.
@@ -46,11 +42,7 @@ impl NodeNet {
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        Ok(NodeNet {
-            ns,
-            name: node_name.to_string(),
-            addresses: addresses.to_vec(),
-        })
+        Ok(NodeNet { ns, name: node_name.to_string(), addresses: addresses.to_vec() })
     }
 
     fn address_of(&self, v4: bool) -> Option<IpAddr> {
@@ -58,33 +50,11 @@ impl NodeNet {
     }
 
     /// A pod namespace `pod_ns` with `ips`, joined by veth `host_veth` (≤ 15 characters).
-    pub fn add_pod(
-        &self,
-        pod_ns: &str,
-        host_veth: &str,
-        ips: &[IpAddr],
-    ) -> Result<PodNet, NetnsError> {
+    pub fn add_pod(&self, pod_ns: &str, host_veth: &str, ips: &[IpAddr]) -> Result<PodNet, NetnsError> {
         let pod = Netns::create(pod_ns)?;
-        self.ns.ip(&[
-            "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod_ns,
-        ])?;
-        self.ns.ip(&[
-            "-4",
-            "addr",
-            "add",
-            &format!("{GATEWAY_V4}/32"),
-            "dev",
-            host_veth,
-        ])?;
-        self.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{GATEWAY_V6}/64"),
-            "dev",
-            host_veth,
-            "nodad",
-        ])?;
+        self.ns.ip(&["link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod_ns])?;
+        self.ns.ip(&["-4", "addr", "add", &format!("{GATEWAY_V4}/32"), "dev", host_veth])?;
+        self.ns.ip(&["-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", host_veth, "nodad"])?;
         self.ns.ip(&["link", "set", host_veth, "up"])?;
         pod.ip(&["link", "set", "eth0", "up"])?;
         for ip in ips {
@@ -95,14 +65,7 @@ impl NodeNet {
                 pod.ip(&["-6", "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
             }
             // Node-originated traffic leaves from the node's own address.
-            let mut route = vec![
-                if ip.is_ipv4() { "-4" } else { "-6" },
-                "route",
-                "add",
-                &cidr,
-                "dev",
-                host_veth,
-            ];
+            let mut route = vec![if ip.is_ipv4() { "-4" } else { "-6" }, "route", "add", &cidr, "dev", host_veth];
             let src = self.address_of(ip.is_ipv4()).map(|a| a.to_string());
             if let Some(s) = &src {
                 route.extend(["src", s.as_str()]);
@@ -110,44 +73,27 @@ impl NodeNet {
             self.ns.ip(&route)?;
         }
         if ips.iter().any(IpAddr::is_ipv4) {
-            pod.ip(&[
-                "-4", "route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link",
-            ])?;
-            pod.ip(&[
-                "-4", "route", "add", "default", "via", GATEWAY_V4, "dev", "eth0",
-            ])?;
+            pod.ip(&["-4", "route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
+            pod.ip(&["-4", "route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
         }
         if ips.iter().any(IpAddr::is_ipv6) {
-            pod.ip(&[
-                "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
-            ])?;
+            pod.ip(&["-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0"])?;
         }
-        Ok(PodNet {
-            ns: pod,
-            ips: ips.to_vec(),
-            host_veth: host_veth.to_string(),
-        })
+        Ok(PodNet { ns: pod, ips: ips.to_vec(), host_veth: host_veth.to_string() })
     }
 
     /// The ifindex of an interface of the node's namespace.
     pub fn ifindex(&self, interface: &str) -> Result<u32, NetnsError> {
         let out = self.ns.ip(&["-o", "link", "show", "dev", interface])?;
-        out.split(':')
-            .next()
-            .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| NetnsError::Command {
-                command: format!("ip -o link show dev {interface}"),
-                message: format!("unexpected output {out:?}"),
-            })
+        out.split(':').next().and_then(|n| n.trim().parse().ok()).ok_or_else(|| NetnsError::Command {
+            command: format!("ip -o link show dev {interface}"),
+            message: format!("unexpected output {out:?}"),
+        })
     }
 }
 
 impl PodNet {
     pub fn ip(&self, v4: bool) -> IpAddr {
-        self.ips
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv4() == v4)
-            .expect("pod has an address of that family")
+        self.ips.iter().copied().find(|a| a.is_ipv4() == v4).expect("pod has an address of that family")
     }
 }

@@ -32,18 +32,11 @@ impl Drop for Servers {
     }
 }
 
-fn dual_stack(
-    domain_type: Type,
-    protocol: Option<SockProtocol>,
-    port: u16,
-) -> std::io::Result<Socket> {
+fn dual_stack(domain_type: Type, protocol: Option<SockProtocol>, port: u16) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::IPV6, domain_type, protocol)?;
     s.set_only_v6(false)?;
     s.set_reuse_address(true)?;
-    s.bind(&SockAddr::from(SocketAddr::new(
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        port,
-    )))?;
+    s.bind(&SockAddr::from(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)))?;
     Ok(s)
 }
 
@@ -88,9 +81,7 @@ fn tcp_server(port: u16, stop: Arc<AtomicBool>) {
 }
 
 fn udp_server(port: u16, stop: Arc<AtomicBool>) {
-    let s: UdpSocket = dual_stack(Type::DGRAM, None, port)
-        .expect("udp bind")
-        .into();
+    let s: UdpSocket = dual_stack(Type::DGRAM, None, port).expect("udp bind").into();
     s.set_read_timeout(Some(POLL * 5)).expect("timeout");
     let mut buf = [0u8; 512];
     while !stop.load(Ordering::Relaxed) {
@@ -125,11 +116,7 @@ fn raw_sctp(v6: bool) -> std::io::Result<Socket> {
 
 /// The SCTP part of a received raw packet (IPv4 raw sockets include the IP header).
 fn sctp_payload(buf: &[u8], v6: bool) -> Option<&[u8]> {
-    let off = if v6 {
-        0
-    } else {
-        ((*buf.first()? & 0x0f) as usize) * 4
-    };
+    let off = if v6 { 0 } else { ((*buf.first()? & 0x0f) as usize) * 4 };
     let p = buf.get(off..)?;
     (p.len() >= 12).then_some(p)
 }
@@ -152,10 +139,7 @@ fn sctp_server(v6: bool, ports: Vec<u16>, stop: Arc<AtomicBool>) {
         let Some(p) = sctp_payload(&buf[..n], v6) else {
             continue;
         };
-        let (sport, dport) = (
-            u16::from_be_bytes([p[0], p[1]]),
-            u16::from_be_bytes([p[2], p[3]]),
-        );
+        let (sport, dport) = (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]));
         if p.get(12) != Some(&1) || !ports.contains(&dport) {
             continue; // only answer INITs to our ports
         }
@@ -165,21 +149,30 @@ fn sctp_server(v6: bool, ports: Vec<u16>, stop: Arc<AtomicBool>) {
 }
 
 /// One probe from `ns` to `dst`: connected (true) or not within `timeout`.
-pub fn probe(
-    ns: &Netns,
-    protocol: Protocol,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> Result<bool, NetnsError> {
+pub fn probe(ns: &Netns, protocol: Protocol, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
     ns.run(move || match protocol {
-        Protocol::Tcp => probe_tcp(dst, timeout),
+        Protocol::Tcp => probe_tcp(None, dst, timeout),
         Protocol::Udp => probe_udp(dst, timeout),
         Protocol::Sctp => probe_sctp(dst, timeout),
     })
 }
 
-fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&dst, timeout) else {
+/// A TCP probe from a chosen source address (which must be on an interface of `ns`).
+pub fn probe_tcp_from(ns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
+    ns.run(move || probe_tcp(Some(src), dst, timeout))
+}
+
+fn probe_tcp(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> bool {
+    let connected = match src {
+        None => TcpStream::connect_timeout(&dst, timeout),
+        Some(src) => (|| {
+            let s = Socket::new(if dst.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 }, Type::STREAM, None)?;
+            s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
+            s.connect_timeout(&SockAddr::from(dst), timeout)?;
+            Ok::<TcpStream, std::io::Error>(s.into())
+        })(),
+    };
+    let Ok(mut s) = connected else {
         return false;
     };
     let _ = s.set_read_timeout(Some(timeout));
@@ -188,11 +181,7 @@ fn probe_tcp(dst: SocketAddr, timeout: Duration) -> bool {
 }
 
 fn probe_udp(dst: SocketAddr, timeout: Duration) -> bool {
-    let bind: SocketAddr = if dst.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
+    let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
     let Ok(s) = UdpSocket::bind(bind) else {
         return false;
     };
@@ -208,14 +197,10 @@ fn probe_sctp(dst: SocketAddr, timeout: Duration) -> bool {
     let v6 = dst.is_ipv6();
     let Ok(s) = raw_sctp(v6) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
-    let sport = 20_000
-        + (std::process::id() as u16 % 10_000)
-        + (Instant::now().elapsed().subsec_nanos() % 1000) as u16;
+    let sport = 20_000 + (std::process::id() as u16 % 10_000) + (Instant::now().elapsed().subsec_nanos() % 1000) as u16;
     let tag = 0x5c7b_0000 | sport as u32;
     let to = SockAddr::from(SocketAddr::new(dst.ip(), 0));
-    if s.send_to(&sctp_packet(sport, dst.port(), 1, tag), &to)
-        .is_err()
-    {
+    if s.send_to(&sctp_packet(sport, dst.port(), 1, tag), &to).is_err() {
         return false;
     }
     let deadline = Instant::now() + timeout;
@@ -228,10 +213,7 @@ fn probe_sctp(dst: SocketAddr, timeout: Duration) -> bool {
             continue;
         }
         if let Some(p) = sctp_payload(&buf[..n], v6) {
-            let (ps, pd) = (
-                u16::from_be_bytes([p[0], p[1]]),
-                u16::from_be_bytes([p[2], p[3]]),
-            );
+            let (ps, pd) = (u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]]));
             if ps == dst.port() && pd == sport && p.get(12) == Some(&2) {
                 return true;
             }

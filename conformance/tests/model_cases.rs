@@ -31,11 +31,7 @@ fn run_all(families: Families) {
             failed.push(case.name.clone());
         }
     }
-    println!(
-        "{} passed, {} failed",
-        files.len() - failed.len(),
-        failed.len()
-    );
+    println!("{} passed, {} failed", files.len() - failed.len(), failed.len());
     assert!(failed.is_empty(), "failed cases: {failed:?}");
 }
 

@@ -34,11 +34,7 @@ pub fn peer(policy_ns: &str, p: &Peer) -> String {
             format!("addresses in {} except {}", b.cidr, ex.join(", "))
         }
         Peer::Pods { namespaces, pods } => {
-            let who = if pods.is_everything() {
-                "all pods".to_string()
-            } else {
-                format!("pods [{}]", selector(pods))
-            };
+            let who = if pods.is_everything() { "all pods".to_string() } else { format!("pods [{}]", selector(pods)) };
             let whence = match namespaces {
                 NamespaceScope::PolicyNamespace => format!("in namespace {policy_ns}"),
                 NamespaceScope::Matching(s) if s.is_everything() => "in all namespaces".to_string(),
@@ -66,11 +62,7 @@ pub fn rule(policy: &Policy, direction: Direction, r: &Rule) -> String {
     };
     let peers = match &r.peers {
         None => "any address".to_string(),
-        Some(ps) => ps
-            .iter()
-            .map(|p| peer(&policy.key.namespace, p))
-            .collect::<Vec<_>>()
-            .join(" or "),
+        Some(ps) => ps.iter().map(|p| peer(&policy.key.namespace, p)).collect::<Vec<_>>().join(" or "),
     };
     let ports = match &r.ports {
         None => "any protocol and port".to_string(),

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use policy_model::{
-    AddressOwner, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod,
-    RuleMatch, RuleRef, Verdict, rule_matches_for, verdict,
+    AddressOwner, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod, RuleMatch, RuleRef, Verdict,
+    rule_matches_for, verdict,
 };
 use serde::Serialize;
 
@@ -24,9 +24,7 @@ impl std::str::FromStr for Party {
         if let Ok(ip) = s.parse::<IpAddr>() {
             return Ok(Party::Address(ip));
         }
-        ObjectKey::parse(s)
-            .map(Party::Pod)
-            .ok_or_else(|| format!("{s:?}: expected NAMESPACE/POD or an IP address"))
+        ObjectKey::parse(s).map(Party::Pod).ok_or_else(|| format!("{s:?}: expected NAMESPACE/POD or an IP address"))
     }
 }
 
@@ -77,14 +75,8 @@ fn addresses(state: &ClusterState, party: &Party) -> Result<Vec<IpAddr>, Explain
     match party {
         Party::Address(ip) => Ok(vec![*ip]),
         Party::Pod(key) => {
-            let pod = state
-                .pod(key)
-                .ok_or_else(|| ExplainError::UnknownPod(key.clone()))?;
-            let ips: Vec<IpAddr> = if pod.host_network {
-                pod.ips.clone()
-            } else {
-                state.owned_ips(pod).collect()
-            };
+            let pod = state.pod(key).ok_or_else(|| ExplainError::UnknownPod(key.clone()))?;
+            let ips: Vec<IpAddr> = if pod.host_network { pod.ips.clone() } else { state.owned_ips(pod).collect() };
             if ips.is_empty() {
                 return Err(ExplainError::NoAddress(key.clone()));
             }
@@ -108,12 +100,7 @@ fn label(party: &Party) -> String {
     }
 }
 
-fn checks(
-    state: &ClusterState,
-    subject: Option<&Pod>,
-    direction: Direction,
-    flow: &Flow,
-) -> Vec<RuleCheck> {
+fn checks(state: &ClusterState, subject: Option<&Pod>, direction: Direction, flow: &Flow) -> Vec<RuleCheck> {
     let Some(subject) = subject else {
         return Vec::new();
     };
@@ -122,22 +109,12 @@ fn checks(
         .map(|(rule, matched)| {
             let policy = state.policy(&rule.policy).expect("rule of a known policy");
             let r = &policy.rules(direction).expect("isolating direction")[rule.rule];
-            RuleCheck {
-                text: describe::rule(policy, direction, r),
-                rule,
-                matched,
-            }
+            RuleCheck { text: describe::rule(policy, direction, r), rule, matched }
         })
         .collect()
 }
 
-pub fn explain(
-    state: &ClusterState,
-    from: &Party,
-    to: &Party,
-    protocol: IpProtocol,
-    port: u16,
-) -> Result<Explanation, ExplainError> {
+pub fn explain(state: &ClusterState, from: &Party, to: &Party, protocol: IpProtocol, port: u16) -> Result<Explanation, ExplainError> {
     let srcs = addresses(state, from)?;
     let dsts = addresses(state, to)?;
     let mut flows = Vec::new();
@@ -145,12 +122,7 @@ pub fn explain(
         let Some(dst) = dsts.iter().find(|d| d.is_ipv4() == src.is_ipv4()) else {
             continue;
         };
-        let flow = Flow {
-            src: *src,
-            dst: *dst,
-            protocol,
-            port,
-        };
+        let flow = Flow { src: *src, dst: *dst, protocol, port };
         let v = verdict(state, &flow);
         let src_pod = state.pod_at(flow.src);
         let dst_pod = state.pod_at(flow.dst);
@@ -166,10 +138,7 @@ pub fn explain(
         });
     }
     if flows.is_empty() {
-        return Err(ExplainError::NoCommonFamily {
-            from: label(from),
-            to: label(to),
-        });
+        return Err(ExplainError::NoCommonFamily { from: label(from), to: label(to) });
     }
     Ok(Explanation {
         from: label(from),
@@ -181,34 +150,16 @@ pub fn explain(
     })
 }
 
-fn side(
-    out: &mut String,
-    title: &str,
-    decision: &Decision,
-    rules: &[RuleCheck],
-    direction: Direction,
-) {
+fn side(out: &mut String, title: &str, decision: &Decision, rules: &[RuleCheck], direction: Direction) {
     let _ = match decision {
-        Decision::NotAPod => writeln!(
-            out,
-            "  {title}: no policy applies (not a pod of the cluster)"
-        ),
+        Decision::NotAPod => writeln!(out, "  {title}: no policy applies (not a pod of the cluster)"),
         Decision::SelfTraffic => {
             writeln!(out, "  {title}: allowed (a pod can always reach itself)")
         }
-        Decision::FromOwnNode { node } => writeln!(
-            out,
-            "  {title}: allowed (traffic from the pod's own node {node} is always allowed)"
-        ),
-        Decision::NotIsolated => writeln!(
-            out,
-            "  {title}: allowed (not isolated: no NetworkPolicy selects the pod for {direction})"
-        ),
+        Decision::FromOwnNode { node } => writeln!(out, "  {title}: allowed (traffic from the pod's own node {node} is always allowed)"),
+        Decision::NotIsolated => writeln!(out, "  {title}: allowed (not isolated: no NetworkPolicy selects the pod for {direction})"),
         Decision::Allowed { .. } => writeln!(out, "  {title}: allowed"),
-        Decision::Denied { .. } => writeln!(
-            out,
-            "  {title}: BLOCKED (isolated, and no rule allows this)"
-        ),
+        Decision::Denied { .. } => writeln!(out, "  {title}: BLOCKED (isolated, and no rule allows this)"),
     };
     let isolated_by = match decision {
         Decision::Allowed { isolated_by, .. } | Decision::Denied { isolated_by } => isolated_by,
@@ -228,11 +179,7 @@ fn side(
                 (true, false) => "port does not match",
                 (false, false) => "neither peer nor port match",
             };
-            let _ = writeln!(
-                out,
-                "    {k} {direction} rule #{}: {}  [{status}]",
-                r.rule.rule, r.text
-            );
+            let _ = writeln!(out, "    {k} {direction} rule #{}: {}  [{status}]", r.rule.rule, r.text);
         }
     }
 }
@@ -243,20 +190,8 @@ impl Explanation {
         let mut groups: Vec<(Vec<&FlowExplanation>, String)> = Vec::new();
         for f in &self.flows {
             let mut body = String::new();
-            side(
-                &mut body,
-                &format!("egress of {}", f.src_is),
-                &f.verdict.egress,
-                &f.egress_rules,
-                Direction::Egress,
-            );
-            side(
-                &mut body,
-                &format!("ingress of {}", f.dst_is),
-                &f.verdict.ingress,
-                &f.ingress_rules,
-                Direction::Ingress,
-            );
+            side(&mut body, &format!("egress of {}", f.src_is), &f.verdict.egress, &f.egress_rules, Direction::Egress);
+            side(&mut body, &format!("ingress of {}", f.dst_is), &f.verdict.ingress, &f.ingress_rules, Direction::Ingress);
             match groups.iter_mut().find(|(_, b)| *b == body) {
                 Some((flows, _)) => flows.push(f),
                 None => groups.push((vec![f], body)),
@@ -273,18 +208,10 @@ impl Explanation {
                 self.protocol,
                 self.port,
                 families.join(" and "),
-                if flows[0].verdict.allowed {
-                    "ALLOWED"
-                } else {
-                    "BLOCKED"
-                }
+                if flows[0].verdict.allowed { "ALLOWED" } else { "BLOCKED" }
             );
             for f in &flows {
-                let _ = writeln!(
-                    out,
-                    "  from {} ({}) to {} ({})",
-                    f.src, f.src_is, f.dst, f.dst_is
-                );
+                let _ = writeln!(out, "  from {} ({}) to {} ({})", f.src, f.src_is, f.dst, f.dst_is);
             }
             out.push_str(&body);
         }

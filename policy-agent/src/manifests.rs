@@ -81,11 +81,7 @@ impl Manifests {
             let name = file.display().to_string();
             match std::fs::read_to_string(&file) {
                 Ok(text) => m.add_yaml(&name, &text),
-                Err(e) => m.errors.push(ManifestError {
-                    source: name,
-                    object: None,
-                    message: format!("cannot read: {e}"),
-                }),
+                Err(e) => m.errors.push(ManifestError { source: name, object: None, message: format!("cannot read: {e}") }),
             }
         }
         Ok(m)
@@ -99,11 +95,7 @@ impl Manifests {
                 Ok(serde_yaml_ng::Value::Null) => {}
                 Ok(value) => self.add_value(&src, value),
                 Err(e) => {
-                    self.errors.push(ManifestError {
-                        source: src,
-                        object: None,
-                        message: format!("not YAML: {e}"),
-                    });
+                    self.errors.push(ManifestError { source: src, object: None, message: format!("not YAML: {e}") });
                     // The parser cannot resynchronise after a syntax error.
                     break;
                 }
@@ -113,11 +105,7 @@ impl Manifests {
 
     /// Adds one object (or the items of a `List`).
     pub fn add_value(&mut self, src: &str, value: serde_yaml_ng::Value) {
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string();
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
         if kind == "List" || kind.ends_with("List") {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for (j, item) in items.iter().enumerate() {
@@ -137,14 +125,8 @@ impl Manifests {
             return;
         }
         let meta = value.get("metadata");
-        let name = meta
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .unwrap_or("<unnamed>");
-        let object = match meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(|n| n.as_str())
-        {
+        let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
+        let object = match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
             Some(ns) => format!("{kind} {ns}/{name}"),
             None => format!("{kind} {name}"),
         };
@@ -170,9 +152,7 @@ impl Manifests {
             _ => match serde_yaml_ng::from_value::<NetworkPolicy>(value) {
                 Ok(mut o) => {
                     // As `kubectl apply` does for a manifest without a namespace.
-                    o.metadata
-                        .namespace
-                        .get_or_insert_with(|| "default".to_string());
+                    o.metadata.namespace.get_or_insert_with(|| "default".to_string());
                     self.policies.push((src, o))
                 }
                 Err(e) => self.errors.push(err(e)),
@@ -245,10 +225,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let path = entry?.path();
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(path);
         }
     }

@@ -6,10 +6,7 @@
 
 use std::fmt::Write as _;
 
-use policy_model::{
-    ClusterState, EndpointTables, Family, Flow, IpProtocol, ObjectKey, Pod, Protocol, compile_pod,
-    verdict,
-};
+use policy_model::{ClusterState, EndpointTables, Family, Flow, IpProtocol, ObjectKey, Pod, Protocol, compile_pod, verdict};
 use serde::Serialize;
 
 /// A port and protocol to probe, as `80/TCP`.
@@ -23,9 +20,7 @@ impl std::str::FromStr for Probe {
     type Err = String;
     fn from_str(s: &str) -> Result<Probe, String> {
         let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
-        let port = port
-            .parse::<u16>()
-            .map_err(|_| format!("{s:?}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
+        let port = port.parse::<u16>().map_err(|_| format!("{s:?}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
         let protocol = proto.to_ascii_uppercase().parse::<Protocol>()?;
         Ok(Probe { port, protocol })
     }
@@ -74,10 +69,7 @@ pub struct Matrix {
 
 /// Pods that take part: non-hostNetwork pods that have an address.
 pub fn matrix_pods(state: &ClusterState) -> Vec<&Pod> {
-    state
-        .pods()
-        .filter(|p| !p.host_network && state.owned_ips(p).next().is_some())
-        .collect()
+    state.pods().filter(|p| !p.host_network && state.owned_ips(p).next().is_some()).collect()
 }
 
 /// Every ordered pair of `pods` (all matrix pods when `None`), for each probe and each
@@ -86,34 +78,21 @@ pub fn compute(state: &ClusterState, probes: &[Probe], pods: Option<&[ObjectKey]
     let all = matrix_pods(state);
     let pods: Vec<&Pod> = match pods {
         None => all,
-        Some(keys) => keys
-            .iter()
-            .filter_map(|k| all.iter().find(|p| &p.key == k).copied())
-            .collect(),
+        Some(keys) => keys.iter().filter_map(|k| all.iter().find(|p| &p.key == k).copied()).collect(),
     };
     let tables: Vec<EndpointTables> = pods.iter().map(|p| compile_pod(state, p)).collect();
-    let mut m = Matrix {
-        pods: pods.iter().map(|p| p.key.to_string()).collect(),
-        probes: probes.to_vec(),
-        ..Matrix::default()
-    };
+    let mut m = Matrix { pods: pods.iter().map(|p| p.key.to_string()).collect(), probes: probes.to_vec(), ..Matrix::default() };
     for probe in probes {
         for (i, from) in pods.iter().enumerate() {
             for (j, to) in pods.iter().enumerate() {
                 for src in state.owned_ips(from) {
-                    let Some(dst) = state.owned_ips(to).find(|d| d.is_ipv4() == src.is_ipv4())
-                    else {
+                    let Some(dst) = state.owned_ips(to).find(|d| d.is_ipv4() == src.is_ipv4()) else {
                         continue;
                     };
-                    let flow = Flow {
-                        src,
-                        dst,
-                        protocol: IpProtocol::from(probe.protocol),
-                        port: probe.port,
-                    };
+                    let flow = Flow { src, dst, protocol: IpProtocol::from(probe.protocol), port: probe.port };
                     let allowed = verdict(state, &flow).allowed;
-                    let compiled = tables[i].egress.allows(dst, flow.protocol, flow.port)
-                        && tables[j].ingress.allows(src, flow.protocol, flow.port);
+                    let compiled =
+                        tables[i].egress.allows(dst, flow.protocol, flow.port) && tables[j].ingress.allows(src, flow.protocol, flow.port);
                     if compiled != allowed {
                         m.disagreements.push(format!(
                             "{} -> {} {probe} {}: reference says {}, compiled tables say {}",
@@ -157,17 +136,10 @@ impl Matrix {
             .results
             .iter()
             .filter(|c| {
-                c.from == from
-                    && c.to == to
-                    && c.port == probe.port
-                    && c.protocol == probe.protocol
-                    && families.contains(&c.family)
+                c.from == from && c.to == to && c.port == probe.port && c.protocol == probe.protocol && families.contains(&c.family)
             })
             .collect();
-        match (
-            cells.iter().any(|c| c.allowed),
-            cells.iter().any(|c| !c.allowed),
-        ) {
+        match (cells.iter().any(|c| c.allowed), cells.iter().any(|c| !c.allowed)) {
             (false, false) => '-',
             (true, false) => '.',
             (false, true) => 'X',
@@ -183,10 +155,7 @@ impl Matrix {
             if n > 0 {
                 out.push('\n');
             }
-            let _ = writeln!(
-                out,
-                "{probe}  (rows: from, columns: to; . allowed, X blocked)"
-            );
+            let _ = writeln!(out, "{probe}  (rows: from, columns: to; . allowed, X blocked)");
             let _ = write!(out, "{:width$}", "-");
             for to in &self.pods {
                 let _ = write!(out, " {to:width$}");
@@ -200,23 +169,14 @@ impl Matrix {
                 out.push('\n');
             }
         }
-        if self.results.iter().any(|c| c.allowed)
-            && self.results.iter().any(|c| !c.allowed)
-            && self.has_mixed_families()
-        {
+        if self.results.iter().any(|c| c.allowed) && self.results.iter().any(|c| !c.allowed) && self.has_mixed_families() {
             out.push_str("\n! allowed in one address family and blocked in the other; - no shared address family\n");
         }
         out
     }
 
     fn has_mixed_families(&self) -> bool {
-        self.pods.iter().any(|f| {
-            self.pods.iter().any(|t| {
-                self.probes
-                    .iter()
-                    .any(|p| matches!(self.mark(f, t, *p), '!' | '-'))
-            })
-        })
+        self.pods.iter().any(|f| self.pods.iter().any(|t| self.probes.iter().any(|p| matches!(self.mark(f, t, *p), '!' | '-'))))
     }
 
     pub fn render_json(&self) -> String {

@@ -70,11 +70,7 @@ fn stands_for(origins: &[Origin]) -> String {
     if origins.is_empty() {
         return "(inherits a shorter prefix's value)".into();
     }
-    origins
-        .iter()
-        .map(|o| o.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    origins.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn render_direction(out: &mut String, name: &str, d: &DirectionView) {
@@ -83,34 +79,12 @@ fn render_direction(out: &mut String, name: &str, d: &DirectionView) {
         return;
     }
     let by: Vec<String> = d.isolated_by.iter().map(|k| k.to_string()).collect();
-    let _ = writeln!(
-        out,
-        "  {name}: isolated by {}; addresses not listed are blocked",
-        by.join(", ")
-    );
-    let pw = d
-        .entries
-        .iter()
-        .map(|e| e.prefix.to_string().len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    let aw = d
-        .entries
-        .iter()
-        .map(|e| e.allows.to_string().len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
+    let _ = writeln!(out, "  {name}: isolated by {}; addresses not listed are blocked", by.join(", "));
+    let pw = d.entries.iter().map(|e| e.prefix.to_string().len()).max().unwrap_or(6).max(6);
+    let aw = d.entries.iter().map(|e| e.allows.to_string().len()).max().unwrap_or(6).max(6);
     let _ = writeln!(out, "    {:pw$}  {:aw$}  STANDS FOR", "PREFIX", "ALLOWS");
     for e in &d.entries {
-        let _ = writeln!(
-            out,
-            "    {:pw$}  {:aw$}  {}",
-            e.prefix.to_string(),
-            e.allows.to_string(),
-            stands_for(&e.stands_for)
-        );
+        let _ = writeln!(out, "    {:pw$}  {:aw$}  {}", e.prefix.to_string(), e.allows.to_string(), stands_for(&e.stands_for));
     }
 }
 
@@ -131,11 +105,7 @@ impl NodeView {
                 ep.pod,
                 ep.endpoint_id,
                 ep.revision,
-                if addrs.is_empty() {
-                    "(none yet)".into()
-                } else {
-                    addrs.join(", ")
-                }
+                if addrs.is_empty() { "(none yet)".into() } else { addrs.join(", ") }
             );
             render_direction(&mut out, "ingress", &ep.ingress);
             render_direction(&mut out, "egress", &ep.egress);

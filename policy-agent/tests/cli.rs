@@ -50,12 +50,7 @@ fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 fn agent(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_policy-agent"))
-        .args(args)
-        .arg("--manifests")
-        .arg(dir)
-        .output()
-        .expect("run policy-agent")
+    Command::new(env!("CARGO_BIN_EXE_policy-agent")).args(args).arg("--manifests").arg(dir).output().expect("run policy-agent")
 }
 
 fn stdout(o: &Output) -> String {
@@ -69,20 +64,11 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn matrix_json_has_the_documented_shape() {
     let d = dir_with(&[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY)]);
-    let o = agent(
-        &[
-            "matrix", "--port", "8080/TCP", "--port", "80/UDP", "-o", "json",
-        ],
-        d.path(),
-    );
+    let o = agent(&["matrix", "--port", "8080/TCP", "--port", "80/UDP", "-o", "json"], d.path());
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let results = v["results"].as_array().unwrap();
-    assert_eq!(
-        v.as_object().unwrap().len(),
-        1,
-        "only `results` at the top level"
-    );
+    assert_eq!(v.as_object().unwrap().len(), 1, "only `results` at the top level");
     // 2 pods: 4 ordered pairs; x/a has two families, y/b one: pairs with y/b share only
     // IPv4. Per probe: a->a v4+v6, a->b v4, b->a v4, b->b v4 = 5; two probes = 10.
     assert_eq!(results.len(), 10);
@@ -96,21 +82,12 @@ fn matrix_json_has_the_documented_shape() {
     let find = |from: &str, to: &str, port: u64, proto: &str| {
         results
             .iter()
-            .find(|r| {
-                r["from"] == from
-                    && r["to"] == to
-                    && r["port"] == port
-                    && r["protocol"] == proto
-                    && r["family"] == "ipv4"
-            })
+            .find(|r| r["from"] == from && r["to"] == to && r["port"] == port && r["protocol"] == proto && r["family"] == "ipv4")
             .unwrap()["allowed"]
             .as_bool()
             .unwrap()
     };
-    assert!(
-        find("y/b", "x/a", 8080, "TCP"),
-        "named port http=8080 from team=blue"
-    );
+    assert!(find("y/b", "x/a", 8080, "TCP"), "named port http=8080 from team=blue");
     assert!(!find("y/b", "x/a", 80, "UDP"));
     assert!(find("x/a", "y/b", 80, "UDP"), "y/b is not isolated");
     let r0 = &results[0];
@@ -120,31 +97,14 @@ fn matrix_json_has_the_documented_shape() {
 #[test]
 fn matrix_text_marks_cells() {
     let d = dir_with(&[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY)]);
-    let o = agent(
-        &["matrix", "--port", "8080/TCP", "--port", "81/TCP"],
-        d.path(),
-    );
+    let o = agent(&["matrix", "--port", "8080/TCP", "--port", "81/TCP"], d.path());
     assert!(o.status.success());
     let text = stdout(&o);
     assert!(text.contains("8080/TCP"), "{text}");
-    let row_b_8080 = text
-        .lines()
-        .skip_while(|l| !l.starts_with("8080/TCP"))
-        .find(|l| l.starts_with("y/b"))
-        .unwrap();
-    assert_eq!(
-        row_b_8080.split_whitespace().collect::<Vec<_>>(),
-        ["y/b", ".", "."]
-    );
-    let row_b_81 = text
-        .lines()
-        .skip_while(|l| !l.starts_with("81/TCP"))
-        .find(|l| l.starts_with("y/b"))
-        .unwrap();
-    assert_eq!(
-        row_b_81.split_whitespace().collect::<Vec<_>>(),
-        ["y/b", "X", "."]
-    );
+    let row_b_8080 = text.lines().skip_while(|l| !l.starts_with("8080/TCP")).find(|l| l.starts_with("y/b")).unwrap();
+    assert_eq!(row_b_8080.split_whitespace().collect::<Vec<_>>(), ["y/b", ".", "."]);
+    let row_b_81 = text.lines().skip_while(|l| !l.starts_with("81/TCP")).find(|l| l.starts_with("y/b")).unwrap();
+    assert_eq!(row_b_81.split_whitespace().collect::<Vec<_>>(), ["y/b", "X", "."]);
 }
 
 #[test]
@@ -156,12 +116,7 @@ fn default_probes_are_80_and_81_over_three_protocols() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            (
-                r["port"].as_u64().unwrap(),
-                r["protocol"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|r| (r["port"].as_u64().unwrap(), r["protocol"].as_str().unwrap().to_string()))
         .collect();
     probes.sort();
     probes.dedup();
@@ -192,115 +147,41 @@ metadata: {name: broken, namespace: x}
 spec: {containers: [{name: c}]}
 status: {podIPs: [{ip: not-an-ip}]}
 "#;
-    let d = dir_with(&[
-        ("cluster.yaml", CLUSTER),
-        ("policy.yaml", POLICY),
-        ("bad.yaml", bad_policy),
-        ("garbage.yaml", "kind: [unclosed\n"),
-    ]);
+    let d =
+        dir_with(&[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY), ("bad.yaml", bad_policy), ("garbage.yaml", "kind: [unclosed\n")]);
     let o = agent(&["matrix", "--port", "8080/TCP", "-o", "json"], d.path());
     assert_eq!(o.status.code(), Some(1), "invalid objects: exit 1");
     let err = stderr(&o);
-    assert!(
-        err.contains("NetworkPolicy x/bad-cidr")
-            && err.contains("spec.egress[0].to[0].ipBlock.cidr"),
-        "{err}"
-    );
-    assert!(
-        err.contains("NetworkPolicy x/bad-endport")
-            && err.contains("spec.ingress[0].ports[0].endPort"),
-        "{err}"
-    );
-    assert!(
-        err.contains("Pod x/broken") && err.contains("status.podIPs[0].ip"),
-        "{err}"
-    );
+    assert!(err.contains("NetworkPolicy x/bad-cidr") && err.contains("spec.egress[0].to[0].ipBlock.cidr"), "{err}");
+    assert!(err.contains("NetworkPolicy x/bad-endport") && err.contains("spec.ingress[0].ports[0].endPort"), "{err}");
+    assert!(err.contains("Pod x/broken") && err.contains("status.podIPs[0].ip"), "{err}");
     assert!(err.contains("garbage.yaml"), "{err}");
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with("error: ")).count(),
-        4,
-        "one line each: {err}"
-    );
+    assert_eq!(err.lines().filter(|l| l.starts_with("error: ")).count(), 4, "one line each: {err}");
     // The valid policy still isolates x/a; the invalid ones changed nothing.
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let r = v["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["from"] == "y/b" && r["to"] == "x/a")
-        .unwrap();
+    let r = v["results"].as_array().unwrap().iter().find(|r| r["from"] == "y/b" && r["to"] == "x/a").unwrap();
     assert_eq!(r["allowed"], true);
 }
 
 #[test]
 fn explain_says_which_rule_and_why() {
     let d = dir_with(&[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY)]);
-    let o = agent(
-        &[
-            "explain",
-            "--from",
-            "y/b",
-            "--to",
-            "x/a",
-            "--port",
-            "8080",
-            "--protocol",
-            "TCP",
-        ],
-        d.path(),
-    );
+    let o = agent(&["explain", "--from", "y/b", "--to", "x/a", "--port", "8080", "--protocol", "TCP"], d.path());
     assert!(o.status.success(), "{}", stderr(&o));
     let t = stdout(&o);
-    assert!(
-        t.contains("ALLOWED")
-            && t.contains("x/from-blue ingress rule #0")
-            && t.contains("[ALLOWS]"),
-        "{t}"
-    );
+    assert!(t.contains("ALLOWED") && t.contains("x/from-blue ingress rule #0") && t.contains("[ALLOWS]"), "{t}");
 
-    let o = agent(
-        &[
-            "explain",
-            "--from",
-            "y/b",
-            "--to",
-            "x/a",
-            "--port",
-            "9999",
-            "--protocol",
-            "tcp",
-            "-o",
-            "json",
-        ],
-        d.path(),
-    );
+    let o = agent(&["explain", "--from", "y/b", "--to", "x/a", "--port", "9999", "--protocol", "tcp", "-o", "json"], d.path());
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["allowed"], false);
     assert_eq!(v["flows"][0]["ingress"]["outcome"], "denied");
     assert_eq!(v["flows"][0]["ingress_rules"][0]["port"], false);
     assert_eq!(v["flows"][0]["ingress_rules"][0]["peer"], true);
 
-    let o = agent(
-        &[
-            "explain",
-            "--from",
-            "10.250.0.7",
-            "--to",
-            "x/a",
-            "--port",
-            "8080",
-        ],
-        d.path(),
-    );
-    assert!(
-        stdout(&o).contains("BLOCKED"),
-        "an address outside the cluster is not team=blue"
-    );
+    let o = agent(&["explain", "--from", "10.250.0.7", "--to", "x/a", "--port", "8080"], d.path());
+    assert!(stdout(&o).contains("BLOCKED"), "an address outside the cluster is not team=blue");
 
-    let o = agent(
-        &["explain", "--from", "x/nope", "--to", "x/a", "--port", "80"],
-        d.path(),
-    );
+    let o = agent(&["explain", "--from", "x/nope", "--to", "x/a", "--port", "80"], d.path());
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("pod x/nope is not in the manifests"));
 }
@@ -315,38 +196,21 @@ fn compile_lists_the_nodes_pods_with_provenance() {
     assert_eq!(eps.len(), 1, "only x/a runs on n1");
     let ingress = &eps[0]["ingress"];
     assert_eq!(ingress["isolated"], true);
-    let entry = ingress["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["prefix"] == "10.244.0.2/32")
-        .unwrap();
-    assert_eq!(
-        entry["allows"],
-        serde_json::json!({"TCP": [{"start": 8080, "end": 8080}]})
-    );
-    assert_eq!(
-        entry["stands_for"][0],
-        serde_json::json!({"kind": "pod", "pod": {"namespace": "y", "name": "b"}})
-    );
+    let entry = ingress["entries"].as_array().unwrap().iter().find(|e| e["prefix"] == "10.244.0.2/32").unwrap();
+    assert_eq!(entry["allows"], serde_json::json!({"TCP": [{"start": 8080, "end": 8080}]}));
+    assert_eq!(entry["stands_for"][0], serde_json::json!({"kind": "pod", "pod": {"namespace": "y", "name": "b"}}));
 
     let o = agent(&["compile", "--node", "n1"], d.path());
     let t = stdout(&o);
     assert!(
-        t.contains("x/a  endpoint 1  revision 1")
-            && t.contains("10.244.0.2/32")
-            && t.contains("TCP 8080")
-            && t.contains("pod y/b"),
+        t.contains("x/a  endpoint 1  revision 1") && t.contains("10.244.0.2/32") && t.contains("TCP 8080") && t.contains("pod y/b"),
         "{t}"
     );
 }
 
 #[test]
 fn unreadable_directory_exits_2() {
-    let o = Command::new(env!("CARGO_BIN_EXE_policy-agent"))
-        .args(["matrix", "--manifests", "/nonexistent/dir"])
-        .output()
-        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_policy-agent")).args(["matrix", "--manifests", "/nonexistent/dir"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cannot read manifests from /nonexistent/dir"));
 }

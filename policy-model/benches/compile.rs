@@ -54,45 +54,26 @@ fn ns_name(i: usize) -> String {
 fn pod(ns: usize, j: usize, app_override: Option<&str>) -> Pod {
     let n = ns * PODS_PER_NS + j;
     let tier = TIERS[j % 3];
-    let app = app_override
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("app-{}", j % 10));
+    let app = app_override.map(str::to_string).unwrap_or_else(|| format!("app-{}", j % 10));
     Pod {
         key: ObjectKey::new(ns_name(ns), format!("pod-{j:03}")),
-        labels: [
-            ("app".to_string(), app),
-            ("tier".to_string(), tier.to_string()),
-            ("version".to_string(), format!("v{}", j % 2)),
-        ]
-        .into(),
-        ips: vec![
-            format!("10.244.{}.{}", n / 256, n % 256).parse().unwrap(),
-            format!("fd10:244::{n:x}").parse().unwrap(),
-        ],
+        labels: [("app".to_string(), app), ("tier".to_string(), tier.to_string()), ("version".to_string(), format!("v{}", j % 2))].into(),
+        ips: vec![format!("10.244.{}.{}", n / 256, n % 256).parse().unwrap(), format!("fd10:244::{n:x}").parse().unwrap()],
         // One pod per namespace on this node: 100 local pods.
-        node: Some(if j == 0 {
-            NODE.to_string()
-        } else {
-            format!("node-{}", 1 + n % 50)
-        }),
+        node: Some(if j == 0 { NODE.to_string() } else { format!("node-{}", 1 + n % 50) }),
         host_network: false,
         named_ports: vec![
-            NamedPort {
-                name: "http".into(),
-                port: 8000 + (j % 5) as u16,
-                protocol: Protocol::Tcp,
-            },
-            NamedPort {
-                name: "metrics".into(),
-                port: if tier == "db" { 9187 } else { 9090 },
-                protocol: Protocol::Tcp,
-            },
+            NamedPort { name: "http".into(), port: 8000 + (j % 5) as u16, protocol: Protocol::Tcp },
+            NamedPort { name: "metrics".into(), port: if tier == "db" { 9187 } else { 9090 }, protocol: Protocol::Tcp },
         ],
     }
 }
 
 fn np(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
-    serde_json::from_value(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec})).unwrap()
+    serde_json::from_value(
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+    )
+    .unwrap()
 }
 
 /// 20 policies per namespace: isolation, same-namespace allow, app-to-app on named ports,
@@ -101,11 +82,7 @@ fn np(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
 fn policies(i: usize, http_port: serde_json::Value) -> Vec<NetworkPolicy> {
     let ns = ns_name(i);
     let mut v = vec![
-        np(
-            &ns,
-            "default-deny",
-            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
-        ),
+        np(&ns, "default-deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]})),
         np(
             &ns,
             "allow-same-namespace",
@@ -119,11 +96,7 @@ fn policies(i: usize, http_port: serde_json::Value) -> Vec<NetworkPolicy> {
         ),
     ];
     for k in 0..10 {
-        let port = if k == 0 {
-            http_port.clone()
-        } else {
-            json!("http")
-        };
+        let port = if k == 0 { http_port.clone() } else { json!("http") };
         v.push(np(&ns, &format!("app-{k}"), json!({"podSelector": {"matchLabels": {"app": format!("app-{k}")}}, "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", (k + 1) % 10)}}}], "ports": [{"port": port}]}]})));
     }
@@ -149,14 +122,8 @@ fn policies(i: usize, http_port: serde_json::Value) -> Vec<NetworkPolicy> {
 fn cluster() -> Vec<Change> {
     let mut changes = Vec::new();
     for i in 0..NAMESPACES {
-        let labels = [
-            ("team".to_string(), format!("t{}", i % 10)),
-            (
-                "env".to_string(),
-                ["prod", "staging", "dev"][i % 3].to_string(),
-            ),
-        ]
-        .into();
+        let labels =
+            [("team".to_string(), format!("t{}", i % 10)), ("env".to_string(), ["prod", "staging", "dev"][i % 3].to_string())].into();
         changes.push(Change::UpsertNamespace(Namespace::new(ns_name(i), labels)));
     }
     for i in 0..NAMESPACES {
@@ -165,11 +132,7 @@ fn cluster() -> Vec<Change> {
         }
     }
     for i in 0..NAMESPACES {
-        changes.extend(
-            policies(i, json!("http"))
-                .into_iter()
-                .map(|p| Change::UpsertPolicy(Box::new(p))),
-        );
+        changes.extend(policies(i, json!("http")).into_iter().map(|p| Change::UpsertPolicy(Box::new(p))));
     }
     changes
 }
@@ -188,11 +151,7 @@ fn bench(cr: &mut Criterion) {
     let compiled = full_compile();
     let after = LIVE.load(Ordering::Relaxed);
     let entries: usize = compiled.endpoints().map(|e| e.tables.entry_count()).sum();
-    let max_entries = compiled
-        .endpoints()
-        .map(|e| e.tables.entry_count())
-        .max()
-        .unwrap_or(0);
+    let max_entries = compiled.endpoints().map(|e| e.tables.entry_count()).max().unwrap_or(0);
     println!(
         "workload: {} objects; compiled state (cluster state + tables of {} endpoints, {entries} entries, at most {max_entries} per endpoint): {:.1} MiB",
         changes.len(),
@@ -203,9 +162,7 @@ fn bench(cr: &mut Criterion) {
 
     let mut g = cr.benchmark_group("compile");
     g.sample_size(10);
-    g.bench_function("full compile (10k pods, 2k policies, 100 local)", |b| {
-        b.iter(|| black_box(full_compile()))
-    });
+    g.bench_function("full compile (10k pods, 2k policies, 100 local)", |b| b.iter(|| black_box(full_compile())));
     g.finish();
 
     let mut g = cr.benchmark_group("incremental");
@@ -226,10 +183,7 @@ fn bench(cr: &mut Criterion) {
         b.iter(|| {
             flip = !flip;
             let port = if flip { json!(8081) } else { json!("http") };
-            let p = policies(0, port)
-                .into_iter()
-                .find(|p| p.metadata.name.as_deref() == Some("app-0"))
-                .unwrap();
+            let p = policies(0, port).into_iter().find(|p| p.metadata.name.as_deref() == Some("app-0")).unwrap();
             let r = c.apply([Change::UpsertPolicy(Box::new(p))]);
             black_box(r)
         })

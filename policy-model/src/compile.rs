@@ -38,11 +38,7 @@ struct Grant {
 
 /// Compiles both tables of `pod` (which should be a non-hostNetwork pod of this node).
 /// `node_addresses` are the addresses of the pod's node, from which ingress always passes.
-pub fn compile_endpoint(
-    state: &ClusterState,
-    pod: &Pod,
-    node_addresses: &BTreeSet<IpAddr>,
-) -> EndpointTables {
+pub fn compile_endpoint(state: &ClusterState, pod: &Pod, node_addresses: &BTreeSet<IpAddr>) -> EndpointTables {
     EndpointTables {
         pod: pod.key.clone(),
         addresses: state.owned_ips(pod).collect(),
@@ -54,20 +50,11 @@ pub fn compile_endpoint(
 /// [`compile_endpoint`] with the addresses of the pod's own node looked up (for one-off
 /// compiles; [`crate::NodeCompiler`] computes them once per batch).
 pub fn compile_pod(state: &ClusterState, pod: &Pod) -> EndpointTables {
-    let node_addresses = pod
-        .node
-        .as_deref()
-        .map(|n| state.node_addresses(n))
-        .unwrap_or_default();
+    let node_addresses = pod.node.as_deref().map(|n| state.node_addresses(n)).unwrap_or_default();
     compile_endpoint(state, pod, &node_addresses)
 }
 
-fn compile_direction(
-    state: &ClusterState,
-    pod: &Pod,
-    direction: Direction,
-    node_addresses: &BTreeSet<IpAddr>,
-) -> PeerTable {
+fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>) -> PeerTable {
     let policies: Vec<_> = state.isolating_policies(pod, direction).collect();
     if policies.is_empty() {
         return PeerTable::not_isolated();
@@ -76,13 +63,7 @@ fn compile_direction(
     let mut grants: Vec<Grant> = Vec::new();
 
     for ip in state.owned_ips(pod) {
-        grants.push(Grant {
-            cidr: Prefix::host(ip),
-            except: vec![],
-            ports: PortSet::all(),
-            origin: Origin::OwnAddress,
-            rule: None,
-        });
+        grants.push(Grant { cidr: Prefix::host(ip), except: vec![], ports: PortSet::all(), origin: Origin::OwnAddress, rule: None });
     }
     if direction == Direction::Ingress {
         let node = pod.node.clone().unwrap_or_default();
@@ -98,18 +79,9 @@ fn compile_direction(
     }
 
     for policy in &policies {
-        for (i, rule) in policy
-            .rules(direction)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
+        for (i, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
             let rule_index = rules.len() as u32;
-            rules.push(RuleRef {
-                policy: policy.key.clone(),
-                direction,
-                rule: i,
-            });
+            rules.push(RuleRef { policy: policy.key.clone(), direction, rule: i });
 
             // Ports that mean the same number for every peer, and named ports, which
             // resolve on the destination pod: the target itself for ingress, each peer
@@ -169,9 +141,7 @@ fn compile_direction(
                                         cidr: Prefix::host(ip),
                                         except: vec![],
                                         ports: uniform.clone(),
-                                        origin: Origin::Pod {
-                                            pod: peer_pod.key.clone(),
-                                        },
+                                        origin: Origin::Pod { pod: peer_pod.key.clone() },
                                         rule: Some(rule_index),
                                     });
                                 }
@@ -183,12 +153,8 @@ fn compile_direction(
                     // Egress named ports: one host grant per destination pod address that
                     // the target covers, with the numbers that pod gives the names.
                     let candidates: Vec<&Pod> = match target {
-                        Target::Peer(peer @ Peer::Pods { .. }) => {
-                            state.peer_pods(&policy.key.namespace, peer)
-                        }
-                        Target::Everything | Target::Peer(Peer::Block(_)) => {
-                            state.pods().filter(|p| !p.host_network).collect()
-                        }
+                        Target::Peer(peer @ Peer::Pods { .. }) => state.peer_pods(&policy.key.namespace, peer),
+                        Target::Everything | Target::Peer(Peer::Block(_)) => state.pods().filter(|p| !p.host_network).collect(),
                     };
                     for dst in candidates {
                         let mut resolved = PortSet::empty();
@@ -212,9 +178,7 @@ fn compile_direction(
                                 cidr: Prefix::host(ip),
                                 except: vec![],
                                 ports: resolved.clone(),
-                                origin: Origin::Pod {
-                                    pod: dst.key.clone(),
-                                },
+                                origin: Origin::Pod { pod: dst.key.clone() },
                                 rule: Some(rule_index),
                             });
                         }
@@ -225,12 +189,7 @@ fn compile_direction(
     }
 
     let (entries, port_sets) = build_lpm(&grants, &rules);
-    PeerTable {
-        isolated: true,
-        isolated_by: policies.iter().map(|p| p.key.clone()).collect(),
-        entries,
-        port_sets,
-    }
+    PeerTable { isolated: true, isolated_by: policies.iter().map(|p| p.key.clone()).collect(), entries, port_sets }
 }
 
 #[derive(Default)]
@@ -285,10 +244,7 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
             }
         }
         for &gi in &here.excepts {
-            stands_for.insert(Origin::Except {
-                cidr: grants[gi].cidr,
-                except: *prefix,
-            });
+            stands_for.insert(Origin::Except { cidr: grants[gi].cidr, except: *prefix });
             blocks.retain(|b| *b != gi);
         }
         let mut value = plain.clone();
@@ -309,21 +265,12 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
                 prefix: *prefix,
                 port_set: id,
                 stands_for: stands_for.into_iter().collect(),
-                rules: rule_ids
-                    .into_iter()
-                    .map(|r| rules[r as usize].clone())
-                    .collect(),
+                rules: rule_ids.into_iter().map(|r| rules[r as usize].clone()).collect(),
             });
         }
         plain_rules.sort_unstable();
         plain_rules.dedup();
-        stack.push(Frame {
-            prefix: *prefix,
-            plain,
-            plain_rules,
-            blocks,
-            value,
-        });
+        stack.push(Frame { prefix: *prefix, plain, plain_rules, blocks, value });
     }
     (entries, port_sets)
 }

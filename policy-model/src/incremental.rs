@@ -57,10 +57,7 @@ pub struct ChangeReport {
 
 impl ChangeReport {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty()
-            && self.changed.is_empty()
-            && self.removed.is_empty()
-            && self.rejected.is_empty()
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty() && self.rejected.is_empty()
     }
 }
 
@@ -127,12 +124,7 @@ impl NodeCompiler {
         report
     }
 
-    fn apply_one(
-        &mut self,
-        change: Change,
-        dirty: &mut BTreeSet<ObjectKey>,
-        report: &mut ChangeReport,
-    ) {
+    fn apply_one(&mut self, change: Change, dirty: &mut BTreeSet<ObjectKey>, report: &mut ChangeReport) {
         match change {
             Change::UpsertNamespace(ns) => {
                 let old = self.state.namespace_labels(&ns.name).into_owned();
@@ -189,11 +181,7 @@ impl NodeCompiler {
                 if node.name == self.node {
                     dirty.extend(self.endpoints.keys().cloned());
                 }
-                let old_addresses = self
-                    .state
-                    .node(&node.name)
-                    .map(|n| n.addresses.clone())
-                    .unwrap_or_default();
+                let old_addresses = self.state.node(&node.name).map(|n| n.addresses.clone()).unwrap_or_default();
                 self.state.upsert_node(node.clone());
                 self.mark_address_holders(&old_addresses, dirty);
                 self.mark_address_holders(&node.addresses, dirty);
@@ -276,10 +264,7 @@ impl NodeCompiler {
                 continue;
             };
             let depends = all_peers(policy).any(|peer| match peer {
-                Peer::Pods {
-                    namespaces: NamespaceScope::Matching(sel),
-                    ..
-                } => sel.matches(old) != sel.matches(new),
+                Peer::Pods { namespaces: NamespaceScope::Matching(sel), .. } => sel.matches(old) != sel.matches(new),
                 _ => false,
             });
             if depends && self.state.pods_in(namespace).next().is_some() {
@@ -306,23 +291,12 @@ impl NodeCompiler {
                 Some(pod) => {
                     report.recompiled += 1;
                     let tables = compile_endpoint(&self.state, &pod, &node_addresses);
-                    let policies: Vec<ObjectKey> = self
-                        .state
-                        .policies_in(&pod.key.namespace)
-                        .filter(|p| self.state.selects(p, &pod))
-                        .map(|p| p.key.clone())
-                        .collect();
-                    let old_policies = self
-                        .endpoints
-                        .get(&key)
-                        .map(|e| e.policies.clone())
-                        .unwrap_or_default();
+                    let policies: Vec<ObjectKey> =
+                        self.state.policies_in(&pod.key.namespace).filter(|p| self.state.selects(p, &pod)).map(|p| p.key.clone()).collect();
+                    let old_policies = self.endpoints.get(&key).map(|e| e.policies.clone()).unwrap_or_default();
                     self.forget_users(&key, &old_policies);
                     for p in &policies {
-                        self.policy_users
-                            .entry(p.clone())
-                            .or_default()
-                            .insert(key.clone());
+                        self.policy_users.entry(p.clone()).or_default().insert(key.clone());
                     }
                     match self.endpoints.get_mut(&key) {
                         Some(ep) => {
@@ -338,15 +312,7 @@ impl NodeCompiler {
                                 self.next_id += 1;
                                 self.next_id - 1
                             });
-                            self.endpoints.insert(
-                                key.clone(),
-                                Endpoint {
-                                    id,
-                                    revision: 1,
-                                    tables,
-                                    policies,
-                                },
-                            );
+                            self.endpoints.insert(key.clone(), Endpoint { id, revision: 1, tables, policies });
                             report.added.push(key);
                         }
                     }
@@ -368,12 +334,7 @@ impl NodeCompiler {
 }
 
 fn all_peers(policy: &Policy) -> impl Iterator<Item = &Peer> {
-    Direction::BOTH
-        .into_iter()
-        .filter_map(|d| policy.rules(d))
-        .flatten()
-        .filter_map(|r| r.peers.as_ref())
-        .flatten()
+    Direction::BOTH.into_iter().filter_map(|d| policy.rules(d)).flatten().filter_map(|r| r.peers.as_ref()).flatten()
 }
 
 /// Whether `policy`'s tables can change when `pod` (a non-hostNetwork pod) appears, goes
@@ -389,16 +350,11 @@ fn policy_depends_on_pod(state: &ClusterState, policy: &Policy, pod: &Pod) -> bo
         return true;
     }
     policy.egress.iter().flatten().any(|rule| {
-        let named = rule
-            .ports
-            .iter()
-            .flatten()
-            .any(|p| matches!(p, PortSpec::Named(..)));
-        named && match &rule.peers {
-            None => true,
-            Some(peers) => peers.iter().any(
-                |peer| matches!(peer, Peer::Block(b) if pod.ips.iter().any(|ip| b.contains(*ip))),
-            ),
-        }
+        let named = rule.ports.iter().flatten().any(|p| matches!(p, PortSpec::Named(..)));
+        named
+            && match &rule.peers {
+                None => true,
+                Some(peers) => peers.iter().any(|peer| matches!(peer, Peer::Block(b) if pod.ips.iter().any(|ip| b.contains(*ip)))),
+            }
     })
 }

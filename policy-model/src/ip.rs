@@ -71,11 +71,7 @@ fn left_aligned(addr: IpAddr) -> u128 {
 }
 
 fn mask(len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - len as u32)
-    }
+    if len == 0 { 0 } else { u128::MAX << (128 - len as u32) }
 }
 
 impl Prefix {
@@ -84,36 +80,20 @@ impl Prefix {
     pub fn new(addr: IpAddr, len: u8) -> Result<Prefix, PrefixError> {
         let family = Family::of(addr);
         if len > family.max_len() {
-            return Err(PrefixError::TooLong {
-                len,
-                max: family.max_len(),
-                family,
-            });
+            return Err(PrefixError::TooLong { len, max: family.max_len(), family });
         }
-        Ok(Prefix {
-            family,
-            bits: left_aligned(addr) & mask(len),
-            len,
-        })
+        Ok(Prefix { family, bits: left_aligned(addr) & mask(len), len })
     }
 
     /// The single-address prefix (/32 or /128).
     pub fn host(addr: IpAddr) -> Prefix {
         let family = Family::of(addr);
-        Prefix {
-            family,
-            bits: left_aligned(addr),
-            len: family.max_len(),
-        }
+        Prefix { family, bits: left_aligned(addr), len: family.max_len() }
     }
 
     /// Everything in one family: `0.0.0.0/0` or `::/0`.
     pub fn everything(family: Family) -> Prefix {
-        Prefix {
-            family,
-            bits: 0,
-            len: 0,
-        }
+        Prefix { family, bits: 0, len: 0 }
     }
 
     pub fn family(&self) -> Family {
@@ -144,9 +124,7 @@ impl Prefix {
 
     /// True when every address of `other` is in `self` (a prefix contains itself).
     pub fn contains(&self, other: &Prefix) -> bool {
-        other.family == self.family
-            && other.len >= self.len
-            && other.bits & mask(self.len) == self.bits
+        other.family == self.family && other.len >= self.len && other.bits & mask(self.len) == self.bits
     }
 }
 
@@ -159,8 +137,7 @@ impl FromStr for Prefix {
         if !s.contains('/') {
             return Err(PrefixError::NotCidr(s.to_string()));
         }
-        let net =
-            ipnetwork::IpNetwork::from_str(s).map_err(|_| PrefixError::NotCidr(s.to_string()))?;
+        let net = ipnetwork::IpNetwork::from_str(s).map_err(|_| PrefixError::NotCidr(s.to_string()))?;
         Prefix::new(net.ip(), net.prefix())
     }
 }
@@ -207,12 +184,7 @@ mod tests {
 
     #[test]
     fn sort_order_is_preorder() {
-        let mut v = [
-            p("10.1.0.0/16"),
-            p("10.0.0.0/16"),
-            p("10.0.0.0/8"),
-            p("9.0.0.0/8"),
-        ];
+        let mut v = [p("10.1.0.0/16"), p("10.0.0.0/16"), p("10.0.0.0/8"), p("9.0.0.0/8")];
         v.sort();
         let s: Vec<String> = v.iter().map(|x| x.to_string()).collect();
         assert_eq!(s, ["9.0.0.0/8", "10.0.0.0/8", "10.0.0.0/16", "10.1.0.0/16"]);

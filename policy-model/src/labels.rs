@@ -64,11 +64,7 @@ impl Selector {
             let f = format!("{field}.matchLabels");
             validate_label_key(k, &f, errors);
             validate_label_value(v, &format!("{f}[{k}]"), errors);
-            requirements.push(Requirement {
-                key: k.clone(),
-                operator: Operator::In,
-                values: BTreeSet::from([v.clone()]),
-            });
+            requirements.push(Requirement { key: k.clone(), operator: Operator::In, values: BTreeSet::from([v.clone()]) });
         }
         for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
             let f = format!("{field}.matchExpressions[{i}]");
@@ -88,10 +84,8 @@ impl Selector {
                 }
             };
             match operator {
-                Operator::In | Operator::NotIn if values.is_empty() => errors.push(FieldError::new(
-                    format!("{f}.values"),
-                    "Required value: must be specified when `operator` is 'In' or 'NotIn'",
-                )),
+                Operator::In | Operator::NotIn if values.is_empty() => errors
+                    .push(FieldError::new(format!("{f}.values"), "Required value: must be specified when `operator` is 'In' or 'NotIn'")),
                 Operator::Exists | Operator::DoesNotExist if !values.is_empty() => errors.push(FieldError::new(
                     format!("{f}.values"),
                     "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
@@ -101,11 +95,7 @@ impl Selector {
             for (j, v) in values.iter().enumerate() {
                 validate_label_value(v, &format!("{f}.values[{j}]"), errors);
             }
-            requirements.push(Requirement {
-                key: e.key.clone(),
-                operator,
-                values,
-            });
+            requirements.push(Requirement { key: e.key.clone(), operator, values });
         }
         requirements.sort();
         requirements.dedup();
@@ -119,8 +109,7 @@ fn is_name_part(s: &str, max: usize) -> bool {
         && b.len() <= max
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -131,8 +120,7 @@ fn is_dns_subdomain(s: &str) -> bool {
                 && b.len() <= 63
                 && b[0].is_ascii_alphanumeric()
                 && b[b.len() - 1].is_ascii_alphanumeric()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         })
 }
 
@@ -143,12 +131,7 @@ pub fn validate_label_key(key: &str, field: &str, errors: &mut Vec<FieldError>) 
         None => is_name_part(key, 63),
     };
     if !ok {
-        errors.push(FieldError::new(
-            field,
-            format!(
-                "Invalid value: {key:?}: not a valid label key (a qualified name, [prefix/]name)"
-            ),
-        ));
+        errors.push(FieldError::new(field, format!("Invalid value: {key:?}: not a valid label key (a qualified name, [prefix/]name)")));
     }
 }
 
@@ -156,10 +139,7 @@ pub fn validate_label_key(key: &str, field: &str, errors: &mut Vec<FieldError>) 
 /// alphanumeric.
 pub fn validate_label_value(value: &str, field: &str, errors: &mut Vec<FieldError>) {
     if !value.is_empty() && !is_name_part(value, 63) {
-        errors.push(FieldError::new(
-            field,
-            format!("Invalid value: {value:?}: not a valid label value"),
-        ));
+        errors.push(FieldError::new(field, format!("Invalid value: {value:?}: not a valid label value")));
     }
 }
 
@@ -169,29 +149,16 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(kv: &[(&str, &str)]) -> Labels {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
-        LabelSelectorRequirement {
-            key: key.into(),
-            operator: op.into(),
-            values: Some(values.iter().map(|v| v.to_string()).collect()),
-        }
+        LabelSelectorRequirement { key: key.into(), operator: op.into(), values: Some(values.iter().map(|v| v.to_string()).collect()) }
     }
 
     fn sel(exprs: Vec<LabelSelectorRequirement>) -> (Selector, Vec<FieldError>) {
         let mut errors = vec![];
-        let s = Selector::from_k8s(
-            &LabelSelector {
-                match_expressions: Some(exprs),
-                match_labels: None,
-            },
-            "sel",
-            &mut errors,
-        );
+        let s = Selector::from_k8s(&LabelSelector { match_expressions: Some(exprs), match_labels: None }, "sel", &mut errors);
         (s, errors)
     }
 
@@ -213,10 +180,7 @@ mod tests {
         assert!(!s.matches(&labels(&[])));
 
         let (s, _) = sel(vec![expr("pod-name", "DoesNotExist", &[])]);
-        assert!(
-            s.matches(&labels(&[])),
-            "a pod with no labels matches DoesNotExist (legacy test 18)"
-        );
+        assert!(s.matches(&labels(&[])), "a pod with no labels matches DoesNotExist (legacy test 18)");
         assert!(!s.matches(&labels(&[("pod-name", "x")])));
     }
 

@@ -23,17 +23,13 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ObjectKey {
-        ObjectKey {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        ObjectKey { namespace: namespace.into(), name: name.into() }
     }
 
     /// Parses `namespace/name`.
     pub fn parse(s: &str) -> Option<ObjectKey> {
         let (ns, name) = s.split_once('/')?;
-        (!ns.is_empty() && !name.is_empty() && !name.contains('/'))
-            .then(|| ObjectKey::new(ns, name))
+        (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| ObjectKey::new(ns, name))
     }
 }
 
@@ -67,10 +63,7 @@ impl Namespace {
                 errors: vec![FieldError::new("metadata.name", "Required value")],
             });
         }
-        Ok(Namespace::new(
-            name,
-            ns.metadata.labels.clone().unwrap_or_default(),
-        ))
+        Ok(Namespace::new(name, ns.metadata.labels.clone().unwrap_or_default()))
     }
 }
 
@@ -98,18 +91,12 @@ pub struct Pod {
 impl Pod {
     /// The number a named port resolves to on this pod, for one protocol.
     pub fn resolve_named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
-        self.named_ports
-            .iter()
-            .find(|p| p.name == name && p.protocol == protocol)
-            .map(|p| p.port)
+        self.named_ports.iter().find(|p| p.name == name && p.protocol == protocol).map(|p| p.port)
     }
 
     pub fn from_k8s(pod: &core::Pod) -> Result<Pod, InvalidObject> {
         let key = ObjectKey::new(
-            pod.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string()),
+            pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_string()),
             pod.metadata.name.clone().unwrap_or_default(),
         );
         let mut errors = Vec::new();
@@ -120,38 +107,26 @@ impl Pod {
         let status = pod.status.as_ref();
         // A pod that has terminated has released its address, which may already belong to
         // another pod: it must not be matched by address any more.
-        let terminated = matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
+        let terminated = matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
         let mut ips: Vec<IpAddr> = Vec::new();
         if !terminated {
             let listed = status.and_then(|s| s.pod_ips.as_ref());
             let strings: Vec<&str> = match listed {
                 Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
-                _ => status
-                    .and_then(|s| s.pod_ip.as_deref())
-                    .into_iter()
-                    .collect(),
+                _ => status.and_then(|s| s.pod_ip.as_deref()).into_iter().collect(),
             };
             for (i, s) in strings.iter().enumerate() {
                 match s.parse::<IpAddr>() {
                     Ok(ip) if !ips.contains(&ip) => ips.push(ip),
                     Ok(_) => {}
-                    Err(_) => errors.push(FieldError::new(
-                        format!("status.podIPs[{i}].ip"),
-                        format!("Invalid value: {s:?}: not an IP address"),
-                    )),
+                    Err(_) => {
+                        errors.push(FieldError::new(format!("status.podIPs[{i}].ip"), format!("Invalid value: {s:?}: not an IP address")))
+                    }
                 }
             }
         }
         let mut named_ports = Vec::new();
-        for (ci, c) in spec
-            .map(|s| s.containers.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
+        for (ci, c) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
             for (pi, p) in c.ports.iter().flatten().enumerate() {
                 let Some(name) = &p.name else { continue };
                 let field = format!("spec.containers[{ci}].ports[{pi}]");
@@ -163,28 +138,17 @@ impl Pod {
                     }
                 };
                 match u16::try_from(p.container_port) {
-                    Ok(port) if port > 0 => named_ports.push(NamedPort {
-                        name: name.clone(),
-                        port,
-                        protocol,
-                    }),
+                    Ok(port) if port > 0 => named_ports.push(NamedPort { name: name.clone(), port, protocol }),
                     _ => errors.push(FieldError::new(
                         format!("{field}.containerPort"),
-                        format!(
-                            "Invalid value: {}: must be between 1 and 65535",
-                            p.container_port
-                        ),
+                        format!("Invalid value: {}: must be between 1 and 65535", p.container_port),
                     )),
                 }
             }
         }
         named_ports.sort();
         if !errors.is_empty() {
-            return Err(InvalidObject {
-                kind: "Pod",
-                key,
-                errors,
-            });
+            return Err(InvalidObject { kind: "Pod", key, errors });
         }
         Ok(Pod {
             key,
@@ -209,13 +173,7 @@ impl Node {
     pub fn from_k8s(node: &core::Node) -> Result<Node, InvalidObject> {
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut addresses = Vec::new();
-        for a in node
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-        {
+        for a in node.status.as_ref().and_then(|s| s.addresses.as_ref()).into_iter().flatten() {
             if matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
                 if let Ok(ip) = a.address.parse::<IpAddr>() {
                     if !addresses.contains(&ip) {

@@ -66,10 +66,7 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Peer {
     /// Pods (never hostNetwork ones) selected by labels in the scoped namespaces.
-    Pods {
-        namespaces: NamespaceScope,
-        pods: Selector,
-    },
+    Pods { namespaces: NamespaceScope, pods: Selector },
     /// Addresses in `cidr` and in none of `except`, pod addresses included.
     Block(IpBlock),
 }
@@ -128,10 +125,7 @@ impl Policy {
     /// reported, naming the policy.
     pub fn from_k8s(np: &net::NetworkPolicy) -> Result<Policy, InvalidObject> {
         let key = ObjectKey::new(
-            np.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string()),
+            np.metadata.namespace.clone().unwrap_or_else(|| "default".to_string()),
             np.metadata.name.clone().unwrap_or_default(),
         );
         let mut errors = Vec::new();
@@ -150,30 +144,14 @@ impl Policy {
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| {
-                convert_rule(
-                    r.from.as_deref(),
-                    r.ports.as_deref(),
-                    &format!("spec.ingress[{i}]"),
-                    "from",
-                    &mut errors,
-                )
-            })
+            .map(|(i, r)| convert_rule(r.from.as_deref(), r.ports.as_deref(), &format!("spec.ingress[{i}]"), "from", &mut errors))
             .collect();
         let egress_rules: Vec<Rule> = spec
             .egress
             .iter()
             .flatten()
             .enumerate()
-            .map(|(i, r)| {
-                convert_rule(
-                    r.to.as_deref(),
-                    r.ports.as_deref(),
-                    &format!("spec.egress[{i}]"),
-                    "to",
-                    &mut errors,
-                )
-            })
+            .map(|(i, r)| convert_rule(r.to.as_deref(), r.ports.as_deref(), &format!("spec.egress[{i}]"), "to", &mut errors))
             .collect();
 
         // policyTypes defaulting (SetDefaults_NetworkPolicy): Ingress always, Egress only
@@ -186,10 +164,7 @@ impl Policy {
             }
             Some(types) => {
                 if types.len() > 2 {
-                    errors.push(FieldError::new(
-                        "spec.policyTypes",
-                        "Invalid value: may not specify more than two policyTypes",
-                    ));
+                    errors.push(FieldError::new("spec.policyTypes", "Invalid value: may not specify more than two policyTypes"));
                 }
                 for (i, t) in types.iter().enumerate() {
                     match t.as_str() {
@@ -205,11 +180,7 @@ impl Policy {
         }
 
         if !errors.is_empty() {
-            return Err(InvalidObject {
-                kind: "NetworkPolicy",
-                key,
-                errors,
-            });
+            return Err(InvalidObject { kind: "NetworkPolicy", key, errors });
         }
         Ok(Policy {
             key,
@@ -229,45 +200,23 @@ fn convert_rule(
 ) -> Rule {
     // Empty and missing lists mean the same: no restriction.
     let peers = peers.filter(|p| !p.is_empty()).map(|peers| {
-        peers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| convert_peer(p, &format!("{field}.{peers_name}[{i}]"), errors))
-            .collect()
+        peers.iter().enumerate().filter_map(|(i, p)| convert_peer(p, &format!("{field}.{peers_name}[{i}]"), errors)).collect()
     });
-    let ports = ports.filter(|p| !p.is_empty()).map(|ports| {
-        ports
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| convert_port(p, &format!("{field}.ports[{i}]"), errors))
-            .collect()
-    });
+    let ports = ports
+        .filter(|p| !p.is_empty())
+        .map(|ports| ports.iter().enumerate().filter_map(|(i, p)| convert_port(p, &format!("{field}.ports[{i}]"), errors)).collect());
     Rule { peers, ports }
 }
 
-fn convert_peer(
-    peer: &net::NetworkPolicyPeer,
-    field: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<Peer> {
-    let set = [
-        peer.pod_selector.is_some(),
-        peer.namespace_selector.is_some(),
-        peer.ip_block.is_some(),
-    ];
+fn convert_peer(peer: &net::NetworkPolicyPeer, field: &str, errors: &mut Vec<FieldError>) -> Option<Peer> {
+    let set = [peer.pod_selector.is_some(), peer.namespace_selector.is_some(), peer.ip_block.is_some()];
     match set {
         [false, false, false] => {
-            errors.push(FieldError::new(
-                field,
-                "Required value: must specify a peer",
-            ));
+            errors.push(FieldError::new(field, "Required value: must specify a peer"));
             None
         }
         [_, _, true] if set.iter().filter(|b| **b).count() > 1 => {
-            errors.push(FieldError::new(
-                field,
-                "Forbidden: may not specify both ipBlock and another peer",
-            ));
+            errors.push(FieldError::new(field, "Forbidden: may not specify both ipBlock and another peer"));
             None
         }
         [false, false, true] => {
@@ -280,11 +229,7 @@ fn convert_peer(
                 None => Selector::everything(),
             };
             let namespaces = match &peer.namespace_selector {
-                Some(s) => NamespaceScope::Matching(Selector::from_k8s(
-                    s,
-                    &format!("{field}.namespaceSelector"),
-                    errors,
-                )),
+                Some(s) => NamespaceScope::Matching(Selector::from_k8s(s, &format!("{field}.namespaceSelector"), errors)),
                 None => NamespaceScope::PolicyNamespace,
             };
             Some(Peer::Pods { namespaces, pods })
@@ -292,11 +237,7 @@ fn convert_peer(
     }
 }
 
-fn convert_ip_block(
-    block: &net::IPBlock,
-    field: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<IpBlock> {
+fn convert_ip_block(block: &net::IPBlock, field: &str, errors: &mut Vec<FieldError>) -> Option<IpBlock> {
     if block.cidr.is_empty() {
         errors.push(FieldError::new(format!("{field}.cidr"), "Required value"));
         return None;
@@ -304,10 +245,7 @@ fn convert_ip_block(
     let cidr = match block.cidr.parse::<Prefix>() {
         Ok(c) => c,
         Err(e) => {
-            errors.push(FieldError::new(
-                format!("{field}.cidr"),
-                format!("Invalid value: {:?}: {e}", block.cidr),
-            ));
+            errors.push(FieldError::new(format!("{field}.cidr"), format!("Invalid value: {:?}: {e}", block.cidr)));
             return None;
         }
     };
@@ -317,13 +255,9 @@ fn convert_ip_block(
         match s.parse::<Prefix>() {
             Err(e) => errors.push(FieldError::new(f, format!("Invalid value: {s:?}: {e}"))),
             // The API server requires a strict subset: inside cidr and longer.
-            Ok(e) if !(cidr.contains(&e) && e.len() > cidr.len()) => errors.push(FieldError::new(
-                f,
-                format!(
-                    "Invalid value: {s:?}: must be a strict subset of `cidr` {}",
-                    block.cidr
-                ),
-            )),
+            Ok(e) if !(cidr.contains(&e) && e.len() > cidr.len()) => {
+                errors.push(FieldError::new(f, format!("Invalid value: {s:?}: must be a strict subset of `cidr` {}", block.cidr)))
+            }
             Ok(e) => except.push(e),
         }
     }
@@ -337,19 +271,14 @@ fn is_valid_port_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 15
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b.iter().any(|c| c.is_ascii_lowercase())
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
         && !s.contains("--")
 }
 
-fn convert_port(
-    port: &net::NetworkPolicyPort,
-    field: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<PortSpec> {
+fn convert_port(port: &net::NetworkPolicyPort, field: &str, errors: &mut Vec<FieldError>) -> Option<PortSpec> {
     let before = errors.len();
     let protocol = match port.protocol.as_deref() {
         // SetDefaults_NetworkPolicyPort: only a missing protocol means TCP.
@@ -359,9 +288,7 @@ fn convert_port(
             Err(_) => {
                 errors.push(FieldError::new(
                     format!("{field}.protocol"),
-                    format!(
-                        "Unsupported value: {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""
-                    ),
+                    format!("Unsupported value: {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""),
                 ));
                 Protocol::Tcp
             }
@@ -371,18 +298,12 @@ fn convert_port(
     let spec = match (&port.port, port.end_port) {
         (None, None) => Some(PortSpec::AnyPort(protocol)),
         (None, Some(_)) => {
-            errors.push(FieldError::new(
-                format!("{field}.endPort"),
-                "Invalid value: may not be specified when `port` is not specified",
-            ));
+            errors.push(FieldError::new(format!("{field}.endPort"), "Invalid value: may not be specified when `port` is not specified"));
             None
         }
         (Some(IntOrString::String(name)), end) => {
             if end.is_some() {
-                errors.push(FieldError::new(
-                    format!("{field}.endPort"),
-                    "Invalid value: may not be specified when `port` is non-numeric",
-                ));
+                errors.push(FieldError::new(format!("{field}.endPort"), "Invalid value: may not be specified when `port` is non-numeric"));
             }
             if !is_valid_port_name(name) {
                 errors.push(FieldError::new(
@@ -394,18 +315,14 @@ fn convert_port(
         }
         (Some(IntOrString::Int(n)), end) => {
             if !valid_port(*n) {
-                errors.push(FieldError::new(
-                    format!("{field}.port"),
-                    format!("Invalid value: {n}: must be between 1 and 65535, inclusive"),
-                ));
+                errors
+                    .push(FieldError::new(format!("{field}.port"), format!("Invalid value: {n}: must be between 1 and 65535, inclusive")));
             }
             if let Some(end) = end {
                 if end < *n {
                     errors.push(FieldError::new(
                         format!("{field}.endPort"),
-                        format!(
-                            "Invalid value: {end}: must be greater than or equal to `port` ({n})"
-                        ),
+                        format!("Invalid value: {end}: must be greater than or equal to `port` ({n})"),
                     ));
                 } else if !valid_port(end) {
                     errors.push(FieldError::new(
@@ -415,13 +332,7 @@ fn convert_port(
                 }
             }
             let end = end.unwrap_or(*n);
-            Some(PortSpec::Range(
-                protocol,
-                PortRange {
-                    start: (*n).clamp(0, 65535) as u16,
-                    end: end.clamp(0, 65535) as u16,
-                },
-            ))
+            Some(PortSpec::Range(protocol, PortRange { start: (*n).clamp(0, 65535) as u16, end: end.clamp(0, 65535) as u16 }))
         }
     };
     if errors.len() > before { None } else { spec }

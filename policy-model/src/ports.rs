@@ -10,9 +10,7 @@ use std::str::FromStr;
 use serde::Serialize;
 
 /// The protocols a NetworkPolicy port can name.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
@@ -63,9 +61,7 @@ impl FromStr for Protocol {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
             "SCTP" => Ok(Protocol::Sctp),
-            _ => Err(format!(
-                "unsupported protocol {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\""
-            )),
+            _ => Err(format!("unsupported protocol {s:?}: supported values: \"TCP\", \"UDP\", \"SCTP\"")),
         }
     }
 }
@@ -121,10 +117,7 @@ impl FromStr for IpProtocol {
             "SCTP" => Ok(IpProtocol::SCTP),
             "ICMP" => Ok(IpProtocol::ICMP),
             "ICMPV6" => Ok(IpProtocol::ICMPV6),
-            other => other
-                .parse::<u8>()
-                .map(IpProtocol)
-                .map_err(|_| format!("unknown protocol {s:?}")),
+            other => other.parse::<u8>().map(IpProtocol).map_err(|_| format!("unknown protocol {s:?}")),
         }
     }
 }
@@ -137,16 +130,10 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ALL: PortRange = PortRange {
-        start: 0,
-        end: u16::MAX,
-    };
+    pub const ALL: PortRange = PortRange { start: 0, end: u16::MAX };
 
     pub fn single(port: u16) -> PortRange {
-        PortRange {
-            start: port,
-            end: port,
-        }
+        PortRange { start: port, end: port }
     }
 
     pub fn contains(&self, port: u16) -> bool {
@@ -161,11 +148,7 @@ impl PortRange {
         let end = self.end as u32;
         while start <= end {
             // The largest aligned block that starts at `start` and stays within `end`.
-            let mut size = if start == 0 {
-                1u32 << 16
-            } else {
-                1u32 << start.trailing_zeros().min(16)
-            };
+            let mut size = if start == 0 { 1u32 << 16 } else { 1u32 << start.trailing_zeros().min(16) };
             while start + size - 1 > end {
                 size >>= 1;
             }
@@ -203,10 +186,7 @@ impl PortSet {
 
     /// Every protocol and port, as a rule with no `ports` allows.
     pub fn all() -> PortSet {
-        PortSet {
-            all: true,
-            ranges: Default::default(),
-        }
+        PortSet { all: true, ranges: Default::default() }
     }
 
     pub fn protocol(protocol: Protocol) -> PortSet {
@@ -242,9 +222,7 @@ impl PortSet {
         let mut merged: Vec<PortRange> = Vec::with_capacity(v.len());
         for r in v.drain(..) {
             match merged.last_mut() {
-                Some(last) if r.start as u32 <= last.end as u32 + 1 => {
-                    last.end = last.end.max(r.end)
-                }
+                Some(last) if r.start as u32 <= last.end as u32 + 1 => last.end = last.end.max(r.end),
                 _ => merged.push(r),
             }
         }
@@ -335,10 +313,7 @@ mod tests {
         a.insert(Protocol::Tcp, PortRange { start: 80, end: 81 });
         a.insert(Protocol::Tcp, PortRange { start: 82, end: 90 });
         a.insert(Protocol::Tcp, PortRange::single(85));
-        assert_eq!(
-            a,
-            PortSet::range(Protocol::Tcp, PortRange { start: 80, end: 90 })
-        );
+        assert_eq!(a, PortSet::range(Protocol::Tcp, PortRange { start: 80, end: 90 }));
         assert!(a.contains(IpProtocol::TCP, 90) && !a.contains(IpProtocol::UDP, 85));
         assert!(!a.contains(IpProtocol::ICMP, 0));
         assert!(PortSet::all().contains(IpProtocol::ICMP, 0));
@@ -349,28 +324,9 @@ mod tests {
     fn prefixes_of_known_ranges() {
         assert_eq!(PortRange::ALL.to_prefixes(), vec![(0, 0)]);
         assert_eq!(PortRange::single(80).to_prefixes(), vec![(80, 16)]);
-        assert_eq!(
-            PortRange { start: 80, end: 81 }.to_prefixes(),
-            vec![(80, 15)]
-        );
-        assert_eq!(
-            PortRange {
-                start: 1,
-                end: 65535
-            }
-            .to_prefixes()
-            .len(),
-            16
-        );
-        assert!(
-            PortRange {
-                start: 1,
-                end: 65534
-            }
-            .to_prefixes()
-            .len()
-                <= 30
-        );
+        assert_eq!(PortRange { start: 80, end: 81 }.to_prefixes(), vec![(80, 15)]);
+        assert_eq!(PortRange { start: 1, end: 65535 }.to_prefixes().len(), 16);
+        assert!(PortRange { start: 1, end: 65534 }.to_prefixes().len() <= 30);
     }
 
     proptest! {

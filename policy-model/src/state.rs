@@ -84,19 +84,13 @@ impl ClusterState {
     /// Pods of one namespace, in name order.
     pub fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &Pod> {
         let start = ObjectKey::new(namespace, "");
-        self.pods
-            .range(start..)
-            .take_while(move |(k, _)| k.namespace == namespace)
-            .map(|(_, p)| p)
+        self.pods.range(start..).take_while(move |(k, _)| k.namespace == namespace).map(|(_, p)| p)
     }
 
     /// Policies of one namespace, in name order.
     pub fn policies_in(&self, namespace: &str) -> impl Iterator<Item = &Policy> {
         let start = ObjectKey::new(namespace, "");
-        self.policies
-            .range(start..)
-            .take_while(move |(k, _)| k.namespace == namespace)
-            .map(|(_, p)| p)
+        self.policies.range(start..).take_while(move |(k, _)| k.namespace == namespace).map(|(_, p)| p)
     }
 
     /// A namespace's labels; a namespace we have not seen still has its name label, which
@@ -104,10 +98,7 @@ impl ClusterState {
     pub fn namespace_labels(&self, namespace: &str) -> std::borrow::Cow<'_, Labels> {
         match self.namespaces.get(namespace) {
             Some(ns) => std::borrow::Cow::Borrowed(&ns.labels),
-            None => std::borrow::Cow::Owned(Labels::from([(
-                NAMESPACE_NAME_LABEL.to_string(),
-                namespace.to_string(),
-            )])),
+            None => std::borrow::Cow::Owned(Labels::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())])),
         }
     }
 
@@ -135,24 +126,14 @@ impl ClusterState {
 
     /// The addresses `pod` is reachable at as a peer: the ones it owns.
     pub fn owned_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
-        pod.ips
-            .iter()
-            .copied()
-            .filter(move |ip| self.pod_at(*ip).is_some_and(|p| p.key == pod.key))
+        pod.ips.iter().copied().filter(move |ip| self.pod_at(*ip).is_some_and(|p| p.key == pod.key))
     }
 
     /// The addresses traffic from node `name` comes from: the Node's addresses and its
     /// hostNetwork pods' addresses.
     pub fn node_addresses(&self, name: &str) -> BTreeSet<IpAddr> {
-        let mut out: BTreeSet<IpAddr> = self
-            .nodes
-            .get(name)
-            .map(|n| n.addresses.iter().copied().collect())
-            .unwrap_or_default();
-        for p in self
-            .host_network_pods()
-            .filter(|p| p.node.as_deref() == Some(name))
-        {
+        let mut out: BTreeSet<IpAddr> = self.nodes.get(name).map(|n| n.addresses.iter().copied().collect()).unwrap_or_default();
+        for p in self.host_network_pods().filter(|p| p.node.as_deref() == Some(name)) {
             out.extend(p.ips.iter().copied());
         }
         out.retain(|ip| matches!(self.owner(*ip), AddressOwner::Node(n) if n == name));
@@ -161,57 +142,34 @@ impl ClusterState {
 
     /// Whether `policy` selects `pod` as a target (hostNetwork pods never are).
     pub fn selects(&self, policy: &Policy, pod: &Pod) -> bool {
-        !pod.host_network
-            && policy.key.namespace == pod.key.namespace
-            && policy.pod_selector.matches(&pod.labels)
+        !pod.host_network && policy.key.namespace == pod.key.namespace && policy.pod_selector.matches(&pod.labels)
     }
 
     /// Policies that isolate `pod` in `direction`, in key order.
-    pub fn isolating_policies<'a>(
-        &'a self,
-        pod: &'a Pod,
-        direction: Direction,
-    ) -> impl Iterator<Item = &'a Policy> + 'a {
-        self.policies_in(&pod.key.namespace)
-            .filter(move |p| p.rules(direction).is_some() && self.selects(p, pod))
+    pub fn isolating_policies<'a>(&'a self, pod: &'a Pod, direction: Direction) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies_in(&pod.key.namespace).filter(move |p| p.rules(direction).is_some() && self.selects(p, pod))
     }
 
     /// Whether a pod peer (`Peer::Pods`) of a policy in `policy_ns` matches `pod`.
-    pub fn pod_peer_matches(
-        &self,
-        policy_ns: &str,
-        namespaces: &NamespaceScope,
-        pods: &crate::labels::Selector,
-        pod: &Pod,
-    ) -> bool {
+    pub fn pod_peer_matches(&self, policy_ns: &str, namespaces: &NamespaceScope, pods: &crate::labels::Selector, pod: &Pod) -> bool {
         if pod.host_network {
             return false;
         }
         let ns_ok = match namespaces {
             NamespaceScope::PolicyNamespace => pod.key.namespace == policy_ns,
-            NamespaceScope::Matching(sel) => {
-                sel.matches(&self.namespace_labels(&pod.key.namespace))
-            }
+            NamespaceScope::Matching(sel) => sel.matches(&self.namespace_labels(&pod.key.namespace)),
         };
         ns_ok && pods.matches(&pod.labels)
     }
 
     /// Namespaces a peer's scope covers (including ones only known through their pods).
-    pub fn scoped_namespaces<'a>(
-        &'a self,
-        policy_ns: &'a str,
-        scope: &'a NamespaceScope,
-    ) -> Vec<&'a str> {
+    pub fn scoped_namespaces<'a>(&'a self, policy_ns: &'a str, scope: &'a NamespaceScope) -> Vec<&'a str> {
         match scope {
             NamespaceScope::PolicyNamespace => vec![policy_ns],
             NamespaceScope::Matching(sel) => {
-                let mut names: BTreeSet<&str> =
-                    self.namespaces.keys().map(String::as_str).collect();
+                let mut names: BTreeSet<&str> = self.namespaces.keys().map(String::as_str).collect();
                 names.extend(self.pod_namespaces.keys().map(String::as_str));
-                names
-                    .into_iter()
-                    .filter(|n| sel.matches(&self.namespace_labels(n)))
-                    .collect()
+                names.into_iter().filter(|n| sel.matches(&self.namespace_labels(n))).collect()
             }
         }
     }
@@ -223,18 +181,13 @@ impl ClusterState {
         };
         let mut out = Vec::new();
         for ns in self.scoped_namespaces(policy_ns, namespaces) {
-            out.extend(
-                self.pods_in(ns)
-                    .filter(|p| !p.host_network && pods.matches(&p.labels)),
-            );
+            out.extend(self.pods_in(ns).filter(|p| !p.host_network && pods.matches(&p.labels)));
         }
         out
     }
 
     fn host_network_pods(&self) -> impl Iterator<Item = &Pod> {
-        self.host_network_pods
-            .iter()
-            .filter_map(|k| self.pods.get(k))
+        self.host_network_pods.iter().filter_map(|k| self.pods.get(k))
     }
 
     // ---- writes ----
@@ -267,10 +220,7 @@ impl ClusterState {
                 h.pods.insert(pod.key.clone());
             }
         }
-        *self
-            .pod_namespaces
-            .entry(pod.key.namespace.clone())
-            .or_default() += 1;
+        *self.pod_namespaces.entry(pod.key.namespace.clone()).or_default() += 1;
         if pod.host_network {
             self.host_network_pods.insert(pod.key.clone());
         }
@@ -308,11 +258,7 @@ impl ClusterState {
             }
         }
         for ip in &node.addresses {
-            self.addresses
-                .entry(*ip)
-                .or_default()
-                .nodes
-                .insert(node.name.clone());
+            self.addresses.entry(*ip).or_default().nodes.insert(node.name.clone());
         }
         old
     }
@@ -331,22 +277,14 @@ impl ClusterState {
         for n in self.nodes.values().filter(|n| n.addresses.contains(&ip)) {
             nodes.insert(n.name.clone());
         }
-        nodes.extend(
-            self.host_network_pods()
-                .filter(|p| p.ips.contains(&ip))
-                .filter_map(|p| p.node.clone()),
-        );
+        nodes.extend(self.host_network_pods().filter(|p| p.ips.contains(&ip)).filter_map(|p| p.node.clone()));
         if let Some(h) = self.addresses.get_mut(&ip) {
             h.nodes = nodes;
         }
     }
 
     fn drop_if_unclaimed(&mut self, ip: IpAddr) {
-        if self
-            .addresses
-            .get(&ip)
-            .is_some_and(|h| h.pods.is_empty() && h.nodes.is_empty())
-        {
+        if self.addresses.get(&ip).is_some_and(|h| h.pods.is_empty() && h.nodes.is_empty()) {
             self.addresses.remove(&ip);
         }
     }

@@ -74,20 +74,12 @@ pub struct PeerTable {
 
 impl PeerTable {
     pub fn not_isolated() -> PeerTable {
-        PeerTable {
-            isolated: false,
-            isolated_by: Vec::new(),
-            entries: Vec::new(),
-            port_sets: Vec::new(),
-        }
+        PeerTable { isolated: false, isolated_by: Vec::new(), entries: Vec::new(), port_sets: Vec::new() }
     }
 
     /// The entry an address gets (longest matching prefix).
     pub fn lookup(&self, addr: IpAddr) -> Option<&PeerEntry> {
-        self.entries
-            .iter()
-            .filter(|e| e.prefix.contains_addr(addr))
-            .max_by_key(|e| e.prefix.len())
+        self.entries.iter().filter(|e| e.prefix.contains_addr(addr)).max_by_key(|e| e.prefix.len())
     }
 
     pub fn port_set(&self, entry: &PeerEntry) -> &PortSet {
@@ -96,21 +88,14 @@ impl PeerTable {
 
     /// What the datapath decides for traffic with `remote` on the other side.
     pub fn allows(&self, remote: IpAddr, protocol: IpProtocol, port: u16) -> bool {
-        !self.isolated
-            || self
-                .lookup(remote)
-                .is_some_and(|e| self.port_set(e).contains(protocol, port))
+        !self.isolated || self.lookup(remote).is_some_and(|e| self.port_set(e).contains(protocol, port))
     }
 
     /// Equal for the datapath (provenance aside): same isolation and same prefix → ports.
     pub fn same_datapath(&self, other: &PeerTable) -> bool {
         self.isolated == other.isolated
             && self.entries.len() == other.entries.len()
-            && self
-                .entries
-                .iter()
-                .zip(&other.entries)
-                .all(|(a, b)| a.prefix == b.prefix && self.port_set(a) == other.port_set(b))
+            && self.entries.iter().zip(&other.entries).all(|(a, b)| a.prefix == b.prefix && self.port_set(a) == other.port_set(b))
     }
 }
 
@@ -128,9 +113,7 @@ pub struct EndpointTables {
 
 impl EndpointTables {
     pub fn same_datapath(&self, other: &EndpointTables) -> bool {
-        self.addresses == other.addresses
-            && self.ingress.same_datapath(&other.ingress)
-            && self.egress.same_datapath(&other.egress)
+        self.addresses == other.addresses && self.ingress.same_datapath(&other.ingress) && self.egress.same_datapath(&other.egress)
     }
 
     /// Total entries in both directions.

@@ -50,10 +50,7 @@ pub enum Decision {
     /// No policy selects the pod for this direction.
     NotIsolated,
     /// Isolated, and these rules allow the flow.
-    Allowed {
-        isolated_by: Vec<ObjectKey>,
-        allowed_by: Vec<RuleRef>,
-    },
+    Allowed { isolated_by: Vec<ObjectKey>, allowed_by: Vec<RuleRef> },
     /// Isolated, and no rule of these policies allows the flow.
     Denied { isolated_by: Vec<ObjectKey> },
 }
@@ -89,11 +86,7 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
 
     if let (AddressOwner::Pod(s), Some(d)) = (src, dst_pod) {
         if s.key == d.key {
-            return Verdict {
-                allowed: true,
-                egress: Decision::SelfTraffic,
-                ingress: Decision::SelfTraffic,
-            };
+            return Verdict { allowed: true, egress: Decision::SelfTraffic, ingress: Decision::SelfTraffic };
         }
     }
 
@@ -103,43 +96,24 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
     };
     let ingress = match dst_pod {
         Some(pod) => match src {
-            AddressOwner::Node(n) if pod.node.as_deref() == Some(n) => Decision::FromOwnNode {
-                node: n.to_string(),
-            },
+            AddressOwner::Node(n) if pod.node.as_deref() == Some(n) => Decision::FromOwnNode { node: n.to_string() },
             _ => decide(state, pod, Direction::Ingress, flow),
         },
         None => Decision::NotAPod,
     };
-    Verdict {
-        allowed: egress.allows() && ingress.allows(),
-        egress,
-        ingress,
-    }
+    Verdict { allowed: egress.allows() && ingress.allows(), egress, ingress }
 }
 
 /// The decision of `subject`'s policies for `direction` (the subject is the source for
 /// egress, the destination for ingress).
 fn decide(state: &ClusterState, subject: &Pod, direction: Direction, flow: &Flow) -> Decision {
-    let isolated_by: Vec<ObjectKey> = state
-        .isolating_policies(subject, direction)
-        .map(|p| p.key.clone())
-        .collect();
+    let isolated_by: Vec<ObjectKey> = state.isolating_policies(subject, direction).map(|p| p.key.clone()).collect();
     if isolated_by.is_empty() {
         return Decision::NotIsolated;
     }
-    let allowed_by: Vec<RuleRef> = rule_matches_for(state, subject, direction, flow)
-        .into_iter()
-        .filter(|(_, m)| m.peer && m.port)
-        .map(|(r, _)| r)
-        .collect();
-    if allowed_by.is_empty() {
-        Decision::Denied { isolated_by }
-    } else {
-        Decision::Allowed {
-            isolated_by,
-            allowed_by,
-        }
-    }
+    let allowed_by: Vec<RuleRef> =
+        rule_matches_for(state, subject, direction, flow).into_iter().filter(|(_, m)| m.peer && m.port).map(|(r, _)| r).collect();
+    if allowed_by.is_empty() { Decision::Denied { isolated_by } } else { Decision::Allowed { isolated_by, allowed_by } }
 }
 
 /// How one rule of `subject`'s policies relates to a flow, for explanations.
@@ -153,12 +127,7 @@ pub struct RuleMatch {
 
 /// Matches every rule of every policy isolating `subject` in `direction` against `flow`
 /// (the subject is the source for egress, the destination for ingress).
-pub fn rule_matches_for(
-    state: &ClusterState,
-    subject: &Pod,
-    direction: Direction,
-    flow: &Flow,
-) -> Vec<(RuleRef, RuleMatch)> {
+pub fn rule_matches_for(state: &ClusterState, subject: &Pod, direction: Direction, flow: &Flow) -> Vec<(RuleRef, RuleMatch)> {
     let remote = match direction {
         Direction::Egress => flow.dst,
         Direction::Ingress => flow.src,
@@ -166,28 +135,10 @@ pub fn rule_matches_for(
     let dst_pod = state.pod_at(flow.dst);
     let mut out = Vec::new();
     for policy in state.isolating_policies(subject, direction) {
-        for (i, rule) in policy
-            .rules(direction)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            let peer = rule
-                .peers
-                .as_ref()
-                .is_none_or(|peers| peers.iter().any(|p| peer_matches(state, policy, p, remote)));
-            let port = rule
-                .ports
-                .as_ref()
-                .is_none_or(|ports| ports.iter().any(|p| port_matches(p, dst_pod, flow)));
-            out.push((
-                RuleRef {
-                    policy: policy.key.clone(),
-                    direction,
-                    rule: i,
-                },
-                RuleMatch { peer, port },
-            ));
+        for (i, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
+            let peer = rule.peers.as_ref().is_none_or(|peers| peers.iter().any(|p| peer_matches(state, policy, p, remote)));
+            let port = rule.ports.as_ref().is_none_or(|ports| ports.iter().any(|p| port_matches(p, dst_pod, flow)));
+            out.push((RuleRef { policy: policy.key.clone(), direction, rule: i }, RuleMatch { peer, port }));
         }
     }
     out
@@ -210,8 +161,6 @@ fn port_matches(spec: &PortSpec, dst_pod: Option<&Pod>, flow: &Flow) -> bool {
     match spec {
         PortSpec::AnyPort(_) => true,
         PortSpec::Range(_, r) => r.contains(flow.port),
-        PortSpec::Named(proto, name) => {
-            dst_pod.and_then(|p| p.resolve_named_port(name, *proto)) == Some(flow.port)
-        }
+        PortSpec::Named(proto, name) => dst_pod.and_then(|p| p.resolve_named_port(name, *proto)) == Some(flow.port),
     }
 }

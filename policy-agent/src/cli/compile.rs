@@ -23,24 +23,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
-    let m = Manifests::read_dirs(&args.manifests)
-        .map_err(|(dir, source)| CliError::Manifests { dir, source })?;
+    let m = Manifests::read_dirs(&args.manifests).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (changes, errors) = m.changes();
     for e in &errors {
         eprintln!("error: {e}");
     }
     let mut compiler = NodeCompiler::new(args.node.clone());
     compiler.apply(changes);
-    let view = NodeView {
-        node: args.node,
-        endpoints: compiler.endpoints().map(endpoint_view).collect(),
-    };
+    let view = NodeView { node: args.node, endpoints: compiler.endpoints().map(endpoint_view).collect() };
     match args.output {
         OutputFormat::Text => print!("{}", view.render_text()),
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&view).expect("tables serialize")
-        ),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&view).expect("tables serialize")),
     }
     Ok(exit_for(&errors))
 }

@@ -33,19 +33,12 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let (state, errors) = load(&args.manifests)?;
     if args.protocol.has_ports() && args.port == 0 {
-        return Err(CliError::Usage(format!(
-            "--port is required for {}",
-            args.protocol
-        )));
+        return Err(CliError::Usage(format!("--port is required for {}", args.protocol)));
     }
-    let e = explain(&state, &args.from, &args.to, args.protocol, args.port)
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let e = explain(&state, &args.from, &args.to, args.protocol, args.port).map_err(|e| CliError::Usage(e.to_string()))?;
     match args.output {
         OutputFormat::Text => print!("{}", e.render_text()),
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&e).expect("explanation serializes")
-        ),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&e).expect("explanation serializes")),
     }
     Ok(exit_for(&errors))
 }

@@ -21,11 +21,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let (state, errors) = load(&args.manifests)?;
-    let probes = if args.ports.is_empty() {
-        default_probes()
-    } else {
-        args.ports
-    };
+    let probes = if args.ports.is_empty() { default_probes() } else { args.ports };
     let m = compute(&state, &probes, None);
     match args.output {
         OutputFormat::Text => print!("{}", m.render_text()),

@@ -18,11 +18,7 @@ use policy_model::ClusterState;
 use crate::manifests::{ManifestError, Manifests};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "policy-agent",
-    version,
-    about = "Kubernetes NetworkPolicy enforcement agent and its operator tools"
-)]
+#[command(name = "policy-agent", version, about = "Kubernetes NetworkPolicy enforcement agent and its operator tools")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -53,10 +49,7 @@ pub const EXIT_INCONSISTENT: u8 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("cannot read manifests from {dir}: {source}")]
-    Manifests {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    Manifests { dir: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Usage(String),
 }
@@ -78,8 +71,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Loads a manifest directory, reporting every unusable object on stderr.
 pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliError> {
-    let m =
-        Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
+    let m = Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (state, errors) = m.state();
     for e in &errors {
         eprintln!("error: {e}");
@@ -88,9 +80,5 @@ pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliE
 }
 
 pub fn exit_for(errors: &[ManifestError]) -> ExitCode {
-    if errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_INVALID_OBJECTS)
-    }
+    if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_INVALID_OBJECTS) }
 }

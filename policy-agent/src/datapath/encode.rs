@@ -4,8 +4,8 @@ use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
 use policy_ebpf::{
-    Addr, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED,
-    PEER_ALL, PEER_KEY_FIXED_BITS, PORT_KEY_FIXED_BITS, PeerKey, PeerValue, PortKey, table_id,
+    Addr, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, PEER_ALL, PEER_KEY_FIXED_BITS,
+    PORT_KEY_FIXED_BITS, PeerKey, PeerValue, PortKey, table_id,
 };
 use policy_model::{EndpointTables, Family, PeerTable, Prefix, Protocol};
 
@@ -31,44 +31,21 @@ fn protocol_number(p: Protocol) -> u8 {
 }
 
 /// `PEERS` entries of one direction's table.
-pub fn peer_entries(
-    t: &PeerTable,
-    endpoint: u32,
-    revision: u32,
-    direction: u32,
-) -> Vec<(Key<PeerKey>, PeerValue)> {
+pub fn peer_entries(t: &PeerTable, endpoint: u32, revision: u32, direction: u32) -> Vec<(Key<PeerKey>, PeerValue)> {
     let table = table_id(revision, direction);
     t.entries
         .iter()
         .map(|e| {
             let (addr, len) = encode_prefix(&e.prefix);
             let set = t.port_set(e);
-            let value = PeerValue {
-                port_set: e.port_set,
-                flags: if set.is_all() { PEER_ALL } else { 0 },
-            };
-            (
-                Key::new(
-                    PEER_KEY_FIXED_BITS + len,
-                    PeerKey {
-                        endpoint,
-                        table,
-                        addr,
-                    },
-                ),
-                value,
-            )
+            let value = PeerValue { port_set: e.port_set, flags: if set.is_all() { PEER_ALL } else { 0 } };
+            (Key::new(PEER_KEY_FIXED_BITS + len, PeerKey { endpoint, table, addr }), value)
         })
         .collect()
 }
 
 /// `PORTS` entries of one direction's port sets: each range as port prefixes.
-pub fn port_entries(
-    t: &PeerTable,
-    endpoint: u32,
-    revision: u32,
-    direction: u32,
-) -> Vec<Key<PortKey>> {
+pub fn port_entries(t: &PeerTable, endpoint: u32, revision: u32, direction: u32) -> Vec<Key<PortKey>> {
     let table = table_id(revision, direction);
     let mut out = Vec::new();
     for (id, set) in t.port_sets.iter().enumerate() {
@@ -108,20 +85,15 @@ impl EncodedTables {
         let mut flags = 0;
         let mut peers = Vec::new();
         let mut ports = Vec::new();
-        for (table, dir, bit) in [
-            (&t.ingress, DIRECTION_INGRESS, ENDPOINT_INGRESS_ISOLATED),
-            (&t.egress, DIRECTION_EGRESS, ENDPOINT_EGRESS_ISOLATED),
-        ] {
+        for (table, dir, bit) in
+            [(&t.ingress, DIRECTION_INGRESS, ENDPOINT_INGRESS_ISOLATED), (&t.egress, DIRECTION_EGRESS, ENDPOINT_EGRESS_ISOLATED)]
+        {
             if table.isolated {
                 flags |= bit;
                 peers.extend(peer_entries(table, endpoint, revision, dir));
                 ports.extend(port_entries(table, endpoint, revision, dir));
             }
         }
-        EncodedTables {
-            flags,
-            peers,
-            ports,
-        }
+        EncodedTables { flags, peers, ports }
     }
 }

@@ -31,23 +31,13 @@ impl Enforcer {
         let datapath = Datapath::load(pin_dir, sizes)?;
         let mut sync = MapSync::new();
         sync.adopt(&datapath);
-        Ok(Enforcer {
-            datapath,
-            sync,
-            attached: BTreeMap::new(),
-            node_devices: BTreeSet::new(),
-            first_sync_done: false,
-        })
+        Ok(Enforcer { datapath, sync, attached: BTreeMap::new(), node_devices: BTreeSet::new(), first_sync_done: false })
     }
 
     /// Brings the datapath to the compiler's state. `interface_of` gives each local pod's
     /// host-side interface (pods without one yet are left for a later pass). Maps are
     /// written before programs are attached, so no packet meets a half-known pod.
-    pub fn reconcile(
-        &mut self,
-        compiler: &NodeCompiler,
-        interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>,
-    ) -> SyncReport {
+    pub fn reconcile(&mut self, compiler: &NodeCompiler, interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>) -> SyncReport {
         let mut report = SyncReport::default();
         let mut live = BTreeSet::new();
         for ep in compiler.endpoints() {
@@ -57,13 +47,7 @@ impl Enforcer {
             };
             live.insert(pod.clone());
             // Errors are recorded in the report (the pod is left fail-closed).
-            let _ = self.sync.sync_endpoint(
-                &mut self.datapath,
-                pod,
-                &ep.tables,
-                iface.ifindex,
-                &mut report,
-            );
+            let _ = self.sync.sync_endpoint(&mut self.datapath, pod, &ep.tables, iface.ifindex, &mut report);
             if self.attached.get(pod) != Some(&iface) {
                 let mut ok = true;
                 for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
@@ -77,20 +61,14 @@ impl Enforcer {
                 }
             }
         }
-        let gone: Vec<ObjectKey> = self
-            .attached
-            .keys()
-            .filter(|k| !live.contains(*k))
-            .cloned()
-            .collect();
+        let gone: Vec<ObjectKey> = self.attached.keys().filter(|k| !live.contains(*k)).cloned().collect();
         for pod in gone {
             if let Some(iface) = self.attached.remove(&pod) {
                 for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
                     let _ = self.datapath.detach(&iface.name, point);
                 }
             }
-            self.sync
-                .remove_endpoint(&mut self.datapath, &pod, &mut report);
+            self.sync.remove_endpoint(&mut self.datapath, &pod, &mut report);
         }
         if !self.first_sync_done {
             self.sync.collect_garbage(&mut self.datapath, &mut report);

@@ -9,8 +9,7 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use policy_ebpf::{
-    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, PeerKey, PeerValue, PendingKey,
-    PortKey, map_names as names, program_names,
+    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, PeerKey, PeerValue, PortKey, map_names as names, program_names,
 };
 
 use super::program_bytes;
@@ -88,21 +87,11 @@ pub enum DatapathError {
     #[error("loading the kernel programs failed (is this root, with BPF, on Linux >= 6.6?): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("attaching {point:?} to {interface}: {message}")]
-    Attach {
-        interface: String,
-        point: AttachPoint,
-        message: String,
-    },
+    Attach { interface: String, point: AttachPoint, message: String },
 }
 
 /// The loaded programs and typed handles on their (pinned) maps.
@@ -113,22 +102,14 @@ pub struct Datapath {
     pub(crate) peers: LpmTrie<MapData, PeerKey, PeerValue>,
     pub(crate) ports: LpmTrie<MapData, PortKey, u32>,
     pub(crate) conntrack: HashMap<MapData, CtKey, CtValue>,
-    pub(crate) pending: HashMap<MapData, PendingKey, CtKey>,
     pub(crate) services: LpmTrie<MapData, Addr, u32>,
     pub(crate) counters: PerCpuArray<MapData, Counters>,
     pub sizes: MapSizes,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, DatapathError> {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Map {
-        name,
-        source: aya::maps::MapError::InvalidName {
-            name: name.to_string(),
-        },
-    })?;
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+    let map =
+        ebpf.take_map(name).ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_string() } })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -136,10 +117,7 @@ impl Datapath {
     /// Loads the programs, reusing maps already pinned in `pin_dir` (so a restarted agent
     /// keeps its predecessor's tables and connections) and pinning new ones there.
     pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath, DatapathError> {
-        std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| DatapathError::PinDir {
-            path: pin_dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| DatapathError::PinDir { path: pin_dir.to_path_buf(), source })?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
@@ -151,28 +129,19 @@ impl Datapath {
             .map_max_entries(names::SERVICES, sizes.services)
             .map_max_entries(names::COUNTERS, sizes.endpoints * 2);
         let mut ebpf = loader.load(program_bytes())?;
-        for name in [
-            program_names::POD_INGRESS,
-            program_names::POD_EGRESS,
-            program_names::NODE_EGRESS,
-        ] {
+        for name in [program_names::POD_INGRESS, program_names::POD_EGRESS, program_names::NODE_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::Program {
-                    name,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
+                .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::UnexpectedProgramType })?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(Datapath {
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
             peers: take(&mut ebpf, names::PEERS)?,
             ports: take(&mut ebpf, names::PORTS)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
-            pending: take(&mut ebpf, names::PENDING)?,
             services: take(&mut ebpf, names::SERVICES)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             ebpf,
@@ -187,9 +156,7 @@ impl Datapath {
 
     fn link_pin(&self, interface: &str, point: AttachPoint) -> PathBuf {
         // bpffs names may not contain '.'.
-        self.pin_dir
-            .join("links")
-            .join(format!("{}-{interface}", point.pin_name()))
+        self.pin_dir.join("links").join(format!("{}-{interface}", point.pin_name()))
     }
 
     /// Attaches (tcx) a program to an interface of the current network namespace and pins
@@ -198,11 +165,7 @@ impl Datapath {
     /// goes unjudged across an agent restart or upgrade.
     pub fn attach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
         let pin = self.link_pin(interface, point);
-        let err = |message: String| DatapathError::Attach {
-            interface: interface.to_string(),
-            point,
-            message,
-        };
+        let err = |message: String| DatapathError::Attach { interface: interface.to_string(), point, message };
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(point.program())
@@ -211,34 +174,20 @@ impl Datapath {
             .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
         let id = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
-                let fd: FdLink = old
-                    .unpin()
-                    .map_err(|e| err(format!("unpinning the previous link: {e}")))?;
-                let link = SchedClassifierLink::try_from(fd)
-                    .map_err(|e| err(format!("previous link: {e}")))?;
-                prog.attach_to_link(link)
-                    .map_err(|e| err(format!("replacing the previous program: {e}")))?
+                let fd: FdLink = old.unpin().map_err(|e| err(format!("unpinning the previous link: {e}")))?;
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| err(format!("previous link: {e}")))?;
+                prog.attach_to_link(link).map_err(|e| err(format!("replacing the previous program: {e}")))?
             }
             Err(_) if !pin.exists() => prog
-                .attach_with_options(
-                    interface,
-                    point.tc(),
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
+                .attach_with_options(interface, point.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .map_err(|e| err(e.to_string()))?,
             Err(e) => {
-                return Err(err(format!(
-                    "reading the pinned link {}: {e}",
-                    pin.display()
-                )));
+                return Err(err(format!("reading the pinned link {}: {e}", pin.display())));
             }
         };
         let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
-        fd.pin(&pin)
-            .map_err(|e| err(format!("pinning the link: {e}")))?;
+        let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+        fd.pin(&pin).map_err(|e| err(format!("pinning the link: {e}")))?;
         Ok(())
     }
 
@@ -248,11 +197,7 @@ impl Datapath {
         if !pin.exists() {
             return Ok(());
         }
-        let err = |message: String| DatapathError::Attach {
-            interface: interface.to_string(),
-            point,
-            message,
-        };
+        let err = |message: String| DatapathError::Attach { interface: interface.to_string(), point, message };
         let link = PinnedLink::from_pin(&pin).map_err(|e| err(e.to_string()))?;
         // Dropping the last reference to an unpinned link detaches it.
         drop(link.unpin().map_err(|e| err(e.to_string()))?);
@@ -267,21 +212,35 @@ impl Datapath {
         };
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            for point in [
-                AttachPoint::PodIngress,
-                AttachPoint::PodEgress,
-                AttachPoint::NodeEgress,
-            ] {
-                if let Some(ifname) = name
-                    .strip_prefix(point.pin_name())
-                    .and_then(|r| r.strip_prefix('-'))
-                {
+            for point in [AttachPoint::PodIngress, AttachPoint::PodEgress, AttachPoint::NodeEgress] {
+                if let Some(ifname) = name.strip_prefix(point.pin_name()).and_then(|r| r.strip_prefix('-')) {
                     out.push((ifname.to_string(), point));
                 }
             }
         }
         out.sort();
         out
+    }
+
+    /// An endpoint's counters, [ingress, egress], summed over CPUs.
+    pub fn counters(&self, endpoint: u32) -> [Counters; 2] {
+        let mut out = [Counters::default(); 2];
+        for (dir, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(endpoint * 2 + dir as u32), 0) {
+                for c in values.iter() {
+                    slot.allowed_packets += c.allowed_packets;
+                    slot.allowed_bytes += c.allowed_bytes;
+                    slot.denied_packets += c.denied_packets;
+                    slot.denied_bytes += c.denied_bytes;
+                }
+            }
+        }
+        out
+    }
+
+    /// Tracked connections: (key, value) pairs.
+    pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.conntrack.iter().flatten().collect()
     }
 
     /// Removes every link and map pin: enforcement stops. (`uninstall`.)

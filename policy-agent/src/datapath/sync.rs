@@ -69,9 +69,7 @@ pub struct MapSync {
 }
 
 fn keyed(addr: IpAddr) -> EndpointKey {
-    EndpointKey {
-        addr: encode_addr(addr),
-    }
+    EndpointKey { addr: encode_addr(addr) }
 }
 
 impl MapSync {
@@ -108,8 +106,7 @@ impl MapSync {
                 }
             }
         }
-        let id = (1..max)
-            .find(|i| !self.used_ids.contains(i) && !self.endpoints.values().any(|e| e.id == *i))?;
+        let id = (1..max).find(|i| !self.used_ids.contains(i) && !self.endpoints.values().any(|e| e.id == *i))?;
         self.used_ids.insert(id);
         Some((id, 0))
     }
@@ -124,10 +121,7 @@ impl MapSync {
         report: &mut SyncReport,
     ) -> Result<(), SyncError> {
         if let Some(e) = self.endpoints.get(pod) {
-            if e.status == EndpointStatus::Enforced
-                && e.ifindex == ifindex
-                && e.tables.same_datapath(tables)
-            {
+            if e.status == EndpointStatus::Enforced && e.ifindex == ifindex && e.tables.same_datapath(tables) {
                 return Ok(());
             }
         }
@@ -139,10 +133,7 @@ impl MapSync {
                     self.write_errors += 1;
                     let err = SyncError {
                         pod: pod.clone(),
-                        message: format!(
-                            "no free endpoint id (at most {} endpoints)",
-                            dp.sizes.endpoints - 1
-                        ),
+                        message: format!("no free endpoint id (at most {} endpoints)", dp.sizes.endpoints - 1),
                     };
                     report.errors.push(err.to_string());
                     return Err(err);
@@ -181,49 +172,24 @@ impl MapSync {
 
         let old = self.endpoints.remove(pod);
         let (flags, status, peer_keys, port_keys) = match failure {
-            None => (
-                enc.flags,
-                EndpointStatus::Enforced,
-                written_peers,
-                written_ports,
-            ),
+            None => (enc.flags, EndpointStatus::Enforced, written_peers, written_ports),
             Some(message) => {
                 // Fail closed: drop what was written; the flag denies everything, and the
                 // new revision makes established flows be judged again (and denied).
                 self.write_errors += 1;
                 report.deleted_entries += delete_all(dp, &written_peers, &written_ports);
-                let err = SyncError {
-                    pod: pod.clone(),
-                    message: format!(
-                        "{message}; the pod is fail-closed (all its traffic is denied)"
-                    ),
-                };
+                let err = SyncError { pod: pod.clone(), message: format!("{message}; the pod is fail-closed (all its traffic is denied)") };
                 report.errors.push(err.to_string());
-                (
-                    ENDPOINT_FAIL_CLOSED,
-                    EndpointStatus::FailClosed {
-                        error: err.message.clone(),
-                    },
-                    Vec::new(),
-                    Vec::new(),
-                )
+                (ENDPOINT_FAIL_CLOSED, EndpointStatus::FailClosed { error: err.message.clone() }, Vec::new(), Vec::new())
             }
         };
 
         // 2. The flip: one write per address.
-        let value = EndpointValue {
-            id,
-            revision,
-            ifindex,
-            flags,
-        };
+        let value = EndpointValue { id, revision, ifindex, flags };
         let mut flip_error = None;
         for a in &tables.addresses {
             if let Err(e) = dp.endpoints.insert(keyed(*a), value, 0) {
-                flip_error = Some(format!(
-                    "writing the endpoint entry for {a}: {}",
-                    describe(&e)
-                ));
+                flip_error = Some(format!("writing the endpoint entry for {a}: {}", describe(&e)));
             }
         }
         if let Some(o) = &old {
@@ -252,22 +218,10 @@ impl MapSync {
         };
         self.endpoints.insert(
             pod.clone(),
-            DpEndpoint {
-                id,
-                revision,
-                ifindex,
-                addresses: tables.addresses.clone(),
-                tables: tables.clone(),
-                status,
-                peer_keys,
-                port_keys,
-            },
+            DpEndpoint { id, revision, ifindex, addresses: tables.addresses.clone(), tables: tables.clone(), status, peer_keys, port_keys },
         );
         if failed {
-            return Err(SyncError {
-                pod: pod.clone(),
-                message: error,
-            });
+            return Err(SyncError { pod: pod.clone(), message: error });
         }
         Ok(())
     }
@@ -287,50 +241,21 @@ impl MapSync {
     /// After the first full sync following `adopt`: deletes entries of revisions and
     /// endpoints no longer in force (what a previous agent left behind).
     pub fn collect_garbage(&mut self, dp: &mut Datapath, report: &mut SyncReport) {
-        let live_peers: BTreeSet<(u32, u32)> = self
-            .endpoints
-            .values()
-            .flat_map(|e| {
-                e.peer_keys
-                    .iter()
-                    .map(|k| (k.data().endpoint, k.data().table))
-            })
-            .collect();
+        let live_peers: BTreeSet<(u32, u32)> =
+            self.endpoints.values().flat_map(|e| e.peer_keys.iter().map(|k| (k.data().endpoint, k.data().table))).collect();
         let live_tables: BTreeSet<(u32, u32)> = self
             .endpoints
             .values()
-            .flat_map(|e| {
-                [
-                    (e.id, policy_ebpf::table_id(e.revision, 0)),
-                    (e.id, policy_ebpf::table_id(e.revision, 1)),
-                ]
-            })
+            .flat_map(|e| [(e.id, policy_ebpf::table_id(e.revision, 0)), (e.id, policy_ebpf::table_id(e.revision, 1))])
             .chain(live_peers)
             .collect();
-        let stale_peers: Vec<Key<PeerKey>> = dp
-            .peers
-            .keys()
-            .flatten()
-            .filter(|k| !live_tables.contains(&(k.data().endpoint, k.data().table)))
-            .collect();
-        let stale_ports: Vec<Key<PortKey>> = dp
-            .ports
-            .keys()
-            .flatten()
-            .filter(|k| !live_tables.contains(&(k.data().endpoint, k.data().table)))
-            .collect();
+        let stale_peers: Vec<Key<PeerKey>> =
+            dp.peers.keys().flatten().filter(|k| !live_tables.contains(&(k.data().endpoint, k.data().table))).collect();
+        let stale_ports: Vec<Key<PortKey>> =
+            dp.ports.keys().flatten().filter(|k| !live_tables.contains(&(k.data().endpoint, k.data().table))).collect();
         report.deleted_entries += delete_all(dp, &stale_peers, &stale_ports);
-        let live_addrs: BTreeSet<IpAddr> = self
-            .endpoints
-            .values()
-            .flat_map(|e| e.addresses.iter().copied())
-            .collect();
-        let stale_addrs: Vec<EndpointKey> = dp
-            .endpoints
-            .keys()
-            .flatten()
-            .filter(|k| !live_addrs.contains(&decode_addr(&k.addr)))
-            .collect();
+        let live_addrs: BTreeSet<IpAddr> = self.endpoints.values().flat_map(|e| e.addresses.iter().copied()).collect();
+        let stale_addrs: Vec<EndpointKey> = dp.endpoints.keys().flatten().filter(|k| !live_addrs.contains(&decode_addr(&k.addr))).collect();
         for k in stale_addrs {
             let _ = dp.endpoints.remove(&k);
             report.deleted_entries += 1;
@@ -343,9 +268,7 @@ impl MapSync {
     pub fn set_services(&mut self, dp: &mut Datapath, prefixes: &[Prefix]) -> Result<(), String> {
         let want: BTreeSet<(policy_ebpf::Addr, u32)> = prefixes.iter().map(encode_prefix).collect();
         for (addr, len) in want.difference(&self.services) {
-            dp.services
-                .insert(&Key::new(*len, *addr), 1, 0)
-                .map_err(|e| format!("writing Service prefix: {}", describe(&e)))?;
+            dp.services.insert(&Key::new(*len, *addr), 1, 0).map_err(|e| format!("writing Service prefix: {}", describe(&e)))?;
         }
         for (addr, len) in self.services.difference(&want) {
             let _ = dp.services.remove(&Key::new(*len, *addr));
@@ -372,9 +295,7 @@ fn delete_all(dp: &mut Datapath, peers: &[Key<PeerKey>], ports: &[Key<PortKey>])
 
 fn describe(e: &MapError) -> String {
     match e {
-        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc_e2big()) => {
-            "the map is full".to_string()
-        }
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc_e2big()) => "the map is full".to_string(),
         other => other.to_string(),
     }
 }

@@ -25,8 +25,7 @@ use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse};
 use verdict::{allows, count};
 
 #[map(name = "PA_ENDPOINTS")]
-static ENDPOINTS: HashMap<EndpointKey, EndpointValue> =
-    HashMap::pinned(DEFAULT_MAX_ENDPOINT_ADDRESSES, 0);
+static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(DEFAULT_MAX_ENDPOINT_ADDRESSES, 0);
 #[map(name = "PA_PEERS")]
 static PEERS: LpmTrie<PeerKey, PeerValue> = LpmTrie::pinned(DEFAULT_MAX_PEER_ENTRIES, 0);
 #[map(name = "PA_PORTS")]
@@ -90,11 +89,7 @@ fn now() -> u64 {
 #[inline(always)]
 fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
     let timeout = if protocol == PROTO_TCP {
-        if ct.flags & CT_TCP_CLOSING != 0 {
-            CT_TIMEOUT_TCP_CLOSING_NS
-        } else {
-            CT_TIMEOUT_TCP_NS
-        }
+        if ct.flags & CT_TCP_CLOSING != 0 { CT_TIMEOUT_TCP_CLOSING_NS } else { CT_TIMEOUT_TCP_NS }
     } else {
         CT_TIMEOUT_OTHER_NS
     };
@@ -105,21 +100,11 @@ fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
 /// approval on record is not from `ep`'s current revision. `orig`: this packet travels in
 /// the flow's original direction; `ep_is_src`: `ep` sent it.
 #[inline(always)]
-fn established(
-    c: &mut CtValue,
-    key: &CtKey,
-    p: &Packet,
-    ep: &EndpointValue,
-    ep_is_src: bool,
-    orig: bool,
-    now: u64,
-) -> bool {
+fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, orig: bool, now: u64) -> bool {
     // `ep` originated the flow iff it sends in the original direction or receives a reply.
     let ep_is_originator = ep_is_src == orig;
     let ok = if ep_is_originator {
-        if c.src_rev == ep.revision
-            || (c.src_rev == 0 && c.flags & CT_VIA_SERVICE != 0 && ep_is_src)
-        {
+        if c.src_rev == ep.revision || (c.src_rev == 0 && c.flags & CT_VIA_SERVICE != 0 && ep_is_src) {
             true
         } else {
             // The originator's egress again, toward the backend it was judged against (or
@@ -131,14 +116,7 @@ fn established(
             } else {
                 (p.src, p.sport)
             };
-            let allowed = allows(
-                ep,
-                DIRECTION_EGRESS,
-                &remote,
-                key.protocol,
-                port,
-                p.l4 == L4::Ports,
-            );
+            let allowed = allows(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
             if allowed {
                 c.src_rev = ep.revision;
             }
@@ -148,19 +126,8 @@ fn established(
         true
     } else {
         // The destination's ingress from the originator, again.
-        let (remote, port) = if orig {
-            (p.src, p.dport)
-        } else {
-            (p.dst, p.sport)
-        };
-        let allowed = allows(
-            ep,
-            DIRECTION_INGRESS,
-            &remote,
-            key.protocol,
-            port,
-            p.l4 == L4::Ports,
-        );
+        let (remote, port) = if orig { (p.src, p.dport) } else { (p.dst, p.sport) };
+        let allowed = allows(ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
         if allowed {
             c.dst_rev = ep.revision;
         }
@@ -194,10 +161,7 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (b
         return (src_is_lo, None);
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
-    (
-        src_is_lo,
-        Some(established(c, &s.key, p, ep, ep_is_src, orig, now)),
-    )
+    (src_is_lo, Some(established(c, &s.key, p, ep, ep_is_src, orig, now)))
 }
 
 /// Tracks the flow in `s.key`.
@@ -218,9 +182,7 @@ fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u1
 
 #[inline(always)]
 fn is_service(addr: &Addr) -> bool {
-    SERVICES
-        .get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
-        .is_some()
+    SERVICES.get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr)).is_some()
 }
 
 /// A local source's egress toward the post-DNAT destination, for a flow whose judgment
@@ -228,22 +190,10 @@ fn is_service(addr: &Addr) -> bool {
 #[inline(always)]
 fn judge_deferred(s: &mut Scratch, src: &EndpointValue) -> Option<u32> {
     let p = &s.packet;
-    if !allows(
-        src,
-        DIRECTION_EGRESS,
-        &p.dst,
-        p.protocol,
-        p.dport,
-        p.l4 == L4::Ports,
-    ) {
+    if !allows(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports) {
         return None;
     }
-    let pk = PendingKey {
-        addr: p.src,
-        port: p.sport,
-        protocol: p.protocol,
-        _pad: 0,
-    };
+    let pk = PendingKey { addr: p.src, port: p.sport, protocol: p.protocol, _pad: 0 };
     // SAFETY: copied out at once.
     if let Some(pre) = unsafe { PENDING.get(&pk) } {
         s.other = *pre;
@@ -292,33 +242,17 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     let p = &s.packet;
     if p.l4 != L4::Error && is_service(&p.dst) {
         // Judged after DNAT, against the backend; remember where the flow started.
-        let pk = PendingKey {
-            addr: p.src,
-            port: p.sport,
-            protocol: p.protocol,
-            _pad: 0,
-        };
+        let pk = PendingKey { addr: p.src, port: p.sport, protocol: p.protocol, _pad: 0 };
         track(s, src_is_lo, 0, CT_NOT_LOCAL, CT_VIA_SERVICE, now);
         let _ = PENDING.insert(&pk, &s.key, 0);
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
-    if !allows(
-        &ep,
-        DIRECTION_EGRESS,
-        &p.dst,
-        p.protocol,
-        p.dport,
-        p.l4 == L4::Ports,
-    ) {
+    if !allows(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports) {
         count(&ep, DIRECTION_EGRESS, false, len);
         return Ok(DROP);
     }
-    let dst_rev = if endpoint(&p.dst).is_some() {
-        0
-    } else {
-        CT_NOT_LOCAL
-    };
+    let dst_rev = if endpoint(&p.dst).is_some() { 0 } else { CT_NOT_LOCAL };
     if p.l4 != L4::Echo || p.echo_request {
         track(s, src_is_lo, ep.revision, dst_rev, 0, now);
     }
@@ -368,14 +302,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
     }
     let p = &s.packet;
-    if !allows(
-        &ep,
-        DIRECTION_INGRESS,
-        &p.src,
-        p.protocol,
-        p.dport,
-        p.l4 == L4::Ports,
-    ) {
+    if !allows(&ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports) {
         count(&ep, DIRECTION_INGRESS, false, len);
         return Ok(DROP);
     }
@@ -394,8 +321,7 @@ pub fn node_egress(ctx: TcContext) -> i32 {
 
 fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
     let s = scratch()?;
-    if !parse(ctx, &mut s.packet, &mut s.other)? || matches!(s.packet.l4, L4::Neighbor | L4::Error)
-    {
+    if !parse(ctx, &mut s.packet, &mut s.other)? || matches!(s.packet.l4, L4::Neighbor | L4::Error) {
         return Ok(PASS);
     }
     // Only traffic that still carries a local pod's address (not masqueraded).

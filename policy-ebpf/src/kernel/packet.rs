@@ -64,9 +64,7 @@ fn be16(b: [u8; 2]) -> u16 {
 
 #[inline(always)]
 pub fn mapped_v4(a: [u8; 4]) -> Addr {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
 /// Parses the packet at `ctx` into `p` (`quoted` is scratch space for an ICMP error's
@@ -157,13 +155,7 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> R
 }
 
 #[inline(always)]
-fn parse_l4(
-    ctx: &TcContext,
-    l4: usize,
-    p: &mut Packet,
-    v6: bool,
-    quoted: &mut CtKey,
-) -> Result<(), ()> {
+fn parse_l4(ctx: &TcContext, l4: usize, p: &mut Packet, v6: bool, quoted: &mut CtKey) -> Result<(), ()> {
     match p.protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
             let ports: [u8; 4] = load(ctx, l4)?;
@@ -271,14 +263,7 @@ fn before(a: &Addr, ap: u16, b: &Addr, bp: u16) -> bool {
 /// Writes the canonical connection-tracking key of a flow into `key`; returns whether
 /// `(src, sport)` is the `lo` end.
 #[inline(always)]
-pub fn ct_key(
-    key: &mut CtKey,
-    src: &Addr,
-    sport: u16,
-    dst: &Addr,
-    dport: u16,
-    protocol: u8,
-) -> bool {
+pub fn ct_key(key: &mut CtKey, src: &Addr, sport: u16, dst: &Addr, dport: u16, protocol: u8) -> bool {
     let src_is_lo = before(src, sport, dst, dport);
     if src_is_lo {
         key.lo_addr = *src;

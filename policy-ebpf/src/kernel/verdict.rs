@@ -9,34 +9,16 @@ use super::{COUNTERS, PEERS, PORTS};
 /// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
 /// `direction`, for `protocol`/`port` (`has_ports` false: only "all traffic" entries).
 #[inline(always)]
-pub fn allows(
-    ep: &EndpointValue,
-    direction: u32,
-    remote: &Addr,
-    protocol: u8,
-    port: u16,
-    has_ports: bool,
-) -> bool {
+pub fn allows(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool) -> bool {
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
         return false;
     }
-    let isolated = if direction == DIRECTION_INGRESS {
-        ENDPOINT_INGRESS_ISOLATED
-    } else {
-        ENDPOINT_EGRESS_ISOLATED
-    };
+    let isolated = if direction == DIRECTION_INGRESS { ENDPOINT_INGRESS_ISOLATED } else { ENDPOINT_EGRESS_ISOLATED };
     if ep.flags & isolated == 0 {
         return true;
     }
     let table = table_id(ep.revision, direction);
-    let key = Key::new(
-        PEER_KEY_FIXED_BITS + 128,
-        PeerKey {
-            endpoint: ep.id,
-            table,
-            addr: *remote,
-        },
-    );
+    let key = Key::new(PEER_KEY_FIXED_BITS + 128, PeerKey { endpoint: ep.id, table, addr: *remote });
     let (port_set, flags) = match PEERS.get(&key) {
         Some(v) => (v.port_set, v.flags),
         None => return false,
@@ -47,17 +29,7 @@ pub fn allows(
     if !has_ports {
         return false;
     }
-    let key = Key::new(
-        PORT_KEY_FIXED_BITS + 16,
-        PortKey {
-            endpoint: ep.id,
-            table,
-            port_set,
-            protocol,
-            _pad: 0,
-            port: port.to_be_bytes(),
-        },
-    );
+    let key = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { endpoint: ep.id, table, port_set, protocol, _pad: 0, port: port.to_be_bytes() });
     PORTS.get(&key).is_some()
 }
 

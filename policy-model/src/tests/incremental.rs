@@ -11,10 +11,7 @@ fn k(s: &str) -> ObjectKey {
 
 fn setup() -> NodeCompiler {
     let mut c = NodeCompiler::new("n1");
-    let mut changes = vec![
-        Change::UpsertNamespace(mk_ns("x", &[])),
-        Change::UpsertNamespace(mk_ns("y", &[])),
-    ];
+    let mut changes = vec![Change::UpsertNamespace(mk_ns("x", &[])), Change::UpsertNamespace(mk_ns("y", &[]))];
     let mut n = 1;
     for ns in ["x", "y"] {
         for pod in ["a", "b"] {
@@ -27,11 +24,7 @@ fn setup() -> NodeCompiler {
         }
     }
     let r = c.apply(changes);
-    assert_eq!(
-        r.added,
-        vec![k("x/a"), k("x/b")],
-        "only n1's pods are endpoints"
-    );
+    assert_eq!(r.added, vec![k("x/a"), k("x/b")], "only n1's pods are endpoints");
     c
 }
 
@@ -57,31 +50,19 @@ fn ids_are_stable_and_reused() {
 #[test]
 fn policy_change_recompiles_only_its_targets() {
     let mut c = setup();
-    let r = c.apply([policy(
-        "x",
-        "deny-a",
-        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]}),
-    )]);
+    let r = c.apply([policy("x", "deny-a", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]}))]);
     assert_eq!(r.changed, vec![k("x/a")]);
     assert_eq!(r.recompiled, 1);
     assert_eq!(c.endpoint(&k("x/a")).unwrap().revision, 2);
     assert_eq!(c.endpoint(&k("x/b")).unwrap().revision, 1);
 
     // Same policy again: recompiled, but nothing changed for the datapath.
-    let r = c.apply([policy(
-        "x",
-        "deny-a",
-        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]}),
-    )]);
+    let r = c.apply([policy("x", "deny-a", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]}))]);
     assert!(r.changed.is_empty());
     assert_eq!(c.endpoint(&k("x/a")).unwrap().revision, 2);
 
     // Retargeting moves the isolation.
-    let r = c.apply([policy(
-        "x",
-        "deny-a",
-        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}),
-    )]);
+    let r = c.apply([policy("x", "deny-a", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}))]);
     assert_eq!(r.changed, vec![k("x/a"), k("x/b")]);
     let r = c.apply([Change::DeletePolicy(k("x/deny-a"))]);
     assert_eq!(r.changed, vec![k("x/b")]);
@@ -90,8 +71,12 @@ fn policy_change_recompiles_only_its_targets() {
 #[test]
 fn pod_label_change_reaches_endpoints_that_peer_with_it() {
     let mut c = setup();
-    c.apply([policy("x", "from-db", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
-        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "db"}}}]}]}))]);
+    c.apply([policy(
+        "x",
+        "from-db",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "db"}}}]}]}),
+    )]);
     let before = c.endpoint(&k("x/a")).unwrap().tables.ingress.entries.len();
     let mut db = mk_pod("y", "b", &[("pod", "b"), ("role", "db")], &["10.244.0.4"]);
     db.node = Some("n2".into());
@@ -101,10 +86,7 @@ fn pod_label_change_reaches_endpoints_that_peer_with_it() {
     let mut unrelated = mk_pod("y", "a", &[("pod", "a"), ("other", "1")], &["10.244.0.3"]);
     unrelated.node = Some("n2".into());
     let r = c.apply([Change::UpsertPod(unrelated)]);
-    assert!(
-        r.changed.is_empty() && r.recompiled == 0,
-        "an unrelated pod recompiles nothing: {r:?}"
-    );
+    assert!(r.changed.is_empty() && r.recompiled == 0, "an unrelated pod recompiles nothing: {r:?}");
 }
 
 #[test]
@@ -118,32 +100,18 @@ fn namespace_label_change_reaches_namespace_selector_peers() {
     )]);
     let r = c.apply([Change::UpsertNamespace(mk_ns("y", &[("ns2", "updated")]))]);
     assert_eq!(r.changed, vec![k("x/a")]);
-    let r = c.apply([Change::UpsertNamespace(mk_ns(
-        "y",
-        &[("ns2", "updated"), ("unrelated", "1")],
-    ))]);
+    let r = c.apply([Change::UpsertNamespace(mk_ns("y", &[("ns2", "updated"), ("unrelated", "1")]))]);
     assert_eq!(r.recompiled, 0);
 }
 
 #[test]
 fn rejected_update_keeps_last_valid_version() {
     let mut c = setup();
-    c.apply([policy(
-        "x",
-        "p",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
-    )]);
-    let r = c.apply([policy(
-        "x",
-        "p",
-        json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]}),
-    )]);
+    c.apply([policy("x", "p", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))]);
+    let r = c.apply([policy("x", "p", json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]}))]);
     assert_eq!(r.rejected.len(), 1);
     assert!(r.changed.is_empty());
-    assert!(
-        c.endpoint(&k("x/a")).unwrap().tables.ingress.isolated,
-        "still enforced"
-    );
+    assert!(c.endpoint(&k("x/a")).unwrap().tables.ingress.isolated, "still enforced");
     assert_eq!(c.rejected().count(), 1);
     c.apply([Change::DeletePolicy(k("x/p"))]);
     assert_eq!(c.rejected().count(), 0);
@@ -152,24 +120,11 @@ fn rejected_update_keeps_last_valid_version() {
 #[test]
 fn own_node_addresses_follow_node_changes() {
     let mut c = setup();
-    c.apply([policy(
-        "x",
-        "p",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
-    )]);
-    let r = c.apply([Change::UpsertNode(Node {
-        name: "n1".into(),
-        addresses: vec!["10.250.0.1".parse().unwrap()],
-    })]);
+    c.apply([policy("x", "p", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))]);
+    let r = c.apply([Change::UpsertNode(Node { name: "n1".into(), addresses: vec!["10.250.0.1".parse().unwrap()] })]);
     assert_eq!(r.changed, vec![k("x/a"), k("x/b")]);
     let t = &c.endpoint(&k("x/a")).unwrap().tables.ingress;
     assert!(t.allows("10.250.0.1".parse().unwrap(), crate::IpProtocol::TCP, 1));
-    let r = c.apply([Change::UpsertNode(Node {
-        name: "n2".into(),
-        addresses: vec!["10.250.0.2".parse().unwrap()],
-    })]);
-    assert_eq!(
-        r.recompiled, 0,
-        "another node's addresses change nothing here"
-    );
+    let r = c.apply([Change::UpsertNode(Node { name: "n2".into(), addresses: vec!["10.250.0.2".parse().unwrap()] })]);
+    assert_eq!(r.recompiled, 0, "another node's addresses change nothing here");
 }

@@ -9,15 +9,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::{
-    ClusterState, Flow, IpProtocol, NamedPort, Namespace, Node, ObjectKey, Pod, Policy, Protocol,
-    compile_pod, verdict,
-};
+use crate::{ClusterState, Flow, IpProtocol, NamedPort, Namespace, Node, ObjectKey, Pod, Policy, Protocol, compile_pod, verdict};
 
 pub fn labels(kv: &[(&str, &str)]) -> crate::Labels {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 pub fn mk_ns(name: &str, kv: &[(&str, &str)]) -> Namespace {
@@ -30,11 +25,7 @@ pub fn mk_pod(ns: &str, name: &str, kv: &[(&str, &str)], ips: &[&str]) -> Pod {
     let mut named_ports = Vec::new();
     for port in [80u16, 81] {
         for proto in Protocol::ALL {
-            named_ports.push(NamedPort {
-                name: format!("serve-{port}-{}", proto.as_str().to_lowercase()),
-                port,
-                protocol: proto,
-            });
+            named_ports.push(NamedPort { name: format!("serve-{port}-{}", proto.as_str().to_lowercase()), port, protocol: proto });
         }
     }
     Pod {
@@ -75,13 +66,7 @@ impl World {
         for ns in ["x", "y", "z"] {
             w.state.upsert_namespace(mk_ns(ns, &[]));
         }
-        w.state.upsert_node(Node {
-            name: "n1".into(),
-            addresses: vec![
-                "10.250.0.1".parse().unwrap(),
-                "fd10:250::1".parse().unwrap(),
-            ],
-        });
+        w.state.upsert_node(Node { name: "n1".into(), addresses: vec!["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()] });
         w
     }
 
@@ -103,18 +88,10 @@ impl World {
     /// reference evaluator and the compiled tables must agree.
     pub fn allowed(&self, from: &str, to: &str, proto: IpProtocol, port: u16) -> bool {
         let addr = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|_| self.ip(s));
-        let flow = Flow {
-            src: addr(from),
-            dst: addr(to),
-            protocol: proto,
-            port,
-        };
+        let flow = Flow { src: addr(from), dst: addr(to), protocol: proto, port };
         let reference = verdict(&self.state, &flow).allowed;
         let compiled = compiled_verdict(&self.state, &flow);
-        assert_eq!(
-            reference, compiled,
-            "reference and compiled tables disagree on {from} -> {to} {proto}/{port}"
-        );
+        assert_eq!(reference, compiled, "reference and compiled tables disagree on {from} -> {to} {proto}/{port}");
         reference
     }
 
@@ -127,9 +104,7 @@ impl World {
 /// egress table (if the source is a pod) and the destination's ingress table.
 pub fn compiled_verdict(state: &ClusterState, flow: &Flow) -> bool {
     let tables_of = |addr: IpAddr| state.pod_at(addr).map(|pod| compile_pod(state, pod));
-    let egress_ok =
-        tables_of(flow.src).is_none_or(|t| t.egress.allows(flow.dst, flow.protocol, flow.port));
-    let ingress_ok =
-        tables_of(flow.dst).is_none_or(|t| t.ingress.allows(flow.src, flow.protocol, flow.port));
+    let egress_ok = tables_of(flow.src).is_none_or(|t| t.egress.allows(flow.dst, flow.protocol, flow.port));
+    let ingress_ok = tables_of(flow.dst).is_none_or(|t| t.ingress.allows(flow.src, flow.protocol, flow.port));
     egress_ok && ingress_ok
 }

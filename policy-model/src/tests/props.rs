@@ -12,17 +12,11 @@ use super::*;
 use crate::{Change, NodeCompiler, Prefix, compile_endpoint};
 
 fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-const NODES: [(&str, &str, &str); 2] = [
-    ("n1", "10.250.0.1", "fd10:250::1"),
-    ("n2", "10.250.0.2", "fd10:250::2"),
-];
+const NODES: [(&str, &str, &str); 2] = [("n1", "10.250.0.1", "fd10:250::1"), ("n2", "10.250.0.2", "fd10:250::2")];
 const PORT_NAMES: [&str; 4] = ["http", "dns", "metrics", "nope"];
 const PORTS: [u16; 5] = [53, 80, 81, 8080, 9];
 const CIDRS: [&str; 26] = [
@@ -53,13 +47,7 @@ const CIDRS: [&str; 26] = [
     "fd10:250::/64",
     "2001:db8::/32",
 ];
-const EXTERNAL: [&str; 5] = [
-    "8.8.8.8",
-    "10.244.0.200",
-    "2001:db8::1",
-    "fd10:244::c8",
-    "10.250.0.9",
-];
+const EXTERNAL: [&str; 5] = ["8.8.8.8", "10.244.0.200", "2001:db8::1", "fd10:244::c8", "10.250.0.9"];
 
 #[derive(Debug, Clone)]
 struct PodSpec {
@@ -72,11 +60,8 @@ struct PodSpec {
 }
 
 fn label_pairs() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
-    (
-        prop::option::of(prop::sample::select(vec!["a", "b", "c"])),
-        prop::option::of(prop::sample::select(vec!["web", "db"])),
-    )
-        .prop_map(|(p, a)| {
+    (prop::option::of(prop::sample::select(vec!["a", "b", "c"])), prop::option::of(prop::sample::select(vec!["web", "db"]))).prop_map(
+        |(p, a)| {
             let mut v = vec![];
             if let Some(p) = p {
                 v.push(("pod", p));
@@ -85,7 +70,8 @@ fn label_pairs() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
                 v.push(("app", a));
             }
             v
-        })
+        },
+    )
 }
 
 fn protocol() -> impl Strategy<Value = Protocol> {
@@ -99,33 +85,14 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
         0..3u8,
         0..2usize,
         prop::bool::weighted(0.1),
-        prop::collection::vec(
-            (0..3usize, prop::sample::select(PORTS.to_vec()), protocol()),
-            0..3,
-        ),
+        prop::collection::vec((0..3usize, prop::sample::select(PORTS.to_vec()), protocol()), 0..3),
     )
-        .prop_map(|(ns, labels, family, node, host_network, named)| PodSpec {
-            ns,
-            labels,
-            family,
-            node,
-            host_network,
-            named,
-        })
+        .prop_map(|(ns, labels, family, node, host_network, named)| PodSpec { ns, labels, family, node, host_network, named })
 }
 
 fn selector() -> impl Strategy<Value = Value> {
-    let key = prop::sample::select(vec![
-        "pod",
-        "app",
-        "env",
-        "team",
-        "kubernetes.io/metadata.name",
-    ]);
-    let values = prop::collection::btree_set(
-        prop::sample::select(vec!["a", "b", "c", "web", "db", "x", "y", "z", "t1", "p"]),
-        1..3,
-    );
+    let key = prop::sample::select(vec!["pod", "app", "env", "team", "kubernetes.io/metadata.name"]);
+    let values = prop::collection::btree_set(prop::sample::select(vec!["a", "b", "c", "web", "db", "x", "y", "z", "t1", "p"]), 1..3);
     let expr = (key, 0..4usize, values).prop_map(|(k, op, vals)| {
         let op = ["In", "NotIn", "Exists", "DoesNotExist"][op];
         if op == "In" || op == "NotIn" {
@@ -134,10 +101,8 @@ fn selector() -> impl Strategy<Value = Value> {
             json!({"key": k, "operator": op})
         }
     });
-    let match_labels = prop::option::of((
-        prop::sample::select(vec!["pod", "app", "env"]),
-        prop::sample::select(vec!["a", "b", "web", "p"]),
-    ));
+    let match_labels =
+        prop::option::of((prop::sample::select(vec!["pod", "app", "env"]), prop::sample::select(vec!["a", "b", "web", "p"])));
     (match_labels, prop::collection::vec(expr, 0..3)).prop_map(|(ml, exprs)| {
         let mut s = json!({});
         if let Some((k, v)) = ml {
@@ -169,18 +134,14 @@ fn peer() -> impl Strategy<Value = Value> {
     prop_oneof![
         selector().prop_map(|s| json!({"podSelector": s})),
         selector().prop_map(|s| json!({"namespaceSelector": s})),
-        (selector(), selector())
-            .prop_map(|(p, n)| json!({"podSelector": p, "namespaceSelector": n})),
+        (selector(), selector()).prop_map(|(p, n)| json!({"podSelector": p, "namespaceSelector": n})),
         ip_block(),
     ]
 }
 
 fn port() -> impl Strategy<Value = Value> {
     let proto = prop::option::of(protocol());
-    let number = (
-        prop::sample::select(PORTS.to_vec()),
-        prop::option::of(prop::sample::select(vec![0u16, 1, 100, 8000])),
-    );
+    let number = (prop::sample::select(PORTS.to_vec()), prop::option::of(prop::sample::select(vec![0u16, 1, 100, 8000])));
     let port = prop_oneof![
         Just(None),
         number.prop_map(|(p, e)| Some((json!(p), e.map(|d| p + d)))),
@@ -203,11 +164,7 @@ fn port() -> impl Strategy<Value = Value> {
 
 fn rules(peers_field: &'static str) -> impl Strategy<Value = Option<Value>> {
     let list = |s: BoxedStrategy<Value>| {
-        prop_oneof![
-            Just(None),
-            Just(Some(json!([]))),
-            prop::collection::vec(s, 1..3).prop_map(|v| Some(Value::Array(v)))
-        ]
+        prop_oneof![Just(None), Just(Some(json!([]))), prop::collection::vec(s, 1..3).prop_map(|v| Some(Value::Array(v)))]
     };
     let rule = (list(peer().boxed()), list(port().boxed())).prop_map(move |(peers, ports)| {
         let mut r = json!({});
@@ -219,44 +176,30 @@ fn rules(peers_field: &'static str) -> impl Strategy<Value = Option<Value>> {
         }
         r
     });
-    prop_oneof![
-        Just(None),
-        Just(Some(json!([]))),
-        prop::collection::vec(rule, 1..3).prop_map(|v| Some(Value::Array(v)))
-    ]
+    prop_oneof![Just(None), Just(Some(json!([]))), prop::collection::vec(rule, 1..3).prop_map(|v| Some(Value::Array(v)))]
 }
 
 fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
-    let types = prop_oneof![
-        Just(None),
-        Just(Some(vec!["Ingress"])),
-        Just(Some(vec!["Egress"])),
-        Just(Some(vec!["Ingress", "Egress"]))
-    ];
-    (0..3usize, selector(), types, rules("from"), rules("to")).prop_map(
-        |(ns, sel, types, ingress, egress)| {
-            let mut spec = json!({"podSelector": sel});
-            if let Some(t) = types {
-                spec["policyTypes"] = json!(t);
-            }
-            if let Some(i) = ingress {
-                spec["ingress"] = i;
-            }
-            if let Some(e) = egress {
-                spec["egress"] = e;
-            }
-            (ns, spec)
-        },
-    )
+    let types = prop_oneof![Just(None), Just(Some(vec!["Ingress"])), Just(Some(vec!["Egress"])), Just(Some(vec!["Ingress", "Egress"]))];
+    (0..3usize, selector(), types, rules("from"), rules("to")).prop_map(|(ns, sel, types, ingress, egress)| {
+        let mut spec = json!({"podSelector": sel});
+        if let Some(t) = types {
+            spec["policyTypes"] = json!(t);
+        }
+        if let Some(i) = ingress {
+            spec["ingress"] = i;
+        }
+        if let Some(e) = egress {
+            spec["egress"] = e;
+        }
+        (ns, spec)
+    })
 }
 
 fn ns_labels() -> impl Strategy<Value = Vec<Vec<(&'static str, &'static str)>>> {
     prop::collection::vec(
-        (
-            prop::option::of(prop::sample::select(vec!["a", "b"])),
-            prop::option::of(prop::sample::select(vec!["t1", "t2"])),
-        )
-            .prop_map(|(e, t)| {
+        (prop::option::of(prop::sample::select(vec!["a", "b"])), prop::option::of(prop::sample::select(vec!["t1", "t2"]))).prop_map(
+            |(e, t)| {
                 let mut v = vec![];
                 if let Some(e) = e {
                     v.push(("env", e));
@@ -265,7 +208,8 @@ fn ns_labels() -> impl Strategy<Value = Vec<Vec<(&'static str, &'static str)>>> 
                     v.push(("team", t));
                 }
                 v
-            }),
+            },
+        ),
         3,
     )
 }
@@ -292,38 +236,26 @@ fn pod_from(i: usize, s: &PodSpec) -> Pod {
     pod.named_ports = s
         .named
         .iter()
-        .map(|(n, port, protocol)| NamedPort {
-            name: PORT_NAMES[*n].to_string(),
-            port: *port,
-            protocol: *protocol,
-        })
+        .map(|(n, port, protocol)| NamedPort { name: PORT_NAMES[*n].to_string(), port: *port, protocol: *protocol })
         .collect();
     pod.named_ports.sort();
     pod.named_ports.dedup_by(|a, b| a.name == b.name);
     pod
 }
 
-fn world(
-    ns: &[Vec<(&'static str, &'static str)>],
-    pods: &[PodSpec],
-    policies: &[(usize, Value)],
-) -> ClusterState {
+fn world(ns: &[Vec<(&'static str, &'static str)>], pods: &[PodSpec], policies: &[(usize, Value)]) -> ClusterState {
     let mut state = ClusterState::new();
     for (i, labels) in ns.iter().enumerate() {
         state.upsert_namespace(mk_ns(NAMESPACES[i], labels));
     }
     for (name, v4, v6) in NODES {
-        state.upsert_node(Node {
-            name: name.into(),
-            addresses: vec![v4.parse().unwrap(), v6.parse().unwrap()],
-        });
+        state.upsert_node(Node { name: name.into(), addresses: vec![v4.parse().unwrap(), v6.parse().unwrap()] });
     }
     for (i, s) in pods.iter().enumerate() {
         state.upsert_pod(pod_from(i, s));
     }
     for (i, (ns, spec)) in policies.iter().enumerate() {
-        let p = Policy::from_k8s(&mk_policy(NAMESPACES[*ns], &format!("np{i}"), spec.clone()))
-            .expect("generated policies are valid");
+        let p = Policy::from_k8s(&mk_policy(NAMESPACES[*ns], &format!("np{i}"), spec.clone())).expect("generated policies are valid");
         state.upsert_policy(p);
     }
     state
@@ -331,11 +263,7 @@ fn world(
 
 fn addresses(state: &ClusterState) -> Vec<IpAddr> {
     let mut set: BTreeSet<IpAddr> = state.pods().flat_map(|p| p.ips.iter().copied()).collect();
-    set.extend(
-        NODES
-            .iter()
-            .flat_map(|(_, a, b)| [a.parse::<IpAddr>().unwrap(), b.parse().unwrap()]),
-    );
+    set.extend(NODES.iter().flat_map(|(_, a, b)| [a.parse::<IpAddr>().unwrap(), b.parse().unwrap()]));
     set.extend(EXTERNAL.iter().map(|a| a.parse::<IpAddr>().unwrap()));
     set.into_iter().collect()
 }
@@ -348,37 +276,18 @@ fn flow_picks() -> impl Strategy<Value = Vec<FlowPick>> {
 
 fn check_flows(state: &ClusterState, picks: &[FlowPick]) -> Result<(), TestCaseError> {
     let addrs = addresses(state);
-    let protos = [
-        IpProtocol::TCP,
-        IpProtocol::UDP,
-        IpProtocol::SCTP,
-        IpProtocol::ICMP,
-    ];
+    let protos = [IpProtocol::TCP, IpProtocol::UDP, IpProtocol::SCTP, IpProtocol::ICMP];
     // Pod-to-pod pairs always, then the random picks.
-    let pod_addrs: Vec<IpAddr> = state
-        .pods()
-        .filter(|p| !p.host_network)
-        .flat_map(|p| p.ips.clone())
-        .collect();
+    let pod_addrs: Vec<IpAddr> = state.pods().filter(|p| !p.host_network).flat_map(|p| p.ips.clone()).collect();
     let mut flows = Vec::new();
     for (i, s) in pod_addrs.iter().enumerate() {
         for d in &pod_addrs {
             let (_, _, pi, po) = picks[i % picks.len()];
-            flows.push(Flow {
-                src: *s,
-                dst: *d,
-                protocol: protos[pi],
-                port: PORTS[po],
-            });
+            flows.push(Flow { src: *s, dst: *d, protocol: protos[pi], port: PORTS[po] });
         }
     }
     for &(s, d, p, port) in picks {
-        flows.push(Flow {
-            src: addrs[s % addrs.len()],
-            dst: addrs[d % addrs.len()],
-            protocol: protos[p],
-            port: PORTS[port],
-        });
+        flows.push(Flow { src: addrs[s % addrs.len()], dst: addrs[d % addrs.len()], protocol: protos[p], port: PORTS[port] });
     }
     for flow in flows {
         if IpAddr::is_ipv4(&flow.src) != IpAddr::is_ipv4(&flow.dst) {
@@ -386,13 +295,7 @@ fn check_flows(state: &ClusterState, picks: &[FlowPick]) -> Result<(), TestCaseE
         }
         let reference = verdict(state, &flow);
         let compiled = compiled_verdict(state, &flow);
-        prop_assert_eq!(
-            reference.allowed,
-            compiled,
-            "flow {:?}: reference {:?}",
-            flow,
-            reference
-        );
+        prop_assert_eq!(reference.allowed, compiled, "flow {:?}: reference {:?}", flow, reference);
     }
     Ok(())
 }
@@ -486,17 +389,11 @@ proptest! {
     }
 }
 
-fn check_against_full(
-    c: &NodeCompiler,
-    prev: Option<(&NodeCompiler, &crate::ChangeReport)>,
-) -> Result<(), TestCaseError> {
+fn check_against_full(c: &NodeCompiler, prev: Option<(&NodeCompiler, &crate::ChangeReport)>) -> Result<(), TestCaseError> {
     let state = c.state();
     let node_addrs = state.node_addresses("n1");
-    let local: BTreeSet<ObjectKey> = state
-        .pods()
-        .filter(|p| !p.host_network && p.node.as_deref() == Some("n1"))
-        .map(|p| p.key.clone())
-        .collect();
+    let local: BTreeSet<ObjectKey> =
+        state.pods().filter(|p| !p.host_network && p.node.as_deref() == Some("n1")).map(|p| p.key.clone()).collect();
     let have: BTreeSet<ObjectKey> = c.endpoints().map(|e| e.tables.pod.clone()).collect();
     prop_assert_eq!(&local, &have, "endpoint set");
     let ids: BTreeSet<u32> = c.endpoints().map(|e| e.id).collect();
@@ -515,11 +412,7 @@ fn check_against_full(
         if let Some((before, report)) = prev {
             if let Some(old) = before.endpoint(key) {
                 if !old.tables.same_datapath(&fresh) {
-                    prop_assert!(
-                        report.changed.contains(key) || report.added.contains(key),
-                        "{} changed but was not reported",
-                        key
-                    );
+                    prop_assert!(report.changed.contains(key) || report.added.contains(key), "{} changed but was not reported", key);
                     prop_assert_ne!(old.revision, ep.revision);
                 } else {
                     prop_assert_eq!(old.revision, ep.revision);

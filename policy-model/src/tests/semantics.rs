@@ -32,43 +32,19 @@ fn no_policy_allows_everything() {
 fn policy_types_default_to_ingress_plus_egress_only_with_rules() {
     let mut w = xyz_abc();
     // egress: [] with no policyTypes isolates ingress only.
-    w.policy(
-        "x",
-        "p",
-        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "egress": []}),
-    );
+    w.policy("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "egress": []}));
     assert!(!w.tcp("y/a", "x/a", 80), "ingress isolated by default");
-    assert!(
-        w.tcp("x/a", "y/a", 80),
-        "egress: [] without policyTypes does not isolate egress"
-    );
+    assert!(w.tcp("x/a", "y/a", 80), "egress: [] without policyTypes does not isolate egress");
 
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "p",
-        json!({"podSelector": {}, "egress": [{"ports": [{"port": 80}]}]}),
-    );
-    assert!(
-        !w.tcp("x/a", "y/a", 81),
-        "non-empty egress defaults policyTypes to include Egress"
-    );
+    w.policy("x", "p", json!({"podSelector": {}, "egress": [{"ports": [{"port": 80}]}]}));
+    assert!(!w.tcp("x/a", "y/a", 81), "non-empty egress defaults policyTypes to include Egress");
     assert!(w.tcp("x/a", "y/a", 80));
-    assert!(
-        !w.tcp("y/a", "x/a", 80),
-        "and Ingress, with no ingress rules: deny"
-    );
+    assert!(!w.tcp("y/a", "x/a", 80), "and Ingress, with no ingress rules: deny");
 
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "p",
-        json!({"podSelector": {}, "policyTypes": ["Egress"], "ingress": [], "egress": [{}]}),
-    );
-    assert!(
-        w.tcp("y/a", "x/a", 80),
-        "explicit [Egress] does not isolate ingress"
-    );
+    w.policy("x", "p", json!({"podSelector": {}, "policyTypes": ["Egress"], "ingress": [], "egress": [{}]}));
+    assert!(w.tcp("y/a", "x/a", 80), "explicit [Egress] does not isolate ingress");
 }
 
 // §5.2: only a missing protocol means TCP (tests 38-40).
@@ -83,57 +59,30 @@ fn protocol_defaults_to_tcp_and_nothing_else_means_tcp() {
     let mut w = xyz_abc();
     w.policy("x", "tcp", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 81}]}]}));
     assert!(w.tcp("y/a", "x/a", 81));
-    assert!(
-        !w.allowed("y/a", "x/a", IpProtocol::UDP, 81),
-        "missing protocol is TCP only"
-    );
-    assert!(
-        !w.allowed("y/a", "x/a", IpProtocol::ICMP, 0),
-        "a rule with ports never matches ICMP"
-    );
+    assert!(!w.allowed("y/a", "x/a", IpProtocol::UDP, 81), "missing protocol is TCP only");
+    assert!(!w.allowed("y/a", "x/a", IpProtocol::ICMP, 0), "a rule with ports never matches ICMP");
 }
 
 // §5.3: empty vs missing vs empty element.
 #[test]
 fn empty_missing_and_empty_element_rules() {
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "deny",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}),
-    );
+    w.policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}));
     assert!(!w.tcp("y/a", "x/a", 80));
     assert!(!w.allowed("y/a", "x/a", IpProtocol::ICMP, 0));
 
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "deny-missing",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
-    );
-    assert!(
-        !w.tcp("y/a", "x/a", 80),
-        "missing ingress with Ingress type denies"
-    );
+    w.policy("x", "deny-missing", json!({"podSelector": {}, "policyTypes": ["Ingress"]}));
+    assert!(!w.tcp("y/a", "x/a", 80), "missing ingress with Ingress type denies");
 
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "allow",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]}),
-    );
+    w.policy("x", "allow", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]}));
     assert!(w.tcp("y/a", "x/a", 80));
-    assert!(
-        w.allowed("8.8.8.8", "x/a", IpProtocol::ICMP, 0),
-        "[{{}}] allows every source and protocol"
-    );
+    assert!(w.allowed("8.8.8.8", "x/a", IpProtocol::ICMP, 0), "[{{}}] allows every source and protocol");
 
     let mut w = xyz_abc();
     w.policy("x", "empty-lists", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [], "ports": []}]}));
-    assert!(
-        w.allowed("8.8.8.8", "x/a", IpProtocol::UDP, 9),
-        "empty from and ports mean all"
-    );
+    assert!(w.allowed("8.8.8.8", "x/a", IpProtocol::UDP, 9), "empty from and ports mean all");
 }
 
 // §5.4: selectors inside a peer.
@@ -142,10 +91,7 @@ fn pod_selector_alone_means_policy_namespace() {
     let mut w = xyz_abc();
     w.policy("x", "p", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {}}]}]}));
     assert!(w.tcp("x/b", "x/a", 80));
-    assert!(
-        !w.tcp("y/b", "x/a", 80),
-        "test 23: other namespaces are denied"
-    );
+    assert!(!w.tcp("y/b", "x/a", 80), "test 23: other namespaces are denied");
 }
 
 #[test]
@@ -153,28 +99,30 @@ fn namespace_selector_empty_means_all_namespaces() {
     let mut w = xyz_abc();
     w.policy("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {}}]}]}));
     assert!(w.tcp("x/b", "x/a", 80) && w.tcp("z/c", "x/a", 80), "test 5");
-    assert!(
-        !w.tcp("10.250.0.9", "x/a", 80),
-        "but not addresses outside the cluster"
-    );
+    assert!(!w.tcp("10.250.0.9", "x/a", 80), "but not addresses outside the cluster");
 }
 
 #[test]
 fn selectors_in_one_peer_are_anded_separate_peers_ored() {
     let mut w = xyz_abc();
-    w.policy("x", "and", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [
+    w.policy(
+        "x",
+        "and",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [
         {"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["x"]}]},
-         "podSelector": {"matchLabels": {"pod": "b"}}}]}]}));
-    assert!(w.tcp("y/b", "x/a", 80) && w.tcp("z/b", "x/a", 80));
-    assert!(
-        !w.tcp("x/b", "x/a", 80) && !w.tcp("y/a", "x/a", 80),
-        "test 10: AND"
+         "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
     );
+    assert!(w.tcp("y/b", "x/a", 80) && w.tcp("z/b", "x/a", 80));
+    assert!(!w.tcp("x/b", "x/a", 80) && !w.tcp("y/a", "x/a", 80), "test 10: AND");
 
     let mut w = xyz_abc();
-    w.policy("x", "or", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [
+    w.policy(
+        "x",
+        "or",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [
         {"namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["x"]}]}},
-        {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}));
+        {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    );
     assert!(w.tcp("x/b", "x/a", 80) && w.tcp("y/a", "x/a", 80));
     assert!(!w.tcp("x/c", "x/a", 80), "test 9: OR");
 }
@@ -183,11 +131,7 @@ fn selectors_in_one_peer_are_anded_separate_peers_ored() {
 #[test]
 fn policies_union_and_both_sides_must_allow() {
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "deny",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}),
-    );
+    w.policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}));
     w.policy("x", "allow-a", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {}}]}]}));
     assert!(w.tcp("y/c", "x/a", 80), "test 4: union");
     assert!(!w.tcp("y/c", "x/b", 80));
@@ -198,19 +142,8 @@ fn policies_union_and_both_sides_must_allow() {
     w.policy("y", "ingress-b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}, "podSelector": {"matchLabels": {"pod": "a"}}}]}]}));
     assert!(w.tcp("x/a", "y/a", 80));
     assert!(!w.tcp("x/a", "y/b", 80));
-    let v = verdict(
-        &w.state,
-        &Flow {
-            src: w.ip("x/a"),
-            dst: w.ip("y/b"),
-            protocol: IpProtocol::TCP,
-            port: 80,
-        },
-    );
-    assert!(
-        matches!(v.egress, Decision::Denied { .. })
-            && matches!(v.ingress, Decision::Allowed { .. })
-    );
+    let v = verdict(&w.state, &Flow { src: w.ip("x/a"), dst: w.ip("y/b"), protocol: IpProtocol::TCP, port: 80 });
+    assert!(matches!(v.egress, Decision::Denied { .. }) && matches!(v.ingress, Decision::Allowed { .. }));
 }
 
 // §5.7: ipBlock applies to pod addresses; except carves; union with other peers.
@@ -226,14 +159,8 @@ fn ip_block_matches_pods_and_except_carves_out() {
     );
     assert!(!w.tcp("x/a", "x/b", 80), "test 35");
     assert!(w.tcp("x/a", "x/c", 80));
-    assert!(
-        w.tcp("x/a", "10.1.2.3", 80),
-        "external addresses in the block"
-    );
-    assert!(
-        !w.tcp("x/a", "fd10:244::3", 80),
-        "the IPv4 block says nothing of IPv6"
-    );
+    assert!(w.tcp("x/a", "10.1.2.3", 80), "external addresses in the block");
+    assert!(!w.tcp("x/a", "fd10:244::3", 80), "the IPv4 block says nothing of IPv6");
 
     w.policy(
         "x",
@@ -241,10 +168,7 @@ fn ip_block_matches_pods_and_except_carves_out() {
         json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
         "egress": [{"to": [{"ipBlock": {"cidr": format!("{xb}/32")}}]}]}),
     );
-    assert!(
-        w.tcp("x/a", "x/b", 80),
-        "an excepted address allowed by another policy is allowed (legacy 27)"
-    );
+    assert!(w.tcp("x/a", "x/b", 80), "an excepted address allowed by another policy is allowed (legacy 27)");
 }
 
 #[test]
@@ -264,67 +188,39 @@ fn named_ports_resolve_per_destination_pod() {
     let mut a = mk_pod("x", "a", &[("pod", "a")], &["10.244.0.1"]);
     let mut b = mk_pod("y", "b", &[("pod", "b")], &["10.244.0.2"]);
     let mut c = mk_pod("y", "c", &[("pod", "c")], &["10.244.0.3"]);
-    a.named_ports = vec![NamedPort {
-        name: "http".into(),
-        port: 1000,
-        protocol: Protocol::Tcp,
-    }];
-    b.named_ports = vec![NamedPort {
-        name: "http".into(),
-        port: 8080,
-        protocol: Protocol::Tcp,
-    }];
-    c.named_ports = vec![NamedPort {
-        name: "http".into(),
-        port: 9090,
-        protocol: Protocol::Udp,
-    }];
+    a.named_ports = vec![NamedPort { name: "http".into(), port: 1000, protocol: Protocol::Tcp }];
+    b.named_ports = vec![NamedPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp }];
+    c.named_ports = vec![NamedPort { name: "http".into(), port: 9090, protocol: Protocol::Udp }];
     w.pod(a).pod(b).pod(c);
     w.policy("x", "egress-http", json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": "http"}]}]}));
-    assert!(
-        w.tcp("x/a", "y/b", 8080),
-        "resolved on the destination, not the source (aws#149)"
-    );
-    assert!(
-        !w.tcp("x/a", "y/b", 1000),
-        "the source's own number does not apply"
-    );
-    assert!(
-        !w.allowed("x/a", "y/c", IpProtocol::UDP, 9090),
-        "TCP rule naming a UDP port opens nothing"
-    );
+    assert!(w.tcp("x/a", "y/b", 8080), "resolved on the destination, not the source (aws#149)");
+    assert!(!w.tcp("x/a", "y/b", 1000), "the source's own number does not apply");
+    assert!(!w.allowed("x/a", "y/c", IpProtocol::UDP, 9090), "TCP rule naming a UDP port opens nothing");
     assert!(!w.tcp("x/a", "y/c", 9090));
-    assert!(
-        !w.tcp("x/a", "8.8.8.8", 8080),
-        "no pod behind an external address: the name resolves to nothing"
-    );
+    assert!(!w.tcp("x/a", "8.8.8.8", 8080), "no pod behind an external address: the name resolves to nothing");
 
-    w.policy("y", "ingress-http", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": "http", "protocol": "UDP"}]}]}));
-    assert!(
-        !w.allowed("x/a", "y/c", IpProtocol::UDP, 9090),
-        "x/a's egress still blocks UDP"
+    w.policy(
+        "y",
+        "ingress-http",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": "http", "protocol": "UDP"}]}]}),
     );
-    assert!(
-        w.allowed("10.0.0.9", "y/c", IpProtocol::UDP, 9090),
-        "ingress resolves on the target"
-    );
-    assert!(
-        !w.allowed("10.0.0.9", "y/b", IpProtocol::UDP, 8080),
-        "y/b has no UDP port named http"
-    );
+    assert!(!w.allowed("x/a", "y/c", IpProtocol::UDP, 9090), "x/a's egress still blocks UDP");
+    assert!(w.allowed("10.0.0.9", "y/c", IpProtocol::UDP, 9090), "ingress resolves on the target");
+    assert!(!w.allowed("10.0.0.9", "y/b", IpProtocol::UDP, 8080), "y/b has no UDP port named http");
 }
 
 #[test]
 fn egress_named_port_with_ip_block_resolves_on_pods_inside() {
     let mut w = xyz_abc();
-    w.policy("x", "p", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
-        "egress": [{"to": [{"ipBlock": {"cidr": "10.244.0.0/29"}}], "ports": [{"port": "serve-81-tcp"}]}]}));
+    w.policy(
+        "x",
+        "p",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.244.0.0/29"}}], "ports": [{"port": "serve-81-tcp"}]}]}),
+    );
     assert!(w.tcp("x/a", "x/b", 81));
     assert!(!w.tcp("x/a", "x/b", 80));
-    assert!(
-        !w.tcp("x/a", "z/c", 81),
-        "z/c (10.244.0.9) is outside the /29"
-    );
+    assert!(!w.tcp("x/a", "z/c", 81), "z/c (10.244.0.9) is outside the /29");
 }
 
 // endPort.
@@ -343,14 +239,8 @@ fn own_node_reaches_isolated_pods_other_nodes_do_not() {
     w.policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": []}));
     assert!(w.tcp("10.250.0.1", "x/a", 80), "own node");
     assert!(w.tcp("fd10:250::1", "x/a", 80), "own node over IPv6");
-    assert!(
-        !w.tcp("10.250.0.2", "x/a", 80),
-        "another node's address is just an address"
-    );
-    assert!(
-        !w.tcp("x/a", "10.250.0.1", 80),
-        "egress to the node is subject to policy"
-    );
+    assert!(!w.tcp("10.250.0.2", "x/a", 80), "another node's address is just an address");
+    assert!(!w.tcp("x/a", "10.250.0.1", 80), "egress to the node is subject to policy");
 }
 
 #[test]
@@ -378,11 +268,7 @@ fn host_network_pods_are_node_traffic_not_peers() {
 #[test]
 fn a_pod_reaches_itself() {
     let mut w = xyz_abc();
-    w.policy(
-        "x",
-        "deny",
-        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
-    );
+    w.policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}));
     assert!(w.tcp("x/a", "x/a", 80));
 }
 
@@ -401,13 +287,14 @@ fn namespace_name_label_is_implicit() {
 fn label_selector_operators() {
     let mut w = xyz_abc();
     w.pod(mk_pod("y", "bare", &[], &["10.244.0.50"]));
-    w.policy("x", "p", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [
+    w.policy(
+        "x",
+        "p",
+        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [
         {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "pod", "operator": "DoesNotExist"}]}},
-        {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["c"]}]}}]}]}));
-    assert!(
-        w.tcp("y/bare", "x/a", 80),
-        "legacy 18: no labels matches DoesNotExist"
+        {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["c"]}]}}]}]}),
     );
+    assert!(w.tcp("y/bare", "x/a", 80), "legacy 18: no labels matches DoesNotExist");
     assert!(w.tcp("z/c", "x/a", 80));
     assert!(!w.tcp("z/b", "x/a", 80));
 }
@@ -425,43 +312,26 @@ fn icmp_follows_rules_without_ports() {
 fn terminated_and_unknown_addresses_are_external() {
     let mut w = xyz_abc();
     w.policy("x", "p", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {}}]}]}));
-    assert!(
-        !w.tcp("10.244.0.200", "x/a", 80),
-        "an address no pod holds is not a pod peer"
-    );
+    assert!(!w.tcp("10.244.0.200", "x/a", 80), "an address no pod holds is not a pod peer");
 }
 
 #[test]
 fn provenance_names_policies_and_rules() {
     let mut w = xyz_abc();
+    w.policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}));
     w.policy(
         "x",
-        "deny",
-        json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}),
-    );
-    w.policy("x", "allow-y", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [
+        "allow-y",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [
         {"from": [{"podSelector": {}}]},
-        {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}], "ports": [{"port": 80}]}]}));
-    let v = verdict(
-        &w.state,
-        &Flow {
-            src: w.ip("y/a"),
-            dst: w.ip("x/a"),
-            protocol: IpProtocol::TCP,
-            port: 80,
-        },
+        {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}], "ports": [{"port": 80}]}]}),
     );
+    let v = verdict(&w.state, &Flow { src: w.ip("y/a"), dst: w.ip("x/a"), protocol: IpProtocol::TCP, port: 80 });
     assert!(v.allowed);
     assert_eq!(v.egress, Decision::NotIsolated);
     match v.ingress {
-        Decision::Allowed {
-            isolated_by,
-            allowed_by,
-        } => {
-            assert_eq!(
-                isolated_by,
-                vec![ObjectKey::new("x", "allow-y"), ObjectKey::new("x", "deny")]
-            );
+        Decision::Allowed { isolated_by, allowed_by } => {
+            assert_eq!(isolated_by, vec![ObjectKey::new("x", "allow-y"), ObjectKey::new("x", "deny")]);
             assert_eq!(allowed_by.len(), 1);
             assert_eq!(allowed_by[0].policy, ObjectKey::new("x", "allow-y"));
             assert_eq!(allowed_by[0].rule, 1);
