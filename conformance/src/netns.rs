@@ -87,11 +87,32 @@ impl Netns {
 
     /// Runs `f` in this namespace, on a thread of its own, and returns what it returns.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
+        self.handle().run(f)
+    }
+
+    /// Starts `f` in this namespace on a new thread.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<std::thread::JoinHandle<T>, NetnsError> {
+        self.handle().spawn(f)
+    }
+
+    /// A handle that names this namespace without owning it (it can be sent to threads).
+    pub fn handle(&self) -> NetnsHandle {
+        NetnsHandle { name: self.name.clone() }
+    }
+}
+
+/// Names a namespace someone else owns; valid while the owner lives.
+#[derive(Debug, Clone)]
+pub struct NetnsHandle {
+    name: String,
+}
+
+impl NetnsHandle {
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
         let h = self.spawn(f)?;
         Ok(h.join().expect("thread in network namespace panicked"))
     }
 
-    /// Starts `f` in this namespace on a new thread.
     pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<std::thread::JoinHandle<T>, NetnsError> {
         let file =
             File::open(format!("/run/netns/{}", self.name)).map_err(|source| NetnsError::Enter { name: self.name.clone(), source })?;

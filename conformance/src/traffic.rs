@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use policy_model::Protocol;
 use socket2::{Domain, Protocol as SockProtocol, SockAddr, Socket, Type};
 
-use crate::netns::{Netns, NetnsError};
+use crate::netns::{Netns, NetnsError, NetnsHandle};
 
 const IPPROTO_SCTP: i32 = 132;
 const POLL: Duration = Duration::from_millis(20);
@@ -150,6 +150,11 @@ fn sctp_server(v6: bool, ports: Vec<u16>, stop: Arc<AtomicBool>) {
 
 /// One probe from `ns` to `dst`: connected (true) or not within `timeout`.
 pub fn probe(ns: &Netns, protocol: Protocol, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
+    probe_in(&ns.handle(), protocol, dst, timeout)
+}
+
+/// [`probe`] through a handle (for threads that do not own the namespace).
+pub fn probe_in(ns: &NetnsHandle, protocol: Protocol, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
     ns.run(move || match protocol {
         Protocol::Tcp => probe_tcp(None, dst, timeout),
         Protocol::Udp => probe_udp(dst, timeout),

@@ -236,3 +236,261 @@ fn counters_count_allowed_and_denied() {
     assert!(ingress.denied_packets >= 1, "{ingress:?}");
     assert!(egress.allowed_packets >= 2, "replies counted on egress: {egress:?}");
 }
+
+/// kube-proxy's iptables DNAT for one Service port, in the node's namespace.
+fn dnat(rig: &Rig, vip: &str, port: u16, backend: std::net::IpAddr, target_port: u16, proto: &str) {
+    let v6 = vip.contains(':');
+    let (tool, dest) =
+        if v6 { ("ip6tables", format!("[{backend}]:{target_port}")) } else { ("iptables", format!("{backend}:{target_port}")) };
+    rig.node
+        .ns
+        .exec(
+            tool,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                vip,
+                "-p",
+                proto,
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &dest,
+            ],
+        )
+        .expect("DNAT rule");
+}
+
+fn service_rig() -> Rig {
+    let rig = ns_rig();
+    for (proto, vip4, vip6) in [("tcp", "10.96.0.10", "fd10:96::10"), ("udp", "10.96.0.10", "fd10:96::10")] {
+        dnat(&rig, vip4, 8080, rig.ip("x/b", true), 80, proto);
+        dnat(&rig, vip6, 8080, rig.ip("x/b", false), 80, proto);
+    }
+    rig.set_services(vec!["10.96.0.0/16".parse().unwrap(), "fd10:96::/112".parse().unwrap()]).unwrap();
+    rig
+}
+
+fn vip(v6: bool) -> std::net::IpAddr {
+    if v6 { "fd10:96::10".parse().unwrap() } else { "10.96.0.10".parse().unwrap() }
+}
+
+#[test]
+fn service_traffic_is_judged_on_the_backend_and_target_port() {
+    let mut rig = service_rig();
+    for v6 in [false, true] {
+        assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "the Service works without policy");
+    }
+    // Ingress of the backend: pod peer and the target port (80), not the Service port.
+    rig.apply(vec![policy(
+        "x",
+        "b-from-a-80",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"port": 80}]}]}),
+    )])
+    .unwrap();
+    for v6 in [false, true] {
+        assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "allowed: from x/a to backend port 80");
+        assert!(rig.probe_addr("x/a", vip(v6), Protocol::Udp, 8080) == false, "UDP is not allowed");
+        assert!(!rig.probe_addr("x/c", vip(v6), Protocol::Tcp, 8080), "x/c is not a peer");
+    }
+    rig.apply(vec![policy(
+        "x",
+        "b-from-a-80",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"port": 8080}]}]}),
+    )])
+    .unwrap();
+    for v6 in [false, true] {
+        assert!(!rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "the Service port opens nothing on the backend");
+    }
+}
+
+#[test]
+fn service_egress_is_judged_after_translation() {
+    let mut rig = service_rig();
+    // Egress of the client: to the backend pod on its target port.
+    rig.apply(vec![policy("x", "a-to-b", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"protocol": "TCP", "port": 80}, {"protocol": "UDP", "port": 80}]}]}))])
+    .unwrap();
+    for v6 in [false, true] {
+        assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "to: pod b, port 80, through the ClusterIP");
+        assert!(rig.probe_addr("x/a", vip(v6), Protocol::Udp, 8080), "UDP request and reply through the ClusterIP");
+    }
+    // An allow-list of the ClusterIP and its port does not open the backend.
+    rig.apply(vec![policy("x", "a-to-b", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.96.0.10/32"}}, {"ipBlock": {"cidr": "fd10:96::10/128"}}], "ports": [{"protocol": "TCP", "port": 8080}]}]}))])
+    .unwrap();
+    for v6 in [false, true] {
+        assert!(!rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "a ClusterIP allow-list is not the backend");
+    }
+}
+
+/// An external network behind the node's masquerade: `198.51.100.10` and `2001:db8:100::10`
+/// (documentation ranges, inside the test's namespaces only).
+struct External {
+    ns: conformance::netns::Netns,
+    _servers: conformance::traffic::Servers,
+}
+
+fn external(rig: &Rig) -> External {
+    let ns = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
+    rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ns.name()]).unwrap();
+    rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
+    rig.node.ns.ip(&["-6", "addr", "add", "2001:db8:100::1/64", "dev", "up0", "nodad"]).unwrap();
+    rig.node.ns.ip(&["link", "set", "up0", "up"]).unwrap();
+    ns.ip(&["-4", "addr", "add", "198.51.100.10/24", "dev", "eth0"]).unwrap();
+    ns.ip(&["-6", "addr", "add", "2001:db8:100::10/64", "dev", "eth0", "nodad"]).unwrap();
+    ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+    for tool in ["iptables", "ip6tables"] {
+        rig.node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-o", "up0", "-j", "MASQUERADE"]).unwrap();
+    }
+    rig.attach_node_devices(&["up0"]).unwrap();
+    let servers = conformance::traffic::serve(&ns, &[80, 81]).unwrap();
+    External { ns, _servers: servers }
+}
+
+#[test]
+fn masqueraded_traffic_is_judged_by_egress_rules() {
+    let mut rig = ns_rig();
+    let _ext = external(&rig);
+    let ext4: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+    let ext6: std::net::IpAddr = "2001:db8:100::10".parse().unwrap();
+    for ext in [ext4, ext6] {
+        assert!(rig.probe_addr("x/a", ext, Protocol::Tcp, 81), "no policy: the outside is reachable (masqueraded)");
+    }
+    rig.apply(vec![policy("x", "a-out", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}, {"ipBlock": {"cidr": "2001:db8:100::/64"}}], "ports": [{"protocol": "TCP", "port": 80}]}]}))])
+    .unwrap();
+    for ext in [ext4, ext6] {
+        assert!(rig.probe_addr("x/a", ext, Protocol::Tcp, 80), "{ext}:80 is allowed");
+        assert!(!rig.probe_addr("x/a", ext, Protocol::Tcp, 81), "{ext}:81 is not");
+        assert!(rig.probe_addr("x/b", ext, Protocol::Tcp, 81), "x/b is not isolated");
+    }
+    rig.apply(vec![policy("x", "a-out", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.10/32"]}}, {"ipBlock": {"cidr": "2001:db8:100::/64", "except": ["2001:db8:100::10/128"]}}]}]}))])
+    .unwrap();
+    for ext in [ext4, ext6] {
+        assert!(!rig.probe_addr("x/a", ext, Protocol::Tcp, 80), "{ext} is excepted");
+    }
+}
+
+/// `n` distinct /32 ipBlock peers in 10.<base>.0.0/16: filler that makes a table large, so
+/// a revision takes a while to write.
+fn filler(base: u8, n: usize) -> Vec<serde_json::Value> {
+    (0..n).map(|i| json!({"ipBlock": {"cidr": format!("10.{base}.{}.{}/32", i / 250, 1 + i % 250)}})).collect()
+}
+
+#[test]
+fn revision_flip_under_traffic_is_atomic() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut rig = ns_rig();
+    // Both policies admit x/c on 80; the old one also x/a on 80; neither ever admits 81.
+    let old = |rig: &mut Rig| {
+        let mut peers = filler(98, 1500);
+        peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
+        peers.push(json!({"podSelector": {"matchLabels": {"pod": "a"}}}));
+        rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": [{"port": 80}]}]}))]).unwrap();
+    };
+    let new = |rig: &mut Rig| {
+        let mut peers = filler(99, 1500);
+        peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
+        rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": [{"port": 80}]}]}))]).unwrap();
+    };
+    old(&mut rig);
+    let done = Arc::new(AtomicBool::new(false));
+    let b4 = rig.ip("x/b", true);
+    let mut watchers = Vec::new();
+    // Probers hold namespace handles, not the rig: they run while policies are written.
+    for (from, port, invariant) in [("x/c", 80u16, Some(true)), ("x/a", 81, Some(false)), ("x/a", 80, None)] {
+        let ns = rig.pod(from).net.ns.handle();
+        let done = done.clone();
+        watchers.push(std::thread::spawn(move || {
+            let mut seen = (0u32, 0u32);
+            while !done.load(Ordering::Relaxed) {
+                let ok = conformance::traffic::probe_in(
+                    &ns,
+                    Protocol::Tcp,
+                    std::net::SocketAddr::new(b4, port),
+                    std::time::Duration::from_secs(1),
+                )
+                .unwrap();
+                if let Some(want) = invariant {
+                    assert_eq!(ok, want, "{from} -> x/b:{port} must always be {}", if want { "allowed" } else { "blocked" });
+                }
+                if ok { seen.0 += 1 } else { seen.1 += 1 }
+            }
+            seen
+        }));
+    }
+    for i in 0..12 {
+        if i % 2 == 0 {
+            new(&mut rig)
+        } else {
+            old(&mut rig)
+        }
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    done.store(true, Ordering::Relaxed);
+    let results: Vec<(u32, u32)> = watchers.into_iter().map(|h| h.join().expect("an invariant was broken")).collect();
+    assert!(results.iter().all(|(a, b)| a + b > 0), "every watcher probed: {results:?}");
+    assert!(results[2].0 > 0 && results[2].1 > 0, "x/a -> x/b:80 saw both policies: {results:?}");
+}
+#[test]
+fn enforcement_survives_the_agent_and_a_new_agent_reuses_the_maps() {
+    let mut rig = ns_rig();
+    rig.apply(vec![policy("x", "b-from-a", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}))]).unwrap();
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true), ("x/c", "x/b", false)]);
+    let before = rig.counters("x/b").unwrap()[0];
+    rig.stop_agent();
+    // No agent: the pinned programs and maps go on enforcing.
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true), ("x/c", "x/b", false)]);
+    rig.start_agent().unwrap();
+    let after = rig.counters("x/b").unwrap()[0];
+    assert!(
+        after.allowed_packets > before.allowed_packets && after.denied_packets > before.denied_packets,
+        "the counters map was reused, and counted while no agent ran: {before:?} -> {after:?}"
+    );
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true), ("x/c", "x/b", false)]);
+    rig.apply(vec![policy("x", "b-from-a", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "c"}}}]}]}))]).unwrap();
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", false), ("x/c", "x/b", true)]);
+}
+
+#[test]
+fn a_full_map_leaves_that_pod_fail_closed_and_others_enforced() {
+    let sizes = policy_agent::datapath::MapSizes { peer_entries: 64, ..conformance::rig::test_sizes() };
+    let mut rig = Rig::with_sizes(
+        vec![
+            pod("x/a", &[("pod", "a")], "10.244.0.10", "fd10:244::a"),
+            pod("x/b", &[("pod", "b")], "10.244.0.11", "fd10:244::b"),
+            pod("y/a", &[("pod", "a")], "10.244.1.10", "fd10:244:0:1::a"),
+        ],
+        sizes,
+    )
+    .unwrap();
+    rig.apply(vec![policy("y", "a-from-x", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}]}]}))]).unwrap();
+    let mut peers = filler(97, 100);
+    peers.push(json!({"podSelector": {"matchLabels": {"pod": "a"}}}));
+    let report = rig
+        .apply_report(vec![policy(
+            "x",
+            "b-big",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers}]}),
+        )])
+        .unwrap();
+    assert!(report.errors.iter().any(|e| e.contains("pod x/b") && e.contains("full") && e.contains("fail-closed")), "{:?}", report.errors);
+    // x/b's policy would admit x/a, but its tables could not be written: deny everything.
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", false), ("y/a", "x/b", false), ("x/b", "x/a", false)]);
+    // Others are unaffected.
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "y/a", true), ("y/a", "x/a", true)]);
+    // A smaller policy recovers it.
+    rig.apply(vec![policy("x", "b-big", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}))]).unwrap();
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true), ("y/a", "x/b", false)]);
+}

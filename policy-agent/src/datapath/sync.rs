@@ -295,13 +295,11 @@ fn delete_all(dp: &mut Datapath, peers: &[Key<PeerKey>], ports: &[Key<PortKey>])
 
 fn describe(e: &MapError) -> String {
     match e {
-        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc_e2big()) => "the map is full".to_string(),
+        // Hash maps say E2BIG when full, LPM tries ENOSPC.
+        MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(7 | 28)) => format!("the map is full ({})", s.io_error),
+        MapError::SyscallError(s) => format!("{}: {}", s.call, s.io_error),
         other => other.to_string(),
     }
-}
-
-const fn libc_e2big() -> i32 {
-    7
 }
 
 /// The address a 16-byte map address stands for.
