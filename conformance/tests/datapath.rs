@@ -380,11 +380,20 @@ fn masqueraded_traffic_is_judged_by_egress_rules() {
     }
 }
 
-/// `n` distinct /32 ipBlock peers in 10.<base>.0.0/16: filler that makes a table large, so
-/// a revision takes a while to write.
+/// `n` distinct /32 ipBlock peers, half in 9.<base>.0.0/16 and half in 11.<base>.0.0/16:
+/// filler that makes a table large, so a revision takes a while to write. The pods'
+/// 10.244/16 entries sort in the middle, so a non-atomic update (old entries removed
+/// before the flip, or the flip before the new entries are written) would leave them
+/// missing for as long as half the filler takes.
 fn filler(base: u8, n: usize) -> Vec<serde_json::Value> {
-    (0..n).map(|i| json!({"ipBlock": {"cidr": format!("10.{base}.{}.{}/32", i / 250, 1 + i % 250)}})).collect()
+    (0..n)
+        .map(|i| json!({"ipBlock": {"cidr": format!("{}.{base}.{}.{}/32", if i % 2 == 0 { 9 } else { 11 }, i / 500, 1 + (i / 2) % 250)}}))
+        .collect()
 }
+
+/// Table size for the flip test: large enough that writing a revision takes milliseconds,
+/// so probes land inside the window a non-atomic update would open.
+const FLIP_FILLER: usize = 8000;
 
 #[test]
 fn revision_flip_under_traffic_is_atomic() {
@@ -394,55 +403,55 @@ fn revision_flip_under_traffic_is_atomic() {
     let mut rig = ns_rig();
     // Both policies admit x/c on 80; the old one also x/a on 80; neither ever admits 81.
     let old = |rig: &mut Rig| {
-        let mut peers = filler(98, 1500);
+        let mut peers = filler(98, FLIP_FILLER);
         peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
         peers.push(json!({"podSelector": {"matchLabels": {"pod": "a"}}}));
         rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": [{"port": 80}]}]}))]).unwrap();
     };
     let new = |rig: &mut Rig| {
-        let mut peers = filler(99, 1500);
+        let mut peers = filler(99, FLIP_FILLER);
         peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
         rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": [{"port": 80}]}]}))]).unwrap();
     };
     old(&mut rig);
     let done = Arc::new(AtomicBool::new(false));
     let b4 = rig.ip("x/b", true);
+    // A timeout below TCP's initial retransmission (1 s): a dropped SYN is a failed probe,
+    // not one rescued by its retransmission.
+    let timeout = std::time::Duration::from_millis(500);
     let mut watchers = Vec::new();
     // Probers hold namespace handles, not the rig: they run while policies are written.
-    for (from, port, invariant) in [("x/c", 80u16, Some(true)), ("x/a", 81, Some(false)), ("x/a", 80, None)] {
+    for (from, port, want) in [("x/c", 80u16, true), ("x/c", 80, true), ("x/a", 81, false)] {
         let ns = rig.pod(from).net.ns.handle();
         let done = done.clone();
         watchers.push(std::thread::spawn(move || {
-            let mut seen = (0u32, 0u32);
+            let mut probes = 0u32;
             while !done.load(Ordering::Relaxed) {
-                let ok = conformance::traffic::probe_in(
-                    &ns,
-                    Protocol::Tcp,
-                    std::net::SocketAddr::new(b4, port),
-                    std::time::Duration::from_secs(1),
-                )
-                .unwrap();
-                if let Some(want) = invariant {
-                    assert_eq!(ok, want, "{from} -> x/b:{port} must always be {}", if want { "allowed" } else { "blocked" });
-                }
-                if ok { seen.0 += 1 } else { seen.1 += 1 }
+                let ok = conformance::traffic::probe_in(&ns, Protocol::Tcp, std::net::SocketAddr::new(b4, port), timeout).unwrap();
+                assert_eq!(ok, want, "{from} -> x/b:{port} must always be {}", if want { "allowed" } else { "blocked" });
+                probes += 1;
             }
-            seen
+            probes
         }));
     }
-    for i in 0..12 {
+    // Flip back and forth while they probe; each flip rewrites thousands of entries.
+    for i in 0..24 {
         if i % 2 == 0 {
             new(&mut rig)
         } else {
             old(&mut rig)
         }
-        std::thread::sleep(std::time::Duration::from_millis(30));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     done.store(true, Ordering::Relaxed);
-    let results: Vec<(u32, u32)> = watchers.into_iter().map(|h| h.join().expect("an invariant was broken")).collect();
-    assert!(results.iter().all(|(a, b)| a + b > 0), "every watcher probed: {results:?}");
-    assert!(results[2].0 > 0 && results[2].1 > 0, "x/a -> x/b:80 saw both policies: {results:?}");
+    let probes: Vec<u32> = watchers.into_iter().map(|h| h.join().expect("an invariant was broken")).collect();
+    assert!(probes.iter().all(|n| *n > 0), "every prober ran: {probes:?}");
+    // The last flip (old) is in force.
+    assert!(rig.probe("x/a", "x/b", Protocol::Tcp, 80, false), "the old policy, applied last, admits x/a");
+    new(&mut rig);
+    assert!(!rig.probe("x/a", "x/b", Protocol::Tcp, 80, false), "the new one does not");
 }
+
 #[test]
 fn enforcement_survives_the_agent_and_a_new_agent_reuses_the_maps() {
     let mut rig = ns_rig();
