@@ -226,3 +226,45 @@ fn probe_sctp(dst: SocketAddr, timeout: Duration) -> bool {
     }
     false
 }
+
+/// Servers for load: `threads` blocking accept/recv loops on `port` (TCP: 1-byte
+/// exchange, close; UDP: echo), stopped on drop.
+pub fn serve_load(ns: &Netns, port: u16, threads: usize) -> Result<Servers, NetnsError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.run(move || {
+        let tcp = dual_stack(Type::STREAM, None, port).expect("tcp bind");
+        tcp.listen(1024).expect("listen");
+        tcp.set_read_timeout(Some(POLL * 5)).expect("timeout");
+        let udp = dual_stack(Type::DGRAM, None, port).expect("udp bind");
+        udp.set_read_timeout(Some(POLL * 5)).expect("timeout");
+        tx.send((tcp, udp)).expect("send sockets");
+    })?;
+    let (tcp, udp) = rx.recv().expect("sockets");
+    let tcp: TcpListener = tcp.into();
+    let udp: UdpSocket = udp.into();
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let (l, st) = (tcp.try_clone().expect("clone"), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((mut c, _)) = l.accept() {
+                    let mut b = [0u8; 1];
+                    if c.read(&mut b).is_ok() {
+                        let _ = c.write_all(&b);
+                    }
+                }
+            }
+        }));
+        let (u, st) = (udp.try_clone().expect("clone"), stop.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = u.recv_from(&mut buf) {
+                    let _ = u.send_to(&buf[..n], from);
+                }
+            }
+        }));
+    }
+    Ok(Servers { stop, handles })
+}

@@ -12,12 +12,16 @@
 //! below), so the kernel and user space agree byte for byte.
 #![no_std]
 
-/// A 16-byte address (see the module doc for the encoding).
-pub type Addr = [u8; 16];
+/// A 16-byte address (see the module doc for the encoding), 8-byte aligned so the
+/// kernel programs copy and compare it as two 64-bit words rather than byte by byte.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr(pub [u8; 16]);
 
 /// Maps, by the names they are pinned under (`/sys/fs/bpf/policy-agent/<name>`).
 pub mod map_names {
     pub const ENDPOINTS: &str = "PA_ENDPOINTS";
+    pub const IFACES: &str = "PA_IFACES";
     pub const PEERS: &str = "PA_PEERS";
     pub const PORTS: &str = "PA_PORTS";
     pub const CONNTRACK: &str = "PA_CONNTRACK";
@@ -63,6 +67,26 @@ pub const ENDPOINT_INGRESS_ISOLATED: u32 = 1;
 pub const ENDPOINT_EGRESS_ISOLATED: u32 = 2;
 /// Deny everything (tables not (yet) in place, or a failed write): fail closed.
 pub const ENDPOINT_FAIL_CLOSED: u32 = 4;
+
+/// `IFACES` value, at index = the pod's host-side ifindex: the hot path's endpoint lookup
+/// (an array, which the verifier inlines), by the interface the packet is on. One write
+/// flips both address families of a pod. An empty slot (`ifindex` 0) or an ifindex beyond
+/// the array falls back to `ENDPOINTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceValue {
+    pub id: u32,
+    pub revision: u32,
+    /// `ENDPOINT_*` flags, plus `IFACE_HAS_V4`/`IFACE_HAS_V6`.
+    pub flags: u32,
+    /// Equal to the index when the slot is in use.
+    pub ifindex: u32,
+    pub v4: Addr,
+    pub v6: Addr,
+}
+
+pub const IFACE_HAS_V4: u32 = 1 << 16;
+pub const IFACE_HAS_V6: u32 = 1 << 17;
 
 /// Table selector inside keys: `revision << 1 | direction`.
 pub const DIRECTION_INGRESS: u32 = 0;
@@ -130,7 +154,7 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` of the last packet.
+    /// `bpf_ktime_get_coarse_ns` of the last packet (tick resolution: timeouts are seconds).
     pub last_seen_ns: u64,
     /// The originator's endpoint revision its egress allowed the flow under; 0 not judged
     /// yet, `CT_NOT_LOCAL` not a local endpoint.
@@ -162,7 +186,7 @@ pub struct PendingKey {
     pub addr: Addr,
     pub port: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 5],
 }
 
 /// `COUNTERS` value, per CPU, at index `endpoint id * 2 + direction`.
@@ -190,17 +214,21 @@ pub const DEFAULT_MAX_PENDING: u32 = 16_384;
 pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 /// Endpoint ids are below this (COUNTERS has two slots per id).
 pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
+/// `IFACES` slots: interfaces with a larger ifindex use the `ENDPOINTS` hash instead.
+pub const DEFAULT_MAX_IFINDEX: u32 = 65_536;
 
 // No implicit padding: sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
+const _: () = assert!(core::mem::size_of::<IfaceValue>() == 48);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
-const _: () = assert!(core::mem::size_of::<PendingKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Counters>() == 32);
+const _: () = assert!(core::mem::size_of::<Addr>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -209,6 +237,7 @@ mod user {
     // the size asserts) and is valid for any bit pattern, as aya::Pod requires.
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for IfaceValue {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PeerValue {}
     unsafe impl aya::Pod for PortKey {}
@@ -216,6 +245,7 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for PendingKey {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Addr {}
 }
 
 /// An address in the maps' encoding.
@@ -224,5 +254,5 @@ pub fn addr_from_v4(octets: [u8; 4]) -> Addr {
     a[10] = 0xff;
     a[11] = 0xff;
     a[12..].copy_from_slice(&octets);
-    a
+    Addr(a)
 }

@@ -13,7 +13,7 @@ use policy_model::{EndpointTables, Family, PeerTable, Prefix, Protocol};
 pub fn encode_addr(ip: IpAddr) -> Addr {
     match ip {
         IpAddr::V4(a) => policy_ebpf::addr_from_v4(a.octets()),
-        IpAddr::V6(a) => a.octets(),
+        IpAddr::V6(a) => Addr(a.octets()),
     }
 }
 

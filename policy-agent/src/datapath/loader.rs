@@ -3,13 +3,13 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use policy_ebpf::{
-    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, PeerKey, PeerValue, PortKey, map_names as names, program_names,
+    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, IfaceValue, PeerKey, PeerValue, PortKey, map_names as names, program_names,
 };
 
 use super::program_bytes;
@@ -28,6 +28,8 @@ pub struct MapSizes {
     pub services: u32,
     /// Endpoint ids stay below this.
     pub endpoints: u32,
+    /// Interfaces with an ifindex below this get the fast per-interface lookup.
+    pub max_ifindex: u32,
 }
 
 impl Default for MapSizes {
@@ -40,6 +42,7 @@ impl Default for MapSizes {
             pending: policy_ebpf::DEFAULT_MAX_PENDING,
             services: policy_ebpf::DEFAULT_MAX_SERVICES,
             endpoints: policy_ebpf::DEFAULT_MAX_ENDPOINTS,
+            max_ifindex: policy_ebpf::DEFAULT_MAX_IFINDEX,
         }
     }
 }
@@ -99,6 +102,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     pub(crate) endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    pub(crate) ifaces: Array<MapData, IfaceValue>,
     pub(crate) peers: LpmTrie<MapData, PeerKey, PeerValue>,
     pub(crate) ports: LpmTrie<MapData, PortKey, u32>,
     pub(crate) conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -122,6 +126,7 @@ impl Datapath {
         loader
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::ENDPOINTS, sizes.endpoint_addresses)
+            .map_max_entries(names::IFACES, sizes.max_ifindex)
             .map_max_entries(names::PEERS, sizes.peer_entries)
             .map_max_entries(names::PORTS, sizes.port_entries)
             .map_max_entries(names::CONNTRACK, sizes.conntrack)
@@ -139,6 +144,7 @@ impl Datapath {
         }
         Ok(Datapath {
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
+            ifaces: take(&mut ebpf, names::IFACES)?,
             peers: take(&mut ebpf, names::PEERS)?,
             ports: take(&mut ebpf, names::PORTS)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,

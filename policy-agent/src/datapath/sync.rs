@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use aya::maps::MapError;
 use aya::maps::lpm_trie::Key;
-use policy_ebpf::{ENDPOINT_FAIL_CLOSED, EndpointKey, EndpointValue, PeerKey, PortKey};
+use policy_ebpf::{ENDPOINT_FAIL_CLOSED, EndpointKey, EndpointValue, IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, PeerKey, PortKey};
 use policy_model::{EndpointTables, ObjectKey, Prefix};
 
 use super::encode::{EncodedTables, encode_addr, encode_prefix};
@@ -184,7 +184,8 @@ impl MapSync {
             }
         };
 
-        // 2. The flip: one write per address.
+        // 2. The flip: the interface slot (both families at once) and one write per
+        // address.
         let value = EndpointValue { id, revision, ifindex, flags };
         let mut flip_error = None;
         for a in &tables.addresses {
@@ -192,9 +193,17 @@ impl MapSync {
                 flip_error = Some(format!("writing the endpoint entry for {a}: {}", describe(&e)));
             }
         }
+        if ifindex < dp.sizes.max_ifindex {
+            if let Err(e) = dp.ifaces.set(ifindex, iface_value(&value, &tables.addresses), 0) {
+                flip_error = Some(format!("writing the interface entry for ifindex {ifindex}: {}", describe(&e)));
+            }
+        }
         if let Some(o) = &old {
             for a in o.addresses.iter().filter(|a| !tables.addresses.contains(a)) {
                 let _ = dp.endpoints.remove(&keyed(*a));
+            }
+            if o.ifindex != ifindex {
+                clear_iface(dp, o.ifindex);
             }
         }
 
@@ -234,6 +243,7 @@ impl MapSync {
         for a in &e.addresses {
             let _ = dp.endpoints.remove(&keyed(*a));
         }
+        clear_iface(dp, e.ifindex);
         report.deleted_entries += delete_all(dp, &e.peer_keys, &e.port_keys);
         self.used_ids.remove(&e.id);
     }
@@ -260,6 +270,13 @@ impl MapSync {
             let _ = dp.endpoints.remove(&k);
             report.deleted_entries += 1;
         }
+        let live_ifindexes: BTreeSet<u32> = self.endpoints.values().map(|e| e.ifindex).collect();
+        let stale_slots: Vec<u32> =
+            dp.ifaces.iter().flatten().filter(|v| v.ifindex != 0 && !live_ifindexes.contains(&v.ifindex)).map(|v| v.ifindex).collect();
+        for i in stale_slots {
+            clear_iface(dp, i);
+            report.deleted_entries += 1;
+        }
         self.adopted.clear();
     }
 
@@ -275,6 +292,26 @@ impl MapSync {
         }
         self.services = want;
         Ok(())
+    }
+}
+
+/// The `IFACES` slot of an endpoint: at most one address per family (as `status.podIPs`).
+fn iface_value(v: &EndpointValue, addresses: &[IpAddr]) -> IfaceValue {
+    let mut out = IfaceValue { id: v.id, revision: v.revision, flags: v.flags, ifindex: v.ifindex, ..IfaceValue::default() };
+    if let Some(a) = addresses.iter().find(|a| a.is_ipv4()) {
+        out.v4 = encode_addr(*a);
+        out.flags |= IFACE_HAS_V4;
+    }
+    if let Some(a) = addresses.iter().find(|a| a.is_ipv6()) {
+        out.v6 = encode_addr(*a);
+        out.flags |= IFACE_HAS_V6;
+    }
+    out
+}
+
+fn clear_iface(dp: &mut Datapath, ifindex: u32) {
+    if ifindex < dp.sizes.max_ifindex {
+        let _ = dp.ifaces.set(ifindex, IfaceValue::default(), 0);
     }
 }
 
@@ -304,7 +341,7 @@ fn describe(e: &MapError) -> String {
 
 /// The address a 16-byte map address stands for.
 pub fn decode_addr(a: &policy_ebpf::Addr) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(*a);
+    let v6 = std::net::Ipv6Addr::from(a.0);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),

@@ -15,17 +15,19 @@ mod packet;
 mod verdict;
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{classifier, map};
-use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use policy_ebpf::*;
 
-use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse};
+use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse, put, zero_addr, zero_bytes};
 use verdict::{allows, count};
 
 #[map(name = "PA_ENDPOINTS")]
 static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(DEFAULT_MAX_ENDPOINT_ADDRESSES, 0);
+#[map(name = "PA_IFACES")]
+static IFACES: Array<IfaceValue> = Array::pinned(DEFAULT_MAX_IFINDEX, 0);
 #[map(name = "PA_PEERS")]
 static PEERS: LpmTrie<PeerKey, PeerValue> = LpmTrie::pinned(DEFAULT_MAX_PEER_ENTRIES, 0);
 #[map(name = "PA_PORTS")]
@@ -62,6 +64,9 @@ fn scratch() -> Result<&'static mut Scratch, ()> {
     Ok(unsafe { &mut *ptr })
 }
 
+/// How stale `last_seen_ns` may get before a packet refreshes it.
+const CT_REFRESH_NS: u64 = 1_000_000_000;
+
 /// Let the packet go on (and later tc programs, if any, see it).
 const PASS: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT as i32;
@@ -81,9 +86,29 @@ fn endpoint(addr: &Addr) -> Option<EndpointValue> {
 }
 
 #[inline(always)]
+fn same_addr(a: &Addr, b: &Addr) -> bool {
+    // SAFETY: `Addr` is 16 bytes with 8-byte alignment, so it reads as two u64s.
+    let (x, y) = unsafe { (*(a as *const Addr as *const [u64; 2]), *(b as *const Addr as *const [u64; 2])) };
+    x[0] == y[0] && x[1] == y[1]
+}
+
+/// The endpoint whose host-side veth is `ifindex`, if `addr` is one of its addresses
+/// (`IFACES`, falling back to `ENDPOINTS`).
+#[inline(always)]
+fn endpoint_on(ifindex: u32, addr: &Addr) -> Option<EndpointValue> {
+    if let Some(v) = IFACES.get(ifindex) {
+        if v.ifindex == ifindex && ifindex != 0 {
+            let ours = (v.flags & IFACE_HAS_V4 != 0 && same_addr(addr, &v.v4)) || (v.flags & IFACE_HAS_V6 != 0 && same_addr(addr, &v.v6));
+            return ours.then_some(EndpointValue { id: v.id, revision: v.revision, ifindex, flags: v.flags & 0xffff });
+        }
+    }
+    endpoint(addr).filter(|ep| ep.ifindex == ifindex)
+}
+
+#[inline(always)]
 fn now() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -134,8 +159,13 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
         allowed
     };
     if ok {
-        c.last_seen_ns = now;
-        if p.tcp_flags & TCP_FIN != 0 {
+        // Write the shared entry only when something changes: every write moves its cache
+        // line between the CPUs of the two ends. A second of staleness is far below the
+        // shortest timeout.
+        if now.wrapping_sub(c.last_seen_ns) > CT_REFRESH_NS {
+            c.last_seen_ns = now;
+        }
+        if p.tcp_flags & TCP_FIN != 0 && c.flags & CT_TCP_CLOSING == 0 {
             c.flags |= CT_TCP_CLOSING;
         }
         if p.tcp_flags & TCP_RST != 0 {
@@ -168,16 +198,23 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (b
 #[inline(always)]
 fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u16, now: u64) {
     let v = &mut s.value;
-    v.last_seen_ns = now;
-    v.src_rev = src_rev;
-    v.dst_rev = dst_rev;
-    v.nat_addr = [0; 16];
-    v.nat_port = 0;
-    v.flags = flags | if src_is_lo { CT_ORIG_IS_LO } else { 0 };
-    v._pad = 0;
+    put(&mut v.last_seen_ns, now);
+    put(&mut v.src_rev, src_rev);
+    put(&mut v.dst_rev, dst_rev);
+    zero_addr(&mut v.nat_addr);
+    put(&mut v.nat_port, 0);
+    put(&mut v.flags, flags | if src_is_lo { CT_ORIG_IS_LO } else { 0 });
+    put(&mut v._pad, 0);
     // A full LRU map evicts its oldest entry; a failure here only means the next packet
     // is judged again.
     let _ = CONNTRACK.insert(&s.key, &s.value, 0);
+}
+
+#[inline(always)]
+fn pending_key(p: &Packet) -> PendingKey {
+    let mut k = PendingKey { addr: p.src, port: p.sport, protocol: p.protocol, _pad: [1; 5] };
+    zero_bytes(&mut k._pad);
+    k
 }
 
 #[inline(always)]
@@ -193,7 +230,7 @@ fn judge_deferred(s: &mut Scratch, src: &EndpointValue) -> Option<u32> {
     if !allows(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports) {
         return None;
     }
-    let pk = PendingKey { addr: p.src, port: p.sport, protocol: p.protocol, _pad: 0 };
+    let pk = pending_key(p);
     // SAFETY: copied out at once.
     if let Some(pre) = unsafe { PENDING.get(&pk) } {
         s.other = *pre;
@@ -225,10 +262,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     }
     let len = ctx.len();
     // Anti-spoofing: the source must be this veth's pod.
-    let ep = match endpoint(&s.packet.src) {
-        Some(ep) if ep.ifindex == ifindex(ctx) => ep,
-        _ => return Ok(DROP),
-    };
+    let Some(ep) = endpoint_on(ifindex(ctx), &s.packet.src) else { return Ok(DROP) };
     if s.packet.l4 == L4::Error && s.packet.related_tracked {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
@@ -242,7 +276,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     let p = &s.packet;
     if p.l4 != L4::Error && is_service(&p.dst) {
         // Judged after DNAT, against the backend; remember where the flow started.
-        let pk = PendingKey { addr: p.src, port: p.sport, protocol: p.protocol, _pad: 0 };
+        let pk = pending_key(p);
         track(s, src_is_lo, 0, CT_NOT_LOCAL, CT_VIA_SERVICE, now);
         let _ = PENDING.insert(&pk, &s.key, 0);
         count(&ep, DIRECTION_EGRESS, true, len);
@@ -252,9 +286,10 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, false, len);
         return Ok(DROP);
     }
-    let dst_rev = if endpoint(&p.dst).is_some() { 0 } else { CT_NOT_LOCAL };
+    // The destination's side is judged by its own hook if it is local (0: not yet); if it
+    // is not, nothing on this node ever reads it.
     if p.l4 != L4::Echo || p.echo_request {
-        track(s, src_is_lo, ep.revision, dst_rev, 0, now);
+        track(s, src_is_lo, ep.revision, 0, 0, now);
     }
     count(&ep, DIRECTION_EGRESS, true, len);
     Ok(PASS)
@@ -274,11 +309,8 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let len = ctx.len();
-    let ep = match endpoint(&s.packet.dst) {
-        Some(ep) if ep.ifindex == ifindex(ctx) => ep,
-        // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
-        _ => return Ok(PASS),
-    };
+    // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
+    let Some(ep) = endpoint_on(ifindex(ctx), &s.packet.dst) else { return Ok(PASS) };
     if s.packet.l4 == L4::Error && s.packet.related_tracked {
         count(&ep, DIRECTION_INGRESS, true, len);
         return Ok(PASS);
