@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use policy_agent::datapath::{Enforcer, MapSizes, PodInterface, SyncReport};
-use policy_ebpf::Counters;
+use policy_ebpf::{Counters, CtKey, CtValue};
 use policy_model::{Change, Namespace, Node, NodeCompiler, ObjectKey, Pod, Prefix, Protocol};
 
 use crate::netns::{NetnsError, unique};
@@ -26,6 +26,7 @@ enum Command {
     Services(Vec<Prefix>, mpsc::Sender<Result<(), String>>),
     AttachNodeDevices(Vec<String>, mpsc::Sender<Result<(), String>>),
     Counters(ObjectKey, mpsc::Sender<Option<[Counters; 2]>>),
+    Conntrack(mpsc::Sender<Vec<(CtKey, CtValue)>>),
     /// Stop, leaving the pins (and so enforcement) in place.
     Exit,
 }
@@ -96,6 +97,9 @@ fn agent_loop(
             Command::Counters(pod, reply) => {
                 let c = enforcer.sync.id_and_revision(&pod).map(|(id, _)| enforcer.datapath.counters(id));
                 let _ = reply.send(c);
+            }
+            Command::Conntrack(reply) => {
+                let _ = reply.send(enforcer.datapath.conntrack_entries());
             }
             Command::Exit => return,
         }
@@ -193,6 +197,15 @@ impl Rig {
         let (tx, rx) = mpsc::channel();
         self.sender().ok()?.send(Command::Counters(ObjectKey::parse(pod)?, tx)).ok()?;
         rx.recv().ok()?
+    }
+
+    /// The tracked connections.
+    pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        let (tx, rx) = mpsc::channel();
+        if self.sender().map(|s| s.send(Command::Conntrack(tx))).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
     }
 
     /// A TCP probe from the node itself (its own addresses).

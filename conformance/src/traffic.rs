@@ -268,3 +268,92 @@ pub fn serve_load(ns: &Netns, port: u16, threads: usize) -> Result<Servers, Netn
     }
     Ok(Servers { stop, handles })
 }
+
+fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP/ICMPv6 echo from `ns` to `dst`: true if the reply comes back within `timeout`.
+pub fn ping(ns: &NetnsHandle, dst: IpAddr, timeout: Duration) -> Result<bool, NetnsError> {
+    ns.run(move || {
+        let v6 = dst.is_ipv6();
+        let (domain, proto, req, rep) = if v6 { (Domain::IPV6, 58, 128u8, 129u8) } else { (Domain::IPV4, 1, 8u8, 0u8) };
+        let Ok(s) = Socket::new(domain, Type::RAW, Some(SockProtocol::from(proto))) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+        let id = (std::process::id() as u16) ^ 0x5a5a;
+        let mut pkt = vec![req, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1, b'p', b'a'];
+        if !v6 {
+            let c = inet_checksum(&pkt);
+            pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        }
+        if s.send_to(&pkt, &SockAddr::from(SocketAddr::new(dst, 0))).is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline {
+            let Ok((n, from)) = recv_raw(&s, &mut buf) else { continue };
+            if from.as_socket().map(|a| a.ip()) != Some(dst) {
+                continue;
+            }
+            let off = if v6 { 0 } else { ((buf[0] & 0x0f) as usize) * 4 };
+            if n >= off + 8 && buf[off] == rep && u16::from_be_bytes([buf[off + 4], buf[off + 5]]) == id {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// What a UDP datagram to `dst` gets back: a reply, a refusal (an ICMP port-unreachable
+/// error came back), or nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpOutcome {
+    Reply,
+    Refused,
+    Silence,
+}
+
+pub fn udp_outcome(ns: &NetnsHandle, dst: SocketAddr, timeout: Duration) -> Result<UdpOutcome, NetnsError> {
+    ns.run(move || {
+        let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let Ok(s) = UdpSocket::bind(bind) else { return UdpOutcome::Silence };
+        let _ = s.set_read_timeout(Some(timeout));
+        // Connected, so an ICMP error is reported to this socket.
+        if s.connect(dst).is_err() || s.send(b"hostname\n").is_err() {
+            return UdpOutcome::Silence;
+        }
+        let mut buf = [0u8; 64];
+        match s.recv(&mut buf) {
+            Ok(_) => UdpOutcome::Reply,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => UdpOutcome::Refused,
+            Err(_) => UdpOutcome::Silence,
+        }
+    })
+}
+
+/// A TCP connection to `dst` that completes the 1-byte exchange, then ends with a reset
+/// (linger 0) instead of a FIN. Returns the local port.
+pub fn tcp_exchange_then_reset(ns: &NetnsHandle, dst: SocketAddr, timeout: Duration) -> Result<Option<u16>, NetnsError> {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst, timeout).ok()?;
+        let _ = s.set_read_timeout(Some(timeout));
+        let mut b = [0u8; 1];
+        if s.write_all(b"h").is_err() || !matches!(s.read(&mut b), Ok(1)) {
+            return None;
+        }
+        let port = s.local_addr().ok()?.port();
+        let sock = Socket::from(s);
+        let _ = sock.set_linger(Some(Duration::ZERO));
+        drop(sock);
+        Some(port)
+    })
+}

@@ -296,7 +296,7 @@ fn service_traffic_is_judged_on_the_backend_and_target_port() {
     .unwrap();
     for v6 in [false, true] {
         assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "allowed: from x/a to backend port 80");
-        assert!(rig.probe_addr("x/a", vip(v6), Protocol::Udp, 8080) == false, "UDP is not allowed");
+        assert!(!rig.probe_addr("x/a", vip(v6), Protocol::Udp, 8080), "UDP is not allowed");
         assert!(!rig.probe_addr("x/c", vip(v6), Protocol::Tcp, 8080), "x/c is not a peer");
     }
     rig.apply(vec![policy(
@@ -334,7 +334,8 @@ fn service_egress_is_judged_after_translation() {
 /// An external network behind the node's masquerade: `198.51.100.10` and `2001:db8:100::10`
 /// (documentation ranges, inside the test's namespaces only).
 struct External {
-    ns: conformance::netns::Netns,
+    /// Held so the namespace lives as long as the test.
+    _ns: conformance::netns::Netns,
     _servers: conformance::traffic::Servers,
 }
 
@@ -352,7 +353,7 @@ fn external(rig: &Rig) -> External {
     }
     rig.attach_node_devices(&["up0"]).unwrap();
     let servers = conformance::traffic::serve(&ns, &[80, 81]).unwrap();
-    External { ns, _servers: servers }
+    External { _ns: ns, _servers: servers }
 }
 
 #[test]
@@ -502,4 +503,87 @@ fn a_full_map_leaves_that_pod_fail_closed_and_others_enforced() {
     // A smaller policy recovers it.
     rig.apply(vec![policy("x", "b-big", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}))]).unwrap();
     expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true), ("y/a", "x/b", false)]);
+}
+
+#[test]
+fn icmp_follows_the_rules_without_ports() {
+    use conformance::traffic::ping;
+    let mut rig = ns_rig();
+    let t = std::time::Duration::from_millis(400);
+    for v4 in [true, false] {
+        assert!(ping(&rig.pod("x/a").net.ns.handle(), rig.ip("x/b", v4), t).unwrap(), "no policy: echo works");
+    }
+    // x/b admits TCP 80 from anyone, and anything from x/a.
+    rig.apply(vec![policy(
+        "x",
+        "b",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"ports": [{"port": 80}]}, {"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+    )])
+    .unwrap();
+    for v4 in [true, false] {
+        assert!(ping(&rig.pod("x/a").net.ns.handle(), rig.ip("x/b", v4), t).unwrap(), "a rule without ports allows ICMP");
+        assert!(!ping(&rig.pod("x/c").net.ns.handle(), rig.ip("x/b", v4), t).unwrap(), "a rule with ports does not");
+    }
+}
+
+#[test]
+fn icmp_errors_of_tracked_flows_pass() {
+    use conformance::traffic::{UdpOutcome, udp_outcome};
+    let mut rig = ns_rig();
+    // x/a accepts nothing, x/b may send nothing: only the error about x/a's own flow may
+    // travel from x/b to x/a.
+    rig.apply(vec![
+        policy("x", "a", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]})),
+        policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress", "Egress"], "ingress": [{"ports": [{"protocol": "UDP", "port": 82}]}]})),
+    ])
+    .unwrap();
+    for v4 in [true, false] {
+        let dst = std::net::SocketAddr::new(rig.ip("x/b", v4), 82);
+        let got = udp_outcome(&rig.pod("x/a").net.ns.handle(), dst, std::time::Duration::from_millis(500)).unwrap();
+        assert_eq!(got, UdpOutcome::Refused, "the port-unreachable error reaches the client");
+    }
+}
+
+#[test]
+fn fin_and_rst_end_tracked_connections() {
+    let rig = ns_rig();
+    let (a, b) = (rig.ip("x/a", true), rig.ip("x/b", true));
+    let find = |port: u16| {
+        rig.conntrack().into_iter().find(|(k, _)| {
+            let ends = [
+                (policy_agent::datapath::decode_addr(&k.lo_addr), k.lo_port),
+                (policy_agent::datapath::decode_addr(&k.hi_addr), k.hi_port),
+            ];
+            ends.contains(&(a, port)) && ends.contains(&(b, 80))
+        })
+    };
+    let port = conformance::traffic::tcp_exchange_then_reset(
+        &rig.pod("x/a").net.ns.handle(),
+        std::net::SocketAddr::new(b, 80),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap()
+    .expect("connection");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (_, v) = find(port).expect("entry of a reset connection");
+    assert_ne!(v.flags & policy_ebpf::CT_TCP_RESET, 0, "RST seen: the entry expires within a second");
+
+    // A normal close: the entry is marked closing (it expires in seconds, not hours).
+    let ns = rig.pod("x/a").net.ns.handle();
+    let port = ns
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect((b, 80)).unwrap();
+            let port = s.local_addr().unwrap().port();
+            s.write_all(b"h").unwrap();
+            let mut x = [0u8; 1];
+            s.read_exact(&mut x).unwrap();
+            drop(s);
+            port
+        })
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (_, v) = find(port).expect("entry of a closed connection");
+    assert_ne!(v.flags & policy_ebpf::CT_TCP_CLOSING, 0, "FIN seen: closing");
 }

@@ -177,6 +177,8 @@ pub const CT_ORIG_IS_LO: u16 = 1;
 pub const CT_VIA_SERVICE: u16 = 2;
 /// A FIN was seen: the entry expires soon.
 pub const CT_TCP_CLOSING: u16 = 4;
+/// A RST was seen: the entry expires at once (after the other hooks on the path saw it).
+pub const CT_TCP_RESET: u16 = 8;
 
 /// `PENDING` key: the originator of a Service flow whose egress is judged after DNAT.
 /// The source address, port and protocol survive DNAT, so the later hook finds it.
@@ -202,6 +204,7 @@ pub struct Counters {
 /// Idle timeouts of connection-tracking entries.
 pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_RESET_NS: u64 = 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
 
 /// Default map sizes (the agent may set others at load time): 250 local pods with

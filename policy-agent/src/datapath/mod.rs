@@ -10,7 +10,7 @@ mod sync;
 pub use encode::{EncodedTables, encode_addr, peer_entries, port_entries};
 pub use enforcer::{Enforcer, PodInterface};
 pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
-pub use sync::{EndpointStatus, MapSync, SyncError, SyncReport};
+pub use sync::{EndpointStatus, MapSync, SyncError, SyncReport, decode_addr};
 
 /// The compiled kernel programs (ELF), built by `build.rs`.
 pub fn program_bytes() -> &'static [u8] {

@@ -114,7 +114,13 @@ fn now() -> u64 {
 #[inline(always)]
 fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
     let timeout = if protocol == PROTO_TCP {
-        if ct.flags & CT_TCP_CLOSING != 0 { CT_TIMEOUT_TCP_CLOSING_NS } else { CT_TIMEOUT_TCP_NS }
+        if ct.flags & CT_TCP_RESET != 0 {
+            CT_TIMEOUT_TCP_RESET_NS
+        } else if ct.flags & CT_TCP_CLOSING != 0 {
+            CT_TIMEOUT_TCP_CLOSING_NS
+        } else {
+            CT_TIMEOUT_TCP_NS
+        }
     } else {
         CT_TIMEOUT_OTHER_NS
     };
@@ -168,8 +174,10 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
         if p.tcp_flags & TCP_FIN != 0 && c.flags & CT_TCP_CLOSING == 0 {
             c.flags |= CT_TCP_CLOSING;
         }
-        if p.tcp_flags & TCP_RST != 0 {
-            let _ = CONNTRACK.remove(key);
+        if p.tcp_flags & TCP_RST != 0 && c.flags & CT_TCP_RESET == 0 {
+            // Not deleted here: the other hooks on this packet's path must still find it.
+            c.flags |= CT_TCP_RESET;
+            c.last_seen_ns = now;
         }
     }
     ok
@@ -197,6 +205,10 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (b
 /// Tracks the flow in `s.key`.
 #[inline(always)]
 fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u16, now: u64) {
+    if s.packet.tcp_flags & TCP_RST != 0 {
+        // A reset never starts a flow.
+        return;
+    }
     let v = &mut s.value;
     put(&mut v.last_seen_ns, now);
     put(&mut v.src_rev, src_rev);
