@@ -12,7 +12,7 @@ command -v cargo >/dev/null || { log "cargo not found: this machine needs a Rust
 # Debian packages: iproute2 (network namespaces, veths), iptables and nftables (the
 # tests' kube-proxy-style Service DNAT and masquerade).
 need_pkgs=()
-for tool in ip:iproute2 iptables:iptables nft:nftables; do
+for tool in ip:iproute2 iptables:iptables nft:nftables nsenter:util-linux; do
   bin=${tool%%:*}; pkg=${tool##*:}
   command -v "$bin" >/dev/null || need_pkgs+=("$pkg")
 done

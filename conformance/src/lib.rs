@@ -3,6 +3,7 @@
 //! path as `policy-agent matrix`; the expectations in `cases/` are written from the
 //! upstream tests, never computed.
 
+pub mod agent_process;
 pub mod case;
 pub mod cluster;
 pub mod model;

@@ -1,6 +1,7 @@
 //! policy-agent: the node agent's library — manifest loading, the offline commands
 //! (`matrix`, `explain`, `compile`) and their renderings.
 
+pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod describe;

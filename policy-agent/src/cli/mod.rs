@@ -6,8 +6,10 @@
 //! evaluator — a bug to report).
 
 pub mod compile;
+pub mod dump;
 pub mod explain;
 pub mod matrix;
+pub mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +34,10 @@ pub enum Command {
     Explain(explain::Args),
     /// The tables the agent would load for one node's pods.
     Compile(compile::Args),
+    /// Run the node agent: enforce the cluster's policies on this node's pods.
+    Run(run::Args),
+    /// What the running agent enforces, read from the pinned maps.
+    Dump(dump::Args),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -59,6 +65,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Matrix(a) => matrix::run(a),
         Command::Explain(a) => explain::run(a),
         Command::Compile(a) => compile::run(a),
+        Command::Run(a) => run::run_agent(a),
+        Command::Dump(a) => dump::run(a),
     };
     match result {
         Ok(code) => code,

@@ -85,7 +85,7 @@ impl AttachPoint {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("cannot prepare the pin directory {path}: {source}")]
+    #[error("cannot prepare the pin directory {path}: {source} (it must be on a BPF filesystem: mount -t bpf bpf /sys/fs/bpf)")]
     PinDir { path: PathBuf, source: io::Error },
     #[error("loading the kernel programs failed (is this root, with BPF, on Linux >= 6.6?): {0}")]
     Load(#[from] aya::EbpfError),

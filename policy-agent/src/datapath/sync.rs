@@ -92,6 +92,11 @@ impl MapSync {
         self.endpoints.get(pod).map(|e| &e.status)
     }
 
+    /// Entries this agent keeps in `PEERS` and `PORTS`.
+    pub fn entry_counts(&self) -> (usize, usize) {
+        self.endpoints.values().fold((0, 0), |(p, q), e| (p + e.peer_keys.len(), q + e.port_keys.len()))
+    }
+
     /// The datapath id and revision of a pod.
     pub fn id_and_revision(&self, pod: &ObjectKey) -> Option<(u32, u32)> {
         self.endpoints.get(pod).map(|e| (e.id, e.revision))

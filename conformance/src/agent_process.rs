@@ -1,0 +1,121 @@
+//! The real agent (`policy-agent run --manifests`) running in an emulated node's network
+//! namespace, as a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::netns::{Netns, unique};
+
+/// The `policy-agent` binary: `$POLICY_AGENT_BIN`, else the one cargo built next to this
+/// executable (target/<profile>/policy-agent).
+pub fn agent_binary() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("POLICY_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("policy-agent");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!("no policy-agent binary near {} (build it: cargo build -p policy-agent, or set POLICY_AGENT_BIN)", exe.display()))
+}
+
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    pub state_file: PathBuf,
+    pub log: PathBuf,
+    work: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent for `node_name` in `node_ns`, reading `manifests`.
+    pub fn start(node_ns: &Netns, node_name: &str, manifests: &Path, extra: &[&str]) -> Result<AgentProcess, String> {
+        let bin = agent_binary()?;
+        let id = unique("pa-agent-");
+        let work = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{id}"));
+        let state_file = work.join("state.json");
+        let log = work.join("agent.log");
+        let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        // nsenter switches only the network namespace: the agent sees the machine's bpffs
+        // on /sys/fs/bpf, as a DaemonSet pod does with it mounted from the host
+        // (`ip netns exec` would remount /sys and hide it).
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", node_ns.name()))
+            .arg(&bin)
+            .args([
+                "run",
+                "--node-name",
+                node_name,
+                "--poll-interval-ms",
+                "20",
+                "--max-peer-entries",
+                "65536",
+                "--max-connections",
+                "16384",
+            ])
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--state-file")
+            .arg(&state_file)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file));
+        let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?;
+        Ok(AgentProcess { child: Some(child), pin_dir, state_file, log, work })
+    }
+
+    /// Waits until the agent published its first full sync (or exited).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.state_file.exists() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(format!("the agent exited ({status}):\n{}", self.log_text()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("the agent was not ready after {timeout:?}:\n{}", self.log_text()))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as the kubelet stops it; the pins stay.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // nsenter execs the agent, so the child is the agent itself.
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}

@@ -1,0 +1,226 @@
+//! The agent end to end: `policy-agent run --manifests` in an emulated node's namespace,
+//! real traffic between pods, and the manifests changing under it. After each change the
+//! probes must show what the model (`policy-agent matrix` over the same files) says.
+//! Needs root and BPF; fails, never skips, without them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use conformance::agent_process::AgentProcess;
+use conformance::cluster::{Families, PodSpec, namespace_manifest, pod_address};
+use conformance::netns::unique;
+use conformance::topology::{NodeNet, PodNet};
+use conformance::traffic::{Servers, probe, serve};
+use policy_agent::manifests::Manifests;
+use policy_agent::matrix::{Probe, compute};
+use policy_model::{Family, Protocol};
+use serde_json::json;
+
+const NODE: &str = "node-1";
+
+struct Cluster {
+    node: NodeNet,
+    pods: BTreeMap<String, (PodSpec, PodNet, Servers)>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let node = NodeNet::create(&unique("pen"), NODE, &["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()])
+            .expect("node (root needed)");
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cluster { node, pods: BTreeMap::new(), dir };
+        for ns in ["x", "y"] {
+            c.write(&format!("ns-{ns}.yaml"), namespace_manifest(ns, &BTreeMap::new()));
+        }
+        c.write(
+            "node.yaml",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.250.0.1"}, {"type": "InternalIP", "address": "fd10:250::1"}]}}),
+        );
+        for (i, key) in ["x/a", "x/b", "y/a"].iter().enumerate() {
+            c.add_pod(key, i);
+        }
+        c
+    }
+
+    fn write(&self, name: &str, v: serde_json::Value) {
+        std::fs::write(self.dir.path().join(name), serde_yaml_ng::to_string(&v).unwrap()).unwrap();
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join(name)).unwrap();
+    }
+
+    /// Network first (as the CNI does), then the manifest (as the API reports the pod).
+    fn add_pod(&mut self, key: &str, index: usize) {
+        let (ns, name) = key.split_once('/').unwrap();
+        let ips = vec![pod_address(Family::Ipv4, 0, index), pod_address(Family::Ipv6, 0, index)];
+        let net = self.node.add_pod(&unique("pep"), &format!("pe{index}"), &ips).unwrap();
+        let servers = serve(&net.ns, &[80, 81]).unwrap();
+        let spec = PodSpec {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [("pod".to_string(), name.to_string())].into(),
+            node: NODE.into(),
+            ips,
+        };
+        self.write(&format!("pod-{ns}-{name}.yaml"), spec.manifest());
+        self.pods.insert(key.to_string(), (spec, net, servers));
+    }
+
+    fn relabel_pod(&mut self, key: &str, labels: &[(&str, &str)]) {
+        let (spec, _, _) = self.pods.get_mut(key).unwrap();
+        spec.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m = spec.manifest();
+        let (ns, name) = key.split_once('/').unwrap();
+        self.write(&format!("pod-{ns}-{name}.yaml"), m);
+    }
+
+    /// Probes every ordered pair over TCP 80 (IPv4 and IPv6) until they all show what the
+    /// model says of the manifests, or the deadline passes.
+    fn converge(&self, what: &str) {
+        let (state, errors) = Manifests::read_dir(self.dir.path()).unwrap().state();
+        assert!(errors.is_empty(), "{errors:?}");
+        let probe_spec = Probe { port: 80, protocol: Protocol::Tcp };
+        let m = compute(&state, &[probe_spec], None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut wrong = Vec::new();
+            for (from, (_, from_net, _)) in &self.pods {
+                for (to, (to_spec, _, _)) in &self.pods {
+                    if from == to {
+                        continue;
+                    }
+                    for (fi, family) in [(0usize, "ipv4"), (1, "ipv6")] {
+                        let want =
+                            m.results.iter().find(|c| &c.from == from && &c.to == to && c.family.as_str() == family).expect("cell").allowed;
+                        let got =
+                            probe(&from_net.ns, Protocol::Tcp, SocketAddr::new(to_spec.ips[fi], 80), Duration::from_millis(300)).unwrap();
+                        if got != want {
+                            wrong.push(format!("{from} -> {to} {family}: model says {}, traffic {}", want, got));
+                        }
+                    }
+                }
+            }
+            if wrong.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: the datapath does not match the model:\n{}", wrong.join("\n"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn policy(name: &str, ns: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+fn dump(agent: &AgentProcess, extra: &[&str]) -> String {
+    let out = std::process::Command::new(conformance::agent_process::agent_binary().unwrap())
+        .arg("dump")
+        .arg("--pin-dir")
+        .arg(&agent.pin_dir)
+        .arg("--state-file")
+        .arg(&agent.state_file)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn agent_follows_manifest_changes() {
+    let _ = Families::Dual;
+    let mut c = Cluster::new();
+    let mut agent = AgentProcess::start(&c.node.ns, NODE, c.dir.path(), &[]).expect("agent");
+    agent.wait_ready(Duration::from_secs(10)).unwrap();
+    c.converge("no policies");
+
+    // A policy is added: x/a admits only pods labelled role=client.
+    c.write(
+        "np-a.yaml",
+        policy(
+            "a-from-clients",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}}]}]}),
+        ),
+    );
+    c.converge("policy added");
+
+    // A pod's labels change: x/b becomes a client.
+    c.relabel_pod("x/b", &[("pod", "b"), ("role", "client")]);
+    c.converge("pod label changed");
+
+    // A namespace's labels change, and a policy selects by them.
+    c.write(
+        "np-b.yaml",
+        policy(
+            "b-from-trusted",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"trust": "yes"}}}]}]}),
+        ),
+    );
+    c.converge("second policy added");
+    c.write("ns-y.yaml", namespace_manifest("y", &[("trust".to_string(), "yes".to_string())].into()));
+    c.converge("namespace label changed");
+
+    // A policy is deleted.
+    c.remove("np-a.yaml");
+    c.converge("policy deleted");
+
+    // A new pod that a policy selects.
+    c.write("np-c.yaml", policy("c-deny", "y", json!({"podSelector": {"matchLabels": {"pod": "c"}}, "policyTypes": ["Ingress"]})));
+    c.add_pod("y/c", 3);
+    c.converge("new selected pod");
+
+    let text = dump(&agent, &[]);
+    for pod in ["x/a", "x/b", "y/a", "y/c"] {
+        assert!(text.contains(pod), "dump lists {pod}:\n{text}");
+    }
+    assert!(text.contains("isolated by x/b-from-trusted") && text.contains("pod y/c"), "dump shows the tables:\n{text}");
+    let json: serde_json::Value = serde_json::from_str(&dump(&agent, &["-o", "json", "--pod", "y/c"])).unwrap();
+    assert_eq!(json["endpoints"][0]["pod"], "y/c");
+    assert_eq!(json["endpoints"][0]["ingress"]["isolated"], true);
+    assert!(json["endpoints"][0]["kernel_revision"].as_u64().is_some());
+
+    // The agent goes away: what it enforced stays enforced.
+    agent.stop();
+    c.converge("agent stopped");
+    assert!(!agent.log_text().contains("ERROR"), "{}", agent.log_text());
+}
+
+#[test]
+fn metrics_and_health() {
+    let c = Cluster::new();
+    let mut agent = AgentProcess::start(&c.node.ns, NODE, c.dir.path(), &["--metrics-addr", "127.0.0.1:9464"]).expect("agent");
+    agent.wait_ready(Duration::from_secs(10)).unwrap();
+    c.write("np.yaml", policy("deny-b", "x", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]})));
+    c.converge("policy");
+    let get = |path: &'static str| -> String {
+        c.node
+            .ns
+            .run(move || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect("127.0.0.1:9464").unwrap();
+                write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+            .unwrap()
+    };
+    assert!(get("/healthz").starts_with("HTTP/1.0 200"));
+    assert!(get("/readyz").starts_with("HTTP/1.0 200"));
+    std::thread::sleep(Duration::from_millis(1200));
+    let m = get("/metrics");
+    assert!(m.contains("policy_agent_packets_total{pod=\"x/b\",direction=\"ingress\",verdict=\"denied\"}"), "{m}");
+    assert!(m.contains("policy_agent_reconcile_duration_seconds_count"), "{m}");
+    assert!(m.contains("policy_agent_endpoints 3"), "{m}");
+    let _ = Path::new("");
+}

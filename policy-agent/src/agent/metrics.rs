@@ -1,0 +1,119 @@
+//! `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub pod: String,
+    pub direction: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub packets: Family<TrafficLabels, Counter>,
+    pub bytes: Family<TrafficLabels, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub map_entries: Family<MapLabels, Gauge>,
+    pub rejected_objects: Gauge,
+    pub map_write_errors: Counter,
+    pub endpoints: Gauge,
+    pub fail_closed_endpoints: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("policy_agent");
+        let packets = Family::<TrafficLabels, Counter>::default();
+        let bytes = Family::<TrafficLabels, Counter>::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        let rejected_objects = Gauge::default();
+        let map_write_errors = Counter::default();
+        let endpoints = Gauge::default();
+        let fail_closed_endpoints = Gauge::default();
+        registry.register("packets", "Packets judged by the datapath, per local pod, direction and verdict", packets.clone());
+        registry.register("bytes", "Bytes judged by the datapath, per local pod, direction and verdict", bytes.clone());
+        registry.register("reconcile_duration_seconds", "Time from a batch of changes to the maps holding them", reconcile_seconds.clone());
+        registry.register("map_entries", "Entries the agent keeps in each datapath map", map_entries.clone());
+        registry.register("rejected_objects", "Objects refused as invalid (not enforced)", rejected_objects.clone());
+        registry.register("map_write_errors", "Failed map writes (the pod concerned is fail-closed)", map_write_errors.clone());
+        registry.register("endpoints", "Local pods enforced", endpoints.clone());
+        registry.register(
+            "fail_closed_endpoints",
+            "Local pods denied everything because their tables could not be written",
+            fail_closed_endpoints.clone(),
+        );
+        Metrics {
+            registry,
+            packets,
+            bytes,
+            reconcile_seconds,
+            map_entries,
+            rejected_objects,
+            map_write_errors,
+            endpoints,
+            fail_closed_endpoints,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<Mutex<Metrics>>,
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn metrics(State(s): State<Shared>) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let mut out = String::new();
+    let m = s.metrics.lock().expect("metrics lock");
+    match prometheus_client::encoding::text::encode(&mut out, &m.registry) {
+        Ok(()) => (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], out),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], e.to_string()),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<Shared>) -> (StatusCode, &'static str) {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the first full sync is not done\n")
+    }
+}
+
+/// Serves until the process ends.
+pub async fn serve(addr: SocketAddr, shared: Shared) -> std::io::Result<()> {
+    let app =
+        Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(shared);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,209 @@
+//! `policy-agent run`: keep this node's datapath equal to the cluster's policies.
+//!
+//! One loop: take the source's changes (batched by the poll interval), compile
+//! incrementally, find the pods' interfaces, sync the maps, publish state and metrics.
+
+pub mod interfaces;
+pub mod manifest_source;
+pub mod metrics;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use policy_model::{NodeCompiler, ObjectKey, Prefix};
+use tracing::{error, info, warn};
+
+use crate::datapath::{Enforcer, MapSizes, PodInterface};
+use crate::tables_view::endpoint_view;
+use interfaces::InterfaceResolver;
+use manifest_source::ManifestSource;
+use metrics::{MapLabels, Metrics, Shared, TrafficLabels};
+use state::{AgentState, EndpointState};
+
+pub struct AgentConfig {
+    pub node: String,
+    pub manifests: Vec<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub state_file: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+    /// Service addresses whose egress judgment waits for DNAT.
+    pub service_cidrs: Vec<Prefix>,
+    /// Devices of the node (uplinks, tunnels, bridges) that get the post-DNAT egress check.
+    pub node_devices: Vec<String>,
+    pub sizes: MapSizes,
+    pub poll_interval: Duration,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Runs until `shutdown` resolves. The pins stay: enforcement goes on without the agent,
+/// and the next agent picks it up.
+pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let shared = Shared { metrics: Arc::new(Mutex::new(Metrics::new())), ready: Arc::new(std::sync::atomic::AtomicBool::new(false)) };
+    if let Some(addr) = cfg.metrics_addr {
+        let s = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, s).await {
+                error!(%addr, error = %e, "metrics server failed");
+            }
+        });
+    }
+    let mut enforcer =
+        Enforcer::new(&cfg.pin_dir, cfg.sizes).with_context(|| format!("loading the datapath (pins in {})", cfg.pin_dir.display()))?;
+    enforcer.set_services(&cfg.service_cidrs).map_err(anyhow::Error::msg).context("writing the Service prefixes")?;
+    let devices: Vec<&str> = cfg.node_devices.iter().map(String::as_str).collect();
+    enforcer.attach_node_devices(&devices).context("attaching to the node's devices")?;
+    let mut compiler = NodeCompiler::new(cfg.node.clone());
+    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut resolver = InterfaceResolver::new().context("opening rtnetlink")?;
+    let mut interfaces: BTreeMap<ObjectKey, PodInterface> = BTreeMap::new();
+    let mut last_counters: BTreeMap<(String, &'static str, &'static str), (u64, u64)> = BTreeMap::new();
+    let mut tick = tokio::time::interval(cfg.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_resolve = Instant::now() - Duration::from_secs(60);
+    let mut last_metrics = Instant::now() - Duration::from_secs(60);
+    let mut first = true;
+    info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "agent started");
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut shutdown => break,
+        }
+        let started = Instant::now();
+        let poll = match source.poll() {
+            Ok(p) => p,
+            Err((dir, e)) => {
+                // Keep enforcing what we have; try again next tick.
+                warn!(dir = %dir.display(), error = %e, "cannot read manifests");
+                continue;
+            }
+        };
+        if let Some(errors) = &poll.errors {
+            for e in errors {
+                warn!(error = %e, "invalid object skipped");
+            }
+        }
+        let had_changes = !poll.changes.is_empty();
+        let report = compiler.apply(poll.changes);
+        for r in &report.rejected {
+            warn!(object = %format!("{} {}", r.kind, r.key), error = %r, "invalid object skipped");
+        }
+
+        // Interfaces: when the endpoint set changed, and every second while some pod has
+        // none (its veth may appear later), and every 5 s to follow moves.
+        let missing = compiler.endpoints().any(|e| !interfaces.contains_key(&e.tables.pod));
+        let since = last_resolve.elapsed();
+        let mut iface_changed = false;
+        if !report.added.is_empty()
+            || !report.removed.is_empty()
+            || (missing && since >= Duration::from_secs(1))
+            || since >= Duration::from_secs(5)
+        {
+            let pods: Vec<(ObjectKey, Vec<IpAddr>)> =
+                compiler.endpoints().map(|e| (e.tables.pod.clone(), e.tables.addresses.clone())).collect();
+            let found = resolver.resolve(&pods).await;
+            iface_changed = found != interfaces;
+            interfaces = found;
+            last_resolve = Instant::now();
+        }
+
+        if first || had_changes || iface_changed {
+            let sync = enforcer.reconcile(&compiler, &|k| interfaces.get(k).cloned());
+            for e in &sync.errors {
+                error!(error = %e, "datapath sync");
+            }
+            if sync.endpoints_updated > 0 || !sync.errors.is_empty() {
+                info!(
+                    changed = report.changed.len() + report.added.len(),
+                    removed = report.removed.len(),
+                    written = sync.written_entries,
+                    deleted = sync.deleted_entries,
+                    "synced"
+                );
+            }
+            let state = build_state(&cfg.node, &compiler, &enforcer, &interfaces);
+            if let Err(e) = state.write(&cfg.state_file) {
+                warn!(path = %cfg.state_file.display(), error = %e, "cannot write the state file");
+            }
+            let m = shared.metrics.lock().expect("metrics lock");
+            m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            m.rejected_objects.set(compiler.rejected().count() as i64);
+            m.endpoints.set(state.endpoints.len() as i64);
+            m.fail_closed_endpoints.set(state.endpoints.iter().filter(|e| e.fail_closed.is_some()).count() as i64);
+            m.map_write_errors.inner().store(enforcer.sync.write_errors, Ordering::Relaxed);
+            let (peers, ports) = enforcer.sync.entry_counts();
+            m.map_entries.get_or_create(&MapLabels { map: "peers".into() }).set(peers as i64);
+            m.map_entries.get_or_create(&MapLabels { map: "ports".into() }).set(ports as i64);
+            drop(m);
+            if first {
+                shared.ready.store(true, Ordering::Relaxed);
+                info!(endpoints = state.endpoints.len(), "ready: first full sync done");
+                first = false;
+            }
+        }
+
+        if last_metrics.elapsed() >= Duration::from_secs(1) {
+            update_traffic_metrics(&shared, &enforcer, &compiler, &mut last_counters);
+            last_metrics = Instant::now();
+        }
+    }
+    info!("stopping; the datapath stays pinned and enforcing");
+    Ok(())
+}
+
+fn build_state(node: &str, compiler: &NodeCompiler, enforcer: &Enforcer, interfaces: &BTreeMap<ObjectKey, PodInterface>) -> AgentState {
+    let endpoints = compiler
+        .endpoints()
+        .map(|ep| {
+            let mut s = EndpointState::from_view(&endpoint_view(ep));
+            let pod = &ep.tables.pod;
+            s.interface = interfaces.get(pod).map(|i| i.name.clone());
+            if let Some((id, rev)) = enforcer.sync.id_and_revision(pod) {
+                s.datapath_id = Some(id);
+                s.datapath_revision = Some(rev);
+            }
+            if let Some(crate::datapath::EndpointStatus::FailClosed { error }) = enforcer.sync.status(pod) {
+                s.fail_closed = Some(error.clone());
+            }
+            s
+        })
+        .collect();
+    AgentState { node: node.to_string(), synced_at: now_secs(), endpoints, rejected: compiler.rejected().map(|r| r.to_string()).collect() }
+}
+
+fn update_traffic_metrics(
+    shared: &Shared,
+    enforcer: &Enforcer,
+    compiler: &NodeCompiler,
+    last: &mut BTreeMap<(String, &'static str, &'static str), (u64, u64)>,
+) {
+    let m = shared.metrics.lock().expect("metrics lock");
+    for ep in compiler.endpoints() {
+        let pod = ep.tables.pod.to_string();
+        let Some((id, _)) = enforcer.sync.id_and_revision(&ep.tables.pod) else { continue };
+        let c = enforcer.datapath.counters(id);
+        for (dir, counters) in [("ingress", c[0]), ("egress", c[1])] {
+            for (verdict, packets, bytes) in
+                [("allowed", counters.allowed_packets, counters.allowed_bytes), ("denied", counters.denied_packets, counters.denied_bytes)]
+            {
+                let key = (pod.clone(), dir, verdict);
+                let (lp, lb) = last.get(&key).copied().unwrap_or((0, 0));
+                let labels = TrafficLabels { pod: pod.clone(), direction: dir.into(), verdict: verdict.into() };
+                // Counters only go up; a reset map (new endpoint id) starts again from 0.
+                m.packets.get_or_create(&labels).inc_by(packets.saturating_sub(lp));
+                m.bytes.get_or_create(&labels).inc_by(bytes.saturating_sub(lb));
+                last.insert(key, (packets, bytes));
+            }
+        }
+    }
+}
