@@ -34,6 +34,11 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent for `node_name` in `node_ns`, reading `manifests`.
     pub fn start(node_ns: &Netns, node_name: &str, manifests: &Path, extra: &[&str]) -> Result<AgentProcess, String> {
+        AgentProcess::start_multi(node_ns, node_name, &[manifests], extra)
+    }
+
+    /// [`AgentProcess::start`] over several manifest directories.
+    pub fn start_multi(node_ns: &Netns, node_name: &str, manifests: &[&Path], extra: &[&str]) -> Result<AgentProcess, String> {
         let bin = agent_binary()?;
         let id = unique("pa-agent-");
         let work = std::env::temp_dir().join(&id);
@@ -59,8 +64,7 @@ impl AgentProcess {
                 "--max-connections",
                 "16384",
             ])
-            .arg("--manifests")
-            .arg(manifests)
+            .args(manifests.iter().flat_map(|m| [std::ffi::OsStr::new("--manifests"), m.as_os_str()]))
             .arg("--pin-dir")
             .arg(&pin_dir)
             .arg("--state-file")
