@@ -4,6 +4,7 @@
 //! incrementally, find the pods' interfaces, sync the maps, publish state and metrics.
 
 pub mod interfaces;
+pub mod kube_source;
 pub mod manifest_source;
 pub mod metrics;
 pub mod state;
@@ -26,9 +27,22 @@ use manifest_source::ManifestSource;
 use metrics::{MapLabels, Metrics, Shared, TrafficLabels};
 use state::{AgentState, EndpointState};
 
+/// Where the cluster's objects come from.
+pub enum SourceConfig {
+    /// Directories of YAML, re-read when they change.
+    Manifests(Vec<PathBuf>),
+    /// The Kubernetes API.
+    Kubernetes(kube::Client),
+}
+
+enum Source {
+    Manifests(ManifestSource),
+    Kubernetes(Box<(kube_source::KubeSource, kube::runtime::events::Recorder)>),
+}
+
 pub struct AgentConfig {
     pub node: String,
-    pub manifests: Vec<PathBuf>,
+    pub source: SourceConfig,
     pub pin_dir: PathBuf,
     pub state_file: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
@@ -62,7 +76,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let devices: Vec<&str> = cfg.node_devices.iter().map(String::as_str).collect();
     enforcer.attach_node_devices(&devices).context("attaching to the node's devices")?;
     let mut compiler = NodeCompiler::new(cfg.node.clone());
-    let mut source = ManifestSource::new(cfg.manifests.clone());
+    let mut source = match cfg.source {
+        SourceConfig::Manifests(dirs) => Source::Manifests(ManifestSource::new(dirs)),
+        SourceConfig::Kubernetes(client) => {
+            let reporter = kube::runtime::events::Reporter { controller: "policy-agent".into(), instance: Some(cfg.node.clone()) };
+            let source = kube_source::KubeSource::start(client.clone(), &cfg.node);
+            Source::Kubernetes(Box::new((source, kube::runtime::events::Recorder::new(client, reporter))))
+        }
+    };
     let mut resolver = InterfaceResolver::new().context("opening rtnetlink")?;
     let mut interfaces: BTreeMap<ObjectKey, PodInterface> = BTreeMap::new();
     let mut last_counters: BTreeMap<(String, &'static str, &'static str), (u64, u64)> = BTreeMap::new();
@@ -80,18 +101,50 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             _ = &mut shutdown => break,
         }
         let started = Instant::now();
-        let poll = match source.poll() {
-            Ok(p) => p,
-            Err((dir, e)) => {
-                // Keep enforcing what we have; try again next tick.
-                warn!(dir = %dir.display(), error = %e, "cannot read manifests");
-                continue;
+        let (changes, synced) = match &mut source {
+            Source::Manifests(m) => match m.poll() {
+                Ok(p) => {
+                    if let Some(errors) = &p.errors {
+                        for e in errors {
+                            warn!(error = %e, "invalid object skipped");
+                        }
+                    }
+                    (p.changes, true)
+                }
+                Err((dir, e)) => {
+                    // Keep enforcing what we have; try again next tick.
+                    warn!(dir = %dir.display(), error = %e, "cannot read manifests");
+                    continue;
+                }
+            },
+            Source::Kubernetes(k) => {
+                let (source, recorder) = &mut **k;
+                let d = source.drain();
+                for (reference, error) in d.invalid {
+                    warn!(object = %format!("{} {}", error.kind, error.key), error = %error, "invalid object skipped");
+                    let recorder = recorder.clone();
+                    tokio::spawn(async move {
+                        let ev = kube::runtime::events::Event {
+                            type_: kube::runtime::events::EventType::Warning,
+                            reason: "Invalid".into(),
+                            note: Some(error.to_string().chars().take(1000).collect()),
+                            action: "Enforce".into(),
+                            secondary: None,
+                        };
+                        if let Err(e) = recorder.publish(&ev, &reference).await {
+                            warn!(error = %e, "cannot publish a Kubernetes Event");
+                        }
+                    });
+                }
+                (d.changes, source.synced())
             }
         };
-        if let Some(errors) = &poll.errors {
-            for e in errors {
-                warn!(error = %e, "invalid object skipped");
-            }
+        // Until every kind's first full list is in, the datapath keeps what it has (after a
+        // restart: the previous agent's tables); a partial view could open too much.
+        let poll = manifest_source::Poll { changes, errors: None };
+        if !synced {
+            compiler.apply(poll.changes);
+            continue;
         }
         let had_changes = !poll.changes.is_empty();
         let report = compiler.apply(poll.changes);

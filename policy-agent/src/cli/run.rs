@@ -8,7 +8,7 @@ use std::time::Duration;
 use policy_model::Prefix;
 
 use super::CliError;
-use crate::agent::{AgentConfig, run};
+use crate::agent::{AgentConfig, SourceConfig, run};
 use crate::datapath::{MapSizes, PIN_ROOT};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -24,6 +24,10 @@ pub struct Args {
     /// the Kubernetes API. Repeatable.
     #[arg(long, value_name = "DIR")]
     pub manifests: Vec<PathBuf>,
+    /// The Kubernetes API through this kubeconfig (default: in-cluster configuration, or
+    /// $KUBECONFIG / ~/.kube/config).
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
     /// The node whose pods (spec.nodeName) this agent enforces.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -62,15 +66,17 @@ pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
     }
-    if args.manifests.is_empty() {
-        return Err(CliError::Usage(
-            "--manifests DIR is required: this build enforces from manifest directories (the Kubernetes API source is not in it yet)"
-                .into(),
-        ));
-    }
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
+    let source = if args.manifests.is_empty() {
+        let client = rt.block_on(kube_client(args.kubeconfig.as_deref())).map_err(CliError::Usage)?;
+        SourceConfig::Kubernetes(client)
+    } else {
+        SourceConfig::Manifests(args.manifests)
+    };
     let cfg = AgentConfig {
         node: args.node_name,
-        manifests: args.manifests,
+        source,
         pin_dir: args.pin_dir,
         state_file: args.state_file,
         metrics_addr: args.metrics_addr,
@@ -95,4 +101,20 @@ pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
             Ok(ExitCode::from(super::EXIT_CANNOT_RUN))
         }
     }
+}
+
+/// A client from a kubeconfig file, or inferred (in-cluster, then $KUBECONFIG/~/.kube/config).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}; use --manifests DIR to run without a cluster")
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
