@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-/// The kinds the agent watches (the RBAC rules in deploy/ list the same).
+/// The kinds the agent watches; each must be readable under `permissions::API_ACCESS`.
 pub const WATCHED_KINDS: [&str; 4] = ["namespaces", "pods", "networkpolicies", "nodes"];
 
 pub enum SourceMessage {

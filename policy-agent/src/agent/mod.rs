@@ -7,6 +7,7 @@ pub mod interfaces;
 pub mod kube_source;
 pub mod manifest_source;
 pub mod metrics;
+pub mod permissions;
 pub mod state;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,12 @@
+//! What the agent reads and writes in the Kubernetes API: the one list the RBAC rules in
+//! `deploy/clusterrole.yaml` are derived from (a test keeps them equal).
+
+/// (API group, resource, verbs).
+pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
+    ("", "namespaces", &["get", "list", "watch"]),
+    ("", "pods", &["get", "list", "watch"]),
+    ("", "nodes", &["get", "list", "watch"]),
+    ("networking.k8s.io", "networkpolicies", &["get", "list", "watch"]),
+    // Kubernetes Events on objects the agent refuses.
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
