@@ -6,15 +6,17 @@ set -euo pipefail
 log() { echo "setup-ebpf: $*" >&2; }
 
 BPF_LINKER_VERSION=0.13.0
+# The toolchain that builds the kernel programs (policy-agent/build.rs reads the same).
+NIGHTLY="${POLICY_AGENT_EBPF_TOOLCHAIN:-nightly}"
 
-rustup toolchain list | grep -q '^nightly' || { log "no nightly toolchain installed; this recipe derives everything from the installed one"; exit 1; }
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly
+rustup toolchain list | grep -q "^$NIGHTLY" || { log "no $NIGHTLY toolchain installed; this recipe derives everything from the installed one"; exit 1; }
+if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  log "adding rust-src to $NIGHTLY"
+  rustup component add rust-src --toolchain "$NIGHTLY"
 fi
 
-sysroot=$(rustc +nightly --print sysroot)
-llvm_major=$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+sysroot=$(rustc "+$NIGHTLY" --print sysroot)
+llvm_major=$(rustc "+$NIGHTLY" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 prefix="${POLICY_AGENT_LLVM_PREFIX:-$HOME/.cache/policy-agent/llvm-$llvm_major}"
 
 have_linker() {
