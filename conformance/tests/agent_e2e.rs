@@ -224,3 +224,64 @@ fn metrics_and_health() {
     assert!(m.contains("policy_agent_endpoints 3"), "{m}");
     let _ = Path::new("");
 }
+
+/// The agent learns Service addresses from Service and EndpointSlice manifests (no
+/// --service-cidr): an egress rule naming the backend pod and its targetPort allows the
+/// connection to the ClusterIP, because the judgment waits for DNAT.
+#[test]
+fn services_from_manifests_are_judged_after_dnat() {
+    let c = Cluster::new();
+    let b4 = c.pods["x/b"].0.ips[0];
+    c.node
+        .ns
+        .exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                "10.96.0.10",
+                "-p",
+                "tcp",
+                "--dport",
+                "8080",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{b4}:80"),
+            ],
+        )
+        .unwrap();
+    c.write(
+        "np.yaml",
+        policy(
+            "a-to-b",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"protocol": "TCP", "port": 80}]}]}),
+        ),
+    );
+    let mut agent = AgentProcess::start(&c.node.ns, NODE, c.dir.path(), &[]).expect("agent");
+    agent.wait_ready(Duration::from_secs(10)).unwrap();
+    let vip: SocketAddr = "10.96.0.10:8080".parse().unwrap();
+    let a = &c.pods["x/a"].1.ns;
+    let probe_vip = || probe(a, Protocol::Tcp, vip, Duration::from_millis(300)).unwrap();
+    // Not yet a known Service: judged before DNAT against 10.96.0.10 itself, not pod b.
+    c.converge("policy");
+    assert!(!probe_vip(), "without the Service, the ClusterIP is just an address the policy does not allow");
+    c.write("svc.yaml", json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s-x-b", "namespace": "x"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "selector": {"pod": "b"}, "ports": [{"port": 8080, "targetPort": 80}]}}));
+    c.write(
+        "eps.yaml",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "s-x-b-1", "namespace": "x", "labels": {"kubernetes.io/service-name": "s-x-b"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": [b4.to_string()]}], "ports": [{"port": 80, "protocol": "TCP"}]}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !probe_vip() {
+        assert!(Instant::now() < deadline, "the ClusterIP of a pod-backed Service is judged on the backend:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

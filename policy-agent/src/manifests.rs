@@ -48,12 +48,14 @@ pub struct Manifests {
     pub pods: Vec<(String, core::Pod)>,
     pub nodes: Vec<(String, core::Node)>,
     pub policies: Vec<(String, NetworkPolicy)>,
+    pub services: Vec<(String, core::Service)>,
+    pub endpoint_slices: Vec<(String, k8s_openapi::api::discovery::v1::EndpointSlice)>,
     /// Documents that could not be read at all.
     pub errors: Vec<ManifestError>,
 }
 
-/// Kinds we read; everything else (Services, Deployments, ...) is skipped silently.
-const KINDS: [&str; 4] = ["Namespace", "Pod", "Node", "NetworkPolicy"];
+/// Kinds we read; everything else (Deployments, ...) is skipped silently.
+const KINDS: [&str; 6] = ["Namespace", "Pod", "Node", "NetworkPolicy", "Service", "EndpointSlice"];
 
 impl Manifests {
     /// Reads several directories into one set, in the order given.
@@ -65,6 +67,8 @@ impl Manifests {
             all.pods.extend(m.pods);
             all.nodes.extend(m.nodes);
             all.policies.extend(m.policies);
+            all.services.extend(m.services);
+            all.endpoint_slices.extend(m.endpoint_slices);
             all.errors.extend(m.errors);
         }
         Ok(all)
@@ -147,6 +151,14 @@ impl Manifests {
             },
             "Node" => match serde_yaml_ng::from_value(value) {
                 Ok(o) => self.nodes.push((src, o)),
+                Err(e) => self.errors.push(err(e)),
+            },
+            "Service" => match serde_yaml_ng::from_value(value) {
+                Ok(o) => self.services.push((src, o)),
+                Err(e) => self.errors.push(err(e)),
+            },
+            "EndpointSlice" => match serde_yaml_ng::from_value(value) {
+                Ok(o) => self.endpoint_slices.push((src, o)),
                 Err(e) => self.errors.push(err(e)),
             },
             _ => match serde_yaml_ng::from_value::<NetworkPolicy>(value) {

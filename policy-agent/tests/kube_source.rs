@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use kube::client::Body;
 use policy_agent::agent::kube_source::KubeSource;
+use policy_agent::agent::services::Services;
 use policy_model::{NodeCompiler, ObjectKey};
 use serde_json::{Value, json};
 
@@ -55,6 +56,8 @@ fn kind_of(path: &str) -> &'static str {
         "/api/v1/pods" => "pods",
         "/apis/networking.k8s.io/v1/networkpolicies" => "networkpolicies",
         "/api/v1/nodes" => "nodes",
+        "/api/v1/services" => "services",
+        "/apis/discovery.k8s.io/v1/endpointslices" => "endpointslices",
         other => panic!("unexpected request for {other}"),
     }
 }
@@ -92,19 +95,21 @@ fn mock_api(scripts: Scripts) -> kube::Client {
 async fn run_until(
     source: &mut KubeSource,
     compiler: &mut NodeCompiler,
+    services: &mut Services,
     invalid: &mut Vec<String>,
-    done: impl Fn(&NodeCompiler, &KubeSource) -> bool,
+    done: impl Fn(&NodeCompiler, &KubeSource, &Services) -> bool,
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let d = source.drain();
         compiler.apply(d.changes);
+        services.apply(d.services);
         invalid.extend(
             d.invalid
                 .iter()
                 .map(|(r, e)| format!("{}/{}: {e}", r.namespace.clone().unwrap_or_default(), r.name.clone().unwrap_or_default())),
         );
-        if done(compiler, source) {
+        if done(compiler, source, services) {
             return;
         }
         assert!(
@@ -162,12 +167,42 @@ async fn lists_then_events_for_every_kind() {
             },
         );
         s.insert("nodes", Script { lists: [list("Node", "40", vec![node("node-1", "10.250.0.1", "6")])].into(), watches: VecDeque::new() });
+        s.insert(
+            "services",
+            Script {
+                lists: [list(
+                    "Service",
+                    "50",
+                    vec![
+                        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "x", "resourceVersion": "7"},
+                "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"]}}),
+                    ],
+                )]
+                .into(),
+                watches: VecDeque::new(),
+            },
+        );
+        s.insert(
+            "endpointslices",
+            Script {
+                lists: [list("EndpointSlice", "60", vec![])].into(),
+                watches: [vec![event(
+                    "ADDED",
+                    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "web-abc", "namespace": "x", "resourceVersion": "61", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.0.1"]}]}),
+                )]]
+                .into(),
+            },
+        );
     }
     let mut source = KubeSource::start(mock_api(scripts), "node-1");
     let mut compiler = NodeCompiler::new("node-1");
+    let mut services = Services::default();
     let mut invalid = Vec::new();
-    run_until(&mut source, &mut compiler, &mut invalid, |c, s| {
+    run_until(&mut source, &mut compiler, &mut services, &mut invalid, |c, s, svc| {
         s.synced()
+            && !svc.deferred(c.state()).is_empty()
             && c.state().pod(&k("x/c")).is_some()
             && c.state().pod(&k("y/b")).is_none()
             && c.state().namespace("z").is_some()
@@ -176,6 +211,8 @@ async fn lists_then_events_for_every_kind() {
             && c.state().policy(&k("x/deny")).is_some_and(|p| !p.pod_selector.is_everything())
     })
     .await;
+    let deferred: Vec<String> = services.deferred(compiler.state()).iter().map(|p| p.to_string()).collect();
+    assert_eq!(deferred, ["10.96.0.10/32"], "the Service backed by pod x/a is judged after DNAT");
     let st = compiler.state();
     assert_eq!(st.namespace("y").unwrap().labels.get("team").map(String::as_str), Some("blue"), "namespace modified");
     assert_eq!(st.pods().map(|p| p.key.to_string()).collect::<Vec<_>>(), ["x/a", "x/c"]);
@@ -193,7 +230,13 @@ async fn a_watch_error_relists_and_deletes_what_is_gone() {
     let scripts: Scripts = Arc::new(Mutex::new(BTreeMap::new()));
     {
         let mut s = scripts.lock().unwrap();
-        for (kind, list_kind) in [("namespaces", "Namespace"), ("networkpolicies", "NetworkPolicy"), ("nodes", "Node")] {
+        for (kind, list_kind) in [
+            ("namespaces", "Namespace"),
+            ("networkpolicies", "NetworkPolicy"),
+            ("nodes", "Node"),
+            ("services", "Service"),
+            ("endpointslices", "EndpointSlice"),
+        ] {
             let items = if kind == "namespaces" { vec![ns("x", json!({}), "1")] } else { vec![] };
             s.insert(kind, Script { lists: [list(list_kind, "1", items)].into(), watches: VecDeque::new() });
         }
@@ -209,10 +252,13 @@ async fn a_watch_error_relists_and_deletes_what_is_gone() {
     }
     let mut source = KubeSource::start(mock_api(scripts), "node-1");
     let mut compiler = NodeCompiler::new("node-1");
+    let mut services = Services::default();
     let mut invalid = Vec::new();
-    run_until(&mut source, &mut compiler, &mut invalid, |c, s| s.synced() && c.state().pod(&k("x/b")).is_some()).await;
-    run_until(&mut source, &mut compiler, &mut invalid, |c, _| c.state().pod(&k("x/d")).is_some() && c.state().pod(&k("x/b")).is_none())
-        .await;
+    run_until(&mut source, &mut compiler, &mut services, &mut invalid, |c, s, _| s.synced() && c.state().pod(&k("x/b")).is_some()).await;
+    run_until(&mut source, &mut compiler, &mut services, &mut invalid, |c, _, _| {
+        c.state().pod(&k("x/d")).is_some() && c.state().pod(&k("x/b")).is_none()
+    })
+    .await;
     assert_eq!(compiler.state().pods().map(|p| p.key.to_string()).collect::<Vec<_>>(), ["x/a", "x/d"]);
     assert!(invalid.is_empty());
 }

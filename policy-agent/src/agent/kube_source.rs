@@ -10,6 +10,7 @@ use std::fmt::Debug;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
@@ -19,11 +20,19 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::agent::services::ServiceChange;
+
 /// The kinds the agent watches; each must be readable under `permissions::API_ACCESS`.
-pub const WATCHED_KINDS: [&str; 4] = ["namespaces", "pods", "networkpolicies", "nodes"];
+pub const WATCHED_KINDS: [&str; 6] = ["namespaces", "pods", "networkpolicies", "nodes", "services", "endpointslices"];
+
+/// What one object event means.
+pub enum Update {
+    Model(Change),
+    Service(ServiceChange),
+}
 
 pub enum SourceMessage {
-    Changes(Vec<Change>),
+    Changes(Vec<Update>),
     /// A kind's first full list is in.
     Synced(&'static str),
     /// An object that cannot be enforced, with a reference for a Kubernetes Event.
@@ -36,59 +45,80 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + S
     fn key(&self) -> ObjectKey {
         ObjectKey::new(self.namespace().unwrap_or_default(), self.name_any())
     }
-    fn upsert(&self) -> Result<Change, InvalidObject>;
-    fn delete(key: ObjectKey) -> Change;
+    fn upsert(&self) -> Result<Update, InvalidObject>;
+    fn delete(key: ObjectKey) -> Update;
     /// What still goes to the compiler when the object is invalid.
-    fn when_invalid(&self) -> Option<Change> {
+    fn when_invalid(&self) -> Option<Update> {
         None
     }
 }
 
 impl Watched for core::Namespace {
     const KIND: &'static str = "namespaces";
-    fn upsert(&self) -> Result<Change, InvalidObject> {
-        Namespace::from_k8s(self).map(Change::UpsertNamespace)
+    fn upsert(&self) -> Result<Update, InvalidObject> {
+        Namespace::from_k8s(self).map(|n| Update::Model(Change::UpsertNamespace(n)))
     }
-    fn delete(key: ObjectKey) -> Change {
-        Change::DeleteNamespace(key.name)
+    fn delete(key: ObjectKey) -> Update {
+        Update::Model(Change::DeleteNamespace(key.name))
     }
 }
 
 impl Watched for core::Pod {
     const KIND: &'static str = "pods";
-    fn upsert(&self) -> Result<Change, InvalidObject> {
-        Pod::from_k8s(self).map(Change::UpsertPod)
+    fn upsert(&self) -> Result<Update, InvalidObject> {
+        Pod::from_k8s(self).map(|p| Update::Model(Change::UpsertPod(p)))
     }
-    fn delete(key: ObjectKey) -> Change {
-        Change::DeletePod(key)
+    fn delete(key: ObjectKey) -> Update {
+        Update::Model(Change::DeletePod(key))
     }
 }
 
 impl Watched for NetworkPolicy {
     const KIND: &'static str = "networkpolicies";
-    fn upsert(&self) -> Result<Change, InvalidObject> {
+    fn upsert(&self) -> Result<Update, InvalidObject> {
         // Validated here to report it; the compiler validates again and keeps the last
         // valid version of a policy whose update is invalid.
         Policy::from_k8s(self)?;
-        Ok(Change::UpsertPolicy(Box::new(self.clone())))
+        Ok(Update::Model(Change::UpsertPolicy(Box::new(self.clone()))))
     }
-    fn delete(key: ObjectKey) -> Change {
-        Change::DeletePolicy(key)
+    fn delete(key: ObjectKey) -> Update {
+        Update::Model(Change::DeletePolicy(key))
     }
     /// The compiler keeps the last valid version of a policy whose update is invalid, and
     /// reports it as rejected.
-    fn when_invalid(&self) -> Option<Change> {
-        Some(Change::UpsertPolicy(Box::new(self.clone())))
+    fn when_invalid(&self) -> Option<Update> {
+        Some(Update::Model(Change::UpsertPolicy(Box::new(self.clone()))))
     }
 }
 
 impl Watched for core::Node {
     const KIND: &'static str = "nodes";
-    fn upsert(&self) -> Result<Change, InvalidObject> {
-        Node::from_k8s(self).map(Change::UpsertNode)
+    fn upsert(&self) -> Result<Update, InvalidObject> {
+        Node::from_k8s(self).map(|n| Update::Model(Change::UpsertNode(n)))
     }
-    fn delete(key: ObjectKey) -> Change {
-        Change::DeleteNode(key.name)
+    fn delete(key: ObjectKey) -> Update {
+        Update::Model(Change::DeleteNode(key.name))
+    }
+}
+
+impl Watched for core::Service {
+    const KIND: &'static str = "services";
+    fn upsert(&self) -> Result<Update, InvalidObject> {
+        Ok(Update::Service(ServiceChange::from_service(self)))
+    }
+    fn delete(key: ObjectKey) -> Update {
+        Update::Service(ServiceChange::DeleteService(key))
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "endpointslices";
+    fn upsert(&self) -> Result<Update, InvalidObject> {
+        // A slice that names no Service stands behind none.
+        Ok(Update::Service(ServiceChange::from_slice(self).unwrap_or_else(|| ServiceChange::DeleteSlice(self.key()))))
+    }
+    fn delete(key: ObjectKey) -> Update {
+        Update::Service(ServiceChange::DeleteSlice(key))
     }
 }
 
@@ -117,7 +147,7 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
             }
             Ok(Event::InitDone) => {
                 let seen = relist.take().unwrap_or_default();
-                let gone: Vec<Change> = known.difference(&seen).cloned().map(K::delete).collect();
+                let gone: Vec<Update> = known.difference(&seen).cloned().map(K::delete).collect();
                 if !gone.is_empty() {
                     let _ = tx.send(SourceMessage::Changes(gone));
                 }
@@ -152,19 +182,22 @@ pub struct KubeSource {
 #[derive(Default)]
 pub struct Drained {
     pub changes: Vec<Change>,
+    pub services: Vec<ServiceChange>,
     pub invalid: Vec<(ObjectReference, InvalidObject)>,
 }
 
 impl KubeSource {
     /// Starts watching namespaces, pods (all namespaces: peers live anywhere),
-    /// NetworkPolicies, and this node's Node object.
+    /// NetworkPolicies, this node's Node object, Services and EndpointSlices.
     pub fn start(client: Client, node: &str) -> KubeSource {
         let (tx, rx) = mpsc::unbounded_channel();
         let cfg = watcher::Config::default;
         tokio::spawn(watch::<core::Namespace>(Api::all(client.clone()), cfg(), tx.clone()));
         tokio::spawn(watch::<core::Pod>(Api::all(client.clone()), cfg(), tx.clone()));
         tokio::spawn(watch::<NetworkPolicy>(Api::all(client.clone()), cfg(), tx.clone()));
-        tokio::spawn(watch::<core::Node>(Api::all(client), cfg().fields(&format!("metadata.name={node}")), tx));
+        tokio::spawn(watch::<core::Node>(Api::all(client.clone()), cfg().fields(&format!("metadata.name={node}")), tx.clone()));
+        tokio::spawn(watch::<core::Service>(Api::all(client.clone()), cfg(), tx.clone()));
+        tokio::spawn(watch::<EndpointSlice>(Api::all(client), cfg(), tx));
         KubeSource { rx, pending: Vec::new(), synced: BTreeSet::new() }
     }
 
@@ -177,7 +210,14 @@ impl KubeSource {
         }
         for m in messages {
             match m {
-                SourceMessage::Changes(c) => d.changes.extend(c),
+                SourceMessage::Changes(c) => {
+                    for u in c {
+                        match u {
+                            Update::Model(m) => d.changes.push(m),
+                            Update::Service(s) => d.services.push(s),
+                        }
+                    }
+                }
                 SourceMessage::Synced(kind) => {
                     self.synced.insert(kind);
                 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use policy_model::{Change, Namespace, Node, ObjectKey, Pod};
 
+use crate::agent::services::ServiceChange;
 use crate::manifests::{ManifestError, Manifests};
 
 /// An object as read, for change detection.
@@ -15,6 +16,7 @@ enum Object {
     Pod(Pod),
     Node(Node),
     Policy(serde_json::Value),
+    Service(ServiceChange),
 }
 
 /// The objects of one read, keyed by kind and name.
@@ -53,6 +55,7 @@ fn fingerprint(dirs: &[PathBuf]) -> std::io::Result<Vec<(PathBuf, std::time::Sys
 /// One poll's result.
 pub struct Poll {
     pub changes: Vec<Change>,
+    pub services: Vec<ServiceChange>,
     /// Set when the set of invalid objects changed (so they are logged once, not every poll).
     pub errors: Option<Vec<ManifestError>>,
 }
@@ -66,7 +69,7 @@ impl ManifestSource {
     pub fn poll(&mut self) -> Result<Poll, (PathBuf, std::io::Error)> {
         let fp = fingerprint(&self.dirs).map_err(|e| (self.dirs.first().cloned().unwrap_or_default(), e))?;
         if fp == self.fingerprint && !self.fingerprint.is_empty() {
-            return Ok(Poll { changes: Vec::new(), errors: None });
+            return Ok(Poll { changes: Vec::new(), services: Vec::new(), errors: None });
         }
         self.fingerprint = fp;
         let m = Manifests::read_dirs(&self.dirs)?;
@@ -109,27 +112,43 @@ impl ManifestSource {
             now.insert((3, key), Object::Policy(serde_json::to_value(np).expect("policies serialize")));
         }
 
+        for (_, svc) in &m.services {
+            if let ServiceChange::UpsertService(key, ips) = ServiceChange::from_service(svc) {
+                now.insert((4, key.clone()), Object::Service(ServiceChange::UpsertService(key, ips)));
+            }
+        }
+        for (_, slice) in &m.endpoint_slices {
+            if let Some(c @ ServiceChange::UpsertSlice { .. }) = ServiceChange::from_slice(slice) {
+                let ServiceChange::UpsertSlice { slice: key, .. } = &c else { unreachable!() };
+                now.insert((5, key.clone()), Object::Service(c));
+            }
+        }
+
         let mut changes = Vec::new();
+        let mut services = Vec::new();
         for ((kind, key), obj) in &self.last {
             if !now.contains_key(&(*kind, key.clone())) {
-                changes.push(match obj {
-                    Object::Namespace(n) => Change::DeleteNamespace(n.name.clone()),
-                    Object::Node(n) => Change::DeleteNode(n.name.clone()),
-                    Object::Pod(p) => Change::DeletePod(p.key.clone()),
-                    Object::Policy(_) => Change::DeletePolicy(key.clone()),
-                });
+                match obj {
+                    Object::Namespace(n) => changes.push(Change::DeleteNamespace(n.name.clone())),
+                    Object::Node(n) => changes.push(Change::DeleteNode(n.name.clone())),
+                    Object::Pod(p) => changes.push(Change::DeletePod(p.key.clone())),
+                    Object::Policy(_) => changes.push(Change::DeletePolicy(key.clone())),
+                    Object::Service(ServiceChange::UpsertService(..)) => services.push(ServiceChange::DeleteService(key.clone())),
+                    Object::Service(_) => services.push(ServiceChange::DeleteSlice(key.clone())),
+                }
             }
         }
         for (id, obj) in &now {
             if self.last.get(id) == Some(obj) {
                 continue;
             }
-            changes.push(match obj {
-                Object::Namespace(n) => Change::UpsertNamespace(n.clone()),
-                Object::Node(n) => Change::UpsertNode(n.clone()),
-                Object::Pod(p) => Change::UpsertPod(p.clone()),
-                Object::Policy(v) => Change::UpsertPolicy(Box::new(serde_json::from_value(v.clone()).expect("round trip"))),
-            });
+            match obj {
+                Object::Namespace(n) => changes.push(Change::UpsertNamespace(n.clone())),
+                Object::Node(n) => changes.push(Change::UpsertNode(n.clone())),
+                Object::Pod(p) => changes.push(Change::UpsertPod(p.clone())),
+                Object::Policy(v) => changes.push(Change::UpsertPolicy(Box::new(serde_json::from_value(v.clone()).expect("round trip")))),
+                Object::Service(c) => services.push(c.clone()),
+            }
         }
         self.last = now;
         let rendered: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -139,6 +158,6 @@ impl ManifestSource {
         } else {
             None
         };
-        Ok(Poll { changes, errors })
+        Ok(Poll { changes, services, errors })
     }
 }

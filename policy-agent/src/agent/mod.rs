@@ -8,6 +8,7 @@ pub mod kube_source;
 pub mod manifest_source;
 pub mod metrics;
 pub mod permissions;
+pub mod services;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -93,6 +94,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut last_resolve = Instant::now() - Duration::from_secs(60);
     let mut last_metrics = Instant::now() - Duration::from_secs(60);
     let mut first = true;
+    let mut services = services::Services::default();
+    let mut last_deferred: std::collections::BTreeSet<Prefix> = cfg.service_cidrs.iter().copied().collect();
     info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "agent started");
     tokio::pin!(shutdown);
 
@@ -102,7 +105,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             _ = &mut shutdown => break,
         }
         let started = Instant::now();
-        let (changes, synced) = match &mut source {
+        let (changes, service_changes, synced) = match &mut source {
             Source::Manifests(m) => match m.poll() {
                 Ok(p) => {
                     if let Some(errors) = &p.errors {
@@ -110,7 +113,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                             warn!(error = %e, "invalid object skipped");
                         }
                     }
-                    (p.changes, true)
+                    (p.changes, p.services, true)
                 }
                 Err((dir, e)) => {
                     // Keep enforcing what we have; try again next tick.
@@ -137,16 +140,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                         }
                     });
                 }
-                (d.changes, source.synced())
+                (d.changes, d.services, source.synced())
             }
         };
         // Until every kind's first full list is in, the datapath keeps what it has (after a
         // restart: the previous agent's tables); a partial view could open too much.
-        let poll = manifest_source::Poll { changes, errors: None };
+        services.apply(service_changes);
         if !synced {
-            compiler.apply(poll.changes);
+            compiler.apply(changes);
             continue;
         }
+        let poll = manifest_source::Poll { changes, services: Vec::new(), errors: None };
         let had_changes = !poll.changes.is_empty();
         let report = compiler.apply(poll.changes);
         for r in &report.rejected {
@@ -169,6 +173,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             iface_changed = found != interfaces;
             interfaces = found;
             last_resolve = Instant::now();
+        }
+
+        // Service addresses whose egress waits for DNAT: the configured ranges, and every
+        // Service whose endpoints are pods (they follow pods, so recompute on any change).
+        let mut deferred = services.deferred(compiler.state());
+        deferred.extend(cfg.service_cidrs.iter().copied());
+        if deferred != last_deferred {
+            let list: Vec<Prefix> = deferred.iter().copied().collect();
+            match enforcer.set_services(&list) {
+                Ok(()) => last_deferred = deferred,
+                Err(e) => error!(error = %e, "cannot write the Service addresses"),
+            }
         }
 
         if first || had_changes || iface_changed {

@@ -7,6 +7,9 @@ pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ("", "pods", &["get", "list", "watch"]),
     ("", "nodes", &["get", "list", "watch"]),
     ("networking.k8s.io", "networkpolicies", &["get", "list", "watch"]),
+    // Which addresses are Service VIPs, and whether pods stand behind them.
+    ("", "services", &["get", "list", "watch"]),
+    ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"]),
     // Kubernetes Events on objects the agent refuses.
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
