@@ -285,3 +285,89 @@ fn services_from_manifests_are_judged_after_dnat() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+impl Cluster {
+    /// The network of a pod (as the CNI makes it), without telling the agent anything.
+    fn add_pod_network(&mut self, key: &str, index: usize) {
+        let (ns, name) = key.split_once('/').unwrap();
+        let ips = vec![pod_address(Family::Ipv4, 0, index), pod_address(Family::Ipv6, 0, index)];
+        let net = self.node.add_pod(&unique("pep"), &format!("pe{index}"), &ips).unwrap();
+        let servers = serve(&net.ns, &[80, 81]).unwrap();
+        let spec = PodSpec {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [("pod".to_string(), name.to_string())].into(),
+            node: NODE.into(),
+            ips,
+        };
+        self.pods.insert(key.to_string(), (spec, net, servers));
+    }
+
+    /// The pod's manifest as the API shows it before its sandbox has an address.
+    fn write_scheduled(&self, key: &str, index: usize) {
+        let (ns, name) = key.split_once('/').unwrap();
+        let spec = PodSpec {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [("pod".to_string(), name.to_string())].into(),
+            node: NODE.into(),
+            ips: vec![],
+        };
+        let _ = index;
+        self.write(&format!("pod-{ns}-{name}.yaml"), spec.manifest());
+    }
+
+    fn write_pod(&self, key: &str) {
+        let (ns, name) = key.split_once('/').unwrap();
+        self.write(&format!("pod-{ns}-{name}.yaml"), self.pods[key].0.manifest());
+    }
+
+    fn tcp(&self, from: &str, to: &str) -> bool {
+        probe(&self.pods[from].1.ns, Protocol::Tcp, SocketAddr::new(self.pods[to].0.ips[0], 80), Duration::from_millis(300)).unwrap()
+    }
+}
+
+/// A new pod that a policy selects: its veth is held fail-closed from the moment it
+/// appears until the agent knows the pod; then its policy applies. A pod no policy selects
+/// is not delayed.
+#[test]
+fn new_selected_pods_are_held_until_known() {
+    let mut c = Cluster::new();
+    let mut agent = AgentProcess::start(&c.node.ns, NODE, c.dir.path(), &[]).expect("agent");
+    agent.wait_ready(Duration::from_secs(10)).unwrap();
+    c.write(
+        "np.yaml",
+        policy(
+            "c-from-a",
+            "y",
+            json!({"podSelector": {"matchLabels": {"pod": "c"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+        ),
+    );
+    // Scheduled to this node, no address yet; then the CNI makes its network.
+    c.write_scheduled("y/c", 3);
+    std::thread::sleep(Duration::from_millis(300));
+    c.add_pod_network("y/c", 3);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.log_text().contains("holding a new interface") {
+        assert!(Instant::now() < deadline, "the new veth was not held:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Held: nothing passes, not even what its policy will allow, nor its own egress.
+    assert!(!c.tcp("x/a", "y/c"), "held: x/a is blocked until the pod is known");
+    assert!(!c.tcp("y/a", "y/c"));
+    assert!(!c.tcp("y/c", "x/b"), "held: egress too");
+    // The API reports the address: the pod is known, its policy applies.
+    c.write_pod("y/c");
+    c.converge("pod known");
+    assert!(c.tcp("x/a", "y/c") && c.tcp("y/a", "y/c") && !c.tcp("x/b", "y/c") && c.tcp("y/c", "x/b"));
+
+    // A pod no policy selects is not held: it talks before the agent even knows it.
+    c.write_scheduled("x/d", 4);
+    std::thread::sleep(Duration::from_millis(300));
+    c.add_pod_network("x/d", 4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c.tcp("x/d", "x/a") && c.tcp("x/a", "x/d"), "an unselected new pod is not delayed");
+    c.write_pod("x/d");
+    c.converge("all known");
+}

@@ -65,7 +65,9 @@ pub struct EndpointValue {
 
 pub const ENDPOINT_INGRESS_ISOLATED: u32 = 1;
 pub const ENDPOINT_EGRESS_ISOLATED: u32 = 2;
-/// Deny everything (tables not (yet) in place, or a failed write): fail closed.
+/// Deny everything (tables not (yet) in place, or a failed write): fail closed. On an
+/// `IFACES` slot it denies all traffic through that interface, whatever its addresses (a
+/// new pod's veth held until the agent knows the pod).
 pub const ENDPOINT_FAIL_CLOSED: u32 = 4;
 
 /// `IFACES` value, at index = the pod's host-side ifindex: the hot path's endpoint lookup

@@ -64,6 +64,26 @@ impl InterfaceResolver {
         Some(name)
     }
 
+    /// Every veth device of the node: ifindex → name.
+    pub async fn veths(&self) -> BTreeMap<u32, String> {
+        let mut out = BTreeMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Ok(Some(link)) = links.try_next().await {
+            let is_veth = link.attributes.iter().any(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+                _ => false,
+            });
+            let name = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            if let (true, Some(name)) = (is_veth, name) {
+                out.insert(link.header.index, name);
+            }
+        }
+        out
+    }
+
     /// The interface of each pod (by its addresses; all must agree).
     pub async fn resolve(&mut self, pods: &[(ObjectKey, Vec<IpAddr>)]) -> BTreeMap<ObjectKey, PodInterface> {
         let mut out = BTreeMap::new();

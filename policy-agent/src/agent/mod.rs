@@ -164,6 +164,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         let mut iface_changed = false;
         if !report.added.is_empty()
             || !report.removed.is_empty()
+            || !report.changed.is_empty()
             || (missing && since >= Duration::from_secs(1))
             || since >= Duration::from_secs(5)
         {
@@ -173,6 +174,26 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             iface_changed = found != interfaces;
             interfaces = found;
             last_resolve = Instant::now();
+        }
+
+        // New pods that a policy selects: until we know which veth is theirs, hold every
+        // veth that belongs to no known pod fail-closed, so their first packet meets their
+        // policy. Pods no policy selects are not delayed: then nothing is held.
+        let waiting_selected = compiler
+            .endpoints()
+            .any(|e| !interfaces.contains_key(&e.tables.pod) && (e.tables.ingress.isolated || e.tables.egress.isolated));
+        if waiting_selected {
+            let known: std::collections::BTreeSet<u32> = interfaces.values().map(|i| i.ifindex).collect();
+            for (ifindex, name) in resolver.veths().await {
+                if !known.contains(&ifindex) && enforcer.held().all(|(i, _)| *i != ifindex) {
+                    match enforcer.hold(&name, ifindex) {
+                        Ok(()) => info!(interface = %name, "holding a new interface fail-closed until its pod is known"),
+                        Err(e) => warn!(interface = %name, error = %e, "cannot hold a new interface"),
+                    }
+                }
+            }
+        } else if enforcer.held().next().is_some() {
+            enforcer.release_held(&Default::default());
         }
 
         // Service addresses whose egress waits for DNAT: the configured ranges, and every

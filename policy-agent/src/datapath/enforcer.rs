@@ -22,6 +22,8 @@ pub struct Enforcer {
     /// Pod → the interface its programs are attached to.
     attached: BTreeMap<ObjectKey, PodInterface>,
     node_devices: BTreeSet<String>,
+    /// Veths held fail-closed until their pod is known.
+    held: BTreeMap<u32, String>,
     first_sync_done: bool,
 }
 
@@ -31,7 +33,14 @@ impl Enforcer {
         let datapath = Datapath::load(pin_dir, sizes)?;
         let mut sync = MapSync::new();
         sync.adopt(&datapath);
-        Ok(Enforcer { datapath, sync, attached: BTreeMap::new(), node_devices: BTreeSet::new(), first_sync_done: false })
+        Ok(Enforcer {
+            datapath,
+            sync,
+            attached: BTreeMap::new(),
+            node_devices: BTreeSet::new(),
+            held: BTreeMap::new(),
+            first_sync_done: false,
+        })
     }
 
     /// Brings the datapath to the compiler's state. `interface_of` gives each local pod's
@@ -57,6 +66,7 @@ impl Enforcer {
                     }
                 }
                 if ok {
+                    self.held.remove(&iface.ifindex);
                     self.attached.insert(pod.clone(), iface);
                 }
             }
@@ -75,6 +85,40 @@ impl Enforcer {
             self.first_sync_done = true;
         }
         report
+    }
+
+    /// Holds a veth fail-closed (all its traffic denied) until the pod behind it is known:
+    /// for a new pod that a policy selects, no packet passes before its tables are in.
+    pub fn hold(&mut self, interface: &str, ifindex: u32) -> Result<(), DatapathError> {
+        if self.held.contains_key(&ifindex) {
+            return Ok(());
+        }
+        self.sync.hold_interface(&mut self.datapath, ifindex);
+        for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
+            self.datapath.attach(interface, point)?;
+        }
+        self.held.insert(ifindex, interface.to_string());
+        Ok(())
+    }
+
+    /// Releases held veths that are not in `keep` (and not a known pod's by now).
+    pub fn release_held(&mut self, keep: &BTreeSet<u32>) {
+        let pods: BTreeSet<u32> = self.attached.values().map(|i| i.ifindex).collect();
+        let release: Vec<(u32, String)> = self.held.iter().filter(|(i, _)| !keep.contains(i)).map(|(i, n)| (*i, n.clone())).collect();
+        for (ifindex, name) in release {
+            self.held.remove(&ifindex);
+            if pods.contains(&ifindex) {
+                continue; // now a known pod's: its sync owns the slot and the links
+            }
+            for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
+                let _ = self.datapath.detach(&name, point);
+            }
+            self.sync.release_interface(&mut self.datapath, ifindex);
+        }
+    }
+
+    pub fn held(&self) -> impl Iterator<Item = (&u32, &String)> {
+        self.held.iter()
     }
 
     /// Attaches the post-translation egress check to the node's other devices (uplinks,

@@ -285,6 +285,20 @@ impl MapSync {
         self.adopted.clear();
     }
 
+    /// Marks an interface fail-closed before any pod is known behind it.
+    pub fn hold_interface(&mut self, dp: &mut Datapath, ifindex: u32) {
+        if ifindex < dp.sizes.max_ifindex && !self.endpoints.values().any(|e| e.ifindex == ifindex) {
+            let _ = dp.ifaces.set(ifindex, IfaceValue { ifindex, flags: ENDPOINT_FAIL_CLOSED, ..IfaceValue::default() }, 0);
+        }
+    }
+
+    /// Undoes `hold_interface` (unless a pod owns the interface by now).
+    pub fn release_interface(&mut self, dp: &mut Datapath, ifindex: u32) {
+        if !self.endpoints.values().any(|e| e.ifindex == ifindex) {
+            clear_iface(dp, ifindex);
+        }
+    }
+
     /// Sets the Service addresses (VIPs, or Service CIDRs) whose egress judgment waits for
     /// DNAT: writes only the prefixes that are new, deletes those that went away.
     pub fn set_services(&mut self, dp: &mut Datapath, prefixes: &[Prefix]) -> Result<(), String> {

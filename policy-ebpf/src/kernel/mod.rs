@@ -98,6 +98,11 @@ fn same_addr(a: &Addr, b: &Addr) -> bool {
 fn endpoint_on(ifindex: u32, addr: &Addr) -> Option<EndpointValue> {
     if let Some(v) = IFACES.get(ifindex) {
         if v.ifindex == ifindex && ifindex != 0 {
+            // A veth held fail-closed before its pod is known: everything is denied,
+            // whatever the addresses.
+            if v.flags & ENDPOINT_FAIL_CLOSED != 0 {
+                return Some(EndpointValue { id: v.id, revision: v.revision, ifindex, flags: ENDPOINT_FAIL_CLOSED });
+            }
             let ours = (v.flags & IFACE_HAS_V4 != 0 && same_addr(addr, &v.v4)) || (v.flags & IFACE_HAS_V6 != 0 && same_addr(addr, &v.v6));
             return ours.then_some(EndpointValue { id: v.id, revision: v.revision, ifindex, flags: v.flags & 0xffff });
         }
@@ -189,6 +194,10 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
 fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (bool, Option<bool>) {
     let p = &s.packet;
     let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
+    if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
+        // Nothing passes a fail-closed endpoint, tracked or not.
+        return (src_is_lo, Some(false));
+    }
     let Some(ct) = CONNTRACK.get_ptr_mut(&s.key) else {
         return (src_is_lo, None);
     };
