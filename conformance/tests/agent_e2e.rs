@@ -56,19 +56,8 @@ impl Cluster {
 
     /// Network first (as the CNI does), then the manifest (as the API reports the pod).
     fn add_pod(&mut self, key: &str, index: usize) {
-        let (ns, name) = key.split_once('/').unwrap();
-        let ips = vec![pod_address(Family::Ipv4, 0, index), pod_address(Family::Ipv6, 0, index)];
-        let net = self.node.add_pod(&unique("pep"), &format!("pe{index}"), &ips).unwrap();
-        let servers = serve(&net.ns, &[80, 81]).unwrap();
-        let spec = PodSpec {
-            namespace: ns.into(),
-            name: name.into(),
-            labels: [("pod".to_string(), name.to_string())].into(),
-            node: NODE.into(),
-            ips,
-        };
-        self.write(&format!("pod-{ns}-{name}.yaml"), spec.manifest());
-        self.pods.insert(key.to_string(), (spec, net, servers));
+        self.add_pod_network(key, index);
+        self.write_pod(key);
     }
 
     fn relabel_pod(&mut self, key: &str, labels: &[(&str, &str)]) {
