@@ -9,5 +9,6 @@ pub mod cluster;
 pub mod model;
 pub mod netns;
 pub mod rig;
+pub mod runner;
 pub mod topology;
 pub mod traffic;

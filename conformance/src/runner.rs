@@ -1,0 +1,257 @@
+//! Running a case on real traffic: an emulated node (network namespaces) with the case's
+//! pods serving TCP, UDP and SCTP on 80 and 81, a ClusterIP Service per pod made as
+//! kube-proxy makes it (iptables DNAT), the real `policy-agent run --manifests`, and the
+//! case's steps written as manifests. Probes connect for real, polled until the matrix
+//! matches the expectation or a deadline passes, as upstream does.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use policy_agent::matrix::Probe;
+use policy_model::{Family, ObjectKey};
+use serde_json::{Value, json};
+
+use crate::agent_process::AgentProcess;
+use crate::case::{Case, Expect, Reachability};
+use crate::cluster::{Families, NAMESPACES, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest};
+use crate::model::{CaseOutcome, ProbeOutcome};
+use crate::netns::unique;
+use crate::topology::{NodeNet, PodNet};
+use crate::traffic::{Servers, probe_in, serve};
+
+pub const NODE: &str = "node-1";
+
+/// Where probes connect: the Service ClusterIP (upstream's way) or the pod's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeTo {
+    Service,
+    Pod,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub families: Families,
+    pub probe_to: ProbeTo,
+    /// How long a probe may take to match (upstream: 10 s).
+    pub deadline: Duration,
+}
+
+struct LivePod {
+    spec: PodSpec,
+    net: PodNet,
+    _servers: Servers,
+    vip: IpAddr,
+}
+
+fn vip(family: Family, index: usize) -> IpAddr {
+    match family {
+        Family::Ipv4 => format!("10.96.0.{}", 10 + index).parse().unwrap(),
+        Family::Ipv6 => format!("fd10:96::{:x}", 10 + index).parse().unwrap(),
+    }
+}
+
+fn write(dir: &Path, name: &str, v: &Value) -> Result<(), String> {
+    std::fs::write(dir.join(name), serde_yaml_ng::to_string(v).map_err(|e| e.to_string())?).map_err(|e| format!("{name}: {e}"))
+}
+
+/// Runs one case; errors are setup failures (the case then counts as failed).
+pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
+    let family = opts.families.probe_family();
+    let node = NodeNet::create(&unique("cfn"), NODE, &["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()])
+        .map_err(|e| e.to_string())?;
+    let dir = tempfile_dir()?;
+    let names = case.pod_names();
+    let mut pods: BTreeMap<String, LivePod> = BTreeMap::new();
+    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> = NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect();
+    for (i, spec) in make_pods(&names, opts.families, 1).into_iter().enumerate() {
+        let net = node.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
+        let servers = serve(&net.ns, &SERVED_PORTS).map_err(|e| e.to_string())?;
+        let vip = vip(family, i);
+        let backend = spec.ip(family).ok_or("pod without an address of the probe family")?;
+        // kube-proxy's DNAT, port = targetPort.
+        let tool = if family == Family::Ipv4 { "iptables" } else { "ip6tables" };
+        for proto in ["tcp", "udp", "sctp"] {
+            for port in SERVED_PORTS {
+                let dest = if family == Family::Ipv4 { format!("{backend}:{port}") } else { format!("[{backend}]:{port}") };
+                node.ns
+                    .exec(
+                        tool,
+                        &[
+                            "-t",
+                            "nat",
+                            "-A",
+                            "PREROUTING",
+                            "-d",
+                            &vip.to_string(),
+                            "-p",
+                            proto,
+                            "--dport",
+                            &port.to_string(),
+                            "-j",
+                            "DNAT",
+                            "--to-destination",
+                            &dest,
+                        ],
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let key = spec.key();
+        write(dir.path(), &format!("pod-{}-{}.yaml", spec.namespace, spec.name), &spec.manifest())?;
+        write(dir.path(), &format!("svc-{}-{}.yaml", spec.namespace, spec.name), &service(&spec, vip, backend))?;
+        pods.insert(key, LivePod { spec, net, _servers: servers, vip });
+    }
+    for (ns, labels) in &ns_labels {
+        write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
+    }
+    let mut agent = AgentProcess::start(&node.ns, NODE, dir.path(), &[])?;
+    agent.wait_ready(Duration::from_secs(15))?;
+
+    let specs: Vec<PodSpec> = pods.values().map(|p| p.spec.clone()).collect();
+    let mut policies: BTreeMap<ObjectKey, String> = BTreeMap::new();
+    let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
+    for (si, step) in case.steps.iter().enumerate() {
+        for manifest in step.apply.iter().chain(&step.update) {
+            let mut v = manifest.clone();
+            expand_placeholders(&mut v, &specs, opts.families.primary()).map_err(|e| e.to_string())?;
+            let ns = v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string();
+            let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+            let file = format!("np-{ns}-{name}.yaml");
+            write(dir.path(), &file, &v)?;
+            policies.insert(ObjectKey::new(ns, name), file);
+        }
+        for d in &step.delete {
+            if let Some(file) = ObjectKey::parse(d).and_then(|k| policies.remove(&k)) {
+                let _ = std::fs::remove_file(dir.path().join(file));
+            }
+        }
+        for (ns, changes) in &step.label_namespace {
+            let labels = ns_labels.entry(ns.clone()).or_default();
+            for (k, v) in changes {
+                match v {
+                    Some(v) => labels.insert(k.clone(), v.clone()),
+                    None => labels.remove(k),
+                };
+            }
+            write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
+        }
+        for (pod, changes) in &step.label_pod {
+            let p = pods.get_mut(pod).ok_or(format!("labelPod: no pod {pod}"))?;
+            for (k, v) in changes {
+                match v {
+                    Some(v) => p.spec.labels.insert(k.clone(), v.clone()),
+                    None => p.spec.labels.remove(k),
+                };
+            }
+            write(dir.path(), &format!("pod-{}-{}.yaml", p.spec.namespace, p.spec.name), &p.spec.manifest())?;
+        }
+        for spec in &step.probes {
+            let expected = Reachability::parse(&spec.expect).map_err(|e| e.to_string())?;
+            let probe = Probe { port: spec.port, protocol: spec.protocol };
+            let observed = poll_matrix(&pods, &expected, probe, family, opts, &agent)?;
+            let wrong = differences(&expected, &observed);
+            outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
+        }
+    }
+    agent.stop();
+    if let Some(e) = agent.log_text().lines().find(|l| l.contains("ERROR")) {
+        outcome.errors.push(format!("agent: {e}"));
+    }
+    Ok(outcome)
+}
+
+fn service(spec: &PodSpec, vip: IpAddr, backend: IpAddr) -> Value {
+    let mut ports = Vec::new();
+    for proto in PROTOCOLS {
+        for port in SERVED_PORTS {
+            ports.push(json!({"name": format!("service-port-{}-{port}", proto.to_lowercase()), "port": port, "targetPort": port, "protocol": proto}));
+        }
+    }
+    json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("s-{}-{}", spec.namespace, spec.name), "namespace": spec.namespace},
+         "spec": {"clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()], "selector": {"pod": spec.name}, "ports": ports}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": format!("s-{}-{}-1", spec.namespace, spec.name), "namespace": spec.namespace, "labels": {"kubernetes.io/service-name": format!("s-{}-{}", spec.namespace, spec.name)}},
+         "addressType": if backend.is_ipv4() { "IPv4" } else { "IPv6" }, "endpoints": [{"addresses": [backend.to_string()]}]}]})
+}
+
+fn differences(expected: &Reachability, observed: &Reachability) -> Vec<(String, String)> {
+    let mut wrong = Vec::new();
+    for (i, from) in expected.pods.iter().enumerate() {
+        for (j, to) in expected.pods.iter().enumerate() {
+            let want = expected.cells[i][j];
+            if want != Expect::Unchecked && observed.cells[i][j] != want {
+                wrong.push((from.clone(), to.clone()));
+            }
+        }
+    }
+    wrong
+}
+
+/// Probes every checked cell at once; again (only the cells still wrong) until they all
+/// match or the deadline passes.
+fn poll_matrix(
+    pods: &BTreeMap<String, LivePod>,
+    expected: &Reachability,
+    probe: Probe,
+    family: Family,
+    opts: RunOptions,
+    _agent: &AgentProcess,
+) -> Result<Reachability, String> {
+    let n = expected.pods.len();
+    let mut observed = Reachability { pods: expected.pods.clone(), cells: vec![vec![Expect::Unchecked; n]; n] };
+    let mut pending: Vec<(usize, usize)> =
+        (0..n).flat_map(|i| (0..n).map(move |j| (i, j))).filter(|&(i, j)| expected.cells[i][j] != Expect::Unchecked).collect();
+    let deadline = Instant::now() + opts.deadline;
+    loop {
+        let handles: Vec<_> = pending
+            .iter()
+            .map(|&(i, j)| {
+                let from = &pods[&expected.pods[i]];
+                let to = &pods[&expected.pods[j]];
+                let dst = match opts.probe_to {
+                    ProbeTo::Service => to.vip,
+                    ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
+                };
+                let ns = from.net.ns.handle();
+                (
+                    i,
+                    j,
+                    std::thread::spawn(move || probe_in(&ns, probe.protocol, SocketAddr::new(dst, probe.port), Duration::from_millis(700))),
+                )
+            })
+            .collect();
+        for (i, j, h) in handles {
+            let ok = h.join().map_err(|_| "probe thread panicked".to_string())?.map_err(|e| e.to_string())?;
+            observed.cells[i][j] = if ok { Expect::Connected } else { Expect::Blocked };
+        }
+        pending.retain(|&(i, j)| observed.cells[i][j] != expected.cells[i][j]);
+        if pending.is_empty() || Instant::now() >= deadline {
+            return Ok(observed);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A temporary directory (removed on drop).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> Result<TempDir, String> {
+    let p = std::env::temp_dir().join(unique("conformance-"));
+    std::fs::create_dir_all(&p).map_err(|e| e.to_string())?;
+    Ok(TempDir(p))
+}
