@@ -71,31 +71,9 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         let vip = vip(family, i);
         let backend = spec.ip(family).ok_or("pod without an address of the probe family")?;
         // kube-proxy's DNAT, port = targetPort.
-        let tool = if family == Family::Ipv4 { "iptables" } else { "ip6tables" };
         for proto in ["tcp", "udp", "sctp"] {
             for port in SERVED_PORTS {
-                let dest = if family == Family::Ipv4 { format!("{backend}:{port}") } else { format!("[{backend}]:{port}") };
-                node.ns
-                    .exec(
-                        tool,
-                        &[
-                            "-t",
-                            "nat",
-                            "-A",
-                            "PREROUTING",
-                            "-d",
-                            &vip.to_string(),
-                            "-p",
-                            proto,
-                            "--dport",
-                            &port.to_string(),
-                            "-j",
-                            "DNAT",
-                            "--to-destination",
-                            &dest,
-                        ],
-                    )
-                    .map_err(|e| e.to_string())?;
+                node.dnat(vip, port, backend, port, proto).map_err(|e| e.to_string())?;
             }
         }
         let key = spec.key();

@@ -82,6 +82,37 @@ impl NodeNet {
         Ok(PodNet { ns: pod, ips: ips.to_vec(), host_veth: host_veth.to_string() })
     }
 
+    /// kube-proxy's iptables DNAT for one Service port: `vip:port/proto` → `backend:target_port`
+    /// (ip6tables for IPv6).
+    pub fn dnat(&self, vip: IpAddr, port: u16, backend: IpAddr, target_port: u16, proto: &str) -> Result<(), NetnsError> {
+        let (tool, dest) = if vip.is_ipv4() {
+            ("iptables", format!("{backend}:{target_port}"))
+        } else {
+            ("ip6tables", format!("[{backend}]:{target_port}"))
+        };
+        self.ns
+            .exec(
+                tool,
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    &vip.to_string(),
+                    "-p",
+                    proto,
+                    "--dport",
+                    &port.to_string(),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &dest,
+                ],
+            )
+            .map(|_| ())
+    }
+
     /// The ifindex of an interface of the node's namespace.
     pub fn ifindex(&self, interface: &str) -> Result<u32, NetnsError> {
         let out = self.ns.ip(&["-o", "link", "show", "dev", interface])?;

@@ -237,40 +237,11 @@ fn counters_count_allowed_and_denied() {
     assert!(egress.allowed_packets >= 2, "replies counted on egress: {egress:?}");
 }
 
-/// kube-proxy's iptables DNAT for one Service port, in the node's namespace.
-fn dnat(rig: &Rig, vip: &str, port: u16, backend: std::net::IpAddr, target_port: u16, proto: &str) {
-    let v6 = vip.contains(':');
-    let (tool, dest) =
-        if v6 { ("ip6tables", format!("[{backend}]:{target_port}")) } else { ("iptables", format!("{backend}:{target_port}")) };
-    rig.node
-        .ns
-        .exec(
-            tool,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-d",
-                vip,
-                "-p",
-                proto,
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &dest,
-            ],
-        )
-        .expect("DNAT rule");
-}
-
 fn service_rig() -> Rig {
     let rig = ns_rig();
     for (proto, vip4, vip6) in [("tcp", "10.96.0.10", "fd10:96::10"), ("udp", "10.96.0.10", "fd10:96::10")] {
-        dnat(&rig, vip4, 8080, rig.ip("x/b", true), 80, proto);
-        dnat(&rig, vip6, 8080, rig.ip("x/b", false), 80, proto);
+        rig.node.dnat(vip4.parse().unwrap(), 8080, rig.ip("x/b", true), 80, proto).expect("DNAT rule");
+        rig.node.dnat(vip6.parse().unwrap(), 8080, rig.ip("x/b", false), 80, proto).expect("DNAT rule");
     }
     rig.set_services(vec!["10.96.0.0/16".parse().unwrap(), "fd10:96::/112".parse().unwrap()]).unwrap();
     rig
