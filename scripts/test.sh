@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property (>= 10,000 cases), CLI, datapath and agent tests on
 # network namespaces, the 48 upstream cases at model level, then the 48 upstream cases on
-# real traffic through the real agent (IPv4, IPv6, dual-stack; probes to Service
-# ClusterIPs). Installs what it needs first. Ends with one line `N passed, M failed`
+# real traffic through the real agent (IPv4 routed, IPv6 routed, dual-stack bridged over
+# two nodes; probes to Service ClusterIPs). Installs what it needs first. Ends with one line `N passed, M failed`
 # summing everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,9 +13,12 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 cargo build --locked -q -p policy-agent -p conformance --bins
-for family in ipv4 ipv6 dual; do
-  echo "=== conformance run --family $family (48 upstream cases, real traffic)"
-  ./target/debug/conformance run --family "$family" conformance/cases/*.yaml 2>&1 | tee -a "$log" || status=$?
+for config in "--family ipv4 --topology routed --nodes 1" \
+              "--family ipv6 --topology routed --nodes 1" \
+              "--family dual --topology bridge --nodes 2"; do
+  echo "=== conformance run $config (upstream cases, real traffic)"
+  # shellcheck disable=SC2086
+  ./target/debug/conformance run $config conformance/cases/*.yaml 2>&1 | tee -a "$log" || status=$?
 done
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }

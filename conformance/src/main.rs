@@ -1,6 +1,7 @@
-//! `conformance run [--family ipv4|ipv6|dual] [--probe-to service|pod] FILE...`: the
-//! upstream NetworkPolicy cases on real traffic through the real agent. Ends with
-//! `N passed, M failed`; exits non-zero if any case failed.
+//! `conformance run [--family ipv4|ipv6|dual] [--probe-to service|pod]
+//! [--topology routed|bridge] [--nodes 1|2] FILE...`: the upstream NetworkPolicy cases on
+//! real traffic through the real agent. Ends with `N passed, M failed`; exits non-zero if
+//! any case failed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use conformance::case::Case;
 use conformance::cluster::Families;
 use conformance::runner::{ProbeTo, RunOptions, run_case};
+use conformance::topology::Topology;
 
 #[derive(Parser)]
 #[command(name = "conformance", about = "Upstream NetworkPolicy conformance cases on real traffic")]
@@ -36,19 +38,25 @@ enum Command {
         /// Seconds a probe may take to match (upstream polls for 10).
         #[arg(long, default_value_t = 10)]
         deadline: u64,
+        /// routed: a route per pod to its veth; bridge: the veths are ports of a bridge.
+        #[arg(long, value_enum, default_value = "routed")]
+        topology: Topology,
+        /// Nodes the pods are spread over, one agent each.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
-    let Command::Run { family, probe_to, deadline, files } = Cli::parse().command;
+    let Command::Run { family, probe_to, deadline, topology, nodes, files } = Cli::parse().command;
     let families = match family {
         FamilyArg::Ipv4 => Families::Ipv4,
         FamilyArg::Ipv6 => Families::Ipv6,
         FamilyArg::Dual => Families::Dual,
     };
-    let opts = RunOptions { families, probe_to, deadline: Duration::from_secs(deadline) };
+    let opts = RunOptions { families, probe_to, deadline: Duration::from_secs(deadline), topology, nodes: usize::from(nodes) };
     let (mut passed, mut failed) = (0, 0);
     for f in &files {
         let case = match Case::load(f) {

@@ -1,6 +1,7 @@
-//! Running a case on real traffic: an emulated node (network namespaces) with the case's
-//! pods serving TCP, UDP and SCTP on 80 and 81, a ClusterIP Service per pod made as
-//! kube-proxy makes it (iptables DNAT), the real `policy-agent run --manifests`, and the
+//! Running a case on real traffic: emulated nodes (network namespaces; routed or bridged,
+//! one or two joined by a link) with the case's pods spread over them, serving TCP, UDP and
+//! SCTP on 80 and 81, a ClusterIP Service per pod made as kube-proxy makes it (iptables
+//! DNAT in every node), the real `policy-agent run --manifests` in every node, and the
 //! case's steps written as manifests. Probes connect for real, polled until the matrix
 //! matches the expectation or a deadline passes, as upstream does.
 
@@ -18,10 +19,18 @@ use crate::case::{Case, Expect, Reachability};
 use crate::cluster::{Families, NAMESPACES, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest};
 use crate::model::{CaseOutcome, ProbeOutcome};
 use crate::netns::unique;
-use crate::topology::{NodeNet, PodNet};
+use crate::topology::{NodeNet, PodNet, Topology, UPLINK};
 use crate::traffic::{Servers, probe_in, serve};
 
-pub const NODE: &str = "node-1";
+/// The name of node `index` (0-based), as `make_pods` assigns pods to it.
+pub fn node_name(index: usize) -> String {
+    format!("node-{}", index + 1)
+}
+
+/// The addresses of node `index`.
+fn node_addresses(index: usize) -> [IpAddr; 2] {
+    [format!("10.250.0.{}", index + 1).parse().unwrap(), format!("fd10:250::{:x}", index + 1).parse().unwrap()]
+}
 
 /// Where probes connect: the Service ClusterIP (upstream's way) or the pod's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -36,6 +45,16 @@ pub struct RunOptions {
     pub probe_to: ProbeTo,
     /// How long a probe may take to match (upstream: 10 s).
     pub deadline: Duration,
+    pub topology: Topology,
+    /// Nodes the pods are spread over (1 or 2), one agent each.
+    pub nodes: usize,
+}
+
+impl RunOptions {
+    /// One routed node, probes to Services, upstream's 10 s deadline.
+    pub fn new(families: Families) -> RunOptions {
+        RunOptions { families, probe_to: ProbeTo::Service, deadline: Duration::from_secs(10), topology: Topology::Routed, nodes: 1 }
+    }
 }
 
 struct LivePod {
@@ -56,24 +75,37 @@ fn write(dir: &Path, name: &str, v: &Value) -> Result<(), String> {
     std::fs::write(dir.join(name), serde_yaml_ng::to_string(v).map_err(|e| e.to_string())?).map_err(|e| format!("{name}: {e}"))
 }
 
+fn node_manifest(node: &NodeNet) -> Value {
+    let addresses: Vec<Value> = node.addresses.iter().map(|a| json!({"type": "InternalIP", "address": a.to_string()})).collect();
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}, "status": {"addresses": addresses}})
+}
+
 /// Runs one case; errors are setup failures (the case then counts as failed).
 pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     let family = opts.families.probe_family();
-    let node = NodeNet::create(&unique("cfn"), NODE, &["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()])
-        .map_err(|e| e.to_string())?;
+    let node_count = opts.nodes.clamp(1, 2);
+    let nodes: Vec<NodeNet> = (0..node_count)
+        .map(|i| NodeNet::create_with(&unique("cfn"), &node_name(i), &node_addresses(i), opts.topology, i).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    if let [a, b] = nodes.as_slice() {
+        NodeNet::connect(a, b).map_err(|e| format!("joining the nodes: {e}"))?;
+    }
     let dir = tempfile_dir()?;
     let names = case.pod_names();
     let mut pods: BTreeMap<String, LivePod> = BTreeMap::new();
     let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> = NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect();
-    for (i, spec) in make_pods(&names, opts.families, 1).into_iter().enumerate() {
-        let net = node.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
+    for (i, spec) in make_pods(&names, opts.families, node_count).into_iter().enumerate() {
+        let home = nodes.iter().find(|n| n.name == spec.node).ok_or(format!("pod {} on unknown node {}", spec.key(), spec.node))?;
+        let net = home.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
         let servers = serve(&net.ns, &SERVED_PORTS).map_err(|e| e.to_string())?;
         let vip = vip(family, i);
         let backend = spec.ip(family).ok_or("pod without an address of the probe family")?;
-        // kube-proxy's DNAT, port = targetPort.
-        for proto in ["tcp", "udp", "sctp"] {
-            for port in SERVED_PORTS {
-                node.dnat(vip, port, backend, port, proto).map_err(|e| e.to_string())?;
+        // kube-proxy's DNAT, port = targetPort, in every node.
+        for node in &nodes {
+            for proto in ["tcp", "udp", "sctp"] {
+                for port in SERVED_PORTS {
+                    node.dnat(vip, port, backend, port, proto).map_err(|e| e.to_string())?;
+                }
             }
         }
         let key = spec.key();
@@ -84,8 +116,19 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     for (ns, labels) in &ns_labels {
         write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
     }
-    let mut agent = AgentProcess::start(&node.ns, NODE, dir.path(), &[])?;
-    agent.wait_ready(Duration::from_secs(15))?;
+    for node in &nodes {
+        write(dir.path(), &format!("node-{}.yaml", node.name), &node_manifest(node))?;
+    }
+    // One agent per node; with two nodes the uplink gets the post-DNAT egress check of
+    // Service traffic leaving the node.
+    let extra: &[&str] = if node_count > 1 { &["--node-device", UPLINK] } else { &[] };
+    let mut agents = Vec::new();
+    for node in &nodes {
+        agents.push((node.name.clone(), AgentProcess::start(&node.ns, &node.name, dir.path(), extra)?));
+    }
+    for (name, agent) in &mut agents {
+        agent.wait_ready(Duration::from_secs(15)).map_err(|e| format!("agent on {name}: {e}"))?;
+    }
 
     let specs: Vec<PodSpec> = pods.values().map(|p| p.spec.clone()).collect();
     let mut policies: BTreeMap<ObjectKey, String> = BTreeMap::new();
@@ -128,14 +171,16 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).map_err(|e| e.to_string())?;
             let probe = Probe { port: spec.port, protocol: spec.protocol };
-            let observed = poll_matrix(&pods, &expected, probe, family, opts, &agent)?;
+            let observed = poll_matrix(&pods, &expected, probe, family, opts)?;
             let wrong = differences(&expected, &observed);
             outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
         }
     }
-    agent.stop();
-    if let Some(e) = agent.log_text().lines().find(|l| l.contains("ERROR")) {
-        outcome.errors.push(format!("agent: {e}"));
+    for (name, mut agent) in agents {
+        agent.stop();
+        if let Some(e) = agent.log_text().lines().find(|l| l.contains("ERROR")) {
+            outcome.errors.push(format!("agent on {name}: {e}"));
+        }
     }
     Ok(outcome)
 }
@@ -176,7 +221,6 @@ fn poll_matrix(
     probe: Probe,
     family: Family,
     opts: RunOptions,
-    _agent: &AgentProcess,
 ) -> Result<Reachability, String> {
     let n = expected.pods.len();
     let mut observed = Reachability { pods: expected.pods.clone(), cells: vec![vec![Expect::Unchecked; n]; n] };

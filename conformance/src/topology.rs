@@ -1,6 +1,12 @@
 //! An emulated node: a network namespace holding the node's addresses, with pods in
-//! namespaces of their own joined by veth pairs and routed (a /32 or /128 route per pod to
-//! its host-side veth, a link-local gateway in the pod), as routed CNIs do.
+//! namespaces of their own joined by veth pairs, in one of two layouts:
+//! - routed (Calico-like): a /32 or /128 route per pod to its host-side veth, a link-local
+//!   gateway in the pod;
+//! - bridged (the bridge CNI, kubenet): the host-side veths are ports of a bridge that holds
+//!   the gateway of the node's pod subnets; pods are on-link with each other, and bridged
+//!   traffic goes through netfilter (`br_netfilter`) as kube-proxy requires.
+//!
+//! Nodes can be joined by a link (`connect`), each routing the other's pod subnets to it.
 
 use std::net::IpAddr;
 
@@ -10,10 +16,34 @@ use crate::netns::{Netns, NetnsError};
 pub const GATEWAY_V4: &str = "169.254.1.1";
 pub const GATEWAY_V6: &str = "fe80::1";
 
+/// How a node joins its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Topology {
+    Routed,
+    Bridge,
+}
+
+/// The bridge of a bridged node.
+pub const BRIDGE: &str = "cbr0";
+/// The link between two nodes (the node's uplink).
+pub const UPLINK: &str = "eth0";
+
 pub struct NodeNet {
     pub ns: Netns,
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    pub topology: Topology,
+    /// The node's index: its pod subnets are 10.244.<index>.0/24 and fd10:244:0:<index>::/64.
+    pub index: usize,
+}
+
+/// The pod subnets of node `index` (the bridge's gateway is `.1` / `::1` in them).
+pub fn pod_subnets(index: usize) -> [(IpAddr, u8); 2] {
+    [(format!("10.244.{index}.0").parse().unwrap(), 24), (format!("fd10:244:0:{index}::").parse().unwrap(), 64)]
+}
+
+fn bridge_gateway(index: usize, v4: bool) -> IpAddr {
+    if v4 { format!("10.244.{index}.1").parse().unwrap() } else { format!("fd10:244:0:{index}::1").parse().unwrap() }
 }
 
 pub struct PodNet {
@@ -28,8 +58,19 @@ fn plen(ip: &IpAddr) -> &'static str {
 }
 
 impl NodeNet {
-    /// A node namespace with `addresses`, forwarding on.
+    /// A routed node namespace with `addresses`, forwarding on.
     pub fn create(ns_name: &str, node_name: &str, addresses: &[IpAddr]) -> Result<NodeNet, NetnsError> {
+        NodeNet::create_with(ns_name, node_name, addresses, Topology::Routed, 0)
+    }
+
+    /// A node namespace with `addresses` in `topology`, node index `index`.
+    pub fn create_with(
+        ns_name: &str,
+        node_name: &str,
+        addresses: &[IpAddr],
+        topology: Topology,
+        index: usize,
+    ) -> Result<NodeNet, NetnsError> {
         let ns = Netns::create(ns_name)?;
         // The node's own addresses live on loopback (this kernel has no dummy devices);
         // routes to pods name them as source, so node traffic comes from them.
@@ -42,7 +83,63 @@ impl NodeNet {
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        Ok(NodeNet { ns, name: node_name.to_string(), addresses: addresses.to_vec() })
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        if topology == Topology::Bridge {
+            // Multicast snooping off: neighbour solicitations reach a pod at once, as on a
+            // plain L2 segment.
+            ns.ip(&["link", "add", BRIDGE, "type", "bridge", "mcast_snooping", "0"])?;
+            ns.ip(&["-4", "addr", "add", &format!("{}/24", bridge_gateway(index, true)), "dev", BRIDGE])?;
+            ns.ip(&["-6", "addr", "add", &format!("{}/64", bridge_gateway(index, false)), "dev", BRIDGE, "nodad"])?;
+            ns.ip(&["link", "set", BRIDGE, "up"])?;
+            // kube-proxy's DNAT must see bridged replies (pod to pod on the bridge) to undo
+            // itself: bridge netfilter, as kubenet and the bridge CNI require.
+            ns.sysctl("net.bridge.bridge-nf-call-iptables", "1")?;
+            ns.sysctl("net.bridge.bridge-nf-call-ip6tables", "1")?;
+            // Node traffic to pods leaves from the node's address, not the bridge's.
+            let [(net4, len4), (net6, len6)] = pod_subnets(index);
+            for (net, len, v4) in [(net4, len4, true), (net6, len6, false)] {
+                if let Some(src) = addresses.iter().find(|a| a.is_ipv4() == v4) {
+                    // Replaces the connected route (metric 0 in IPv4, 256 in IPv6).
+                    let (fam, metric) = if v4 { ("-4", "0") } else { ("-6", "256") };
+                    ns.ip(&[fam, "route", "replace", &format!("{net}/{len}"), "dev", BRIDGE, "src", &src.to_string(), "metric", metric])?;
+                }
+            }
+        }
+        Ok(NodeNet { ns, name: node_name.to_string(), addresses: addresses.to_vec(), topology, index })
+    }
+
+    /// Joins two nodes by a veth pair (`UPLINK` in each), each routing the other's node
+    /// addresses and pod subnets to it. The node addresses stay on loopback (routes to pods
+    /// name them as source); IPv6 goes through link-local next hops, as neighbour discovery
+    /// only answers for addresses of the receiving device.
+    pub fn connect(a: &NodeNet, b: &NodeNet) -> Result<(), NetnsError> {
+        a.ns.ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns", b.ns.name()])?;
+        let link_local = |n: &NodeNet| format!("fe80::{:x}", n.index + 1);
+        for n in [a, b] {
+            n.ns.ip(&["-6", "addr", "add", &format!("{}/64", link_local(n)), "dev", UPLINK, "nodad"])?;
+            n.ns.ip(&["link", "set", UPLINK, "up"])?;
+        }
+        for (n, peer) in [(a, b), (b, a)] {
+            let mut prefixes: Vec<(IpAddr, u8)> = peer.addresses.iter().map(|a| (*a, if a.is_ipv4() { 32 } else { 128 })).collect();
+            prefixes.extend(pod_subnets(peer.index));
+            let peer_v4 = peer.addresses.iter().find(|a| a.is_ipv4());
+            for (net, len) in prefixes {
+                let dest = format!("{net}/{len}");
+                if net.is_ipv4() {
+                    // The peer answers ARP for its loopback addresses (arp_ignore 0).
+                    match peer_v4 {
+                        Some(via) if *via != net => {
+                            n.ns.ip(&["-4", "route", "add", &dest, "via", &via.to_string(), "dev", UPLINK, "onlink"])?
+                        }
+                        _ => n.ns.ip(&["-4", "route", "add", &dest, "dev", UPLINK])?,
+                    };
+                } else {
+                    n.ns.ip(&["-6", "route", "add", &dest, "via", &link_local(peer), "dev", UPLINK])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn address_of(&self, v4: bool) -> Option<IpAddr> {
@@ -51,6 +148,31 @@ impl NodeNet {
 
     /// A pod namespace `pod_ns` with `ips`, joined by veth `host_veth` (≤ 15 characters).
     pub fn add_pod(&self, pod_ns: &str, host_veth: &str, ips: &[IpAddr]) -> Result<PodNet, NetnsError> {
+        match self.topology {
+            Topology::Routed => self.add_routed_pod(pod_ns, host_veth, ips),
+            Topology::Bridge => self.add_bridged_pod(pod_ns, host_veth, ips),
+        }
+    }
+
+    fn add_bridged_pod(&self, pod_ns: &str, host_veth: &str, ips: &[IpAddr]) -> Result<PodNet, NetnsError> {
+        let pod = Netns::create(pod_ns)?;
+        self.ns.ip(&["link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod_ns])?;
+        self.ns.ip(&["link", "set", host_veth, "master", BRIDGE, "up"])?;
+        pod.ip(&["link", "set", "eth0", "up"])?;
+        for ip in ips {
+            let len = if ip.is_ipv4() { 24 } else { 64 };
+            if ip.is_ipv4() {
+                pod.ip(&["-4", "addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
+                pod.ip(&["-4", "route", "add", "default", "via", &bridge_gateway(self.index, true).to_string(), "dev", "eth0"])?;
+            } else {
+                pod.ip(&["-6", "addr", "add", &format!("{ip}/{len}"), "dev", "eth0", "nodad"])?;
+                pod.ip(&["-6", "route", "add", "default", "via", &bridge_gateway(self.index, false).to_string(), "dev", "eth0"])?;
+            }
+        }
+        Ok(PodNet { ns: pod, ips: ips.to_vec(), host_veth: host_veth.to_string() })
+    }
+
+    fn add_routed_pod(&self, pod_ns: &str, host_veth: &str, ips: &[IpAddr]) -> Result<PodNet, NetnsError> {
         let pod = Netns::create(pod_ns)?;
         self.ns.ip(&["link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod_ns])?;
         self.ns.ip(&["-4", "addr", "add", &format!("{GATEWAY_V4}/32"), "dev", host_veth])?;

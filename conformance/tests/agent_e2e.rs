@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use conformance::agent_process::AgentProcess;
 use conformance::cluster::{Families, PodSpec, namespace_manifest, pod_address};
 use conformance::netns::unique;
-use conformance::topology::{NodeNet, PodNet};
+use conformance::topology::{NodeNet, PodNet, Topology};
 use conformance::traffic::{Servers, probe, serve};
 use policy_agent::manifests::Manifests;
 use policy_agent::matrix::{Probe, compute};
@@ -28,8 +28,13 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        let node = NodeNet::create(&unique("pen"), NODE, &["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()])
-            .expect("node (root needed)");
+        Cluster::with_topology(Topology::Routed)
+    }
+
+    fn with_topology(topology: Topology) -> Cluster {
+        let node =
+            NodeNet::create_with(&unique("pen"), NODE, &["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()], topology, 0)
+                .expect("node (root needed)");
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cluster { node, pods: BTreeMap::new(), dir };
         for ns in ["x", "y"] {
@@ -321,7 +326,18 @@ impl Cluster {
 /// is not delayed.
 #[test]
 fn new_selected_pods_are_held_until_known() {
-    let mut c = Cluster::new();
+    held_until_known(Topology::Routed);
+}
+
+/// The same behind a bridge: the agent finds each pod's veth through the neighbour table
+/// and the bridge's forwarding database.
+#[test]
+fn new_selected_pods_are_held_until_known_bridged() {
+    held_until_known(Topology::Bridge);
+}
+
+fn held_until_known(topology: Topology) {
+    let mut c = Cluster::with_topology(topology);
     let mut agent = AgentProcess::start(&c.node.ns, NODE, c.dir.path(), &[]).expect("agent");
     agent.wait_ready(Duration::from_secs(10)).unwrap();
     c.write(

@@ -184,7 +184,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             .any(|e| !interfaces.contains_key(&e.tables.pod) && (e.tables.ingress.isolated || e.tables.egress.isolated));
         if waiting_selected {
             let known: std::collections::BTreeSet<u32> = interfaces.values().map(|i| i.ifindex).collect();
-            for (ifindex, name) in resolver.veths().await {
+            for (ifindex, name) in resolver.pod_candidate_veths().await {
+                if cfg.node_devices.contains(&name) {
+                    continue;
+                }
                 if !known.contains(&ifindex) && enforcer.held().all(|(i, _)| *i != ifindex) {
                     match enforcer.hold(&name, ifindex) {
                         Ok(()) => info!(interface = %name, "holding a new interface fail-closed until its pod is known"),
