@@ -19,7 +19,7 @@ use crate::case::{Case, Expect, Reachability};
 use crate::cluster::{Families, NAMESPACES, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest};
 use crate::model::{CaseOutcome, ProbeOutcome};
 use crate::netns::unique;
-use crate::topology::{NodeNet, PodNet, Topology, UPLINK};
+use crate::topology::{NodeNet, PodNet, Topology};
 use crate::traffic::{Servers, probe_in, serve};
 
 /// The name of node `index` (0-based), as `make_pods` assigns pods to it.
@@ -119,12 +119,11 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     for node in &nodes {
         write(dir.path(), &format!("node-{}.yaml", node.name), &node_manifest(node))?;
     }
-    // One agent per node; with two nodes the uplink gets the post-DNAT egress check of
-    // Service traffic leaving the node.
-    let extra: &[&str] = if node_count > 1 { &["--node-device", UPLINK] } else { &[] };
+    // One agent per node. Each detects its node devices: with two nodes, the uplink gets the
+    // post-DNAT egress check of Service traffic leaving the node.
     let mut agents = Vec::new();
     for node in &nodes {
-        agents.push((node.name.clone(), AgentProcess::start(&node.ns, &node.name, dir.path(), extra)?));
+        agents.push((node.name.clone(), AgentProcess::start(&node.ns, &node.name, dir.path(), &[])?));
     }
     for (name, agent) in &mut agents {
         agent.wait_ready(Duration::from_secs(15)).map_err(|e| format!("agent on {name}: {e}"))?;

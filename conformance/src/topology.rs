@@ -110,14 +110,21 @@ impl NodeNet {
     }
 
     /// Joins two nodes by a veth pair (`UPLINK` in each), each routing the other's node
-    /// addresses and pod subnets to it. The node addresses stay on loopback (routes to pods
-    /// name them as source); IPv6 goes through link-local next hops, as neighbour discovery
-    /// only answers for addresses of the receiving device.
+    /// addresses and pod subnets to it. IPv6 goes through link-local next hops.
     pub fn connect(a: &NodeNet, b: &NodeNet) -> Result<(), NetnsError> {
         a.ns.ip(&["link", "add", UPLINK, "type", "veth", "peer", "name", UPLINK, "netns", b.ns.name()])?;
         let link_local = |n: &NodeNet| format!("fe80::{:x}", n.index + 1);
         for n in [a, b] {
             n.ns.ip(&["-6", "addr", "add", &format!("{}/64", link_local(n)), "dev", UPLINK, "nodad"])?;
+            // The uplink holds the node's addresses too, as a real node's does (the agent
+            // tells its uplink from pods' veths by them).
+            for addr in &n.addresses {
+                if addr.is_ipv4() {
+                    n.ns.ip(&["-4", "addr", "add", &format!("{addr}/32"), "dev", UPLINK])?;
+                } else {
+                    n.ns.ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", UPLINK, "nodad"])?;
+                }
+            }
             n.ns.ip(&["link", "set", UPLINK, "up"])?;
         }
         for (n, peer) in [(a, b), (b, a)] {

@@ -7,14 +7,14 @@
 //!   entry: resolution is then asked of the kernel (`NTF_USE`, what `ip neigh replace ..
 //!   use` does: an ARP request or neighbour solicitation, no IP traffic to the pod).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
 use netlink_packet_route::route::RouteAttribute;
 use policy_model::ObjectKey;
@@ -137,11 +137,9 @@ impl InterfaceResolver {
         self.links().await.veths
     }
 
-    /// The veths that may be a pod's: not one holding an address of the node's own (an
-    /// uplink that happens to be a veth, as in kind or a container-based node). Host-side
-    /// pod veths hold no address, or a link-local gateway.
-    pub async fn pod_candidate_veths(&self) -> BTreeMap<u32, String> {
-        let mut veths = self.veths().await;
+    /// The devices holding an address of the node's own (not loopback, not link-local).
+    async fn devices_with_node_addresses(&self) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
         let mut addresses = self.handle.address().get().execute();
         while let Ok(Some(a)) = addresses.try_next().await {
             let node_address = a.attributes.iter().any(|attr| match attr {
@@ -150,10 +148,44 @@ impl InterfaceResolver {
                 _ => false,
             });
             if node_address {
-                veths.remove(&a.header.index);
+                out.insert(a.header.index);
             }
         }
+        out
+    }
+
+    /// The veths that may be a pod's: not one holding an address of the node's own (an
+    /// uplink that happens to be a veth, as in kind or a container-based node). Host-side
+    /// pod veths hold no address, or a link-local gateway.
+    pub async fn pod_candidate_veths(&self) -> BTreeMap<u32, String> {
+        let mut veths = self.veths().await;
+        for index in self.devices_with_node_addresses().await {
+            veths.remove(&index);
+        }
         veths
+    }
+
+    /// The devices that pod traffic can leave the node by, for the post-DNAT egress check:
+    /// every Ethernet device that is up, except loopback, bridges and their ports (bonded
+    /// or bridged devices are seen through their master), and pods' veths. Uplinks, VXLAN
+    /// and Geneve tunnels qualify; L3 devices (IPIP, WireGuard) carry no Ethernet header
+    /// and are left out.
+    pub async fn node_devices(&self) -> BTreeSet<String> {
+        let node_addressed = self.devices_with_node_addresses().await;
+        let mut out = BTreeSet::new();
+        let mut links = self.handle.link().get().execute();
+        while let Ok(Some(link)) = links.try_next().await {
+            let Some(name) = link_name(&link) else { continue };
+            let up = link.header.flags.contains(LinkFlags::Up);
+            let ether = link.header.link_layer_type == LinkLayerType::Ether;
+            let enslaved = link.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(_)));
+            let kind = link_kind(&link);
+            let pod_veth = matches!(kind, Some(InfoKind::Veth)) && !node_addressed.contains(&link.header.index);
+            if up && ether && !enslaved && !pod_veth && !matches!(kind, Some(InfoKind::Bridge)) {
+                out.insert(name);
+            }
+        }
+        out
     }
 
     /// The neighbour entries of the bridges and their forwarding databases.

@@ -42,6 +42,14 @@ enum Source {
     Kubernetes(Box<(kube_source::KubeSource, kube::runtime::events::Recorder)>),
 }
 
+/// Which devices get the post-DNAT egress check of Service traffic leaving the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeDevices {
+    /// Detected, and followed as devices come and go.
+    Detect,
+    Fixed(Vec<String>),
+}
+
 pub struct AgentConfig {
     pub node: String,
     pub source: SourceConfig,
@@ -50,8 +58,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Service addresses whose egress judgment waits for DNAT.
     pub service_cidrs: Vec<Prefix>,
-    /// Devices of the node (uplinks, tunnels, bridges) that get the post-DNAT egress check.
-    pub node_devices: Vec<String>,
+    /// Devices of the node (uplinks, tunnels) that get the post-DNAT egress check.
+    pub node_devices: NodeDevices,
     pub sizes: MapSizes,
     pub poll_interval: Duration,
 }
@@ -75,8 +83,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut enforcer =
         Enforcer::new(&cfg.pin_dir, cfg.sizes).with_context(|| format!("loading the datapath (pins in {})", cfg.pin_dir.display()))?;
     enforcer.set_services(&cfg.service_cidrs).map_err(anyhow::Error::msg).context("writing the Service prefixes")?;
-    let devices: Vec<&str> = cfg.node_devices.iter().map(String::as_str).collect();
-    enforcer.attach_node_devices(&devices).context("attaching to the node's devices")?;
+    if let NodeDevices::Fixed(names) = &cfg.node_devices {
+        let devices: Vec<&str> = names.iter().map(String::as_str).collect();
+        enforcer.attach_node_devices(&devices).context("attaching to the node's devices")?;
+    }
     let mut compiler = NodeCompiler::new(cfg.node.clone());
     let mut source = match cfg.source {
         SourceConfig::Manifests(dirs) => Source::Manifests(ManifestSource::new(dirs)),
@@ -174,6 +184,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             iface_changed = found != interfaces;
             interfaces = found;
             last_resolve = Instant::now();
+            if cfg.node_devices == NodeDevices::Detect {
+                let devices = resolver.node_devices().await;
+                if &devices != enforcer.node_devices() {
+                    for e in enforcer.set_node_devices(&devices) {
+                        error!(error = %e, "node device");
+                    }
+                    info!(devices = ?enforcer.node_devices(), "node devices");
+                }
+            }
         }
 
         // New pods that a policy selects: until we know which veth is theirs, hold every
@@ -185,7 +204,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         if waiting_selected {
             let known: std::collections::BTreeSet<u32> = interfaces.values().map(|i| i.ifindex).collect();
             for (ifindex, name) in resolver.pod_candidate_veths().await {
-                if cfg.node_devices.contains(&name) {
+                if enforcer.node_devices().contains(&name) {
                     continue;
                 }
                 if !known.contains(&ifindex) && enforcer.held().all(|(i, _)| *i != ifindex) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use policy_model::Prefix;
 
 use super::CliError;
-use crate::agent::{AgentConfig, SourceConfig, run};
+use crate::agent::{AgentConfig, NodeDevices, SourceConfig, run};
 use crate::datapath::{MapSizes, PIN_ROOT};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -44,7 +44,10 @@ pub struct Args {
     /// against the backend.
     #[arg(long = "service-cidr", value_name = "CIDR")]
     pub service_cidrs: Vec<Prefix>,
-    /// Node devices (uplinks, tunnels, bridges) that get the post-DNAT egress check.
+    /// Node devices (uplinks, tunnels) that get the post-DNAT egress check of Service
+    /// traffic leaving the node (repeatable). Default: detected, and followed as devices
+    /// come and go (every Ethernet device that is up, except loopback, bridges and their
+    /// ports, and pods' veths). `none`: no device.
     #[arg(long = "node-device", value_name = "IFNAME")]
     pub node_devices: Vec<String>,
     /// How often sources are polled and changes applied, in milliseconds.
@@ -81,7 +84,11 @@ pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
         state_file: args.state_file,
         metrics_addr: args.metrics_addr,
         service_cidrs: args.service_cidrs,
-        node_devices: args.node_devices,
+        node_devices: match args.node_devices.as_slice() {
+            [] => NodeDevices::Detect,
+            [none] if none == "none" => NodeDevices::Fixed(Vec::new()),
+            list => NodeDevices::Fixed(list.to_vec()),
+        },
         sizes: MapSizes { peer_entries: args.max_peer_entries, conntrack: args.max_connections, ..MapSizes::default() },
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
     };

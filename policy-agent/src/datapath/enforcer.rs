@@ -131,6 +131,36 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Makes the node devices exactly `names`: attaches the new ones, detaches those gone.
+    /// Returns one error per device that could not be changed (the others still are).
+    pub fn set_node_devices(&mut self, names: &BTreeSet<String>) -> Vec<DatapathError> {
+        let mut errors = Vec::new();
+        // Also what an earlier agent left pinned on devices no longer wanted.
+        let pinned = self.datapath.attached().into_iter().filter(|(_, p)| *p == AttachPoint::NodeEgress).map(|(n, _)| n);
+        let current: BTreeSet<String> = self.node_devices.iter().cloned().chain(pinned).collect();
+        for gone in current.difference(names).cloned().collect::<Vec<_>>() {
+            match self.datapath.detach(&gone, AttachPoint::NodeEgress) {
+                Ok(()) => {
+                    self.node_devices.remove(&gone);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for new in names.difference(&self.node_devices).cloned().collect::<Vec<_>>() {
+            match self.datapath.attach(&new, AttachPoint::NodeEgress) {
+                Ok(()) => {
+                    self.node_devices.insert(new);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        errors
+    }
+
+    pub fn node_devices(&self) -> &BTreeSet<String> {
+        &self.node_devices
+    }
+
     pub fn set_services(&mut self, prefixes: &[Prefix]) -> Result<(), String> {
         self.sync.set_services(&mut self.datapath, prefixes)
     }
