@@ -192,7 +192,10 @@ impl BenchPolicy {
         assert!(n <= 61_440, "one /24 per filler rule in 10.0.0.0–10.239.255.255");
         let matching = |label: &str, ip: Ipv4Addr| Rule {
             peer: Peer::Pod { label_key: "pod", label: label.to_string(), ip },
-            ports: vec![Ports { proto: Proto::Tcp, first: RR_PORT, last: BULK_PORT }, Ports { proto: Proto::Udp, first: RR_PORT, last: RR_PORT }],
+            ports: vec![
+                Ports { proto: Proto::Tcp, first: RR_PORT, last: BULK_PORT },
+                Ports { proto: Proto::Udp, first: RR_PORT, last: RR_PORT },
+            ],
         };
         let side = |last: Rule| -> Vec<Rule> { (0..n - 1).map(filler).chain(std::iter::once(last)).collect() };
         BenchPolicy { client, server, ingress: side(matching("client", client)), egress: side(matching("server", server)) }
@@ -269,9 +272,7 @@ impl BenchPolicy {
             format!("-A {IPT_FORWARD} -d {}/32 -j {IPT_SERVER_IN}", self.server),
             format!("-A {IPT_FORWARD} -s {}/32 -j {IPT_CLIENT_OUT}", self.client),
         ];
-        for (chain, side, addr_flag, tag) in
-            [(IPT_SERVER_IN, &self.ingress, "-s", "I"), (IPT_CLIENT_OUT, &self.egress, "-d", "E")]
-        {
+        for (chain, side, addr_flag, tag) in [(IPT_SERVER_IN, &self.ingress, "-s", "I"), (IPT_CLIENT_OUT, &self.egress, "-d", "E")] {
             rules.push(format!("-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"));
             rules.push(format!("-A {chain} -j MARK --set-xmark 0x0/0x10000"));
             for (i, rule) in side.iter().enumerate() {
@@ -381,7 +382,8 @@ mod tests {
             // One iptables rule per peer and port spec: n - 1 fillers, two for the matching rule.
             let ipt = p.iptables_restore();
             for (chain, matching) in [(IPT_SERVER_IN, "-s 10.244.0.10/32"), (IPT_CLIENT_OUT, "-d 10.244.0.11/32")] {
-                let peer_rules: Vec<&str> = ipt.lines().filter(|l| l.starts_with(&format!("-A {chain} ")) && l.contains(" --dport ")).collect();
+                let peer_rules: Vec<&str> =
+                    ipt.lines().filter(|l| l.starts_with(&format!("-A {chain} ")) && l.contains(" --dport ")).collect();
                 assert_eq!(peer_rules.len(), n + 1, "{chain}");
                 assert!(peer_rules[n - 1].contains(matching) && peer_rules[n].contains(matching), "{chain}: matching rule last");
                 let all: Vec<&str> = ipt.lines().filter(|l| l.starts_with(&format!("-A {chain} "))).collect();

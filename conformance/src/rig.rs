@@ -189,9 +189,8 @@ impl Rig {
                 Change::DeleteNode(n) => (3, n.clone()),
             }
         }
-        let deleted = |c: &Change| {
-            matches!(c, Change::DeleteNamespace(_) | Change::DeletePod(_) | Change::DeletePolicy(_) | Change::DeleteNode(_))
-        };
+        let deleted =
+            |c: &Change| matches!(c, Change::DeleteNamespace(_) | Change::DeletePod(_) | Change::DeletePolicy(_) | Change::DeleteNode(_));
         let mut seen = std::collections::HashSet::new();
         // Latest change per object; where that is a deletion, nothing (replays start empty).
         let mut kept: Vec<Change> = self.history.drain(..).rev().filter(|c| seen.insert(object(c)) && !deleted(c)).collect();

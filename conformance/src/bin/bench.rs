@@ -56,7 +56,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
     rules: Vec<usize>,
     /// The iptables flavour: `iptables` (Debian's default, the nf_tables backend) or
-    /// `iptables-legacy`.
+    /// `iptables-legacy` (x_tables; once used, its empty filter table stays hooked in the
+    /// node's namespace for the rest of the run).
     #[arg(long, default_value = "iptables")]
     iptables: String,
     /// Write the figures as JSON here too.
@@ -357,11 +358,8 @@ fn main() -> Result<()> {
         MapSizes::default(),
     )
     .context("building the emulated node (needs root and BPF; run scripts/setup.sh)")?;
-    let policies: BTreeMap<usize, BenchPolicy> = args
-        .rules
-        .iter()
-        .map(|&n| (n, BenchPolicy::generate(n, client_ip.parse().unwrap(), server_ip.parse().unwrap())))
-        .collect();
+    let policies: BTreeMap<usize, BenchPolicy> =
+        args.rules.iter().map(|&n| (n, BenchPolicy::generate(n, client_ip.parse().unwrap(), server_ip.parse().unwrap()))).collect();
     // The pods the pod peers select, once for all rule counts (the largest has them all).
     let largest = policies.values().last().expect("a rule count");
     rig.apply(largest.peer_pods().into_iter().map(Change::UpsertPod).collect())?;
@@ -433,9 +431,7 @@ fn report(
     let a = &bench.args;
     let none = medians[&(Mechanism::None, 0)];
     let fig = |m: Mechanism, n: usize| if m == Mechanism::None { none } else { medians[&(m, n)] };
-    println!(
-        "\nDatapath between two pods on an emulated node; rules per side (server ingress and client egress), matching rule last;"
-    );
+    println!("\nDatapath between two pods on an emulated node; rules per side (server ingress and client egress), matching rule last;");
     println!(
         "{} clients for the rates; medians of {} interleaved rounds; iptables: {}. Ratios are quotients (a:b = a / b; for latency, < 1 is better).",
         a.clients, a.rounds, a.iptables
