@@ -122,7 +122,7 @@ fn pod(key: &str, label: &str, v4: &str) -> Pod {
 }
 
 /// Runs `op` on `clients` threads in `ns` for `secs`; successful operations per second.
-fn rate(ns: &NetnsHandle, clients: usize, secs: f64, op: fn(SocketAddr) -> bool, dst: SocketAddr) -> Result<f64> {
+fn rate(ns: &NetnsHandle, clients: usize, secs: f64, (what, op): (&str, fn(SocketAddr) -> bool), dst: SocketAddr) -> Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
@@ -147,7 +147,7 @@ fn rate(ns: &NetnsHandle, clients: usize, secs: f64, op: fn(SocketAddr) -> bool,
     }
     let f = failures.load(Ordering::Relaxed);
     if f > 0 {
-        eprintln!("    ({f} failed operations)");
+        eprintln!("    ({f} failed {what} operations: a 1 s timeout or an error)");
     }
     Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
@@ -321,8 +321,8 @@ impl Bench {
 
     fn measure(&self) -> Result<Figures> {
         let a = &self.args;
-        let tcp_connections_per_s = rate(&self.client, a.clients, a.seconds, tcp_connect, self.rr)?;
-        let udp_rr_per_s = rate(&self.client, a.clients, a.seconds, udp_rr, self.rr)?;
+        let tcp_connections_per_s = rate(&self.client, a.clients, a.seconds, ("TCP connect", tcp_connect), self.rr)?;
+        let udp_rr_per_s = rate(&self.client, a.clients, a.seconds, ("UDP request/response", udp_rr), self.rr)?;
         let bulk_gbit_per_s = bulk(&self.client, self.bulk, a.bulk_seconds)?;
         let (connect_p50_us, connect_p99_us) = connect_latency(&self.client, self.rr, a.latency_seconds)?;
         Ok(Figures { tcp_connections_per_s, udp_rr_per_s, bulk_gbit_per_s, connect_p50_us, connect_p99_us })
