@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Benchmarks (not tests). Installs what it needs, then:
-#   1. the compiler (criterion): full compile, one pod change, one policy change, memory;
-#   2. the datapath between two pods on an emulated node: TCP connections/s and UDP
-#      request/response/s with no program and with 10, 1,000 and 10,000 rules.
-# Figures are printed and written as JSON under target/bench/.
+# Benchmarks (not tests). Installs what it needs (scripts/setup.sh: iptables, nftables, the
+# eBPF toolchain), then:
+#   1. the compiler (criterion): full compile, one pod change, one policy change, memory
+#      (skipped with BENCH_SKIP_COMPILE=1);
+#   2. the datapath between two pods on an emulated node, for no enforcement, policy-agent,
+#      kube-router-style iptables and nftables with sets, at 10, 1,000 and 10,000 rules:
+#      TCP connections/s, UDP request/response/s, bulk TCP, connect latency p50/p99.
+# Arguments go to the datapath bench (`--help` lists them). Its figures are printed and
+# written as JSON to <target dir>/bench/datapath.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-mkdir -p target/bench
-cargo bench -p policy-model --bench compile
+target="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target/bench"
+if [ "${BENCH_SKIP_COMPILE:-0}" != 1 ]; then
+  cargo bench -p policy-model --bench compile
+fi
 cargo build --release -p conformance --bin bench
-./target/release/bench --seconds "${BENCH_SECONDS:-4}" --rounds "${BENCH_ROUNDS:-3}" --json target/bench/datapath.json
-echo "datapath figures: target/bench/datapath.json"
+"$target/release/bench" --seconds "${BENCH_SECONDS:-3}" --rounds "${BENCH_ROUNDS:-3}" --json "$target/bench/datapath.json" "$@"
+echo "datapath figures: $target/bench/datapath.json"

@@ -10,7 +10,8 @@ log() { echo "setup: $*" >&2; }
 command -v cargo >/dev/null || { log "cargo not found: this machine needs a Rust toolchain (rustup)"; exit 1; }
 
 # Debian packages: iproute2 (network namespaces, veths), iptables and nftables (the
-# tests' kube-proxy-style Service DNAT and masquerade).
+# tests' kube-proxy-style Service DNAT and masquerade; the datapath bench's iptables and
+# nftables rulesets).
 need_pkgs=()
 for tool in ip:iproute2 iptables:iptables nft:nftables nsenter:util-linux; do
   bin=${tool%%:*}; pkg=${tool##*:}

@@ -164,6 +164,40 @@ impl Rig {
         }
     }
 
+    /// Stops the agent and removes its pins: the links detach, no program is left on the path.
+    pub fn detach(&mut self) {
+        self.stop_agent();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+
+    /// Keeps only the last change to each object in what a restarted agent replays: the
+    /// compiler's state depends only on the latest version of every object, so the replay
+    /// ends in the same state, without compiling every superseded version on the way. Only
+    /// valid when the compiler accepted every change applied.
+    pub fn compact_history(&mut self) {
+        fn object(c: &Change) -> (u8, String) {
+            match c {
+                Change::UpsertNamespace(n) => (0, n.name.clone()),
+                Change::DeleteNamespace(n) => (0, n.clone()),
+                Change::UpsertPod(p) => (1, p.key.to_string()),
+                Change::DeletePod(k) => (1, k.to_string()),
+                Change::UpsertPolicy(p) => {
+                    (2, format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or("")))
+                }
+                Change::DeletePolicy(k) => (2, k.to_string()),
+                Change::UpsertNode(n) => (3, n.name.clone()),
+                Change::DeleteNode(n) => (3, n.clone()),
+            }
+        }
+        let deleted =
+            |c: &Change| matches!(c, Change::DeleteNamespace(_) | Change::DeletePod(_) | Change::DeletePolicy(_) | Change::DeleteNode(_));
+        let mut seen = std::collections::HashSet::new();
+        // Latest change per object; where that is a deletion, nothing (replays start empty).
+        let mut kept: Vec<Change> = self.history.drain(..).rev().filter(|c| seen.insert(object(c)) && !deleted(c)).collect();
+        kept.reverse();
+        self.history = kept;
+    }
+
     fn sender(&self) -> Result<&mpsc::Sender<Command>, RigError> {
         self.agent.as_ref().map(|(tx, _)| tx).ok_or_else(|| RigError::Agent("not running".into()))
     }

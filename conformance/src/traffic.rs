@@ -269,6 +269,51 @@ pub fn serve_load(ns: &Netns, port: u16, threads: usize) -> Result<Servers, Netn
     Ok(Servers { stop, handles })
 }
 
+/// A TCP sink for bulk transfers on `port`: every connection gets one byte (so
+/// [`probe`] sees a working server), then is read until the peer closes. Stopped on drop.
+pub fn serve_sink(ns: &Netns, port: u16) -> Result<Servers, NetnsError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let handle = ns.spawn(move || {
+        let l: TcpListener = dual_stack(Type::STREAM, None, port).and_then(|s| s.listen(128).map(|_| s)).expect("tcp sink").into();
+        l.set_nonblocking(true).expect("nonblocking");
+        let mut readers = Vec::new();
+        while !st.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut c, _)) => {
+                    let st = st.clone();
+                    readers.push(std::thread::spawn(move || {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(POLL * 5));
+                        if c.write_all(b"k").is_err() {
+                            return;
+                        }
+                        let mut buf = vec![0u8; 256 * 1024];
+                        loop {
+                            match c.read(&mut buf) {
+                                Ok(0) => return,
+                                Ok(_) => {}
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                                    if st.load(Ordering::Relaxed) {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
+                            }
+                        }
+                    }));
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+        for r in readers {
+            let _ = r.join();
+        }
+    })?;
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(Servers { stop, handles: vec![handle] })
+}
+
 fn inet_checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for chunk in data.chunks(2) {

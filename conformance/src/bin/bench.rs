@@ -1,40 +1,114 @@
-//! Datapath benchmark (not a test): between two pods on an emulated node, new TCP
-//! connections per second (connect, 1-byte exchange, close) and UDP request/response per
-//! second, with no program, then with the agent's programs holding 10, 1,000 and 10,000
-//! rules on the path (the matching rule last, on both the client's egress and the
-//! server's ingress). Prints a table and writes JSON.
+//! Datapath benchmark (not a test). Between two pods on an emulated node (routed through
+//! the node's namespace), for each enforcement mechanism — none, policy-agent, the same
+//! policy as an iptables ruleset in kube-router's style, and as an nftables ruleset with
+//! sets — holding 10, 1,000 and 10,000 rules on the server's ingress and on the client's
+//! egress (the matching rule last; see `conformance::bench_rules`):
+//! - new TCP connections per second (connect, 1-byte exchange, close), parallel clients;
+//! - UDP request/response per second, parallel clients;
+//! - bulk TCP throughput, one stream;
+//! - connect latency, p50 and p99, one client connecting in sequence.
 //!
-//! Run as root: `bash scripts/bench.sh` (or `cargo run --release -p conformance --bin bench -- [--seconds 3]
-//! [--rounds 3] [--json FILE]`).
+//! One mechanism is on the path at a time; each is checked to enforce (a client, a port
+//! and a peer outside the policy are blocked) before it is measured. Every configuration
+//! is measured once per round, interleaved; figures are medians over rounds. Prints
+//! tables and writes JSON.
+//!
+//! Run as root: `bash scripts/bench.sh` (or `cargo run --release -p conformance --bin bench -- --help`).
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use conformance::bench_rules::{BULK_PORT, BenchPolicy, NAMESPACE, NFT_TABLE, RR_PORT};
+use conformance::netns::{NetnsHandle, unique};
 use conformance::rig::{NODE, Rig};
-use conformance::traffic::serve_load;
-use policy_model::{Change, ObjectKey, Pod};
-use serde_json::json;
+use conformance::traffic::{serve_load, serve_sink};
+use policy_agent::datapath::MapSizes;
+use policy_model::{Change, ObjectKey, Pod, Protocol};
+use serde::Serialize;
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 struct Args {
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 3)]
-    seconds: u64,
+    /// Seconds for each of TCP connections/s and UDP request/response/s.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Seconds of bulk TCP transfer.
+    #[arg(long, default_value_t = 2.0)]
+    bulk_seconds: f64,
+    /// Seconds of sequential connects for the latency percentiles.
+    #[arg(long, default_value_t = 1.0)]
+    latency_seconds: f64,
     /// Rounds: every configuration is measured once per round, in turn; figures are
     /// medians over rounds.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Client threads.
+    /// Client threads for connections/s and request/response/s.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Rule counts (per side: server ingress and client egress).
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    rules: Vec<usize>,
+    /// The iptables flavour: `iptables` (Debian's default, the nf_tables backend) or
+    /// `iptables-legacy` (x_tables; once used, its empty filter table stays hooked in the
+    /// node's namespace for the rest of the run).
+    #[arg(long, default_value = "iptables")]
+    iptables: String,
     /// Write the figures as JSON here too.
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    json: Option<PathBuf>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mechanism {
+    None,
+    Agent,
+    Iptables,
+    Nftables,
+}
+
+impl Mechanism {
+    const ENFORCING: [Mechanism; 3] = [Mechanism::Agent, Mechanism::Iptables, Mechanism::Nftables];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mechanism::None => "none",
+            Mechanism::Agent => "policy-agent",
+            Mechanism::Iptables => "iptables",
+            Mechanism::Nftables => "nftables",
+        }
+    }
+}
+
+/// One configuration's figures in one round (or their medians).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Figures {
+    tcp_connections_per_s: f64,
+    udp_rr_per_s: f64,
+    bulk_gbit_per_s: f64,
+    connect_p50_us: f64,
+    connect_p99_us: f64,
+}
+
+/// (JSON key, table title, how to read it from figures).
+type Metric = (&'static str, &'static str, fn(&Figures) -> f64);
+const METRICS: [Metric; 5] = [
+    ("tcp_connections_per_s", "TCP connections/s (connect, 1-byte exchange, close)", |f| f.tcp_connections_per_s),
+    ("udp_rr_per_s", "UDP request/response/s", |f| f.udp_rr_per_s),
+    ("bulk_gbit_per_s", "bulk TCP, Gbit/s (one stream)", |f| f.bulk_gbit_per_s),
+    ("connect_p50_us", "connect latency p50, µs (lower is better)", |f| f.connect_p50_us),
+    ("connect_p99_us", "connect latency p99, µs (lower is better)", |f| f.connect_p99_us),
+];
+
+const CLIENT: &str = "x/client";
+const SERVER: &str = "x/server";
+const INTRUDER: &str = "x/intruder";
 
 fn pod(key: &str, label: &str, v4: &str) -> Pod {
     Pod {
@@ -47,84 +121,40 @@ fn pod(key: &str, label: &str, v4: &str) -> Pod {
     }
 }
 
-/// `rules` rules on each side: `rules - 1` that do not match (distinct /32 ipBlocks), then
-/// the one that does.
-fn policies(rules: usize) -> Vec<Change> {
-    let filler = |base: u8| -> Vec<serde_json::Value> {
-        (0..rules.saturating_sub(1))
-            .map(|i| json!({"to_or_from": [{"ipBlock": {"cidr": format!("10.{}.{}.{}/32", base + (i / 62_500) as u8, (i / 250) % 250, 1 + i % 250)}}], "ports": [{"port": 9000}]}))
-            .collect()
-    };
-    let rules_for = |dir: &str, peer: serde_json::Value, base: u8| -> serde_json::Value {
-        let key = if dir == "ingress" { "from" } else { "to" };
-        let mut v: Vec<serde_json::Value> = filler(base)
-            .into_iter()
-            .map(|mut r| {
-                let p = r["to_or_from"].take();
-                json!({key: p, "ports": r["ports"].take()})
-            })
-            .collect();
-        v.push(json!({key: [peer], "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "UDP", "port": 8080}]}));
-        serde_json::Value::Array(v)
-    };
-    let np = |name: &str, spec: serde_json::Value| {
-        Change::UpsertPolicy(Box::new(
-            serde_json::from_value(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": "x"}, "spec": spec}))
-                .unwrap(),
-        ))
-    };
-    vec![
-        np(
-            "server",
-            json!({"podSelector": {"matchLabels": {"pod": "server"}}, "policyTypes": ["Ingress"],
-            "ingress": rules_for("ingress", json!({"podSelector": {"matchLabels": {"pod": "client"}}}), 100)}),
-        ),
-        np(
-            "client",
-            json!({"podSelector": {"matchLabels": {"pod": "client"}}, "policyTypes": ["Egress"],
-            "egress": rules_for("egress", json!({"podSelector": {"matchLabels": {"pod": "server"}}}), 150)}),
-        ),
-    ]
-}
-
-/// Runs `op` on `clients` threads in the client's namespace for `secs`; operations per second.
-fn rate(rig: &Rig, clients: usize, secs: u64, op: fn(SocketAddr) -> bool, dst: SocketAddr) -> f64 {
+/// Runs `op` on `clients` threads in `ns` for `secs`; successful operations per second.
+fn rate(ns: &NetnsHandle, clients: usize, secs: f64, (what, op): (&str, fn(SocketAddr) -> bool), dst: SocketAddr) -> Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
-    let ns = rig.pod("x/client").net.ns.handle();
     let mut hs = Vec::new();
     for _ in 0..clients {
         let (stop, count, failures) = (stop.clone(), count.clone(), failures.clone());
-        hs.push(
-            ns.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if op(dst) {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
+        hs.push(ns.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if op(dst) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failures.fetch_add(1, Ordering::Relaxed);
                 }
-            })
-            .expect("client thread"),
-        );
+            }
+        })?);
     }
     let start = Instant::now();
-    std::thread::sleep(Duration::from_secs(secs));
+    std::thread::sleep(Duration::from_secs_f64(secs));
     stop.store(true, Ordering::Relaxed);
     for h in hs {
         let _ = h.join();
     }
     let f = failures.load(Ordering::Relaxed);
     if f > 0 {
-        eprintln!("  ({f} failed operations)");
+        eprintln!("    ({f} failed {what} operations: a 1 s timeout or an error)");
     }
-    count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Connect, 1-byte exchange, close.
 fn tcp_connect(dst: SocketAddr) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(1)) else { return false };
     let mut b = [0u8; 1];
     s.write_all(b"x").is_ok() && matches!(s.read(&mut b), Ok(1))
 }
@@ -144,70 +174,352 @@ fn udp_rr(dst: SocketAddr) -> bool {
     })
 }
 
+/// One TCP stream to the sink for `secs`: Gbit/s written.
+fn bulk(ns: &NetnsHandle, dst: SocketAddr, secs: f64) -> Result<f64> {
+    ns.run(move || -> Result<f64> {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(1)).context("bulk connect")?;
+        let mut greeting = [0u8; 1];
+        s.read_exact(&mut greeting).context("bulk greeting")?;
+        let buf = vec![0x5au8; 256 * 1024];
+        let (start, mut bytes) = (Instant::now(), 0u64);
+        while start.elapsed().as_secs_f64() < secs {
+            s.write_all(&buf).context("bulk write")?;
+            bytes += buf.len() as u64;
+        }
+        Ok(bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+    })?
+}
+
+/// One client connecting in sequence for `secs` (each connection also does the 1-byte
+/// exchange and closes, as in the rate loop): (p50, p99) of the connect() time, µs.
+fn connect_latency(ns: &NetnsHandle, dst: SocketAddr, secs: f64) -> Result<(f64, f64)> {
+    let mut samples = ns.run(move || {
+        let (start, mut samples) = (Instant::now(), Vec::new());
+        while start.elapsed().as_secs_f64() < secs {
+            let t = Instant::now();
+            let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_secs(1)) else { continue };
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+            let mut b = [0u8; 1];
+            let _ = s.write_all(b"x").and_then(|_| s.read(&mut b));
+        }
+        samples
+    })?;
+    ensure!(samples.len() >= 100, "only {} connects succeeded in the latency loop", samples.len());
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+    Ok((pct(0.50), pct(0.99)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+struct Bench {
+    rig: Rig,
+    args: Args,
+    dir: PathBuf,
+    client: NetnsHandle,
+    rr: SocketAddr,
+    bulk: SocketAddr,
+    policies: BTreeMap<usize, BenchPolicy>,
+}
+
+impl Bench {
+    fn node_exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        Ok(self.rig.node.ns.exec(program, args)?)
+    }
+
+    fn rules_file(&self, n: usize, kind: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("{n}.{kind}"));
+        if !path.exists() {
+            let p = &self.policies[&n];
+            std::fs::write(&path, if kind == "nft" { p.nft_ruleset() } else { p.iptables_restore() })?;
+        }
+        Ok(path)
+    }
+
+    /// Puts `mechanism` with `n` rules on the path; returns how long loading took.
+    fn activate(&mut self, mechanism: Mechanism, n: usize) -> Result<Duration> {
+        let t = Instant::now();
+        match mechanism {
+            Mechanism::None => {}
+            Mechanism::Agent => {
+                self.rig.start_agent()?;
+                self.rig.apply(self.policies[&n].network_policies())?;
+            }
+            Mechanism::Iptables => {
+                let file = self.rules_file(n, "ipt")?;
+                self.node_exec(&format!("{}-restore", self.args.iptables), &[file.to_str().unwrap()])?;
+            }
+            Mechanism::Nftables => {
+                let file = self.rules_file(n, "nft")?;
+                self.node_exec("nft", &["-f", file.to_str().unwrap()])?;
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Takes `mechanism` off the path, and checks that nothing is left on it.
+    fn deactivate(&mut self, mechanism: Mechanism) -> Result<()> {
+        match mechanism {
+            Mechanism::None => {}
+            Mechanism::Agent => {
+                let delete = ["bench-server", "bench-client"].map(|n| Change::DeletePolicy(ObjectKey::new(NAMESPACE, n)));
+                self.rig.apply(delete.into())?;
+                self.rig.detach();
+                self.rig.compact_history();
+            }
+            Mechanism::Iptables => {
+                // Flushes the filter table and deletes its chains; the nf_tables backend's
+                // tables themselves go with the flush below.
+                let empty = self.dir.join("empty.ipt");
+                std::fs::write(&empty, "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")?;
+                self.node_exec(&format!("{}-restore", self.args.iptables), &[empty.to_str().unwrap()])?;
+                self.node_exec("nft", &["flush", "ruleset"])?;
+            }
+            Mechanism::Nftables => {
+                self.node_exec("nft", &["delete", "table", "ip", NFT_TABLE])?;
+            }
+        }
+        let nft = self.node_exec("nft", &["list", "ruleset"])?;
+        ensure!(nft.trim().is_empty(), "nftables rules left in the node's namespace after {}:\n{nft}", mechanism.name());
+        let ipt = self.node_exec(&format!("{}-save", self.args.iptables), &[])?;
+        ensure!(!ipt.lines().any(|l| l.starts_with("-A ")), "iptables rules left after {}:\n{ipt}", mechanism.name());
+        ensure!(!self.rig.pin_dir.exists(), "agent pins left after {}", mechanism.name());
+        Ok(())
+    }
+
+    /// Fails unless the path allows exactly what the policy allows (with no enforcement:
+    /// everything, so that the blocked probes are known to reach working servers).
+    fn check(&self, mechanism: Mechanism, n: usize) -> Result<()> {
+        let rig = &self.rig;
+        let server = rig.ip(SERVER, true);
+        let intruder = rig.ip(INTRUDER, true);
+        let enforced = mechanism != Mechanism::None;
+        let probes: [(&str, &str, IpAddr, Protocol, u16, bool); 7] = [
+            ("client → server TCP", CLIENT, server, Protocol::Tcp, RR_PORT, true),
+            ("client → server UDP", CLIENT, server, Protocol::Udp, RR_PORT, true),
+            ("client → server TCP (bulk)", CLIENT, server, Protocol::Tcp, BULK_PORT, true),
+            ("client → server, a port outside the policy", CLIENT, server, Protocol::Tcp, 80, !enforced),
+            ("another pod → server TCP", INTRUDER, server, Protocol::Tcp, RR_PORT, !enforced),
+            ("another pod → server UDP", INTRUDER, server, Protocol::Udp, RR_PORT, !enforced),
+            ("client → another pod (egress)", CLIENT, intruder, Protocol::Tcp, 80, !enforced),
+        ];
+        for (what, from, dst, protocol, port, expected) in probes {
+            let got = rig.probe_addr(from, dst, protocol, port);
+            if got != expected {
+                bail!(
+                    "{} with {n} rules does not enforce the policy: {what} (port {port}) is {}",
+                    mechanism.name(),
+                    if got { "allowed, expected blocked" } else { "blocked, expected allowed" }
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn measure(&self) -> Result<Figures> {
+        let a = &self.args;
+        let tcp_connections_per_s = rate(&self.client, a.clients, a.seconds, ("TCP connect", tcp_connect), self.rr)?;
+        let udp_rr_per_s = rate(&self.client, a.clients, a.seconds, ("UDP request/response", udp_rr), self.rr)?;
+        let bulk_gbit_per_s = bulk(&self.client, self.bulk, a.bulk_seconds)?;
+        let (connect_p50_us, connect_p99_us) = connect_latency(&self.client, self.rr, a.latency_seconds)?;
+        Ok(Figures { tcp_connections_per_s, udp_rr_per_s, bulk_gbit_per_s, connect_p50_us, connect_p99_us })
+    }
+
+    fn run_one(&mut self, round: usize, mechanism: Mechanism, n: usize) -> Result<Figures> {
+        let load = self.activate(mechanism, n)?;
+        self.check(mechanism, n)?;
+        let f = self.measure()?;
+        eprintln!(
+            "round {}: {:<12} {:>6} rules (loaded in {:>5.2} s): {:>8.0} conn/s {:>8.0} UDP rr/s {:>6.2} Gbit/s connect p50 {:>5.0} µs p99 {:>6.0} µs",
+            round + 1,
+            mechanism.name(),
+            if mechanism == Mechanism::None { "-".to_string() } else { n.to_string() },
+            load.as_secs_f64(),
+            f.tcp_connections_per_s,
+            f.udp_rr_per_s,
+            f.bulk_gbit_per_s,
+            f.connect_p50_us,
+            f.connect_p99_us
+        );
+        self.deactivate(mechanism)?;
+        Ok(f)
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    let mut rig = Rig::new(vec![pod("x/client", "client", "10.244.0.10"), pod("x/server", "server", "10.244.0.11")])
-        .context("building the emulated node (needs root and BPF; run scripts/setup.sh)")?;
-    let _load = serve_load(&rig.pod("x/server").net.ns, 8080, 4)?;
+    ensure!(!args.rules.is_empty() && args.rounds > 0, "at least one rule count and one round");
+    let (client_ip, server_ip, intruder_ip) = ("10.244.0.10", "10.244.0.11", "10.244.0.12");
+    let mut rig = Rig::with_sizes(
+        vec![pod(CLIENT, "client", client_ip), pod(SERVER, "server", server_ip), pod(INTRUDER, "intruder", intruder_ip)],
+        MapSizes::default(),
+    )
+    .context("building the emulated node (needs root and BPF; run scripts/setup.sh)")?;
+    let policies: BTreeMap<usize, BenchPolicy> =
+        args.rules.iter().map(|&n| (n, BenchPolicy::generate(n, client_ip.parse().unwrap(), server_ip.parse().unwrap()))).collect();
+    // The pods the pod peers select, once for all rule counts (the largest has them all).
+    let largest = policies.values().last().expect("a rule count");
+    rig.apply(largest.peer_pods().into_iter().map(Change::UpsertPod).collect())?;
+    rig.detach();
+
+    let _load = serve_load(&rig.pod(SERVER).net.ns, RR_PORT, 4)?;
+    let _sink = serve_sink(&rig.pod(SERVER).net.ns, BULK_PORT)?;
     // Hundreds of thousands of short connections: let the client reuse TIME_WAIT ports,
     // or the port search, not the datapath, becomes what is measured.
-    let client = &rig.pod("x/client").net.ns;
-    client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-    client.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-    let dst = SocketAddr::new(rig.ip("x/server", true), 8080);
-
-    let measure = |rig: &Rig| -> (f64, f64) {
-        (rate(rig, args.clients, args.seconds, tcp_connect, dst), rate(rig, args.clients, args.seconds, udp_rr, dst))
+    let client_ns = &rig.pod(CLIENT).net.ns;
+    client_ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    client_ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    let client = client_ns.handle();
+    let server = IpAddr::V4(server_ip.parse::<Ipv4Addr>()?);
+    let dir = std::env::temp_dir().join(unique("pa-bench-"));
+    std::fs::create_dir_all(&dir)?;
+    let mut bench = Bench {
+        rr: SocketAddr::new(server, RR_PORT),
+        bulk: SocketAddr::new(server, BULK_PORT),
+        rig,
+        args,
+        dir: dir.clone(),
+        client,
+        policies,
     };
-    let configs: [Option<usize>; 4] = [None, Some(10), Some(1_000), Some(10_000)];
-    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len()];
-    for round in 0..args.rounds {
-        for (i, config) in configs.iter().enumerate() {
-            match config {
-                // No program: the agent gone and its pins removed (so the links detach).
-                None => {
-                    rig.stop_agent();
-                    std::fs::remove_dir_all(&rig.pin_dir).ok();
-                    eprintln!("round {}: no program", round + 1);
-                    samples[i].push(measure(&rig));
-                    rig.start_agent()?;
-                }
-                Some(rules) => {
-                    rig.apply(policies(*rules))?;
-                    eprintln!("round {}: {rules} rules", round + 1);
-                    samples[i].push(measure(&rig));
-                }
+    let result = run(&mut bench);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(bench: &mut Bench) -> Result<()> {
+    let rules = bench.args.rules.clone();
+    let mut samples: BTreeMap<(Mechanism, usize), Vec<Figures>> = BTreeMap::new();
+    for round in 0..bench.args.rounds {
+        samples.entry((Mechanism::None, 0)).or_default().push(bench.run_one(round, Mechanism::None, 0)?);
+        for &n in &rules {
+            // Rotate the order from round to round, so that no mechanism always follows another.
+            let mut order = Mechanism::ENFORCING;
+            order.rotate_left(round % Mechanism::ENFORCING.len());
+            for m in order {
+                let f = bench.run_one(round, m, n)?;
+                samples.entry((m, n)).or_default().push(f);
             }
         }
     }
-    let median = |mut v: Vec<f64>| -> f64 {
-        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        v[v.len() / 2]
-    };
-    let mut rows: Vec<(String, f64, f64)> = Vec::new();
-    for (config, s) in configs.iter().zip(&samples) {
-        let name = match config {
-            None => "no program".to_string(),
-            Some(r) => format!("policy-agent, {r} rules"),
-        };
-        rows.push((name, median(s.iter().map(|x| x.0).collect()), median(s.iter().map(|x| x.1).collect())));
-    }
-    let (base_c, base_u) = (rows[0].1, rows[0].2);
-    println!("{:<36} {:>12} {:>7} {:>16} {:>7}", "datapath", "TCP conn/s", "ratio", "UDP req-resp/s", "ratio");
-    let mut out = Vec::new();
-    for (name, c, u) in &rows {
-        println!("{name:<36} {c:>12.0} {:>7.3} {u:>16.0} {:>7.3}", c / base_c, u / base_u);
-        out.push(
-            json!({"datapath": name, "tcp_connections_per_s": c, "tcp_ratio": c / base_c, "udp_rr_per_s": u, "udp_ratio": u / base_u}),
+    let medians: BTreeMap<(Mechanism, usize), Figures> = samples
+        .iter()
+        .map(|(k, v)| {
+            let m = |get: fn(&Figures) -> f64| median(v.iter().map(get).collect());
+            let f = Figures {
+                tcp_connections_per_s: m(|f| f.tcp_connections_per_s),
+                udp_rr_per_s: m(|f| f.udp_rr_per_s),
+                bulk_gbit_per_s: m(|f| f.bulk_gbit_per_s),
+                connect_p50_us: m(|f| f.connect_p50_us),
+                connect_p99_us: m(|f| f.connect_p99_us),
+            };
+            (*k, f)
+        })
+        .collect();
+    report(bench, &rules, &samples, &medians)
+}
+
+fn report(
+    bench: &Bench,
+    rules: &[usize],
+    samples: &BTreeMap<(Mechanism, usize), Vec<Figures>>,
+    medians: &BTreeMap<(Mechanism, usize), Figures>,
+) -> Result<()> {
+    let a = &bench.args;
+    let none = medians[&(Mechanism::None, 0)];
+    let fig = |m: Mechanism, n: usize| if m == Mechanism::None { none } else { medians[&(m, n)] };
+    println!("\nDatapath between two pods on an emulated node; rules per side (server ingress and client egress), matching rule last;");
+    println!(
+        "{} clients for the rates; medians of {} interleaved rounds; iptables: {}. Ratios are quotients (a:b = a / b; for latency, < 1 is better).",
+        a.clients, a.rounds, a.iptables
+    );
+    for (_, title, get) in METRICS {
+        println!("\n{title}");
+        println!(
+            "{:>7} {:>10} {:>13} {:>10} {:>10} | {:>10} {:>10} {:>10} | {:>9} {:>9}",
+            "rules", "none", "policy-agent", "iptables", "nftables", "agent:none", "agent:ipt", "agent:nft", "ipt:none", "nft:none"
         );
+        for &n in rules {
+            let v = |m| get(&fig(m, n));
+            let (agent, ipt, nft, base) = (v(Mechanism::Agent), v(Mechanism::Iptables), v(Mechanism::Nftables), get(&none));
+            let prec = if get(&none) < 100.0 { 2 } else { 0 };
+            println!(
+                "{n:>7} {base:>10.prec$} {agent:>13.prec$} {ipt:>10.prec$} {nft:>10.prec$} | {:>10.3} {:>10.3} {:>10.3} | {:>9.3} {:>9.3}",
+                agent / base,
+                agent / ipt,
+                agent / nft,
+                ipt / base,
+                nft / base,
+            );
+        }
     }
-    if let Some(path) = args.json {
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(
-                &json!({"datapath": out, "seconds": args.seconds, "clients": args.clients, "rounds": args.rounds, "statistic": "median over rounds"}),
-            )?,
-        )?;
+
+    // The targets, at 10,000 rules (or the largest count measured).
+    let top = *rules.iter().max().expect("a rule count");
+    let conn = |m| fig(m, top).tcp_connections_per_s;
+    let targets = [
+        ("connections/s ≥ 0.95 × no enforcement", conn(Mechanism::Agent) / conn(Mechanism::None), 0.95),
+        ("connections/s ≥ 10 × iptables", conn(Mechanism::Agent) / conn(Mechanism::Iptables), 10.0),
+        ("connections/s ≥ nftables", conn(Mechanism::Agent) / conn(Mechanism::Nftables), 1.0),
+    ];
+    println!("\nTargets at {top} rules:");
+    for (what, got, need) in targets {
+        println!("  {:<40} {got:>8.3} (≥ {need}) {}", what, if got >= need { "MET" } else { "NOT MET" });
     }
+
+    if let Some(path) = &a.json {
+        write_json(path, bench, rules, samples, medians, &targets, top)?;
+        eprintln!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn write_json(
+    path: &Path,
+    bench: &Bench,
+    rules: &[usize],
+    samples: &BTreeMap<(Mechanism, usize), Vec<Figures>>,
+    medians: &BTreeMap<(Mechanism, usize), Figures>,
+    targets: &[(&str, f64, f64)],
+    top: usize,
+) -> Result<()> {
+    let a = &bench.args;
+    let none = medians[&(Mechanism::None, 0)];
+    let as_map = |f: &Figures| -> BTreeMap<&'static str, f64> { METRICS.iter().map(|(k, _, get)| (*k, get(f))).collect() };
+    let ratios = |f: &Figures, other: &Figures| -> BTreeMap<&'static str, f64> {
+        METRICS.iter().map(|(k, _, get)| (*k, get(f) / get(other))).collect()
+    };
+    let mut results = vec![json!({"mechanism": "none", "rules": 0, "median": as_map(&none), "rounds": samples[&(Mechanism::None, 0)]})];
+    for &n in rules {
+        for m in Mechanism::ENFORCING {
+            let f = medians[&(m, n)];
+            results.push(json!({
+                "mechanism": m.name(),
+                "rules": n,
+                "median": as_map(&f),
+                "ratio_vs_none": ratios(&f, &none),
+                "ratio_vs_iptables": ratios(&f, &medians[&(Mechanism::Iptables, n)]),
+                "ratio_vs_nftables": ratios(&f, &medians[&(Mechanism::Nftables, n)]),
+                "rounds": samples[&(m, n)],
+            }));
+        }
+    }
+    let targets: Vec<Value> = targets
+        .iter()
+        .map(|(what, got, need)| json!({"target": what, "rules": top, "ratio": got, "required": need, "met": got >= need}))
+        .collect();
+    let doc = json!({
+        "settings": {
+            "seconds": a.seconds, "bulk_seconds": a.bulk_seconds, "latency_seconds": a.latency_seconds,
+            "rounds": a.rounds, "clients": a.clients, "rules_per_side": rules, "iptables": a.iptables,
+            "statistic": "median over rounds; ratio_vs_X = this / X (for latency, < 1 is better)",
+        },
+        "results": results,
+        "targets": targets,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
     Ok(())
 }
