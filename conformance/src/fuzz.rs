@@ -217,6 +217,23 @@ impl Generator {
         // Policies this step already creates, replaces or deletes: one action each, since
         // the runner applies, then updates, then deletes.
         let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+        if first {
+            // Pods start with `pod=<name>` only: give some of them the other labels, so
+            // that selectors on those select something from the start.
+            for _ in 0..self.below(5) {
+                let i = self.below(self.pods.len());
+                let pod = self.pods[i].key();
+                let (key, values) = self.pick(&POD_LABELS[1..]);
+                let value = self.pick(values).to_string();
+                step.label_pod.entry(pod).or_default().insert(key.to_string(), Some(value));
+            }
+            for _ in 0..self.below(3) {
+                let ns = self.pick(&NAMESPACES).to_string();
+                let (key, values) = self.pick(&NS_LABELS[1..]);
+                let value = self.pick(values).to_string();
+                step.label_namespace.entry(ns).or_default().insert(key.to_string(), Some(value));
+            }
+        }
         for _ in 0..1 + self.below(3) {
             // apply, update, delete, label a namespace, label a pod
             let weights: &[u64] = if first { &[80, 0, 0, 10, 10] } else { &[30, 20, 15, 15, 20] };
