@@ -31,8 +31,9 @@ const OPERATORS: [&str; 4] = ["In", "NotIn", "Exists", "DoesNotExist"];
 /// so that they cover the same pods: pods sit at .10–.18 and ::a–::12).
 const BLOCK_LENGTHS: [u8; 9] = [0, 8, 16, 24, 28, 29, 30, 31, 32];
 const EXCEPT_LENGTHS: [u8; 6] = [24, 28, 29, 30, 31, 32];
-/// Blocks that hold no pod of the probe family (another family, or outside the cluster).
-const FOREIGN_BLOCKS: [&str; 4] = ["192.0.2.0/24", "2001:db8::/64", "0.0.0.0/0", "::/0"];
+/// Blocks that hold no pod of the probe family (another family, outside the cluster, or
+/// the IPv4-mapped block no pod address is in).
+const FOREIGN_BLOCKS: [&str; 5] = ["192.0.2.0/24", "2001:db8::/64", "0.0.0.0/0", "::/0", "::ffff:0:0/96"];
 /// Numbered ports: the served 80 and 81 and two neighbours nothing serves.
 const NUMBERED_PORTS: [u16; 6] = [80, 81, 80, 81, 79, 82];
 /// endPort ranges (cyclonus uses 53–80 and 53–84).
