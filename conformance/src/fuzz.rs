@@ -36,8 +36,10 @@ const EXCEPT_LENGTHS: [u8; 6] = [24, 28, 29, 30, 31, 32];
 const FOREIGN_BLOCKS: [&str; 5] = ["192.0.2.0/24", "2001:db8::/64", "0.0.0.0/0", "::/0", "::ffff:0:0/96"];
 /// Numbered ports: the served 80 and 81 and two neighbours nothing serves.
 const NUMBERED_PORTS: [u16; 6] = [80, 81, 80, 81, 79, 82];
-/// endPort ranges (cyclonus uses 53–80 and 53–84).
-const PORT_RANGES: [(u16, u16); 7] = [(53, 80), (53, 84), (80, 81), (81, 84), (79, 80), (81, 81), (82, 90)];
+/// endPort ranges: cyclonus's 53–80 and 53–84, and ranges that start or end at 80 or 81
+/// (edges of the range-to-prefix split) or miss both.
+const PORT_RANGES: [(u16, u16); 12] =
+    [(53, 80), (53, 84), (80, 81), (81, 84), (79, 80), (81, 81), (82, 90), (1, 80), (81, 65535), (64, 80), (80, 95), (72, 79)];
 const PROTOCOL_NAMES: [&str; 3] = ["TCP", "UDP", "SCTP"];
 
 /// The name a generated case carries.
