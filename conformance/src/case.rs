@@ -4,42 +4,42 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use policy_model::Protocol;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One case file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
     /// `ns/pod` names; default: x, y, z × a, b, c.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<Vec<String>>,
     pub steps: Vec<Step>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Step {
     /// NetworkPolicy manifests to create (placeholders not yet expanded).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apply: Vec<serde_json::Value>,
     /// Manifests that replace objects of the same name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub update: Vec<serde_json::Value>,
     /// `ns/name` of policies to delete.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delete: Vec<String>,
     /// Labels merged into namespaces.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_namespace: BTreeMap<String, BTreeMap<String, Option<String>>>,
     /// Labels merged into pods; `null` removes a label.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_pod: BTreeMap<String, BTreeMap<String, Option<String>>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeSpec>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeSpec {
     pub port: u16,
@@ -89,9 +89,21 @@ impl Case {
     pub fn load(path: &Path) -> Result<Case, CaseError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| CaseError::Read { path: p.clone(), source })?;
-        let case: Case = serde_yaml_ng::from_str(&text).map_err(|source| CaseError::Parse { path: p.clone(), source })?;
-        case.validate().map_err(|e| CaseError::Invalid(format!("{p}: {e}")))?;
+        Case::parse(&p, &text)
+    }
+
+    /// Parses and validates the text of a case file; `source` names it in errors.
+    pub fn parse(source: &str, text: &str) -> Result<Case, CaseError> {
+        let case: Case =
+            serde_yaml_ng::from_str(text).map_err(|source_error| CaseError::Parse { path: source.to_string(), source: source_error })?;
+        case.validate().map_err(|e| CaseError::Invalid(format!("{source}: {e}")))?;
         Ok(case)
+    }
+
+    /// The case-file text (what `conformance/cases/*.yaml` hold); [`Case::parse`] reads it
+    /// back to an equal case.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a case serializes: plain data with string keys")
     }
 
     pub fn pod_names(&self) -> Vec<String> {

@@ -7,6 +7,7 @@ pub mod agent_process;
 pub mod bench_rules;
 pub mod case;
 pub mod cluster;
+pub mod fuzz;
 pub mod model;
 pub mod netns;
 pub mod rig;

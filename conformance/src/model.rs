@@ -9,7 +9,7 @@ use policy_agent::matrix::{Probe, compute};
 use policy_model::ObjectKey;
 use serde_json::Value;
 
-use crate::case::{Case, Expect, Reachability};
+use crate::case::{Case, Expect, Reachability, Step};
 use crate::cluster::{Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest};
 
 /// The outcome of one probe.
@@ -56,15 +56,69 @@ impl CaseOutcome {
     }
 }
 
-/// The emulated cluster as objects, mutated step by step.
-struct ModelCluster {
-    pods: Vec<PodSpec>,
-    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-    policies: BTreeMap<ObjectKey, Value>,
+/// The emulated cluster as objects, mutated step by step as the runner mutates the
+/// manifests it writes.
+pub struct ModelCluster {
+    pub pods: Vec<PodSpec>,
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub policies: BTreeMap<ObjectKey, Value>,
+    families: Families,
 }
 
 impl ModelCluster {
-    fn manifests(&self) -> Manifests {
+    /// The cluster before any step: pods `names` (labels `pod=<name>`) on one node, and
+    /// namespaces x, y, z without labels of their own.
+    pub fn new(names: &[String], families: Families) -> ModelCluster {
+        ModelCluster {
+            pods: make_pods(names, families, 1),
+            namespace_labels: NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect(),
+            policies: BTreeMap::new(),
+            families,
+        }
+    }
+
+    /// Applies a step's changes (apply, update, delete, then labels, in the runner's
+    /// order); returns what went wrong.
+    pub fn apply_step(&mut self, step: &Step) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (verb, list) in [("apply", &step.apply), ("update", &step.update)] {
+            for manifest in list {
+                let mut v = manifest.clone();
+                if let Err(e) = expand_placeholders(&mut v, &self.pods, self.families.primary()) {
+                    errors.push(format!("{verb}: {e}"));
+                    continue;
+                }
+                match policy_key(&v) {
+                    Ok(k) => {
+                        let exists = self.policies.contains_key(&k);
+                        if verb == "update" && !exists {
+                            errors.push(format!("update of {k}, which does not exist"));
+                        }
+                        self.policies.insert(k, v);
+                    }
+                    Err(e) => errors.push(format!("{verb}: {e}")),
+                }
+            }
+        }
+        for d in &step.delete {
+            match ObjectKey::parse(d) {
+                Some(k) if self.policies.remove(&k).is_some() => {}
+                _ => errors.push(format!("delete {d}: no such policy")),
+            }
+        }
+        for (ns, changes) in &step.label_namespace {
+            merge(self.namespace_labels.entry(ns.clone()).or_default(), changes);
+        }
+        for (pod, changes) in &step.label_pod {
+            match self.pods.iter_mut().find(|p| &p.key() == pod) {
+                Some(p) => merge(&mut p.labels, changes),
+                None => errors.push(format!("labelPod {pod}: no such pod")),
+            }
+        }
+        errors
+    }
+
+    pub fn manifests(&self) -> Manifests {
         let mut m = Manifests::default();
         for (ns, labels) in &self.namespace_labels {
             m.add_value("namespaces", serde_yaml_ng::to_value(namespace_manifest(ns, labels)).expect("json to yaml"));
@@ -99,49 +153,13 @@ fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Optio
 /// probes through single-stack Services do.
 pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
     let names = case.pod_names();
-    let mut cluster = ModelCluster {
-        pods: make_pods(&names, families, 1),
-        namespace_labels: NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect(),
-        policies: BTreeMap::new(),
-    };
+    let mut cluster = ModelCluster::new(&names, families);
     let keys: Vec<ObjectKey> = names.iter().filter_map(|n| ObjectKey::parse(n)).collect();
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
 
     for (si, step) in case.steps.iter().enumerate() {
-        for (verb, list) in [("apply", &step.apply), ("update", &step.update)] {
-            for manifest in list {
-                let mut v = manifest.clone();
-                if let Err(e) = expand_placeholders(&mut v, &cluster.pods, families.primary()) {
-                    outcome.errors.push(format!("step {}: {verb}: {e}", si + 1));
-                    continue;
-                }
-                match policy_key(&v) {
-                    Ok(k) => {
-                        let exists = cluster.policies.contains_key(&k);
-                        if verb == "update" && !exists {
-                            outcome.errors.push(format!("step {}: update of {k}, which does not exist", si + 1));
-                        }
-                        cluster.policies.insert(k, v);
-                    }
-                    Err(e) => outcome.errors.push(format!("step {}: {verb}: {e}", si + 1)),
-                }
-            }
-        }
-        for d in &step.delete {
-            match ObjectKey::parse(d) {
-                Some(k) if cluster.policies.remove(&k).is_some() => {}
-                _ => outcome.errors.push(format!("step {}: delete {d}: no such policy", si + 1)),
-            }
-        }
-        for (ns, changes) in &step.label_namespace {
-            merge(cluster.namespace_labels.entry(ns.clone()).or_default(), changes);
-        }
-        for (pod, changes) in &step.label_pod {
-            match cluster.pods.iter_mut().find(|p| &p.key() == pod) {
-                Some(p) => merge(&mut p.labels, changes),
-                None => outcome.errors.push(format!("step {}: labelPod {pod}: no such pod", si + 1)),
-            }
-        }
+        let errors = cluster.apply_step(step);
+        outcome.errors.extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
 
         let (state, errors) = cluster.manifests().state();
         outcome.errors.extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
