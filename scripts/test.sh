@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property (>= 10,000 cases), CLI, datapath and agent tests on
-# network namespaces, the 48 upstream cases at model level, then the 48 upstream cases on
-# real traffic through the real agent (IPv4 routed, IPv6 routed, dual-stack bridged over
-# two nodes; probes to Service ClusterIPs). Installs what it needs first. Ends with one line `N passed, M failed`
-# summing everything.
+# network namespaces, the 48 upstream cases at model level, then the case files (48
+# upstream + those fuzzing found) on real traffic through the real agent (IPv4 routed, IPv6
+# routed, dual-stack bridged over two nodes; probes to Service ClusterIPs), then
+# `conformance fuzz` with a fixed seed. Installs what it needs first. Ends with one line
+# `tests: N passed, M failed` summing everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,6 +21,10 @@ for config in "--family ipv4 --topology routed --nodes 1" \
   # shellcheck disable=SC2086
   ./target/debug/conformance run $config conformance/cases/*.yaml 2>&1 | tee -a "$log" || status=$?
 done
+# Random cases in the cyclonus families, expectations from the reference evaluator; a
+# fixed seed so CI is reproducible (any disagreement is written under target/fuzz-failures).
+echo "=== conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2"
+./target/debug/conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2 2>&1 | tee -a "$log" || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -73,9 +73,9 @@ pub struct FuzzRun {
 pub fn run_fuzz(fuzz: &FuzzRun, opts: RunOptions, mut run: impl FnMut(&Case, RunOptions) -> Result<CaseOutcome, String>) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     for index in fuzz.indices.clone() {
-        let case = generate(fuzz.seed, index, opts.families);
+        let case = generate_for(fuzz.seed, index, opts.families, opts.nodes);
         if fuzz.emit {
-            match write_case(&fuzz.out, fuzz.seed, index, opts.families, &case, "") {
+            match write_case(&fuzz.out, fuzz.seed, index, opts, &case, "") {
                 Ok(path) => println!("wrote {}", path.display()),
                 Err(e) => println!("cannot write case {}: {e}", case.name),
             }
@@ -91,7 +91,7 @@ pub fn run_fuzz(fuzz: &FuzzRun, opts: RunOptions, mut run: impl FnMut(&Case, Run
             Err(e) => format!("  setup: {e}\n"),
         };
         failed += 1;
-        let written = match write_case(&fuzz.out, fuzz.seed, index, opts.families, &case, &report) {
+        let written = match write_case(&fuzz.out, fuzz.seed, index, opts, &case, &report) {
             Ok(path) => format!("case file: {}", path.display()),
             Err(e) => format!("cannot write the case file: {e}"),
         };
@@ -102,12 +102,19 @@ pub fn run_fuzz(fuzz: &FuzzRun, opts: RunOptions, mut run: impl FnMut(&Case, Run
 
 /// Writes `case` as `<out>/<name>.yaml`, headed by how to regenerate and rerun it and by
 /// the failure `report` (as comments).
-pub fn write_case(out: &Path, seed: u64, index: u64, families: Families, case: &Case, report: &str) -> std::io::Result<PathBuf> {
+/// The expectations hold for the pods' addresses in `opts`'s layout (node count), so the
+/// rerun line names it.
+pub fn write_case(out: &Path, seed: u64, index: u64, opts: RunOptions, case: &Case, report: &str) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(out)?;
     let path = out.join(format!("{}.yaml", case.name));
-    let family = family_word(families);
+    let family = family_word(opts.families);
+    let topology = match opts.topology {
+        crate::topology::Topology::Routed => "routed",
+        crate::topology::Topology::Bridge => "bridge",
+    };
+    let layout = format!("--family {family} --topology {topology} --nodes {}", opts.nodes);
     let mut text = format!(
-        "# conformance fuzz --seed {seed} --start {index} --cases 1 --family {family}\n# rerun: conformance run --family {family} {}\n",
+        "# conformance fuzz --seed {seed} --start {index} --cases 1 {layout}\n# rerun: conformance run {layout} {}\n",
         path.display()
     );
     for line in report.lines() {
@@ -118,24 +125,31 @@ pub fn write_case(out: &Path, seed: u64, index: u64, families: Families, case: &
     Ok(path)
 }
 
-/// Case `index` of seed `seed`, with its expectations filled in.
+/// Case `index` of seed `seed`, with its expectations filled in, for pods on one node.
 pub fn generate(seed: u64, index: u64, families: Families) -> Case {
+    generate_for(seed, index, families, 1)
+}
+
+/// Case `index` of seed `seed` for pods spread over `nodes` nodes: the pods' addresses
+/// depend on the layout, and so do the ipBlocks drawn around them and the expectations.
+pub fn generate_for(seed: u64, index: u64, families: Families, nodes: usize) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // One ChaCha stream per case: case i is the same however many cases run before it.
     rng.set_stream(index);
     let names: Vec<String> = DEFAULT_PODS.iter().map(|s| s.to_string()).collect();
-    let mut g = Generator { rng, family: families.primary(), pods: make_pods(&names, families, 1), live: BTreeSet::new(), next_policy: 0 };
+    let mut g =
+        Generator { rng, family: families.primary(), pods: make_pods(&names, families, nodes), live: BTreeSet::new(), next_policy: 0 };
     let steps = (0..1 + g.below(3)).map(|i| g.step(i == 0)).collect();
     let mut case = Case { name: case_name(seed, index, families), pods: None, steps };
-    fill_expectations(&mut case, families).unwrap_or_else(|e| panic!("generated case {} is inconsistent: {e}", case.name));
+    fill_expectations(&mut case, families, nodes).unwrap_or_else(|e| panic!("generated case {} is inconsistent: {e}", case.name));
     case
 }
 
 /// Replays the case's steps on the model cluster and writes each probe's expectation as
 /// the reference evaluator judges it; self pairs are left unchecked, as upstream does.
-pub fn fill_expectations(case: &mut Case, families: Families) -> Result<(), String> {
+pub fn fill_expectations(case: &mut Case, families: Families, nodes: usize) -> Result<(), String> {
     let names = case.pod_names();
-    let mut cluster = ModelCluster::new(&names, families);
+    let mut cluster = ModelCluster::with_nodes(&names, families, nodes);
     for (si, step) in case.steps.iter_mut().enumerate() {
         let mut errors = cluster.apply_step(step);
         let (state, manifest_errors) = cluster.manifests().state();

@@ -69,8 +69,14 @@ impl ModelCluster {
     /// The cluster before any step: pods `names` (labels `pod=<name>`) on one node, and
     /// namespaces x, y, z without labels of their own.
     pub fn new(names: &[String], families: Families) -> ModelCluster {
+        ModelCluster::with_nodes(names, families, 1)
+    }
+
+    /// The same with the pods spread over `nodes` nodes, as the real-traffic runner spreads
+    /// them (their addresses depend on it, and so may what an ipBlock holds).
+    pub fn with_nodes(names: &[String], families: Families, nodes: usize) -> ModelCluster {
         ModelCluster {
-            pods: make_pods(names, families, 1),
+            pods: make_pods(names, families, nodes),
             namespace_labels: NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect(),
             policies: BTreeMap::new(),
             families,
