@@ -12,3 +12,7 @@ cargo bench -p policy-model --bench compile
 cargo build --release -p conformance --bin bench
 ./target/release/bench --seconds "${BENCH_SECONDS:-4}" --rounds "${BENCH_ROUNDS:-3}" --json target/bench/datapath.json
 echo "datapath figures: target/bench/datapath.json"
+# 3. The agent: time to enforce (policy change, new pod) and memory (see README).
+cargo build --release -p policy-agent -p conformance --bin policy-agent --bin bench_agent
+./target/release/bench_agent --json target/bench/agent.json
+echo "agent figures: target/bench/agent.json"

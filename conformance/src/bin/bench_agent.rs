@@ -415,6 +415,14 @@ fn enforce_scenario(args: &Args, background: bool) -> Result<BTreeMap<String, Sa
                 }
             };
             let s = if allow { &mut to_allow } else { &mut to_deny };
+            if seen.is_none_or(|d| d > Duration::from_millis(100)) {
+                let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default() - t0.elapsed();
+                eprintln!(
+                    "slow change #{i} ({}): written at unix {:.3}, enforced after {seen:?}",
+                    if allow { "allow" } else { "deny" },
+                    wall.as_secs_f64()
+                );
+            }
             match seen {
                 Some(d) => s.ms.push(d.as_secs_f64() * 1e3),
                 None => s.timeouts += 1,
@@ -427,6 +435,11 @@ fn enforce_scenario(args: &Args, background: bool) -> Result<BTreeMap<String, Sa
     all.ms.extend(&deny_to_allow.ms);
     all.timeouts = allow_to_deny.timeouts + deny_to_allow.timeouts;
     eprintln!("policy change: {}", all.row());
+    if std::env::var_os("BENCH_AGENT_KEEP_LOG").is_some() {
+        let copy = std::env::temp_dir().join(format!("bench_agent-{}.log", if background { "background" } else { "plain" }));
+        std::fs::write(&copy, agent.log_text())?;
+        eprintln!("agent log: {}", copy.display());
+    }
     result.insert("policy change".to_string(), all);
     result.insert("policy change, allow->deny".to_string(), allow_to_deny);
     result.insert("policy change, deny->allow".to_string(), deny_to_allow);
