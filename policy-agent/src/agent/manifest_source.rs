@@ -68,6 +68,9 @@ impl Object {
 /// then path. When several files define one object, the last one wins.
 type FileId = (usize, PathBuf);
 
+/// The objects one file defines, by kind and key.
+type FileObjects = BTreeMap<(u8, ObjectKey), Object>;
+
 /// Which files define one object, with its digest in each, in precedence order (almost
 /// always one file).
 type Definitions = Vec<(Arc<FileId>, Digest)>;
@@ -263,7 +266,7 @@ impl ManifestSource {
     }
 
     /// Reads one file into its objects (the last definition of each within the file wins).
-    fn read(id: &FileId) -> (BTreeMap<(u8, ObjectKey), Object>, Vec<ManifestError>) {
+    fn read(id: &FileId) -> (FileObjects, Vec<ManifestError>) {
         let mut m = Manifests::default();
         let name = id.1.display().to_string();
         match std::fs::read_to_string(&id.1) {
@@ -335,7 +338,7 @@ impl ManifestSource {
         // before the change.
         let mut affected: BTreeMap<(u8, ObjectKey), Option<Digest>> = BTreeMap::new();
         let mut fresh: HashMap<(u8, ObjectKey), (FileId, Object)> = HashMap::new();
-        let mut read: BTreeMap<FileId, (Option<Stamp>, BTreeMap<(u8, ObjectKey), Object>, Vec<ManifestError>)> = BTreeMap::new();
+        let mut read: BTreeMap<FileId, (Option<Stamp>, FileObjects, Vec<ManifestError>)> = BTreeMap::new();
         for (id, stamp) in candidates {
             let (objects, errors) = if stamp.is_some() { ManifestSource::read(&id) } else { (BTreeMap::new(), Vec::new()) };
             for key in self.files.get(&id).into_iter().flat_map(|f| f.objects.iter()).chain(objects.keys()) {
