@@ -6,8 +6,9 @@
 #   2. the datapath between two pods on an emulated node, for no enforcement, policy-agent,
 #      kube-router-style iptables and nftables with sets, at 10, 1,000 and 10,000 rules:
 #      TCP connections/s, UDP request/response/s, bulk TCP, connect latency p50/p99.
-# Arguments go to the datapath bench (`--help` lists them). Its figures are printed and
-# written as JSON to <target dir>/bench/datapath.json.
+#   3. the agent: time to enforce a policy change and a new pod, memory (RSS).
+# Arguments go to the datapath bench (`--help` lists them). Figures are printed and written
+# as JSON to <target dir>/bench/{datapath,agent}.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -19,3 +20,7 @@ fi
 cargo build --release -p conformance --bin bench
 "$target/release/bench" --seconds "${BENCH_SECONDS:-3}" --rounds "${BENCH_ROUNDS:-3}" --json "$target/bench/datapath.json" "$@"
 echo "datapath figures: $target/bench/datapath.json"
+# 3. The agent: time to enforce (policy change, new pod) and memory (see README).
+cargo build --release -p policy-agent -p conformance --bin policy-agent --bin bench_agent
+"$target/release/bench_agent" --json "$target/bench/agent.json"
+echo "agent figures: $target/bench/agent.json"

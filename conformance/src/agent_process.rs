@@ -39,6 +39,18 @@ impl AgentProcess {
 
     /// [`AgentProcess::start`] over several manifest directories.
     pub fn start_multi(node_ns: &Netns, node_name: &str, manifests: &[&Path], extra: &[&str]) -> Result<AgentProcess, String> {
+        AgentProcess::start_with_poll(node_ns, node_name, manifests, Some(20), extra)
+    }
+
+    /// [`AgentProcess::start_multi`] with the agent's own `--poll-interval-ms` (`None`: its
+    /// default), for measurements of the agent as deployed.
+    pub fn start_with_poll(
+        node_ns: &Netns,
+        node_name: &str,
+        manifests: &[&Path],
+        poll_interval_ms: Option<u64>,
+        extra: &[&str],
+    ) -> Result<AgentProcess, String> {
         let bin = agent_binary()?;
         let id = unique("pa-agent-");
         let work = std::env::temp_dir().join(&id);
@@ -53,17 +65,9 @@ impl AgentProcess {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", node_ns.name()))
             .arg(&bin)
-            .args([
-                "run",
-                "--node-name",
-                node_name,
-                "--poll-interval-ms",
-                "20",
-                "--max-peer-entries",
-                "65536",
-                "--max-connections",
-                "16384",
-            ])
+            .args(["run", "--node-name", node_name])
+            .args(poll_interval_ms.map(|ms| format!("--poll-interval-ms={ms}")))
+            .args(["--max-peer-entries", "65536", "--max-connections", "16384"])
             .args(manifests.iter().flat_map(|m| [std::ffi::OsStr::new("--manifests"), m.as_os_str()]))
             .arg("--pin-dir")
             .arg(&pin_dir)
@@ -92,6 +96,11 @@ impl AgentProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(format!("the agent was not ready after {timeout:?}:\n{}", self.log_text()))
+    }
+
+    /// The agent's process id (nsenter execs it), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {

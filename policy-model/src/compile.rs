@@ -272,5 +272,8 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
         plain_rules.dedup();
         stack.push(Frame { prefix: *prefix, plain, plain_rules, blocks, value });
     }
+    // Tables live as long as their pod: keep no spare capacity (up to half of a grown Vec).
+    entries.shrink_to_fit();
+    port_sets.shrink_to_fit();
     (entries, port_sets)
 }

@@ -143,9 +143,10 @@ impl NodeCompiler {
                 let old = self.state.pod(&pod.key).cloned();
                 self.mark_pod(old.as_ref(), dirty);
                 self.mark_pod(Some(&pod), dirty);
-                self.state.upsert_pod(pod.clone());
+                let key = pod.key.clone();
+                self.state.upsert_pod(pod);
                 // Ownership of shared addresses may have moved, to or from this pod.
-                self.mark_pod(Some(&pod), dirty);
+                self.mark_pod(self.state.pod(&key), dirty);
                 if let Some(old) = &old {
                     self.mark_address_holders(&old.ips, dirty);
                 }

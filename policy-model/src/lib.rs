@@ -18,6 +18,8 @@ pub mod ports;
 pub mod state;
 pub mod table;
 pub mod verdict;
+#[cfg(feature = "workload")]
+pub mod workload;
 
 #[cfg(test)]
 mod tests;

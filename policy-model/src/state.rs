@@ -18,10 +18,58 @@ pub enum AddressOwner<'a> {
     External,
 }
 
+/// Who claims one address. Almost always one pod or one node: sorted vectors, which cost
+/// what they hold (a one-element BTreeSet allocates a whole node, ~0.5 KiB, per address).
 #[derive(Debug, Default, Clone)]
 struct AddressHolders {
-    pods: BTreeSet<ObjectKey>,
-    nodes: BTreeSet<String>,
+    pods: SortedVec<ObjectKey>,
+    nodes: SortedVec<String>,
+}
+
+/// A small sorted set.
+#[derive(Debug, Clone)]
+struct SortedVec<T>(Vec<T>);
+
+impl<T> Default for SortedVec<T> {
+    fn default() -> SortedVec<T> {
+        SortedVec(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedVec<T> {
+    fn insert(&mut self, v: T) {
+        if let Err(i) = self.0.binary_search(&v) {
+            // Exactly what it holds (a first push would reserve room for four).
+            self.0.reserve_exact(1);
+            self.0.insert(i, v);
+        }
+    }
+
+    fn remove(&mut self, v: &T) {
+        if let Ok(i) = self.0.binary_search(v) {
+            self.0.remove(i);
+        }
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+    }
+
+    fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<T: Ord> FromIterator<T> for SortedVec<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> SortedVec<T> {
+        let mut v: Vec<T> = iter.into_iter().collect();
+        v.sort();
+        v.dedup();
+        SortedVec(v)
+    }
 }
 
 /// Namespaces, pods, policies and nodes, keyed and indexed.
@@ -107,10 +155,10 @@ impl ClusterState {
         let Some(h) = self.addresses.get(&addr) else {
             return AddressOwner::External;
         };
-        if let Some(p) = h.pods.iter().next().and_then(|k| self.pods.get(k)) {
+        if let Some(p) = h.pods.first().and_then(|k| self.pods.get(k)) {
             return AddressOwner::Pod(p);
         }
-        match h.nodes.iter().next() {
+        match h.nodes.first() {
             Some(n) => AddressOwner::Node(n),
             None => AddressOwner::External,
         }
@@ -279,7 +327,7 @@ impl ClusterState {
         }
         nodes.extend(self.host_network_pods().filter(|p| p.ips.contains(&ip)).filter_map(|p| p.node.clone()));
         if let Some(h) = self.addresses.get_mut(&ip) {
-            h.nodes = nodes;
+            h.nodes = nodes.into_iter().collect();
         }
     }
 

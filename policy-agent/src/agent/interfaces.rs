@@ -269,7 +269,7 @@ impl InterfaceResolver {
         };
 
         let mut out = BTreeMap::new();
-        let mut last = BTreeMap::new();
+        let mut last = Vec::new();
         for (pod, ips) in pods {
             let mut found: Option<u32> = None;
             let mut consistent = true;
@@ -288,12 +288,26 @@ impl InterfaceResolver {
                 let (last_ips, last) = self.last.get(pod)?;
                 (last_ips == ips && links.veths.get(&last.ifindex) == Some(&last.name)).then(|| last.clone())
             };
-            if let Some(interface) = resolved.or_else(kept) {
-                last.insert(pod.clone(), (ips.clone(), interface.clone()));
-                out.insert(pod.clone(), interface);
+            match resolved.or_else(kept) {
+                Some(interface) => {
+                    last.push((pod.clone(), Some((ips.clone(), interface.clone()))));
+                    out.insert(pod.clone(), interface);
+                }
+                None => last.push((pod.clone(), None)),
             }
         }
-        self.last = last;
+        for (pod, answer) in last {
+            match answer {
+                Some(a) => self.last.insert(pod, a),
+                None => self.last.remove(&pod),
+            };
+        }
         out
+    }
+
+    /// Forgets the last answers for pods not in `pods` (gone from the node).
+    pub fn forget_others(&mut self, pods: &[(ObjectKey, Vec<IpAddr>)]) {
+        let keep: BTreeSet<&ObjectKey> = pods.iter().map(|(p, _)| p).collect();
+        self.last.retain(|pod, _| keep.contains(pod));
     }
 }

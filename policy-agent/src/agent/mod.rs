@@ -27,7 +27,7 @@ use crate::tables_view::endpoint_view;
 use interfaces::InterfaceResolver;
 use manifest_source::ManifestSource;
 use metrics::{MapLabels, Metrics, Shared, TrafficLabels};
-use state::{AgentState, EndpointState};
+use state::EndpointState;
 
 /// Where the cluster's objects come from.
 pub enum SourceConfig {
@@ -62,6 +62,26 @@ pub struct AgentConfig {
     pub node_devices: NodeDevices,
     pub sizes: MapSizes,
     pub poll_interval: Duration,
+}
+
+/// For this long after a new veth is held, the pods awaiting an interface are looked up
+/// every tick (after that, once a second: a veth that belongs to no pod costs little).
+const FAST_RESOLVE_AFTER_HOLD: Duration = Duration::from_secs(5);
+
+/// After a batch this large (and the first sync), the memory its parsing and compiling
+/// freed is handed back to the kernel.
+const BIG_BATCH: usize = 256;
+
+/// glibc keeps freed heap pages mapped (and counted in the agent's RSS) until told
+/// otherwise; a first load of ten thousand objects frees tens of MiB of parse buffers
+/// scattered among what stays.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own free lists, locking
+    // each arena; it is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn now_secs() -> u64 {
@@ -102,16 +122,29 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_resolve = Instant::now() - Duration::from_secs(60);
+    // When each held veth was first held.
+    let mut held_since: BTreeMap<u32, Instant> = BTreeMap::new();
     let mut last_metrics = Instant::now() - Duration::from_secs(60);
     let mut first = true;
     let mut services = services::Services::default();
     let mut last_deferred: std::collections::BTreeSet<Prefix> = cfg.service_cidrs.iter().copied().collect();
     info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "agent started");
     tokio::pin!(shutdown);
+    // A manifest directory reports its changes at once: apply them without waiting for the tick.
+    let source_changed = match &source {
+        Source::Manifests(m) => Some(m.changed()),
+        Source::Kubernetes(_) => None,
+    };
 
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = async {
+                match &source_changed {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = &mut shutdown => break,
         }
         let started = Instant::now();
@@ -162,6 +195,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         }
         let poll = manifest_source::Poll { changes, services: Vec::new(), errors: None };
         let had_changes = !poll.changes.is_empty();
+        let change_count = poll.changes.len();
         let report = compiler.apply(poll.changes);
         for r in &report.rejected {
             warn!(object = %format!("{} {}", r.kind, r.key), error = %r, "invalid object skipped");
@@ -184,6 +218,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             iface_changed = found != interfaces;
             interfaces = found;
             last_resolve = Instant::now();
+            resolver.forget_others(&pods);
             if cfg.node_devices == NodeDevices::Detect {
                 let devices = resolver.node_devices().await;
                 if &devices != enforcer.node_devices() {
@@ -193,6 +228,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     info!(devices = ?enforcer.node_devices(), "node devices");
                 }
             }
+        } else if missing && held_since.values().any(|t| t.elapsed() < FAST_RESOLVE_AFTER_HOLD) {
+            // A new veth is held for a pod that awaits its interface: the CNI adds the
+            // pod's route right after the veth, so look for the waiting pods' interfaces
+            // every tick (only theirs: cheap), not once a second.
+            let pods: Vec<(ObjectKey, Vec<IpAddr>)> = compiler
+                .endpoints()
+                .filter(|e| !interfaces.contains_key(&e.tables.pod))
+                .map(|e| (e.tables.pod.clone(), e.tables.addresses.clone()))
+                .collect();
+            let found = resolver.resolve(&pods).await;
+            iface_changed = !found.is_empty();
+            interfaces.extend(found);
         }
 
         // New pods that a policy selects: until we know which veth is theirs, hold every
@@ -209,14 +256,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                 }
                 if !known.contains(&ifindex) && enforcer.held().all(|(i, _)| *i != ifindex) {
                     match enforcer.hold(&name, ifindex) {
-                        Ok(()) => info!(interface = %name, "holding a new interface fail-closed until its pod is known"),
+                        Ok(()) => {
+                            held_since.insert(ifindex, Instant::now());
+                            info!(interface = %name, "holding a new interface fail-closed until its pod is known");
+                        }
                         Err(e) => warn!(interface = %name, error = %e, "cannot hold a new interface"),
                     }
                 }
             }
         } else if enforcer.held().next().is_some() {
-            enforcer.release_held(&Default::default());
+            // Veths whose pod was just found stay held until the sync below has written
+            // the pod's tables and attached its programs (which takes them over): releasing
+            // them first would let packets through unjudged in between.
+            let found: std::collections::BTreeSet<u32> = interfaces.values().map(|i| i.ifindex).collect();
+            enforcer.release_held(&found);
         }
+        held_since.retain(|i, _| enforcer.held().any(|(h, _)| h == i));
 
         // Service addresses whose egress waits for DNAT: the configured ranges, and every
         // Service whose endpoints are pods (they follow pods, so recompute on any change).
@@ -244,23 +299,31 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                     "synced"
                 );
             }
-            let state = build_state(&cfg.node, &compiler, &enforcer, &interfaces);
+            let state = StateWriter { node: &cfg.node, compiler: &compiler, enforcer: &enforcer, interfaces: &interfaces };
             if let Err(e) = state.write(&cfg.state_file) {
                 warn!(path = %cfg.state_file.display(), error = %e, "cannot write the state file");
             }
+            let endpoint_count = compiler.endpoints().count();
+            let fail_closed = compiler
+                .endpoints()
+                .filter(|e| matches!(enforcer.sync.status(&e.tables.pod), Some(crate::datapath::EndpointStatus::FailClosed { .. })))
+                .count();
             let m = shared.metrics.lock().expect("metrics lock");
             m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             m.rejected_objects.set(compiler.rejected().count() as i64);
-            m.endpoints.set(state.endpoints.len() as i64);
-            m.fail_closed_endpoints.set(state.endpoints.iter().filter(|e| e.fail_closed.is_some()).count() as i64);
+            m.endpoints.set(endpoint_count as i64);
+            m.fail_closed_endpoints.set(fail_closed as i64);
             m.map_write_errors.inner().store(enforcer.sync.write_errors, Ordering::Relaxed);
             let (peers, ports) = enforcer.sync.entry_counts();
             m.map_entries.get_or_create(&MapLabels { map: "peers".into() }).set(peers as i64);
             m.map_entries.get_or_create(&MapLabels { map: "ports".into() }).set(ports as i64);
             drop(m);
+            if first || change_count >= BIG_BATCH {
+                release_free_memory();
+            }
             if first {
                 shared.ready.store(true, Ordering::Relaxed);
-                info!(endpoints = state.endpoints.len(), "ready: first full sync done");
+                info!(endpoints = endpoint_count, "ready: first full sync done");
                 first = false;
             }
         }
@@ -274,24 +337,62 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-fn build_state(node: &str, compiler: &NodeCompiler, enforcer: &Enforcer, interfaces: &BTreeMap<ObjectKey, PodInterface>) -> AgentState {
-    let endpoints = compiler
-        .endpoints()
-        .map(|ep| {
-            let mut s = EndpointState::from_view(&endpoint_view(ep));
-            let pod = &ep.tables.pod;
-            s.interface = interfaces.get(pod).map(|i| i.name.clone());
-            if let Some((id, rev)) = enforcer.sync.id_and_revision(pod) {
-                s.datapath_id = Some(id);
-                s.datapath_revision = Some(rev);
+/// The state file's content ([`state::AgentState`]), serialized one endpoint at a time straight
+/// to the file: with a hundred pods and their provenance it is megabytes of text, which
+/// need not all be in memory at once.
+struct StateWriter<'a> {
+    node: &'a str,
+    compiler: &'a NodeCompiler,
+    enforcer: &'a Enforcer,
+    interfaces: &'a BTreeMap<ObjectKey, PodInterface>,
+}
+
+impl StateWriter<'_> {
+    fn endpoint(&self, ep: &policy_model::Endpoint) -> EndpointState {
+        let mut s = EndpointState::from_view(&endpoint_view(ep));
+        let pod = &ep.tables.pod;
+        s.interface = self.interfaces.get(pod).map(|i| i.name.clone());
+        if let Some((id, rev)) = self.enforcer.sync.id_and_revision(pod) {
+            s.datapath_id = Some(id);
+            s.datapath_revision = Some(rev);
+        }
+        if let Some(crate::datapath::EndpointStatus::FailClosed { error }) = self.enforcer.sync.status(pod) {
+            s.fail_closed = Some(error.clone());
+        }
+        s
+    }
+
+    fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        serde_json::to_writer(&mut out, self).map_err(std::io::Error::other)?;
+        out.flush()?;
+        drop(out);
+        std::fs::rename(tmp, path)
+    }
+}
+
+/// The same fields, in the same order, as [`state::AgentState`], which reads it back.
+impl serde::Serialize for StateWriter<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Endpoints<'a, 'b>(&'a StateWriter<'b>);
+        impl serde::Serialize for Endpoints<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.compiler.endpoints().map(|ep| self.0.endpoint(ep)))
             }
-            if let Some(crate::datapath::EndpointStatus::FailClosed { error }) = enforcer.sync.status(pod) {
-                s.fail_closed = Some(error.clone());
-            }
-            s
-        })
-        .collect();
-    AgentState { node: node.to_string(), synced_at: now_secs(), endpoints, rejected: compiler.rejected().map(|r| r.to_string()).collect() }
+        }
+        let mut st = serializer.serialize_struct("AgentState", 4)?;
+        st.serialize_field("node", self.node)?;
+        st.serialize_field("synced_at", &now_secs())?;
+        st.serialize_field("endpoints", &Endpoints(self))?;
+        st.serialize_field("rejected", &self.compiler.rejected().map(|r| r.to_string()).collect::<Vec<_>>())?;
+        st.end()
+    }
 }
 
 fn update_traffic_metrics(

@@ -1,0 +1,587 @@
+//! Agent benchmark (not a test): the real agent (`policy-agent run --manifests`, release
+//! build, its default poll interval) in an emulated node's network namespace.
+//!
+//! 1. Time to enforce a policy change: a manifest written (temp file + rename) that flips
+//!    whether pod x/a may connect to x/b, alternately deny and allow; timed from just
+//!    before the write to the first probe that shows the new verdict on real traffic.
+//! 2. Time to enforce a new pod: its manifest and a policy selecting it are known; its
+//!    veth and namespace are made (as the CNI does) and timed until its policy is
+//!    enforced (a flow it allows passes, one it denies is blocked). Any denied probe that
+//!    passes on the way is counted as a leak.
+//!
+//!    Both run on a node with only the benchmark's pods, then with the synthetic cluster
+//!    (`policy_model::workload`: 10,000 pods, 2,000 policies, 100 of the pods on this node,
+//!    one manifest file per object) present as well.
+//! 3. Memory: VmRSS and VmHWM of the agent once ready with the synthetic cluster (10,000
+//!    and 11,000 pods, 2,000 policies, 100 local pods), and with nothing, and the growth
+//!    per 1,000 pods. The local pods have no interfaces there (memory does not depend on
+//!    them; the datapath maps are preallocated by the kernel, outside the agent's RSS).
+//!
+//! Run as root: `bash scripts/bench.sh`, or `cargo build --release -p policy-agent -p conformance
+//! && target/release/bench_agent [--changes 200] [--new-pods 30] [--json FILE]`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use conformance::agent_process::AgentProcess;
+use conformance::cluster::{PodSpec, namespace_manifest, pod_address};
+use conformance::netns::{NetnsHandle, unique};
+use conformance::topology::{NodeNet, PodNet};
+use conformance::traffic::{Servers, serve};
+use policy_model::workload::Workload;
+use policy_model::{Family, Pod};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    /// Policy changes to time (alternately deny and allow).
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// New pods to time.
+    #[arg(long, default_value_t = 30)]
+    new_pods: usize,
+    /// Skip the runs with the synthetic cluster present (time to enforce on an empty node only).
+    #[arg(long)]
+    no_background: bool,
+    /// Skip the memory measurement.
+    #[arg(long)]
+    no_memory: bool,
+    /// Only the memory measurement.
+    #[arg(long)]
+    memory_only: bool,
+    /// The agent's --poll-interval-ms (default: the agent's own default).
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
+    /// Write the figures as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Only write the synthetic cluster's manifests (10,000 pods, 2,000 policies, 100 pods on
+    /// node-0) into this directory, for profiling the agent by hand.
+    #[arg(long, value_name = "DIR")]
+    write_manifests: Option<PathBuf>,
+}
+
+/// Probe timeout: a connection not made within it counts as blocked, so this is the
+/// resolution of a "blocked" observation. A blocked observation is confirmed with a
+/// longer probe before it counts.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(5);
+const CONFIRM_TIMEOUT: Duration = Duration::from_millis(200);
+/// A change not enforced within this is reported as a timeout.
+const GIVE_UP: Duration = Duration::from_secs(20);
+/// The benchmark's pods are in 10.244.200.0/24 (fd10:244:0:200::/64), apart from the
+/// synthetic cluster's.
+const POD_SUBNET: usize = 200;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(dir) = &args.write_manifests {
+        let n = write_workload(dir, &Workload::default())?;
+        println!("wrote {n} files to {}", dir.display());
+        return Ok(());
+    }
+    let mut out = serde_json::Map::new();
+    let mut table: Vec<(String, String)> = Vec::new();
+    if !args.memory_only {
+        let backgrounds: &[bool] = if args.no_background { &[false] } else { &[false, true] };
+        for &background in backgrounds {
+            let label = if background { "with 10k pods/2k policies" } else { "bench pods only" };
+            eprintln!("== time to enforce, {label}");
+            let figures = enforce_scenario(&args, background)?;
+            for (name, s) in &figures {
+                table.push((format!("{name} ({label})"), s.row()));
+            }
+            out.insert(
+                if background { "with_background" } else { "without_background" }.to_string(),
+                Value::Object(figures.iter().map(|(k, s)| (k.clone(), s.json())).collect()),
+            );
+        }
+    }
+    if !args.no_memory || args.memory_only {
+        eprintln!("== memory");
+        let mem = memory(&args)?;
+        for (k, v) in mem.as_object().expect("object") {
+            table.push((format!("memory: {k}"), v.to_string()));
+        }
+        out.insert("memory".into(), mem);
+    }
+    out.insert(
+        "resolution".into(),
+        json!({"probe_timeout_ms": PROBE_TIMEOUT.as_secs_f64() * 1e3, "note": "a blocked observation is a TCP connect that did not complete within probe_timeout_ms (confirmed by a 200 ms probe); an allowed one completes the TCP handshake"}),
+    );
+    println!("\n{:<62} figures", "measurement");
+    for (k, v) in &table {
+        println!("{k:<62} {v}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(out))?).with_context(|| format!("writing {}", path.display()))?;
+        println!("\nwritten: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Latencies in milliseconds.
+#[derive(Default)]
+struct Samples {
+    ms: Vec<f64>,
+    timeouts: usize,
+    leaks: usize,
+    /// Extra figures (e.g. setup time of a pod).
+    extra: BTreeMap<String, f64>,
+}
+
+impl Samples {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.ms.clone();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        let v = self.sorted();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        // Nearest rank.
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v[rank - 1]
+    }
+
+    fn row(&self) -> String {
+        let mut s = format!(
+            "n={} p50={:.1} ms p99={:.1} ms max={:.1} ms",
+            self.ms.len(),
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.sorted().last().copied().unwrap_or(f64::NAN)
+        );
+        if self.timeouts > 0 {
+            s += &format!(" TIMEOUTS={}", self.timeouts);
+        }
+        if self.leaks > 0 {
+            s += &format!(" LEAKS={}", self.leaks);
+        }
+        for (k, v) in &self.extra {
+            s += &format!(" {k}={v:.1}");
+        }
+        s
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "n": self.ms.len(),
+            "p50_ms": self.quantile(0.5),
+            "p99_ms": self.quantile(0.99),
+            "max_ms": self.sorted().last().copied(),
+            "timeouts": self.timeouts,
+            "leaks": self.leaks,
+        });
+        for (k, x) in &self.extra {
+            v[k] = json!(x);
+        }
+        v
+    }
+}
+
+/// Writes through a temporary file and a rename, so the agent never reads half a file.
+fn write_atomic(path: &Path, v: &Value) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml_ng::to_string(v)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn policy(name: &str, ns: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// The synthetic cluster's pod as a Pod manifest.
+fn pod_manifest(p: &Pod) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": p.key.name, "namespace": p.key.namespace, "labels": p.labels},
+        "spec": {"nodeName": p.node, "containers": [{"name": "app", "image": "app",
+            "ports": p.named_ports.iter().map(|n| json!({"name": n.name, "containerPort": n.port, "protocol": n.protocol.to_string()})).collect::<Vec<_>>()}]},
+        "status": {"phase": "Running", "podIPs": p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
+    })
+}
+
+/// Writes the synthetic cluster under `dir`, one file per object.
+fn write_workload(dir: &Path, w: &Workload) -> Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut files = 0;
+    for i in 0..w.namespaces {
+        let ns = w.namespace(i);
+        std::fs::write(dir.join(format!("{}.yaml", ns.name)), serde_yaml_ng::to_string(&namespace_manifest(&ns.name, &ns.labels))?)?;
+        for j in 0..w.pods_per_namespace {
+            let p = w.pod(i, j, None);
+            std::fs::write(dir.join(format!("pod-{}-{}.yaml", p.key.namespace, p.key.name)), serde_yaml_ng::to_string(&pod_manifest(&p))?)?;
+        }
+        for np in w.policies(i, json!("http")) {
+            let name = format!("np-{}-{}.yaml", ns.name, np.metadata.name.as_deref().unwrap_or_default());
+            std::fs::write(dir.join(name), serde_yaml_ng::to_string(&np)?)?;
+        }
+        files += 1 + w.pods_per_namespace + policy_model::workload::POLICIES_PER_NAMESPACE;
+    }
+    Ok(files)
+}
+
+/// A TCP connection made (the handshake passed the policy both ways), from the calling
+/// thread's namespace. No data is exchanged: the test servers answer one connection at a
+/// time, and waiting on them would measure them, not the policy.
+fn tcp_ok(dst: SocketAddr, timeout: Duration) -> bool {
+    TcpStream::connect_timeout(&dst, timeout).is_ok()
+}
+
+/// A blocked (dropped) connection, as opposed to a refused one: the connect times out.
+fn tcp_blocked(dst: SocketAddr, timeout: Duration) -> bool {
+    match TcpStream::connect_timeout(&dst, timeout) {
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock,
+    }
+}
+
+struct BenchPod {
+    spec: PodSpec,
+    net: PodNet,
+    _servers: Servers,
+}
+
+struct BenchNode {
+    node: NodeNet,
+    dir: PathBuf,
+    pods: BTreeMap<String, BenchPod>,
+    next_index: usize,
+}
+
+impl BenchNode {
+    fn new(node_name: &str) -> Result<BenchNode> {
+        let node = NodeNet::create(&unique("bag"), node_name, &["10.250.0.1".parse()?, "fd10:250::1".parse()?])
+            .map_err(|e| anyhow!("node namespace (root needed): {e}"))?;
+        let dir = std::env::temp_dir().join(unique("bag-manifests-"));
+        std::fs::create_dir_all(&dir)?;
+        let b = BenchNode { node, dir, pods: BTreeMap::new(), next_index: 0 };
+        b.write("ns-x.yaml", &namespace_manifest("x", &BTreeMap::new()))?;
+        b.write(
+            "node.yaml",
+            &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node_name},
+                "status": {"addresses": [{"type": "InternalIP", "address": "10.250.0.1"}, {"type": "InternalIP", "address": "fd10:250::1"}]}}),
+        )?;
+        Ok(b)
+    }
+
+    fn write(&self, name: &str, v: &Value) -> Result<()> {
+        write_atomic(&self.dir.join(name), v)
+    }
+
+    fn spec(&mut self, name: &str, labels: &[(&str, &str)]) -> PodSpec {
+        let i = self.next_index;
+        self.next_index += 1;
+        PodSpec {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            node: self.node.name.clone(),
+            ips: vec![pod_address(Family::Ipv4, POD_SUBNET, i), pod_address(Family::Ipv6, POD_SUBNET, i)],
+        }
+    }
+
+    /// Network (as the CNI makes it) with servers on 80.
+    fn network(&self, spec: PodSpec) -> Result<BenchPod> {
+        let net = self.node.add_pod(&unique("bap"), &unique("bav"), &spec.ips).map_err(|e| anyhow!("{e}"))?;
+        let servers = serve(&net.ns, &[80]).map_err(|e| anyhow!("{e}"))?;
+        Ok(BenchPod { spec, net, _servers: servers })
+    }
+
+    fn write_pod(&self, spec: &PodSpec) -> Result<()> {
+        self.write(&format!("pod-{}-{}.yaml", spec.namespace, spec.name), &spec.manifest())
+    }
+
+    fn add_pod(&mut self, name: &str) -> Result<()> {
+        let spec = self.spec(name, &[("pod", name)]);
+        self.write_pod(&spec)?;
+        let p = self.network(spec)?;
+        self.pods.insert(name.to_string(), p);
+        Ok(())
+    }
+
+    fn addr(&self, pod: &str) -> SocketAddr {
+        SocketAddr::new(self.pods[pod].spec.ips[0], 80)
+    }
+
+    fn ns(&self, pod: &str) -> NetnsHandle {
+        self.pods[pod].net.ns.handle()
+    }
+}
+
+impl Drop for BenchNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn flip_policy(allow: bool) -> Value {
+    // The two versions differ in length as well as content.
+    let from = if allow { "a" } else { "nobody-at-all" };
+    policy(
+        "b-ingress",
+        "x",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": from}}}], "ports": [{"protocol": "TCP", "port": 80}]}]}),
+    )
+}
+
+/// A small deterministic jitter (0..max), so changes fall at every phase of the agent's poll.
+fn jitter(state: &mut u64, max: Duration) -> Duration {
+    *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    max.mul_f64(((*state >> 33) % 1000) as f64 / 1000.0)
+}
+
+fn enforce_scenario(args: &Args, background: bool) -> Result<BTreeMap<String, Samples>> {
+    let w = Workload::default();
+    let mut b = BenchNode::new(&w.node)?;
+    if background {
+        let n = write_workload(&b.dir.join("cluster"), &w)?;
+        eprintln!("wrote {n} manifest files of the synthetic cluster");
+    }
+    for name in ["a", "b", "c"] {
+        b.add_pod(name)?;
+    }
+    b.write("np-flip.yaml", &flip_policy(true))?;
+    b.write(
+        "np-new.yaml",
+        &policy(
+            "new-pods",
+            "x",
+            json!({"podSelector": {"matchLabels": {"role": "new"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+        ),
+    )?;
+    let dir = b.dir.clone();
+    let mut agent = AgentProcess::start_with_poll(&b.node.ns, &w.node, &[dir.as_path()], args.poll_interval_ms, &[])
+        .map_err(|e| anyhow!("starting the agent: {e}"))?;
+    let started = Instant::now();
+    agent.wait_ready(Duration::from_secs(300)).map_err(|e| anyhow!("{e}"))?;
+    eprintln!("agent ready after {:.1} s", started.elapsed().as_secs_f64());
+    let mut result = BTreeMap::new();
+
+    // Wait for the initial state: a → b allowed.
+    let to_b = b.addr("b");
+    let a_ns = b.ns("a");
+    let initial = a_ns.run(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if tcp_ok(to_b, CONFIRM_TIMEOUT) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })?;
+    if !initial {
+        bail!("x/a cannot reach x/b at the start:\n{}", agent.log_text());
+    }
+
+    // 1. Policy changes.
+    let path = dir.join("np-flip.yaml");
+    let changes = args.changes;
+    let (allow_to_deny, deny_to_allow) = a_ns.run(move || -> Result<(Samples, Samples)> {
+        let mut to_deny = Samples::default();
+        let mut to_allow = Samples::default();
+        let mut rng = 0x5eed_u64;
+        for i in 0..changes {
+            let allow = i % 2 == 1;
+            std::thread::sleep(Duration::from_millis(20) + jitter(&mut rng, Duration::from_millis(80)));
+            let t0 = Instant::now();
+            write_atomic(&path, &flip_policy(allow))?;
+            let seen = loop {
+                if t0.elapsed() > GIVE_UP {
+                    break None;
+                }
+                if allow {
+                    if tcp_ok(to_b, PROBE_TIMEOUT) {
+                        break Some(t0.elapsed());
+                    }
+                } else {
+                    let sent = t0.elapsed();
+                    if tcp_blocked(to_b, PROBE_TIMEOUT) && tcp_blocked(to_b, CONFIRM_TIMEOUT) {
+                        break Some(sent);
+                    }
+                }
+            };
+            let s = if allow { &mut to_allow } else { &mut to_deny };
+            if seen.is_none_or(|d| d > Duration::from_millis(100)) {
+                let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default() - t0.elapsed();
+                eprintln!(
+                    "slow change #{i} ({}): written at unix {:.3}, enforced after {seen:?}",
+                    if allow { "allow" } else { "deny" },
+                    wall.as_secs_f64()
+                );
+            }
+            match seen {
+                Some(d) => s.ms.push(d.as_secs_f64() * 1e3),
+                None => s.timeouts += 1,
+            }
+        }
+        Ok((to_deny, to_allow))
+    })??;
+    let mut all = Samples::default();
+    all.ms.extend(&allow_to_deny.ms);
+    all.ms.extend(&deny_to_allow.ms);
+    all.timeouts = allow_to_deny.timeouts + deny_to_allow.timeouts;
+    eprintln!("policy change: {}", all.row());
+    if std::env::var_os("BENCH_AGENT_KEEP_LOG").is_some() {
+        let copy = std::env::temp_dir().join(format!("bench_agent-{}.log", if background { "background" } else { "plain" }));
+        std::fs::write(&copy, agent.log_text())?;
+        eprintln!("agent log: {}", copy.display());
+    }
+    result.insert("policy change".to_string(), all);
+    result.insert("policy change, allow->deny".to_string(), allow_to_deny);
+    result.insert("policy change, deny->allow".to_string(), deny_to_allow);
+
+    // 2. New pods.
+    let mut new_pod = Samples::default();
+    let mut setup_ms = Vec::new();
+    let mut rng = 0xbeef_u64;
+    let a_ns = b.ns("a");
+    let c_ns = b.ns("c");
+    for k in 0..args.new_pods {
+        let name = format!("n{k}");
+        let spec = b.spec(&name, &[("pod", &name), ("role", "new")]);
+        b.write_pod(&spec)?;
+        // The agent knows the pod (it is in the state it publishes) before its veth exists.
+        let key = format!("\"x/{name}\"");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&agent.state_file).unwrap_or_default().contains(&key) {
+            if Instant::now() > deadline {
+                bail!("the agent did not learn pod x/{name}:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(jitter(&mut rng, Duration::from_millis(1000)));
+        let t0 = Instant::now();
+        let pod = b.network(spec.clone())?;
+        let setup = t0.elapsed();
+        setup_ms.push(setup.as_secs_f64() * 1e3);
+        let dst = SocketAddr::new(spec.ips[0], 80);
+        // Allowed: from x/a. Denied: from x/c. Probed in turn, from threads in each pod.
+        let allowed = a_ns.spawn(move || {
+            while t0.elapsed() < GIVE_UP {
+                if tcp_ok(dst, PROBE_TIMEOUT) {
+                    return Some(t0.elapsed());
+                }
+            }
+            None
+        })?;
+        let done = Arc::new(AtomicBool::new(false));
+        let done_flag = done.clone();
+        let denied = c_ns.spawn(move || {
+            let mut leaks = Vec::new();
+            // Until x/a's probe is done, and 300 ms more.
+            let mut until: Option<Instant> = None;
+            while until.is_none_or(|u| Instant::now() < u) && t0.elapsed() < GIVE_UP {
+                let sent = t0.elapsed();
+                if tcp_ok(dst, PROBE_TIMEOUT) {
+                    leaks.push(sent.as_secs_f64() * 1e3);
+                }
+                if until.is_none() && done_flag.load(Ordering::Relaxed) {
+                    until = Some(Instant::now() + Duration::from_millis(300));
+                }
+            }
+            leaks
+        })?;
+        let allowed_at = allowed.join().expect("probe thread");
+        done.store(true, Ordering::Relaxed);
+        let leaks = denied.join().expect("probe thread");
+        if !leaks.is_empty() {
+            eprintln!(
+                "x/{name}: a denied flow passed {} times, at {leaks:.1?} ms after its veth was made (enforced at {allowed_at:?})",
+                leaks.len()
+            );
+        }
+        new_pod.leaks += leaks.len();
+        match allowed_at {
+            Some(d) => new_pod.ms.push(d.as_secs_f64() * 1e3),
+            None => new_pod.timeouts += 1,
+        }
+        // Gone again, before the next one.
+        drop(pod);
+        std::fs::remove_file(dir.join(format!("pod-x-{name}.yaml")))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_to_string(&agent.state_file).unwrap_or_default().contains(&key) {
+            if Instant::now() > deadline {
+                bail!("the agent did not forget pod x/{name}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    setup_ms.sort_by(f64::total_cmp);
+    new_pod.extra.insert("setup_p50_ms".into(), setup_ms.get(setup_ms.len() / 2).copied().unwrap_or(f64::NAN));
+    eprintln!("new pod: {}", new_pod.row());
+    result.insert("new pod veth -> enforced".to_string(), new_pod);
+    if agent.log_text().contains("ERROR") {
+        eprintln!("agent log has errors:\n{}", agent.log_text());
+    }
+    agent.stop();
+    Ok(result)
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// The agent's memory once ready over the synthetic cluster `w` (`None`: no objects).
+fn agent_memory(args: &Args, w: Option<&Workload>) -> Result<(u64, u64)> {
+    let node_name = Workload::default().node;
+    let node = NodeNet::create(&unique("bam"), &node_name, &["10.250.0.1".parse()?]).map_err(|e| anyhow!("{e}"))?;
+    let dir = std::env::temp_dir().join(unique("bam-manifests-"));
+    std::fs::create_dir_all(&dir)?;
+    if let Some(w) = w {
+        write_workload(&dir, w)?;
+    }
+    let mut agent =
+        AgentProcess::start_with_poll(&node.ns, &node_name, &[dir.as_path()], args.poll_interval_ms, &[]).map_err(|e| anyhow!("{e}"))?;
+    agent.wait_ready(Duration::from_secs(300)).map_err(|e| anyhow!("{e}"))?;
+    // Let it settle: a few polls and an interface resolution after the first sync.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    let m = rss_kib(pid)?;
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(m)
+}
+
+fn memory(args: &Args) -> Result<Value> {
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    let (empty_rss, empty_hwm) = agent_memory(args, None)?;
+    let w10 = Workload::default();
+    let w11 = Workload { pods_per_namespace: 110, ..Workload::default() };
+    let (rss10, hwm10) = agent_memory(args, Some(&w10))?;
+    let (rss11, hwm11) = agent_memory(args, Some(&w11))?;
+    let growth = (rss11 as f64 - rss10 as f64) / ((w11.pod_count() - w10.pod_count()) as f64 / 1000.0);
+    Ok(json!({
+        "no_objects_rss_mib": mib(empty_rss),
+        "no_objects_hwm_mib": mib(empty_hwm),
+        "pods_10000_rss_mib": mib(rss10),
+        "pods_10000_hwm_mib": mib(hwm10),
+        "pods_11000_rss_mib": mib(rss11),
+        "pods_11000_hwm_mib": mib(hwm11),
+        "growth_per_1000_pods_mib": (growth / 1024.0 * 100.0).round() / 100.0,
+        "policies": w10.policy_count(),
+        "local_pods": w10.namespaces,
+    }))
+}
