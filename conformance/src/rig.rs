@@ -129,7 +129,7 @@ impl Rig {
         let mut rig = Rig { node, pods: rig_pods, pin_dir, agent: None, interfaces, sizes, history: Vec::new() };
         rig.start_agent()?;
         let mut changes: Vec<Change> = Vec::new();
-        let mut namespaces: Vec<String> = pods.iter().map(|p| p.key.namespace.clone()).collect();
+        let mut namespaces: Vec<String> = pods.iter().map(|p| p.key.namespace.to_string()).collect();
         namespaces.sort();
         namespaces.dedup();
         changes.extend(namespaces.into_iter().map(|n| Change::UpsertNamespace(Namespace::new(n, Default::default()))));

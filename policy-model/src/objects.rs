@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use serde::Serialize;
@@ -14,16 +15,18 @@ use crate::ports::Protocol;
 /// The label the control plane sets on every namespace (reference §5 item 17).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-/// `namespace/name` of a namespaced object.
+/// `namespace/name` of a namespaced object. The strings are shared: a key is cloned into
+/// every table entry it is the provenance of (tens of thousands on a busy node), and a
+/// clone is a reference count, not two allocations.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ObjectKey {
-        ObjectKey { namespace: namespace.into(), name: name.into() }
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> ObjectKey {
+        ObjectKey { namespace: Arc::from(namespace.as_ref()), name: Arc::from(name.as_ref()) }
     }
 
     /// Parses `namespace/name`.

@@ -132,13 +132,13 @@ impl ClusterState {
     /// Pods of one namespace, in name order.
     pub fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &Pod> {
         let start = ObjectKey::new(namespace, "");
-        self.pods.range(start..).take_while(move |(k, _)| k.namespace == namespace).map(|(_, p)| p)
+        self.pods.range(start..).take_while(move |(k, _)| *k.namespace == *namespace).map(|(_, p)| p)
     }
 
     /// Policies of one namespace, in name order.
     pub fn policies_in(&self, namespace: &str) -> impl Iterator<Item = &Policy> {
         let start = ObjectKey::new(namespace, "");
-        self.policies.range(start..).take_while(move |(k, _)| k.namespace == namespace).map(|(_, p)| p)
+        self.policies.range(start..).take_while(move |(k, _)| *k.namespace == *namespace).map(|(_, p)| p)
     }
 
     /// A namespace's labels; a namespace we have not seen still has its name label, which
@@ -204,7 +204,7 @@ impl ClusterState {
             return false;
         }
         let ns_ok = match namespaces {
-            NamespaceScope::PolicyNamespace => pod.key.namespace == policy_ns,
+            NamespaceScope::PolicyNamespace => *pod.key.namespace == *policy_ns,
             NamespaceScope::Matching(sel) => sel.matches(&self.namespace_labels(&pod.key.namespace)),
         };
         ns_ok && pods.matches(&pod.labels)
@@ -268,7 +268,7 @@ impl ClusterState {
                 h.pods.insert(pod.key.clone());
             }
         }
-        *self.pod_namespaces.entry(pod.key.namespace.clone()).or_default() += 1;
+        *self.pod_namespaces.entry(pod.key.namespace.to_string()).or_default() += 1;
         if pod.host_network {
             self.host_network_pods.insert(pod.key.clone());
         }
@@ -279,10 +279,10 @@ impl ClusterState {
     pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Pod> {
         let old = self.pods.remove(key)?;
         self.host_network_pods.remove(key);
-        if let Some(n) = self.pod_namespaces.get_mut(&key.namespace) {
+        if let Some(n) = self.pod_namespaces.get_mut(&*key.namespace) {
             *n -= 1;
             if *n == 0 {
-                self.pod_namespaces.remove(&key.namespace);
+                self.pod_namespaces.remove(&*key.namespace);
             }
         }
         for ip in &old.ips {

@@ -59,7 +59,7 @@ impl Watched for core::Namespace {
         Namespace::from_k8s(self).map(|n| Update::Model(Change::UpsertNamespace(n)))
     }
     fn delete(key: ObjectKey) -> Update {
-        Update::Model(Change::DeleteNamespace(key.name))
+        Update::Model(Change::DeleteNamespace(key.name.to_string()))
     }
 }
 
@@ -97,7 +97,7 @@ impl Watched for core::Node {
         Node::from_k8s(self).map(|n| Update::Model(Change::UpsertNode(n)))
     }
     fn delete(key: ObjectKey) -> Update {
-        Update::Model(Change::DeleteNode(key.name))
+        Update::Model(Change::DeleteNode(key.name.to_string()))
     }
 }
 

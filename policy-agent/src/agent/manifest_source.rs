@@ -382,8 +382,8 @@ impl ManifestSource {
                 None if before.is_some() => {
                     let (kind, k) = key;
                     match kind {
-                        NAMESPACE => changes.push(Change::DeleteNamespace(k.name)),
-                        NODE => changes.push(Change::DeleteNode(k.name)),
+                        NAMESPACE => changes.push(Change::DeleteNamespace(k.name.to_string())),
+                        NODE => changes.push(Change::DeleteNode(k.name.to_string())),
                         POD => changes.push(Change::DeletePod(k)),
                         POLICY => changes.push(Change::DeletePolicy(k)),
                         SERVICE => services.push(ServiceChange::DeleteService(k)),

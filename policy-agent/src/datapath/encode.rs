@@ -203,8 +203,8 @@ spec:
             r#"[{to: [{ipBlock: {cidr: "::/0"}}, {ipBlock: {cidr: "10.244.0.0/24"}}]}]"#,
         ] {
             let state = state(egress);
-            let a = state.pods().find(|p| p.key.name == "a").unwrap();
-            let b = state.pods().find(|p| p.key.name == "b").unwrap();
+            let a = state.pods().find(|p| &*p.key.name == "a").unwrap();
+            let b = state.pods().find(|p| &*p.key.name == "b").unwrap();
             let enc = EncodedTables::new(&policy_model::compile_pod(&state, a), 1, 1);
             for (src, dst) in state.owned_ips(a).zip(state.owned_ips(b)) {
                 for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 81)] {
