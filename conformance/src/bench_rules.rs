@@ -207,7 +207,7 @@ impl BenchPolicy {
         for rule in self.ingress.iter().chain(&self.egress) {
             if let Peer::Pod { label_key: "peer", label, ip } = &rule.peer {
                 pods.entry(label.clone()).or_insert_with(|| Pod {
-                    key: ObjectKey::new(NAMESPACE.to_string(), format!("peer-{label}")),
+                    key: ObjectKey::new(NAMESPACE, format!("peer-{label}")),
                     labels: [("peer".to_string(), label.clone())].into(),
                     ips: vec![(*ip).into()],
                     node: Some(PEER_NODE.into()),
