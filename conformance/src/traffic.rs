@@ -67,13 +67,18 @@ fn tcp_server(port: u16, stop: Arc<AtomicBool>) {
     l.set_nonblocking(true).expect("nonblocking");
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
+            // Each connection on its own thread: one whose close a policy change dropped
+            // would otherwise hold the loop for the read timeout while the accept queue
+            // fills and new connections time out.
             Ok((mut c, _)) => {
-                let _ = c.set_nonblocking(false);
-                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut b = [0u8; 1];
-                if c.read(&mut b).is_ok() {
-                    let _ = c.write_all(b"k");
-                }
+                std::thread::spawn(move || {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut b = [0u8; 1];
+                    if c.read(&mut b).is_ok() {
+                        let _ = c.write_all(b"k");
+                    }
+                });
             }
             Err(_) => std::thread::sleep(POLL),
         }

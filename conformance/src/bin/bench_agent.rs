@@ -398,14 +398,18 @@ fn enforce_scenario(args: &Args, background: bool) -> Result<BTreeMap<String, Sa
             let allow = i % 2 == 1;
             std::thread::sleep(Duration::from_millis(20) + jitter(&mut rng, Duration::from_millis(80)));
             let t0 = Instant::now();
+            let mut failures: BTreeMap<String, u32> = BTreeMap::new();
             write_atomic(&path, &flip_policy(allow))?;
             let seen = loop {
                 if t0.elapsed() > GIVE_UP {
                     break None;
                 }
                 if allow {
-                    if tcp_ok(to_b, PROBE_TIMEOUT) {
-                        break Some(t0.elapsed());
+                    match TcpStream::connect_timeout(&to_b, PROBE_TIMEOUT) {
+                        Ok(_) => break Some(t0.elapsed()),
+                        Err(e) => {
+                            *failures.entry(format!("{:?}", e.kind())).or_insert(0u32) += 1;
+                        }
                     }
                 } else {
                     let sent = t0.elapsed();
@@ -418,7 +422,7 @@ fn enforce_scenario(args: &Args, background: bool) -> Result<BTreeMap<String, Sa
             if seen.is_none_or(|d| d > Duration::from_millis(100)) {
                 let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default() - t0.elapsed();
                 eprintln!(
-                    "slow change #{i} ({}): written at unix {:.3}, enforced after {seen:?}",
+                    "slow change #{i} ({}): written at unix {:.3}, enforced after {seen:?}; failed probes: {failures:?}",
                     if allow { "allow" } else { "deny" },
                     wall.as_secs_f64()
                 );
