@@ -74,7 +74,7 @@ enum Mechanism {
 }
 
 impl Mechanism {
-    const ENFORCING: [Mechanism; 3] = [Mechanism::Agent, Mechanism::Iptables, Mechanism::Nftables];
+    const ALL: [Mechanism; 4] = [Mechanism::None, Mechanism::Agent, Mechanism::Iptables, Mechanism::Nftables];
 
     fn name(self) -> &'static str {
         match self {
@@ -336,7 +336,7 @@ impl Bench {
             "round {}: {:<12} {:>6} rules (loaded in {:>5.2} s): {:>8.0} conn/s {:>8.0} UDP rr/s {:>6.2} Gbit/s connect p50 {:>5.0} µs p99 {:>6.0} µs",
             round + 1,
             mechanism.name(),
-            if mechanism == Mechanism::None { "-".to_string() } else { n.to_string() },
+            n.to_string(),
             load.as_secs_f64(),
             f.tcp_connections_per_s,
             f.udp_rr_per_s,
@@ -394,11 +394,14 @@ fn run(bench: &mut Bench) -> Result<()> {
     let rules = bench.args.rules.clone();
     let mut samples: BTreeMap<(Mechanism, usize), Vec<Figures>> = BTreeMap::new();
     for round in 0..bench.args.rounds {
-        samples.entry((Mechanism::None, 0)).or_default().push(bench.run_one(round, Mechanism::None, 0)?);
         for &n in &rules {
-            // Rotate the order from round to round, so that no mechanism always follows another.
-            let mut order = Mechanism::ENFORCING;
-            order.rotate_left(round % Mechanism::ENFORCING.len());
+            // The baseline is measured with each rule count, in the same rotation as the
+            // mechanisms: a run's short connections leave TIME_WAIT sockets behind that slow
+            // the next measurements' port allocation, so whatever always went first (the
+            // baseline did) would look faster than it is. Rotate the order from round to
+            // round, so that no configuration always follows another.
+            let mut order = Mechanism::ALL;
+            order.rotate_left(round % Mechanism::ALL.len());
             for m in order {
                 let f = bench.run_one(round, m, n)?;
                 samples.entry((m, n)).or_default().push(f);
@@ -429,8 +432,7 @@ fn report(
     medians: &BTreeMap<(Mechanism, usize), Figures>,
 ) -> Result<()> {
     let a = &bench.args;
-    let none = medians[&(Mechanism::None, 0)];
-    let fig = |m: Mechanism, n: usize| if m == Mechanism::None { none } else { medians[&(m, n)] };
+    let fig = |m: Mechanism, n: usize| medians[&(m, n)];
     println!("\nDatapath between two pods on an emulated node; rules per side (server ingress and client egress), matching rule last;");
     println!(
         "{} clients for the rates; medians of {} interleaved rounds; iptables: {}. Ratios are quotients (a:b = a / b; for latency, < 1 is better).",
@@ -444,8 +446,8 @@ fn report(
         );
         for &n in rules {
             let v = |m| get(&fig(m, n));
-            let (agent, ipt, nft, base) = (v(Mechanism::Agent), v(Mechanism::Iptables), v(Mechanism::Nftables), get(&none));
-            let prec = if get(&none) < 100.0 { 2 } else { 0 };
+            let (agent, ipt, nft, base) = (v(Mechanism::Agent), v(Mechanism::Iptables), v(Mechanism::Nftables), v(Mechanism::None));
+            let prec = if base < 100.0 { 2 } else { 0 };
             println!(
                 "{n:>7} {base:>10.prec$} {agent:>13.prec$} {ipt:>10.prec$} {nft:>10.prec$} | {:>10.3} {:>10.3} {:>10.3} | {:>9.3} {:>9.3}",
                 agent / base,
@@ -487,14 +489,15 @@ fn write_json(
     top: usize,
 ) -> Result<()> {
     let a = &bench.args;
-    let none = medians[&(Mechanism::None, 0)];
     let as_map = |f: &Figures| -> BTreeMap<&'static str, f64> { METRICS.iter().map(|(k, _, get)| (*k, get(f))).collect() };
     let ratios = |f: &Figures, other: &Figures| -> BTreeMap<&'static str, f64> {
         METRICS.iter().map(|(k, _, get)| (*k, get(f) / get(other))).collect()
     };
-    let mut results = vec![json!({"mechanism": "none", "rules": 0, "median": as_map(&none), "rounds": samples[&(Mechanism::None, 0)]})];
+    let mut results = Vec::new();
     for &n in rules {
-        for m in Mechanism::ENFORCING {
+        // "none" at n rules: the baseline measured alongside that rule count.
+        let none = medians[&(Mechanism::None, n)];
+        for m in Mechanism::ALL {
             let f = medians[&(m, n)];
             results.push(json!({
                 "mechanism": m.name(),
