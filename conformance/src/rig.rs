@@ -91,8 +91,8 @@ fn agent_loop(
                 let _ = reply.send(enforcer.set_services(&p));
             }
             Command::AttachNodeDevices(names, reply) => {
-                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                let _ = reply.send(enforcer.attach_node_devices(&refs).map_err(|e| e.to_string()));
+                let wanted = names.into_iter().collect();
+                let _ = reply.send(enforcer.set_node_devices(&wanted).into_iter().next().map_or(Ok(()), |e| Err(e.to_string())));
             }
             Command::Counters(pod, reply) => {
                 let c = enforcer.sync.id_and_revision(&pod).map(|(id, _)| enforcer.datapath.counters(id));

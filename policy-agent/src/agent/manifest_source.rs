@@ -278,7 +278,7 @@ impl ManifestSource {
         for (src, ns) in &m.namespaces {
             match Namespace::from_k8s(ns) {
                 Ok(n) => {
-                    objects.insert((NAMESPACE, ObjectKey::new("", n.name.clone())), Object::Namespace(n));
+                    objects.insert((NAMESPACE, ObjectKey::new("", &n.name)), Object::Namespace(n));
                 }
                 Err(e) => {
                     errors.push(ManifestError { source: src.clone(), object: Some(format!("Namespace {}", e.key)), message: e.to_string() })
@@ -288,7 +288,7 @@ impl ManifestSource {
         for (src, node) in &m.nodes {
             match Node::from_k8s(node) {
                 Ok(n) => {
-                    objects.insert((NODE, ObjectKey::new("", n.name.clone())), Object::Node(n));
+                    objects.insert((NODE, ObjectKey::new("", &n.name)), Object::Node(n));
                 }
                 Err(e) => {
                     errors.push(ManifestError { source: src.clone(), object: Some(format!("Node {}", e.key)), message: e.to_string() })

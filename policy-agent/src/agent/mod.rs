@@ -104,8 +104,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         Enforcer::new(&cfg.pin_dir, cfg.sizes).with_context(|| format!("loading the datapath (pins in {})", cfg.pin_dir.display()))?;
     enforcer.set_services(&cfg.service_cidrs).map_err(anyhow::Error::msg).context("writing the Service prefixes")?;
     if let NodeDevices::Fixed(names) = &cfg.node_devices {
-        let devices: Vec<&str> = names.iter().map(String::as_str).collect();
-        enforcer.attach_node_devices(&devices).context("attaching to the node's devices")?;
+        // Exactly these: links an earlier agent pinned on other devices are detached too.
+        if let Some(e) = enforcer.set_node_devices(&names.iter().cloned().collect()).into_iter().next() {
+            return Err(anyhow::Error::new(e).context("attaching to the node's devices"));
+        }
     }
     let mut compiler = NodeCompiler::new(cfg.node.clone());
     let mut source = match cfg.source {

@@ -121,17 +121,8 @@ impl Enforcer {
         self.held.iter()
     }
 
-    /// Attaches the post-translation egress check to the node's other devices (uplinks,
-    /// tunnels, bridges).
-    pub fn attach_node_devices(&mut self, names: &[&str]) -> Result<(), DatapathError> {
-        for n in names {
-            self.datapath.attach(n, AttachPoint::NodeEgress)?;
-            self.node_devices.insert(n.to_string());
-        }
-        Ok(())
-    }
-
-    /// Makes the node devices exactly `names`: attaches the new ones, detaches those gone.
+    /// Makes the node devices (uplinks, tunnels: the post-translation egress check) exactly
+    /// `names`: attaches the new ones, detaches those gone.
     /// Returns one error per device that could not be changed (the others still are).
     pub fn set_node_devices(&mut self, names: &BTreeSet<String>) -> Vec<DatapathError> {
         let mut errors = Vec::new();
