@@ -189,6 +189,60 @@ fn agent_follows_manifest_changes() {
     assert!(!agent.log_text().contains("ERROR"), "{}", agent.log_text());
 }
 
+/// A rule with 15,000 ports makes a cell wider than any format width (std panics above
+/// 65,535): `dump` cuts it with a marker, `-o json` keeps it whole, and a reader that goes
+/// away (`dump | head`) ends the output quietly. The agent's log (a file) has no colour.
+#[test]
+fn dump_survives_wide_cells_and_a_closed_pipe() {
+    let c = Cluster::new();
+    let mut agent = AgentProcess::start(&c.node.ns, NODE, c.dir.path(), &[]).expect("agent");
+    agent.wait_ready(Duration::from_secs(10)).unwrap();
+    let ports: Vec<serde_json::Value> = (0..15_000).map(|i| json!({"port": 1000 + 2 * i})).collect();
+    c.write(
+        "np-wide.yaml",
+        policy(
+            "wide",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"ports": ports}]}),
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = dump(&agent, &[]);
+        if text.contains("isolated by x/wide") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the wide policy was not enforced:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(text.contains("chars, -o json for all]"), "the wide cell is cut with a marker:\n{}", &text[..text.len().min(4000)]);
+    assert!(text.lines().all(|l| l.chars().count() < 400), "no line is wider than the capped columns");
+    let json: serde_json::Value = serde_json::from_str(&dump(&agent, &["-o", "json", "--pod", "x/a"])).unwrap();
+    let allows: Vec<String> =
+        json["endpoints"][0]["ingress"]["entries"].as_array().unwrap().iter().map(|e| e["allows"].as_str().unwrap().to_string()).collect();
+    assert!(allows.iter().any(|a| a.contains("30998")), "-o json keeps the whole cell");
+
+    // `dump -o json | head -1`: the reader closes the pipe after one line, long before the
+    // output (the 15,000 ports: more than a pipe's 64 KiB buffer) is written.
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(conformance::agent_process::agent_binary().unwrap())
+        .args(["dump", "-o", "json", "--pin-dir"])
+        .arg(&agent.pin_dir)
+        .arg("--state-file")
+        .arg(&agent.state_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(first.starts_with('{'), "{first}");
+    assert!(out.status.success() && !stderr.contains("panicked"), "dump | head: {:?} {stderr}", out.status);
+    assert!(!agent.log_text().contains('\u{1b}'), "the log file has no ANSI colour codes");
+}
+
 #[test]
 fn metrics_and_health() {
     let c = Cluster::new();

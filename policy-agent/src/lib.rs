@@ -9,3 +9,4 @@ pub mod explain;
 pub mod manifests;
 pub mod matrix;
 pub mod tables_view;
+pub mod text;

@@ -80,12 +80,9 @@ fn render_direction(out: &mut String, name: &str, d: &DirectionView) {
     }
     let by: Vec<String> = d.isolated_by.iter().map(|k| k.to_string()).collect();
     let _ = writeln!(out, "  {name}: isolated by {}; addresses not listed are blocked", by.join(", "));
-    let pw = d.entries.iter().map(|e| e.prefix.to_string().len()).max().unwrap_or(6).max(6);
-    let aw = d.entries.iter().map(|e| e.allows.to_string().len()).max().unwrap_or(6).max(6);
-    let _ = writeln!(out, "    {:pw$}  {:aw$}  STANDS FOR", "PREFIX", "ALLOWS");
-    for e in &d.entries {
-        let _ = writeln!(out, "    {:pw$}  {:aw$}  {}", e.prefix.to_string(), e.allows.to_string(), stands_for(&e.stands_for));
-    }
+    let mut rows = vec![vec!["PREFIX".to_string(), "ALLOWS".to_string(), "STANDS FOR".to_string()]];
+    rows.extend(d.entries.iter().map(|e| vec![e.prefix.to_string(), e.allows.to_string(), stands_for(&e.stands_for)]));
+    crate::text::columns(out, "    ", &rows);
 }
 
 impl NodeView {

@@ -239,4 +239,10 @@ impl KubeSource {
     pub fn synced(&self) -> bool {
         WATCHED_KINDS.iter().all(|k| self.synced.contains(k))
     }
+
+    /// Whether the view may be missing objects now (first lists not in, or a watcher
+    /// failing).
+    pub fn blind(&self) -> bool {
+        !self.synced()
+    }
 }

@@ -32,8 +32,8 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
     compiler.apply(changes);
     let view = NodeView { node: args.node, endpoints: compiler.endpoints().map(endpoint_view).collect() };
     match args.output {
-        OutputFormat::Text => print!("{}", view.render_text()),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&view).expect("tables serialize")),
+        OutputFormat::Text => super::emit(&view.render_text())?,
+        OutputFormat::Json => super::emit_json(&view)?,
     }
     Ok(exit_for(&errors))
 }

@@ -132,12 +132,9 @@ fn table(out: &mut String, name: &str, d: &DirectionState) {
         return;
     }
     let _ = writeln!(out, "  {name}: isolated by {}; anything not listed is denied", d.isolated_by.join(", "));
-    let pw = d.entries.iter().map(|e| e.prefix.len()).max().unwrap_or(6).max(6);
-    let aw = d.entries.iter().map(|e| e.allows.len()).max().unwrap_or(6).max(6);
-    let _ = writeln!(out, "    {:pw$}  {:aw$}  STANDS FOR", "PREFIX", "ALLOWS");
-    for e in &d.entries {
-        let _ = writeln!(out, "    {:pw$}  {:aw$}  {}", e.prefix, e.allows, e.stands_for.join(", "));
-    }
+    let mut rows = vec![vec!["PREFIX".to_string(), "ALLOWS".to_string(), "STANDS FOR".to_string()]];
+    rows.extend(d.entries.iter().map(|e| vec![e.prefix.clone(), e.allows.clone(), e.stands_for.join(", ")]));
+    crate::text::columns(out, "    ", &rows);
 }
 
 impl Dump {
@@ -167,18 +164,9 @@ impl Dump {
             })
             .collect();
         let header = ["POD", "INTERFACE", "REVISION", "INGRESS", "EGRESS", "ALLOWED IN/OUT", "DENIED IN/OUT", "CONNS"];
-        let mut w = header.map(str::len);
-        for r in &rows {
-            for (i, c) in r.iter().enumerate() {
-                w[i] = w[i].max(c.len());
-            }
-        }
-        let line =
-            |cells: &[String]| cells.iter().enumerate().map(|(i, c)| format!("{c:<width$}", width = w[i])).collect::<Vec<_>>().join("  ");
-        let _ = writeln!(out, "{}", line(&header.map(String::from)));
-        for r in &rows {
-            let _ = writeln!(out, "{}", line(r).trim_end());
-        }
+        let summary: Vec<Vec<String>> =
+            std::iter::once(header.map(String::from).to_vec()).chain(rows.into_iter().map(|r| r.to_vec())).collect();
+        crate::text::columns(&mut out, "", &summary);
         for e in &self.endpoints {
             let _ = writeln!(out, "\n{}  ({})", e.state.pod, e.state.addresses.join(", "));
             if let Some(err) = &e.state.fail_closed {
@@ -202,8 +190,8 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
         }
     }
     match args.output {
-        OutputFormat::Text => print!("{}", d.render_text()),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&d).expect("dump serializes")),
+        OutputFormat::Text => super::emit(&d.render_text())?,
+        OutputFormat::Json => super::emit_json(&d)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -37,8 +37,8 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
     }
     let e = explain(&state, &args.from, &args.to, args.protocol, args.port).map_err(|e| CliError::Usage(e.to_string()))?;
     match args.output {
-        OutputFormat::Text => print!("{}", e.render_text()),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&e).expect("explanation serializes")),
+        OutputFormat::Text => super::emit(&e.render_text())?,
+        OutputFormat::Json => super::emit_json(&e)?,
     }
     Ok(exit_for(&errors))
 }

@@ -24,8 +24,8 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let probes = if args.ports.is_empty() { default_probes() } else { args.ports };
     let m = compute(&state, &probes, None);
     match args.output {
-        OutputFormat::Text => print!("{}", m.render_text()),
-        OutputFormat::Json => println!("{}", m.render_json()),
+        OutputFormat::Text => super::emit(&m.render_text())?,
+        OutputFormat::Json => super::emit_json(&m)?,
     }
     if !m.disagreements.is_empty() {
         for d in &m.disagreements {

@@ -87,6 +87,25 @@ pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliE
     Ok((state, errors))
 }
 
+/// Writes a command's output to stdout. A reader that went away (`| head`) ends the
+/// output quietly: that is not an error, and it must never be a panic.
+pub fn emit(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Usage(format!("writing the output: {e}"))),
+    }
+}
+
+/// `value` as pretty JSON, with a final newline, through [`emit`].
+pub fn emit_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let mut s = serde_json::to_string_pretty(value).map_err(|e| CliError::Usage(format!("serializing the output: {e}")))?;
+    s.push('\n');
+    emit(&s)
+}
+
 pub fn exit_for(errors: &[ManifestError]) -> ExitCode {
     if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_INVALID_OBJECTS) }
 }

@@ -59,6 +59,12 @@ pub struct Args {
     /// Capacity of connection tracking.
     #[arg(long, default_value_t = policy_ebpf::DEFAULT_MAX_CONNTRACK)]
     pub max_connections: u32,
+    /// The longest a new veth that may belong to a pod the agent does not know yet (during
+    /// an API outage, before the first full list, or while a selected pod awaits its
+    /// interface) is held fail-closed, in seconds. After that it is released, with a
+    /// warning, and its traffic passes unjudged until its pod is known.
+    #[arg(long, default_value_t = crate::agent::holds::DEFAULT_MAX_HOLD.as_secs())]
+    pub max_hold_seconds: u64,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
@@ -66,7 +72,12 @@ pub struct Args {
 pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        // Colour only on a terminal: a log file or a pod's log must hold no ANSI codes.
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
     }
     let rt =
@@ -91,6 +102,7 @@ pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
         },
         sizes: MapSizes { peer_entries: args.max_peer_entries, conntrack: args.max_connections, ..MapSizes::default() },
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
+        max_hold: Duration::from_secs(args.max_hold_seconds),
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;
