@@ -287,7 +287,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             }
         }
 
-        if first || had_changes || iface_changed {
+        if first || had_changes || iface_changed || enforcer.migrating() {
             let sync = enforcer.reconcile(&compiler, &|k| interfaces.get(k).cloned());
             for e in &sync.errors {
                 error!(error = %e, "datapath sync");
@@ -316,6 +316,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             m.endpoints.set(endpoint_count as i64);
             m.fail_closed_endpoints.set(fail_closed as i64);
             m.map_write_errors.inner().store(enforcer.sync.write_errors, Ordering::Relaxed);
+            m.migration_failures.inner().store(enforcer.migration_failures, Ordering::Relaxed);
+            m.migration_pending.set(enforcer.migrating() as i64);
             let (peers, ports) = enforcer.sync.entry_counts();
             m.map_entries.get_or_create(&MapLabels { map: "peers".into() }).set(peers as i64);
             m.map_entries.get_or_create(&MapLabels { map: "ports".into() }).set(ports as i64);
@@ -323,8 +325,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             if first || change_count >= BIG_BATCH {
                 release_free_memory();
             }
+            shared.ready.store(!enforcer.migrating(), Ordering::Relaxed);
             if first {
-                shared.ready.store(true, Ordering::Relaxed);
                 info!(endpoints = endpoint_count, "ready: first full sync done");
                 first = false;
             }
