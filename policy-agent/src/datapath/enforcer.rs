@@ -35,6 +35,8 @@ pub enum DatapathStatus {
 struct Migration {
     old: Vec<Generation>,
     swaps: BTreeSet<(String, AttachPoint)>,
+    /// The new maps use the previous generation's connection tracking: nothing to copy.
+    shared_conntrack: bool,
 }
 
 /// A pod's host-side interface in the node's namespace.
@@ -69,13 +71,22 @@ impl Enforcer {
         let mut sync = MapSync::new();
         let (datapath, migration, status) = match plan {
             Plan::Adopt(dir) => {
-                let datapath = Datapath::load(pin_dir, &dir, sizes)?;
+                let datapath = Datapath::load(pin_dir, &dir, sizes, &[])?;
                 sync.adopt(&datapath);
                 info!(maps = %dir.display(), "adopting the pinned maps");
                 (datapath, None, DatapathStatus::InForce)
             }
             Plan::Migrate { new, old } => {
-                let datapath = match Datapath::load(pin_dir, &new, sizes) {
+                // Connection tracking shared with the previous programs where it can be:
+                // then no flow is unknown to either side while the links are swapped one
+                // by one. New revisions start above the previous ones, so that every
+                // shared flow is judged again, once, against the new tables.
+                let share = migrate::shareable(&old, &sizes);
+                if let (false, Some(g)) = (share.is_empty(), old.first()) {
+                    sync.set_revision_floor(migrate::revision_floor(g));
+                }
+                let shared_conntrack = share.iter().any(|(n, _)| *n == policy_ebpf::map_names::CONNTRACK);
+                let datapath = match Datapath::load(pin_dir, &new, sizes, &share) {
                     Ok(d) => d,
                     Err(e) => {
                         // The old generation stays in force; leave nothing half-made.
@@ -89,7 +100,7 @@ impl Enforcer {
                 } else {
                     info!(maps = %new.display(), from = ?from, "migrating: new maps, filled by the first full sync while the previous ones enforce");
                 }
-                (datapath, Some(Migration { old, swaps: BTreeSet::new() }), DatapathStatus::Migrating { from })
+                (datapath, Some(Migration { old, swaps: BTreeSet::new(), shared_conntrack }), DatapathStatus::Migrating { from })
             }
         };
         Ok(Enforcer {
@@ -201,7 +212,11 @@ impl Enforcer {
             return;
         }
         // Step 2: established connections (no new program runs yet: nothing to keep).
-        let ct_from: Vec<Generation> = m.old.iter().rev().filter(|g| migrate::conntrack_compatible(g.layout)).cloned().collect();
+        let ct_from: Vec<Generation> = if m.shared_conntrack {
+            Vec::new()
+        } else {
+            m.old.iter().rev().filter(|g| migrate::conntrack_compatible(g.layout)).cloned().collect()
+        };
         for g in m.old.iter().filter(|g| !migrate::conntrack_compatible(g.layout)) {
             warn!(maps = %g.describe(), "tracked connections of another layout are not carried: their next packets are judged as new flows");
         }
@@ -260,6 +275,7 @@ impl Enforcer {
         }
         // Step 4: the previous generations go.
         let old = std::mem::take(&mut m.old);
+        let shared = m.shared_conntrack;
         let from: Vec<String> = old.iter().map(Generation::describe).collect();
         for g in &old {
             if let Err(e) = migrate::remove(g) {
@@ -269,7 +285,7 @@ impl Enforcer {
         self.migration = None;
         self.status = DatapathStatus::InForce;
         if !from.is_empty() {
-            info!(maps = %self.datapath.maps_dir().display(), from = ?from, connections = carried, "migrated: the programs in every link use the new maps");
+            info!(maps = %self.datapath.maps_dir().display(), from = ?from, connections_copied = carried, connection_tracking_shared = shared, "migrated: the programs in every link use the new maps");
         }
     }
 

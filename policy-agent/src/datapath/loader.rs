@@ -122,7 +122,9 @@ impl Datapath {
     /// Loads the programs with their maps pinned in `maps_dir` (reusing maps already
     /// pinned there, so a restarted agent keeps its predecessor's tables and connections;
     /// see `migrate` for which directory) and links pinned in `pin_dir/links`.
-    pub fn load(pin_dir: &Path, maps_dir: &Path, sizes: MapSizes) -> Result<Datapath, DatapathError> {
+    /// `share`: maps of another generation to use as they are (by name, their pin), pinned
+    /// in `maps_dir` too.
+    pub fn load(pin_dir: &Path, maps_dir: &Path, sizes: MapSizes, share: &[(&'static str, PathBuf)]) -> Result<Datapath, DatapathError> {
         for dir in [pin_dir.join("links"), maps_dir.to_path_buf()] {
             std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
@@ -137,7 +139,22 @@ impl Datapath {
             .map_max_entries(names::PENDING, sizes.pending)
             .map_max_entries(names::SERVICES, sizes.services)
             .map_max_entries(names::COUNTERS, sizes.endpoints * 2);
+        for (name, path) in share {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(program_bytes())?;
+        for (name, _) in share {
+            let pin = maps_dir.join(name);
+            if !pin.exists() {
+                let map = ebpf
+                    .map(name)
+                    .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_string() } })?;
+                map.pin(&pin).map_err(|e| DatapathError::Map {
+                    name,
+                    source: aya::maps::MapError::PinError { name: Some(name.to_string()), error: e },
+                })?;
+            }
+        }
         for name in [program_names::POD_INGRESS, program_names::POD_EGRESS, program_names::NODE_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -21,8 +21,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData};
-use policy_ebpf::{CT_NOT_LOCAL, CtKey, CtValue, LAYOUT_VERSION, map_names};
+use aya::maps::{Array, HashMap, MapData, MapInfo};
+use policy_ebpf::{CT_NOT_LOCAL, CtKey, CtValue, EndpointKey, EndpointValue, IfaceValue, LAYOUT_VERSION, map_names};
 
 use super::loader::MapSizes;
 
@@ -172,6 +172,75 @@ pub fn conntrack_compatible(layout: Option<u32>) -> bool {
             ],
         )
     })
+}
+
+/// Whether pending Service judgments of maps of `layout` mean the same in ours.
+fn pending_compatible(layout: Option<u32>) -> bool {
+    conntrack_compatible(layout)
+        && layout.is_some_and(|l| policy_ebpf::layout::same_items(l, LAYOUT_VERSION, &["PendingKey", map_names::PENDING]))
+}
+
+fn max_entries(path: &Path) -> Option<u32> {
+    MapInfo::from_pin(path).ok().map(|i| i.max_entries())
+}
+
+/// The state maps (connection tracking, pending Service judgments) of the generation in
+/// force (the oldest: the links use it until a migration swaps them) that the new
+/// generation can use as they are: same layout and size. Old and new programs then share
+/// them, so no flow is ever unknown to either during the swap. By name, with their pin.
+pub fn shareable(old: &[Generation], sizes: &MapSizes) -> Vec<(&'static str, PathBuf)> {
+    let Some(g) = old.first() else { return Vec::new() };
+    let mut out = Vec::new();
+    for (name, size, compatible) in [
+        (map_names::CONNTRACK, sizes.conntrack, conntrack_compatible(g.layout)),
+        (map_names::PENDING, sizes.pending, pending_compatible(g.layout)),
+    ] {
+        let path = g.path.join(name);
+        if compatible && max_entries(&path) == Some(size) {
+            out.push((name, path));
+        }
+    }
+    out
+}
+
+/// A revision above every revision the generation `g` uses or its programs may still
+/// write into shared connection tracking before the swap: the new generation's
+/// revisions start there, so no shared entry is taken as approved by the new tables.
+pub fn revision_floor(g: &Generation) -> u32 {
+    let mut max = 0u32;
+    let mut exact = false;
+    let seen = |r: u32, max: &mut u32| {
+        if r != CT_NOT_LOCAL && r != CARRIED_REVISION {
+            *max = (*max).max(r);
+        }
+    };
+    if policy_ebpf::layout::same_items(g.layout.unwrap_or(0), LAYOUT_VERSION, &["EndpointKey", "EndpointValue", "IfaceValue"]) {
+        let endpoints = MapData::from_pin(g.path.join(map_names::ENDPOINTS))
+            .ok()
+            .and_then(|d| HashMap::<MapData, EndpointKey, EndpointValue>::try_from(aya::maps::Map::HashMap(d)).ok());
+        let ifaces = MapData::from_pin(g.path.join(map_names::IFACES))
+            .ok()
+            .and_then(|d| Array::<MapData, IfaceValue>::try_from(aya::maps::Map::Array(d)).ok());
+        if let (Some(e), Some(i)) = (endpoints, ifaces) {
+            exact = true;
+            for (_, v) in e.iter().flatten() {
+                seen(v.revision, &mut max);
+            }
+            for v in i.iter().flatten() {
+                seen(v.revision, &mut max);
+            }
+        }
+    }
+    if let Ok(d) = MapData::from_pin(g.path.join(map_names::CONNTRACK)) {
+        if let Ok(ct) = HashMap::<MapData, CtKey, CtValue>::try_from(aya::maps::Map::LruHashMap(d)) {
+            for (_, v) in ct.iter().flatten() {
+                seen(v.src_rev, &mut max);
+                seen(v.dst_rev, &mut max);
+            }
+        }
+    }
+    // Without the endpoints' own revisions, leave room for those not seen in flows yet.
+    max.saturating_add(if exact { 0 } else { 1 << 20 })
 }
 
 /// Copies the tracked connections of `old` into `new`, with their revisions replaced by
