@@ -245,13 +245,31 @@ impl Cluster {
     }
 
     fn start(&self, binary: Option<&Path>, pin_dir: &Path, sizes: (u32, u32), env: &[(&str, &str)]) -> AgentProcess {
+        self.start_extra(binary, pin_dir, sizes, env, &[])
+    }
+
+    /// A GET in the node's namespace (the agent's metrics server).
+    fn http(&self, addr: &'static str, path: &'static str) -> String {
+        self.node
+            .ns
+            .run(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+            .unwrap()
+    }
+
+    fn start_extra(&self, binary: Option<&Path>, pin_dir: &Path, sizes: (u32, u32), env: &[(&str, &str)], extra: &[&str]) -> AgentProcess {
         let opts = AgentOptions {
             binary: binary.map(Path::to_path_buf),
             pin_dir: Some(pin_dir.to_path_buf()),
             sizes: Some(sizes),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
-        AgentProcess::start_with(&self.node.ns, NODE, &[self.dir.path()], Some(20), &[], opts).expect("agent")
+        AgentProcess::start_with(&self.node.ns, NODE, &[self.dir.path()], Some(20), extra, opts).expect("agent")
     }
 }
 
@@ -442,6 +460,7 @@ fn upgrades_and_rollbacks_under_traffic() {
         "old -> new (legacy + stale own generation)",
         "new, other --max-peer-entries",
         "new, other --max-connections",
+        "new, failed migration (maps too small)",
         "new, migration killed before the swap",
         "new, after the killed migration",
     ];
@@ -530,28 +549,48 @@ fn upgrades_and_rollbacks_under_traffic() {
     assert!(plain(&agent.log_text()).contains("connection_tracking_shared=false"), "{}", agent.log_text());
     check_held(5, &mut held);
 
-    // 6. A migration killed between filling the new maps and swapping the programs.
+    // 6. A migration that fails (tables too big for the new maps): the previous datapath
+    // stays in force, unchanged; the agent says why and is not ready.
+    probers.next_phase();
+    agent.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut agent = c.start_extra(None, pins, (8, other_connections), &[], &["--metrics-addr", "127.0.0.1:9467"]);
+    agent.wait_ready(ready).unwrap();
+    wait_log(&agent, "migration failed", ready);
+    std::thread::sleep(dwell);
+    let g = generations(pins);
+    assert!(g.len() == 2 && g[0] == fourth, "the previous generation stays beside the failed one, found: {}", describe(&g));
+    let readyz = c.http("127.0.0.1:9467", "/readyz");
+    assert!(readyz.starts_with("HTTP/1.0 503") || readyz.starts_with("HTTP/1.1 503"), "{readyz}");
+    let metrics = c.http("127.0.0.1:9467", "/metrics");
+    assert!(
+        metrics.contains("policy_agent_migration_pending 1") && !metrics.contains("policy_agent_migration_failures_total 0"),
+        "{metrics}"
+    );
+    check_held(6, &mut held);
+
+    // 7. A migration killed between filling the new maps and swapping the programs.
     probers.next_phase();
     agent.stop();
     std::thread::sleep(Duration::from_millis(300));
     let mut agent = c.start(None, pins, (peers, other_connections), &[(PAUSE_BEFORE_SWAP_ENV, "30")]);
     wait_log(&agent, "pausing before the swap", ready);
     let g = generations(pins);
-    assert_eq!(g.len(), 2, "mid-migration: the old and the new generation, found: {}", describe(&g));
+    assert_eq!(g.len(), 3, "mid-migration: the one in force, the failed one and the new one, found: {}", describe(&g));
     agent.kill();
     std::thread::sleep(dwell);
     let g = generations(pins);
-    assert_eq!(g.len(), 2, "after the kill: both generations stay, found: {}", describe(&g));
-    check_held(6, &mut held);
+    assert_eq!(g.len(), 3, "after the kill: every generation stays, found: {}", describe(&g));
+    check_held(7, &mut held);
 
-    // 7. The next start migrates again, into a fresh generation, and removes both.
+    // 8. The next start migrates again, into a fresh generation, and removes the others.
     probers.next_phase();
     let mut agent = c.start(None, pins, (peers, other_connections), &[]);
     agent.wait_ready(ready).unwrap();
     std::thread::sleep(dwell);
     let last = one_generation(pins, "after the resumed migration");
     assert!(last.number > g.iter().map(|g| g.number).max().unwrap(), "a fresh generation: {last:?} after {}", describe(&g));
-    check_held(7, &mut held);
+    check_held(8, &mut held);
     let log = agent.log_text();
     agent.stop();
 

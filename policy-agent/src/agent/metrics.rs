@@ -122,7 +122,10 @@ async fn readyz(State(s): State<Shared>) -> (StatusCode, &'static str) {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the first full sync is not done\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first full sync is not done, or the previous datapath still enforces (a migration of the pinned maps is pending or failed: see the log)\n",
+        )
     }
 }
 

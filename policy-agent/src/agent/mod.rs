@@ -287,7 +287,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             }
         }
 
-        if first || had_changes || iface_changed || enforcer.migrating() {
+        if first || had_changes || iface_changed || enforcer.migration_due() {
             let sync = enforcer.reconcile(&compiler, &|k| interfaces.get(k).cloned());
             for e in &sync.errors {
                 error!(error = %e, "datapath sync");

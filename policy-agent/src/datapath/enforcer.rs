@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use policy_model::{NodeCompiler, ObjectKey, Prefix};
 use tracing::{info, warn};
@@ -37,7 +37,11 @@ struct Migration {
     swaps: BTreeSet<(String, AttachPoint)>,
     /// The new maps use the previous generation's connection tracking: nothing to copy.
     shared_conntrack: bool,
+    last_attempt: Option<Instant>,
 }
+
+/// How often a failed migration is tried again without other reasons to reconcile.
+pub const MIGRATION_RETRY: Duration = Duration::from_secs(10);
 
 /// A pod's host-side interface in the node's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +104,11 @@ impl Enforcer {
                 } else {
                     info!(maps = %new.display(), from = ?from, "migrating: new maps, filled by the first full sync while the previous ones enforce");
                 }
-                (datapath, Some(Migration { old, swaps: BTreeSet::new(), shared_conntrack }), DatapathStatus::Migrating { from })
+                (
+                    datapath,
+                    Some(Migration { old, swaps: BTreeSet::new(), shared_conntrack, last_attempt: None }),
+                    DatapathStatus::Migrating { from },
+                )
             }
         };
         Ok(Enforcer {
@@ -125,6 +133,12 @@ impl Enforcer {
     /// not ready, and every reconcile tries to finish it.
     pub fn migrating(&self) -> bool {
         self.migration.is_some()
+    }
+
+    /// True when the run loop should reconcile even without changes: a migration that
+    /// has not been tried yet, or failed more than `MIGRATION_RETRY` ago.
+    pub fn migration_due(&self) -> bool {
+        self.migration.as_ref().is_some_and(|m| m.last_attempt.is_none_or(|t| t.elapsed() >= MIGRATION_RETRY))
     }
 
     /// Attaches now, or, during a migration, once the new maps hold the first full sync.
@@ -199,6 +213,7 @@ impl Enforcer {
     /// and the next reconcile tries again.
     fn finish_migration(&mut self, report: &mut SyncReport) {
         let Some(m) = self.migration.as_mut() else { return };
+        m.last_attempt = Some(Instant::now());
         let has_old = !m.old.is_empty();
         if has_old && !report.errors.is_empty() {
             let error = format!(
