@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -291,13 +291,15 @@ struct Flow {
     allowed: bool,
 }
 
+/// Per phase: probes, wrong verdicts (with what and when).
+type PhaseResult = (usize, Vec<String>);
+
 /// Probes every flow continuously on its own thread; counts wrong verdicts per phase.
 struct Probers {
     stop: Arc<AtomicBool>,
     phase: Arc<AtomicUsize>,
     phase_started: Arc<Mutex<Instant>>,
-    /// Per phase: probes, wrong verdicts (with what and when).
-    results: Arc<Mutex<Vec<(usize, Vec<String>)>>>,
+    results: Arc<Mutex<Vec<PhaseResult>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -337,7 +339,7 @@ impl Probers {
         self.phase.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn finish(mut self) -> Vec<(usize, Vec<String>)> {
+    fn finish(mut self) -> Vec<PhaseResult> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             t.join().unwrap();
@@ -617,5 +619,4 @@ fn upgrades_and_rollbacks_under_traffic() {
     }
     assert!(survived.iter().all(|(_, _, ok)| *ok), "held connections broke:\n{report}");
     assert!(!log.contains("ERROR"), "{log}");
-    let _: Option<IpAddr> = None;
 }
