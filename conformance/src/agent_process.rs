@@ -29,6 +29,21 @@ pub struct AgentProcess {
     pub state_file: PathBuf,
     pub log: PathBuf,
     work: PathBuf,
+    keep_pins: bool,
+}
+
+/// How [`AgentProcess::start_with`] runs the agent, beyond the defaults of
+/// [`AgentProcess::start`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Another `policy-agent` binary (e.g. an older release).
+    pub binary: Option<PathBuf>,
+    /// A pin directory shared with other agents (kept when this one goes: the caller
+    /// removes it); by default a fresh one, removed on drop.
+    pub pin_dir: Option<PathBuf>,
+    /// `--max-peer-entries` and `--max-connections` (default 65536 and 16384).
+    pub sizes: Option<(u32, u32)>,
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentProcess {
@@ -51,11 +66,28 @@ impl AgentProcess {
         poll_interval_ms: Option<u64>,
         extra: &[&str],
     ) -> Result<AgentProcess, String> {
-        let bin = agent_binary()?;
+        AgentProcess::start_with(node_ns, node_name, manifests, poll_interval_ms, extra, AgentOptions::default())
+    }
+
+    /// [`AgentProcess::start_with_poll`] with [`AgentOptions`].
+    pub fn start_with(
+        node_ns: &Netns,
+        node_name: &str,
+        manifests: &[&Path],
+        poll_interval_ms: Option<u64>,
+        extra: &[&str],
+        opts: AgentOptions,
+    ) -> Result<AgentProcess, String> {
+        let bin = match opts.binary {
+            Some(b) => b,
+            None => agent_binary()?,
+        };
         let id = unique("pa-agent-");
         let work = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{id}"));
+        let keep_pins = opts.pin_dir.is_some();
+        let pin_dir = opts.pin_dir.unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/{id}")));
+        let (peers, connections) = opts.sizes.unwrap_or((65536, 16384));
         let state_file = work.join("state.json");
         let log = work.join("agent.log");
         let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
@@ -67,18 +99,19 @@ impl AgentProcess {
             .arg(&bin)
             .args(["run", "--node-name", node_name])
             .args(poll_interval_ms.map(|ms| format!("--poll-interval-ms={ms}")))
-            .args(["--max-peer-entries", "65536", "--max-connections", "16384"])
+            .args(["--max-peer-entries", &peers.to_string(), "--max-connections", &connections.to_string()])
             .args(manifests.iter().flat_map(|m| [std::ffi::OsStr::new("--manifests"), m.as_os_str()]))
             .arg("--pin-dir")
             .arg(&pin_dir)
             .arg("--state-file")
             .arg(&state_file)
             .args(extra)
+            .envs(opts.env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_file));
         let child = cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?;
-        Ok(AgentProcess { child: Some(child), pin_dir, state_file, log, work })
+        Ok(AgentProcess { child: Some(child), pin_dir, state_file, log, work, keep_pins })
     }
 
     /// Waits until the agent published its first full sync (or exited).
@@ -107,6 +140,14 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILL: no clean-up of any kind (a crash, an OOM kill).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM, as the kubelet stops it; the pins stay.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -128,7 +169,9 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if !self.keep_pins {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }

@@ -12,6 +12,9 @@
 //! below), so the kernel and user space agree byte for byte.
 #![no_std]
 
+pub mod layout;
+pub use layout::LAYOUT_VERSION;
+
 /// A 16-byte address (see the module doc for the encoding), 8-byte aligned so the
 /// kernel programs copy and compare it as two 64-bit words rather than byte by byte.
 #[repr(C, align(8))]

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub map_write_errors: Counter,
     pub endpoints: Gauge,
     pub fail_closed_endpoints: Gauge,
+    pub migration_failures: Counter,
+    pub migration_pending: Gauge,
 }
 
 impl Metrics {
@@ -51,6 +53,8 @@ impl Metrics {
         let map_write_errors = Counter::default();
         let endpoints = Gauge::default();
         let fail_closed_endpoints = Gauge::default();
+        let migration_failures = Counter::default();
+        let migration_pending = Gauge::default();
         registry.register("packets", "Packets judged by the datapath, per local pod, direction and verdict", packets.clone());
         registry.register("bytes", "Bytes judged by the datapath, per local pod, direction and verdict", bytes.clone());
         registry.register("reconcile_duration_seconds", "Time from a batch of changes to the maps holding them", reconcile_seconds.clone());
@@ -63,6 +67,16 @@ impl Metrics {
             "Local pods denied everything because their tables could not be written",
             fail_closed_endpoints.clone(),
         );
+        registry.register(
+            "migration_failures",
+            "Attempts to migrate the pinned maps of a previous agent (another layout or sizes) that failed; the previous datapath stays in force",
+            migration_failures.clone(),
+        );
+        registry.register(
+            "migration_pending",
+            "1 while the previous agent's programs and maps still enforce (a migration under way or failed): not ready",
+            migration_pending.clone(),
+        );
         Metrics {
             registry,
             packets,
@@ -73,6 +87,8 @@ impl Metrics {
             map_write_errors,
             endpoints,
             fail_closed_endpoints,
+            migration_failures,
+            migration_pending,
         }
     }
 }
@@ -106,7 +122,10 @@ async fn readyz(State(s): State<Shared>) -> (StatusCode, &'static str) {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the first full sync is not done\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first full sync is not done, or the previous datapath still enforces (a migration of the pinned maps is pending or failed: see the log)\n",
+        )
     }
 }
 

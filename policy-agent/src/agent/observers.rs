@@ -61,6 +61,8 @@ impl SyncObserver for SyncMetrics {
         m.endpoints.set(endpoint_count as i64);
         m.fail_closed_endpoints.set(fail_closed as i64);
         m.map_write_errors.inner().store(s.enforcer.sync.write_errors, Ordering::Relaxed);
+        m.migration_failures.inner().store(s.enforcer.migration_failures, Ordering::Relaxed);
+        m.migration_pending.set(s.enforcer.migrating() as i64);
         let (peers, ports) = s.enforcer.sync.entry_counts();
         m.map_entries.get_or_create(&MapLabels { map: "peers".into() }).set(peers as i64);
         m.map_entries.get_or_create(&MapLabels { map: "ports".into() }).set(ports as i64);

@@ -120,14 +120,16 @@ impl Reconciler {
         self.hold_unknown_veths(view).await;
         self.update_service_addresses();
         let mut synced = false;
-        if !self.synced_once || change_count > 0 || interfaces_changed {
+        if !self.synced_once || change_count > 0 || interfaces_changed || self.enforcer.migration_due() {
             self.sync_datapath(&report, started);
             self.report_fail_closed(&*source);
             if !self.synced_once || change_count >= BIG_BATCH {
                 release_free_memory();
             }
+            // Not ready while the previous agent's datapath still enforces (a migration of
+            // the pinned maps pending or failed).
+            self.shared.ready.store(!self.enforcer.migrating(), std::sync::atomic::Ordering::Relaxed);
             if !self.synced_once {
-                self.shared.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 info!(endpoints = self.compiler.endpoints().count(), "ready: first full sync done");
                 self.synced_once = true;
             }

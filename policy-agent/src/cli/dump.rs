@@ -69,7 +69,7 @@ pub struct Dump {
 }
 
 fn open(pin_dir: &Path, name: &str) -> Result<Map, CliError> {
-    let path = pin_dir.join(name);
+    let path = crate::datapath::maps_dir_in_force(pin_dir).map_err(CliError::Usage)?.join(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         CliError::Usage(format!(
             "cannot open pinned map {}: {e} (is the agent running, with --pin-dir {}?)",

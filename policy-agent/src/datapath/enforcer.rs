@@ -3,11 +3,45 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use policy_model::{NodeCompiler, ObjectKey, Prefix};
+use tracing::{info, warn};
 
 use super::loader::{AttachPoint, Datapath, DatapathError, MapSizes};
+use super::migrate::{self, Generation, Plan};
 use super::sync::{MapSync, SyncReport};
+
+/// Test hook: with this set to a number of seconds, a migrating agent logs
+/// "migration: pausing before the swap" and sleeps that long between filling the new maps
+/// (step 2) and swapping the programs (step 3), so a test can kill it there.
+pub const PAUSE_BEFORE_SWAP_ENV: &str = "POLICY_AGENT_TEST_PAUSE_BEFORE_SWAP";
+
+/// How the datapath stands with respect to the maps a previous agent left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatapathStatus {
+    /// Our maps, adopted or migrated to: the programs in every link use them.
+    InForce,
+    /// New maps are being filled; the previous programs and maps go on enforcing until the
+    /// first full sync ends and the programs are swapped.
+    Migrating { from: Vec<String> },
+    /// The migration could not finish (why, and what still enforces); it is tried again
+    /// at every reconcile. Not ready.
+    MigrationFailed { error: String },
+}
+
+/// A migration under way: what it replaces, and the links whose program swap waits for
+/// the first full sync.
+struct Migration {
+    old: Vec<Generation>,
+    swaps: BTreeSet<(String, AttachPoint)>,
+    /// The new maps use the previous generation's connection tracking: nothing to copy.
+    shared_conntrack: bool,
+    last_attempt: Option<Instant>,
+}
+
+/// How often a failed migration is tried again without other reasons to reconcile.
+pub const MIGRATION_RETRY: Duration = Duration::from_secs(10);
 
 /// A pod's host-side interface in the node's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,14 +59,58 @@ pub struct Enforcer {
     /// Veths held fail-closed until their pod is known.
     held: BTreeMap<u32, String>,
     first_sync_done: bool,
+    migration: Option<Migration>,
+    status: DatapathStatus,
+    /// Migration attempts that failed since start (for metrics).
+    pub migration_failures: u64,
 }
 
 impl Enforcer {
-    /// Loads (or reuses, after a restart) the datapath pinned in `pin_dir`.
+    /// Loads the datapath pinned in `pin_dir`: adopts our maps if they are alone there
+    /// (a restart), else makes a new generation and migrates to it during the first full
+    /// sync (see `migrate`). Until the migration is done, the previous programs and maps
+    /// go on enforcing.
     pub fn new(pin_dir: &Path, sizes: MapSizes) -> Result<Enforcer, DatapathError> {
-        let datapath = Datapath::load(pin_dir, sizes)?;
+        let plan = migrate::plan(pin_dir, &sizes).map_err(|source| DatapathError::PinDir { path: pin_dir.to_path_buf(), source })?;
         let mut sync = MapSync::new();
-        sync.adopt(&datapath);
+        let (datapath, migration, status) = match plan {
+            Plan::Adopt(dir) => {
+                let datapath = Datapath::load(pin_dir, &dir, sizes, &[])?;
+                sync.adopt(&datapath);
+                info!(maps = %dir.display(), "adopting the pinned maps");
+                (datapath, None, DatapathStatus::InForce)
+            }
+            Plan::Migrate { new, old } => {
+                // Connection tracking shared with the previous programs where it can be:
+                // then no flow is unknown to either side while the links are swapped one
+                // by one. New revisions start above the previous ones, so that every
+                // shared flow is judged again, once, against the new tables.
+                let share = migrate::shareable(&old, &sizes);
+                if let (false, Some(g)) = (share.is_empty(), old.first()) {
+                    sync.set_revision_floor(migrate::revision_floor(g));
+                }
+                let shared_conntrack = share.iter().any(|(n, _)| *n == policy_ebpf::map_names::CONNTRACK);
+                let datapath = match Datapath::load(pin_dir, &new, sizes, &share) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // The old generation stays in force; leave nothing half-made.
+                        let _ = std::fs::remove_dir_all(&new);
+                        return Err(e);
+                    }
+                };
+                let from: Vec<String> = old.iter().map(Generation::describe).collect();
+                if from.is_empty() {
+                    info!(maps = %new.display(), "no maps pinned yet: new maps");
+                } else {
+                    info!(maps = %new.display(), from = ?from, "migrating: new maps, filled by the first full sync while the previous ones enforce");
+                }
+                (
+                    datapath,
+                    Some(Migration { old, swaps: BTreeSet::new(), shared_conntrack, last_attempt: None }),
+                    DatapathStatus::Migrating { from },
+                )
+            }
+        };
         Ok(Enforcer {
             datapath,
             sync,
@@ -40,7 +118,45 @@ impl Enforcer {
             node_devices: BTreeSet::new(),
             held: BTreeMap::new(),
             first_sync_done: false,
+            migration,
+            status,
+            migration_failures: 0,
         })
+    }
+
+    /// Where the datapath stands (for `/readyz` and the logs).
+    pub fn status(&self) -> &DatapathStatus {
+        &self.status
+    }
+
+    /// True while a previous datapath still enforces (a migration is pending or failed):
+    /// not ready, and every reconcile tries to finish it.
+    pub fn migrating(&self) -> bool {
+        self.migration.is_some()
+    }
+
+    /// True when the run loop should reconcile even without changes: a migration that
+    /// has not been tried yet, or failed more than `MIGRATION_RETRY` ago.
+    pub fn migration_due(&self) -> bool {
+        self.migration.as_ref().is_some_and(|m| m.last_attempt.is_none_or(|t| t.elapsed() >= MIGRATION_RETRY))
+    }
+
+    /// Attaches now, or, during a migration, once the new maps hold the first full sync.
+    fn attach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
+        match &mut self.migration {
+            Some(m) => {
+                m.swaps.insert((interface.to_string(), point));
+                Ok(())
+            }
+            None => self.datapath.attach(interface, point),
+        }
+    }
+
+    fn detach(&mut self, interface: &str, point: AttachPoint) -> Result<(), DatapathError> {
+        if let Some(m) = &mut self.migration {
+            m.swaps.remove(&(interface.to_string(), point));
+        }
+        self.datapath.detach(interface, point)
     }
 
     /// Brings the datapath to the compiler's state. `interface_of` gives each local pod's
@@ -60,7 +176,7 @@ impl Enforcer {
             if self.attached.get(pod) != Some(&iface) {
                 let mut ok = true;
                 for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
-                    if let Err(e) = self.datapath.attach(&iface.name, point) {
+                    if let Err(e) = self.attach(&iface.name, point) {
                         report.errors.push(format!("pod {pod}: {e}"));
                         ok = false;
                     }
@@ -75,7 +191,7 @@ impl Enforcer {
         for pod in gone {
             if let Some(iface) = self.attached.remove(&pod) {
                 for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
-                    let _ = self.datapath.detach(&iface.name, point);
+                    let _ = self.detach(&iface.name, point);
                 }
             }
             self.sync.remove_endpoint(&mut self.datapath, &pod, &mut report);
@@ -84,7 +200,117 @@ impl Enforcer {
             self.sync.collect_garbage(&mut self.datapath, &mut report);
             self.first_sync_done = true;
         }
+        if self.migration.is_some() {
+            self.finish_migration(&mut report);
+        }
         report
+    }
+
+    /// Steps 2 (connections) to 4 of a migration, after a full sync into the new maps:
+    /// carry the tracked connections, swap the programs in every pinned link, remove the
+    /// other generations. If the new maps could not take every pod's tables, or a swap
+    /// failed, the previous generation stays pinned (and, where not swapped, enforcing),
+    /// and the next reconcile tries again.
+    fn finish_migration(&mut self, report: &mut SyncReport) {
+        let Some(m) = self.migration.as_mut() else { return };
+        m.last_attempt = Some(Instant::now());
+        let has_old = !m.old.is_empty();
+        if has_old && !report.errors.is_empty() {
+            let error = format!(
+                "migration failed: the new maps ({}) could not take every pod's tables ({} errors, first: {}); the previous datapath ({}) stays in force, unchanged",
+                self.datapath.maps_dir().display(),
+                report.errors.len(),
+                report.errors[0],
+                m.old.iter().map(Generation::describe).collect::<Vec<_>>().join(", ")
+            );
+            self.fail_migration(error, report);
+            return;
+        }
+        // Step 2: established connections (no new program runs yet: nothing to keep).
+        let ct_from: Vec<Generation> = if m.shared_conntrack {
+            Vec::new()
+        } else {
+            m.old.iter().rev().filter(|g| migrate::conntrack_compatible(g.layout)).cloned().collect()
+        };
+        for g in m.old.iter().filter(|g| !migrate::conntrack_compatible(g.layout)) {
+            warn!(maps = %g.describe(), "tracked connections of another layout are not carried: their next packets are judged as new flows");
+        }
+        let mut carried = 0;
+        for g in &ct_from {
+            match migrate::carry_conntrack(g, &mut self.datapath.conntrack, false) {
+                Ok(n) => carried += n,
+                Err(e) => warn!(maps = %g.describe(), error = %e, "cannot carry tracked connections"),
+            }
+        }
+        if has_old {
+            if let Some(secs) = std::env::var(PAUSE_BEFORE_SWAP_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+                info!(seconds = secs, "migration: pausing before the swap (test hook)");
+                std::thread::sleep(Duration::from_secs(secs));
+            }
+        }
+        // Step 3: every pinned link, and the new ones, get this build's programs.
+        let mut all = std::mem::take(&mut m.swaps);
+        let known = all.clone();
+        all.extend(self.datapath.attached());
+        let mut failed = BTreeSet::new();
+        let mut errors = Vec::new();
+        for (interface, point) in all {
+            if !known.contains(&(interface.clone(), point)) {
+                // A link this agent did not ask for: the interface is gone (a defunct link:
+                // unpin it), or a previous agent held it or knew a pod there that this one
+                // does not (yet): hold it fail-closed, as for a new veth; releasing holds
+                // is the run loop's business.
+                let Some(ifindex) = ifindex(&interface) else {
+                    let _ = self.datapath.detach(&interface, point);
+                    continue;
+                };
+                if point != AttachPoint::NodeEgress && !self.attached.values().any(|i| i.ifindex == ifindex) {
+                    self.sync.hold_interface(&mut self.datapath, ifindex);
+                    self.held.insert(ifindex, interface.clone());
+                }
+            }
+            if let Err(e) = self.datapath.attach(&interface, point) {
+                errors.push(format!("swapping the program on {interface}: {e}"));
+                failed.insert((interface, point));
+            }
+        }
+        // Flows the previous programs started while the swap went on.
+        for g in &ct_from {
+            let _ = migrate::carry_conntrack(g, &mut self.datapath.conntrack, true);
+        }
+        let m = self.migration.as_mut().expect("migrating");
+        if !errors.is_empty() {
+            m.swaps = failed;
+            let error = format!(
+                "migration failed: {} (the other links use the new maps; the previous maps stay pinned until every link is swapped)",
+                errors.join("; ")
+            );
+            self.fail_migration(error, report);
+            return;
+        }
+        // Step 4: the previous generations go.
+        let old = std::mem::take(&mut m.old);
+        let shared = m.shared_conntrack;
+        let from: Vec<String> = old.iter().map(Generation::describe).collect();
+        for g in &old {
+            if let Err(e) = migrate::remove(g) {
+                warn!(maps = %g.describe(), error = %e, "cannot remove the previous maps (the next start migrates again)");
+            }
+        }
+        self.migration = None;
+        self.status = DatapathStatus::InForce;
+        if !from.is_empty() {
+            info!(maps = %self.datapath.maps_dir().display(), from = ?from, connections_copied = carried, connection_tracking_shared = shared, "migrated: the programs in every link use the new maps");
+        }
+    }
+
+    fn fail_migration(&mut self, error: String, report: &mut SyncReport) {
+        if self.status != (DatapathStatus::MigrationFailed { error: error.clone() }) {
+            warn!(error = %error, "migration");
+        }
+        self.migration_failures += 1;
+        report.errors.push(error.clone());
+        self.status = DatapathStatus::MigrationFailed { error };
     }
 
     /// Holds a veth fail-closed (all its traffic denied) until the pod behind it is known:
@@ -95,7 +321,7 @@ impl Enforcer {
         }
         self.sync.hold_interface(&mut self.datapath, ifindex);
         for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
-            self.datapath.attach(interface, point)?;
+            self.attach(interface, point)?;
         }
         self.held.insert(ifindex, interface.to_string());
         Ok(())
@@ -111,7 +337,7 @@ impl Enforcer {
                 continue; // now a known pod's: its sync owns the slot and the links
             }
             for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
-                let _ = self.datapath.detach(&name, point);
+                let _ = self.detach(&name, point);
             }
             self.sync.release_interface(&mut self.datapath, ifindex);
         }
@@ -130,7 +356,7 @@ impl Enforcer {
         let pinned = self.datapath.attached().into_iter().filter(|(_, p)| *p == AttachPoint::NodeEgress).map(|(n, _)| n);
         let current: BTreeSet<String> = self.node_devices.iter().cloned().chain(pinned).collect();
         for gone in current.difference(names).cloned().collect::<Vec<_>>() {
-            match self.datapath.detach(&gone, AttachPoint::NodeEgress) {
+            match self.detach(&gone, AttachPoint::NodeEgress) {
                 Ok(()) => {
                     self.node_devices.remove(&gone);
                 }
@@ -138,7 +364,7 @@ impl Enforcer {
             }
         }
         for new in names.difference(&self.node_devices).cloned().collect::<Vec<_>>() {
-            match self.datapath.attach(&new, AttachPoint::NodeEgress) {
+            match self.attach(&new, AttachPoint::NodeEgress) {
                 Ok(()) => {
                     self.node_devices.insert(new);
                 }
@@ -155,4 +381,13 @@ impl Enforcer {
     pub fn set_services(&mut self, prefixes: &[Prefix]) -> Result<(), String> {
         self.sync.set_services(&mut self.datapath, prefixes)
     }
+}
+
+/// The index of an interface of this network namespace.
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; the function
+    // only reads it.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }

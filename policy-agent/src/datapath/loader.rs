@@ -101,6 +101,7 @@ pub enum DatapathError {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    maps_dir: PathBuf,
     pub(crate) endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     pub(crate) ifaces: Array<MapData, IfaceValue>,
     pub(crate) peers: LpmTrie<MapData, PeerKey, PeerValue>,
@@ -118,13 +119,18 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf
 }
 
 impl Datapath {
-    /// Loads the programs, reusing maps already pinned in `pin_dir` (so a restarted agent
-    /// keeps its predecessor's tables and connections) and pinning new ones there.
-    pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<Datapath, DatapathError> {
-        std::fs::create_dir_all(pin_dir.join("links")).map_err(|source| DatapathError::PinDir { path: pin_dir.to_path_buf(), source })?;
+    /// Loads the programs with their maps pinned in `maps_dir` (reusing maps already
+    /// pinned there, so a restarted agent keeps its predecessor's tables and connections;
+    /// see `migrate` for which directory) and links pinned in `pin_dir/links`.
+    /// `share`: maps of another generation to use as they are (by name, their pin), pinned
+    /// in `maps_dir` too.
+    pub fn load(pin_dir: &Path, maps_dir: &Path, sizes: MapSizes, share: &[(&'static str, PathBuf)]) -> Result<Datapath, DatapathError> {
+        for dir in [pin_dir.join("links"), maps_dir.to_path_buf()] {
+            std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+        }
         let mut loader = EbpfLoader::new();
         loader
-            .default_map_pin_directory(pin_dir)
+            .default_map_pin_directory(maps_dir)
             .map_max_entries(names::ENDPOINTS, sizes.endpoint_addresses)
             .map_max_entries(names::IFACES, sizes.max_ifindex)
             .map_max_entries(names::PEERS, sizes.peer_entries)
@@ -133,7 +139,22 @@ impl Datapath {
             .map_max_entries(names::PENDING, sizes.pending)
             .map_max_entries(names::SERVICES, sizes.services)
             .map_max_entries(names::COUNTERS, sizes.endpoints * 2);
+        for (name, path) in share {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(program_bytes())?;
+        for (name, _) in share {
+            let pin = maps_dir.join(name);
+            if !pin.exists() {
+                let map = ebpf
+                    .map(name)
+                    .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.to_string() } })?;
+                map.pin(&pin).map_err(|e| DatapathError::Map {
+                    name,
+                    source: aya::maps::MapError::PinError { name: Some(name.to_string()), error: e },
+                })?;
+            }
+        }
         for name in [program_names::POD_INGRESS, program_names::POD_EGRESS, program_names::NODE_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -152,12 +173,18 @@ impl Datapath {
             counters: take(&mut ebpf, names::COUNTERS)?,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            maps_dir: maps_dir.to_path_buf(),
             sizes,
         })
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Where this datapath's maps are pinned.
+    pub fn maps_dir(&self) -> &Path {
+        &self.maps_dir
     }
 
     fn link_pin(&self, interface: &str, point: AttachPoint) -> PathBuf {
@@ -178,23 +205,28 @@ impl Datapath {
             .ok_or_else(|| err("program missing".into()))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| err(e.to_string()))?;
-        let id = match PinnedLink::from_pin(&pin) {
+        match PinnedLink::from_pin(&pin) {
             Ok(old) => {
-                let fd: FdLink = old.unpin().map_err(|e| err(format!("unpinning the previous link: {e}")))?;
-                let link = SchedClassifierLink::try_from(fd).map_err(|e| err(format!("previous link: {e}")))?;
-                prog.attach_to_link(link).map_err(|e| err(format!("replacing the previous program: {e}")))?
+                // The pin stays in place: the link keeps its pin throughout (a crash here
+                // cannot drop the last reference to it, which would detach it), and only
+                // its program changes.
+                let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| err(format!("previous link: {e}")))?;
+                let id = prog.attach_to_link(link).map_err(|e| err(format!("replacing the previous program: {e}")))?;
+                // Closes this process's descriptor; the pin holds the link.
+                drop(prog.take_link(id).map_err(|e| err(e.to_string()))?);
+                Ok(())
             }
-            Err(_) if !pin.exists() => prog
-                .attach_with_options(interface, point.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .map_err(|e| err(e.to_string()))?,
-            Err(e) => {
-                return Err(err(format!("reading the pinned link {}: {e}", pin.display())));
+            Err(_) if !pin.exists() => {
+                let id = prog
+                    .attach_with_options(interface, point.tc(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map_err(|e| err(e.to_string()))?;
+                let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+                fd.pin(&pin).map_err(|e| err(format!("pinning the link: {e}")))?;
+                Ok(())
             }
-        };
-        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-        let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
-        fd.pin(&pin).map_err(|e| err(format!("pinning the link: {e}")))?;
-        Ok(())
+            Err(e) => Err(err(format!("reading the pinned link {}: {e}", pin.display()))),
+        }
     }
 
     /// Detaches the program from an interface (a no-op if it is not attached).

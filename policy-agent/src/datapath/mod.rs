@@ -1,15 +1,18 @@
 //! The datapath from user space: load the kernel programs once, pin them and their maps
-//! under `/sys/fs/bpf/policy-agent/`, attach them to interfaces, and keep the maps equal
+//! under `/sys/fs/bpf/policy-agent/` (maps in a directory per layout, sizes and generation:
+//! see `migrate`), attach them to interfaces, and keep the maps equal
 //! to the compiler's tables.
 
 mod encode;
 mod enforcer;
 mod loader;
+pub mod migrate;
 mod sync;
 
 pub use encode::{EncodedTables, encode_addr, peer_entries, port_entries};
-pub use enforcer::{Enforcer, PodInterface};
+pub use enforcer::{DatapathStatus, Enforcer, PAUSE_BEFORE_SWAP_ENV, PodInterface};
 pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
+pub use migrate::maps_dir_in_force;
 pub use sync::{EndpointStatus, MapSync, SyncError, SyncReport, decode_addr};
 
 /// The compiled kernel programs (ELF), built by `build.rs`.

@@ -66,6 +66,9 @@ pub struct MapSync {
     services: BTreeSet<(policy_ebpf::Addr, u32)>,
     /// Failed map writes since start (for metrics).
     pub write_errors: u64,
+    /// New endpoints' first revision is above this (a migration sharing the previous
+    /// maps' connection tracking: their entries' revisions must never match ours).
+    revision_floor: u32,
 }
 
 fn keyed(addr: IpAddr) -> EndpointKey {
@@ -86,6 +89,11 @@ impl MapSync {
             self.adopted.insert(ip, (v.id, v.revision));
             self.used_ids.insert(v.id);
         }
+    }
+
+    /// Makes new endpoints' revisions start above `floor`.
+    pub fn set_revision_floor(&mut self, floor: u32) {
+        self.revision_floor = floor;
     }
 
     pub fn status(&self, pod: &ObjectKey) -> Option<&EndpointStatus> {
@@ -113,7 +121,7 @@ impl MapSync {
         }
         let id = (1..max).find(|i| !self.used_ids.contains(i) && !self.endpoints.values().any(|e| e.id == *i))?;
         self.used_ids.insert(id);
-        Some((id, 0))
+        Some((id, self.revision_floor))
     }
 
     /// Makes the maps hold `tables` for `pod`, whose host-side veth is `ifindex`.

@@ -1,0 +1,177 @@
+//! Versioned map layouts.
+//!
+//! Maps outlive the agent (they are pinned), so an agent meets maps that another build
+//! made. `LAYOUT_VERSION` names the layout this build's programs and agent use; the agent
+//! pins its maps in a directory named after it, and migrates maps of any other layout
+//! (`policy-agent/src/datapath/migrate.rs`).
+//!
+//! `layouts/v<N>.txt` records each version's fingerprint: every shared type's size,
+//! alignment and fields (name, type, offset), the maps (name, kind, key and value types,
+//! pinned or not, as the kernel programs declare them) and the constants that give the
+//! bytes their meaning. A test compares the current fingerprint with the recorded one of
+//! `LAYOUT_VERSION`: any change to the layout fails it until the version is bumped and the
+//! new fingerprint recorded. The agent compares recorded fingerprints to know what it can
+//! carry over from maps of another version (e.g. connection tracking).
+
+/// The layout of this build's maps. Bump it (and record `layouts/v<N>.txt`, and add it
+/// to [`LAYOUTS`]) whenever the layout test says so.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
+pub const LAYOUTS: &[(u32, &str)] = &[(1, include_str!("../layouts/v1.txt"))];
+
+/// The recorded fingerprint of a layout version, if this build knows it.
+pub fn recorded(version: u32) -> Option<&'static str> {
+    LAYOUTS.iter().find(|(v, _)| *v == version).map(|(_, f)| *f)
+}
+
+/// Whether `items` (type, map or constant names: a line's second word) are described the
+/// same way in the fingerprints of versions `a` and `b`. False if either version is
+/// unknown or an item is missing from either.
+pub fn same_items(a: u32, b: u32, items: &[&str]) -> bool {
+    let (Some(fa), Some(fb)) = (recorded(a), recorded(b)) else {
+        return false;
+    };
+    let line = |f: &'static str, item: &str| f.lines().find(|l| l.split_whitespace().nth(1) == Some(item));
+    items.iter().all(|item| match (line(fa, item), line(fb, item)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use core::mem::{align_of, offset_of, size_of};
+    use std::format;
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::*;
+
+    fn field_type<T, F>(_: fn(&T) -> &F) -> (&'static str, usize) {
+        (core::any::type_name::<F>(), size_of::<F>())
+    }
+
+    macro_rules! ty {
+        ($out:ident, $t:ident { $($f:tt),* $(,)? }) => {{
+            let mut s = format!("type {} size={} align={}", stringify!($t), size_of::<$t>(), align_of::<$t>());
+            let mut sum = 0;
+            $(
+                let (name, size) = field_type(|x: &$t| &x.$f);
+                sum += size;
+                s += &format!(" {}:{}@{}", stringify!($f), name, offset_of!($t, $f));
+            )*
+            assert_eq!(sum, size_of::<$t>(), "{}: list every field (and no implicit padding)", stringify!($t));
+            $out.push(s);
+        }};
+    }
+
+    macro_rules! consts {
+        ($out:ident, $($c:ident),* $(,)?) => {
+            $( $out.push(format!("const {} {}", stringify!($c), $c)); )*
+        };
+    }
+
+    /// The maps the kernel programs declare (every file under `src/kernel/`): name, kind
+    /// with key and value types, pinned or not.
+    fn kernel_maps() -> Vec<String> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/kernel");
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        let mut out = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find("#[map(name = \"") {
+                rest = &rest[i + 14..];
+                let name = &rest[..rest.find('"').unwrap()];
+                let decl = &rest[rest.find("static ").unwrap()..];
+                let decl = decl[..decl.find(';').unwrap()].split_whitespace().collect::<Vec<_>>().join(" ");
+                let kind = &decl[decl.find(": ").unwrap() + 2..decl.find(" = ").unwrap()];
+                let pinned = if decl.contains("::pinned(") { "pinned" } else { "unpinned" };
+                out.push(format!("map {name} {kind} {pinned}"));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn current() -> String {
+        let mut out: Vec<String> = Vec::new();
+        ty!(out, Addr { 0 });
+        ty!(out, EndpointKey { addr });
+        ty!(out, EndpointValue { id, revision, ifindex, flags });
+        ty!(out, IfaceValue { id, revision, flags, ifindex, v4, v6 });
+        ty!(out, PeerKey { endpoint, table, addr });
+        ty!(out, PeerValue { port_set, flags });
+        ty!(out, PortKey { endpoint, table, port_set, protocol, _pad, port });
+        ty!(out, CtKey { lo_addr, hi_addr, lo_port, hi_port, protocol, _pad });
+        ty!(out, CtValue { last_seen_ns, src_rev, dst_rev, nat_addr, nat_port, flags, _pad });
+        ty!(out, PendingKey { addr, port, protocol, _pad });
+        ty!(out, Counters { allowed_packets, allowed_bytes, denied_packets, denied_bytes });
+        consts!(
+            out,
+            ENDPOINT_INGRESS_ISOLATED,
+            ENDPOINT_EGRESS_ISOLATED,
+            ENDPOINT_FAIL_CLOSED,
+            IFACE_HAS_V4,
+            IFACE_HAS_V6,
+            DIRECTION_INGRESS,
+            DIRECTION_EGRESS,
+            PEER_KEY_FIXED_BITS,
+            PEER_ALL,
+            PORT_KEY_FIXED_BITS,
+            CT_NOT_LOCAL,
+            CT_ORIG_IS_LO,
+            CT_VIA_SERVICE,
+            CT_TCP_CLOSING,
+            CT_TCP_RESET,
+        );
+        out.push(format!("const table_id(5,1) {}", table_id(5, 1)));
+        out.extend(kernel_maps());
+        let mut text = out.join("\n");
+        text.push('\n');
+        text
+    }
+
+    /// Fails on any change of the shared layout that is not a new version.
+    #[test]
+    fn the_layout_is_the_recorded_one_of_layout_version() {
+        let now = current();
+        let recorded = recorded(LAYOUT_VERSION).unwrap_or("");
+        if now != recorded {
+            let diff: Vec<String> = recorded
+                .lines()
+                .filter(|l| !now.lines().any(|n| n == *l))
+                .map(|l| format!("- {l}"))
+                .chain(now.lines().filter(|l| !recorded.lines().any(|r| r == *l)).map(|l| format!("+ {l}")))
+                .collect();
+            panic!(
+                "the map layout differs from the one recorded for LAYOUT_VERSION {v}:\n{diff}\n\n\
+                 Maps pinned by an older agent must not be read with the new layout: bump LAYOUT_VERSION to {n} \
+                 (policy-ebpf/src/layout.rs), record this fingerprint as policy-ebpf/layouts/v{n}.txt and add it to \
+                 LAYOUTS (keep v{v}.txt). The agent then migrates maps of layout {v} on start.\n\
+                 The new fingerprint:\n{now}",
+                v = LAYOUT_VERSION,
+                n = LAYOUT_VERSION + 1,
+                diff = diff.join("\n"),
+            );
+        }
+    }
+
+    #[test]
+    fn versions_are_recorded_in_order_and_differ() {
+        let versions: Vec<u32> = LAYOUTS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, (1..=LAYOUT_VERSION).collect::<Vec<_>>(), "every version from 1 to LAYOUT_VERSION, in order");
+        for w in LAYOUTS.windows(2) {
+            assert_ne!(w[0].1, w[1].1, "v{} records the same layout as v{}: no bump was needed", w[1].0, w[0].0);
+        }
+        assert!(same_items(LAYOUT_VERSION, LAYOUT_VERSION, &["CtKey", "CtValue", "PA_CONNTRACK"]));
+        assert!(!same_items(LAYOUT_VERSION, LAYOUT_VERSION + 1, &["CtKey"]));
+        assert!(!same_items(LAYOUT_VERSION, LAYOUT_VERSION, &["NoSuchType"]));
+        let _ = "".to_string();
+    }
+}
