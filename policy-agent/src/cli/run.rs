@@ -64,7 +64,13 @@ pub struct Args {
 }
 
 pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // kube's HTTP layer logs every failed request at ERROR (`kube_client::client::builder`:
+    // "failed with error ..."), its client every cut watch at WARN ("eof in poll"), and its
+    // watcher every 403 at WARN: during an API outage that is a line per retry. The agent
+    // reports outages itself (kube_source), once each.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube_client=error,kube_client::client::builder=off,kube_runtime::watcher=error")
+    });
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
         LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init(),
