@@ -653,7 +653,7 @@ fn agent_memory_api(args: &Args, w: Option<&Workload>) -> Result<(u64, u64, f64)
     api.write_kubeconfig(&kubeconfig)?;
     let t0 = Instant::now();
     let mut agent = AgentProcess::start_api(&node.ns, &node_name, &kubeconfig, args.poll_interval_ms, &[]).map_err(|e| anyhow!("{e}"))?;
-    agent.wait_ready(Duration::from_secs(300)).map_err(|e| anyhow!("{e}"))?;
+    agent.wait_ready(Duration::from_secs(1200)).map_err(|e| anyhow!("{e}"))?;
     let ready = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(3));
     let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
