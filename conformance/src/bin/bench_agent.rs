@@ -765,6 +765,12 @@ fn resume_scenario(args: &Args) -> Result<Samples> {
             }
         })?;
         eprintln!("restart #{i}: {seen:?}");
+        // Every watcher back (and the change settled) before the next outage.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.log_text().matches("API reachable again").count() < i + 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
         match seen {
             Some(d) => samples.ms.push(d.as_secs_f64() * 1e3),
             None => samples.timeouts += 1,
