@@ -1,4 +1,4 @@
-//! The real agent (`policy-agent run --manifests`) running in an emulated node's network
+//! The real agent (`policy-agent run`, over manifests or an API server) running in an emulated node's network
 //! namespace, as a child process.
 
 use std::path::{Path, PathBuf};
@@ -55,6 +55,21 @@ impl AgentProcess {
     /// [`AgentProcess::start`] over several manifest directories.
     pub fn start_multi(node_ns: &Netns, node_name: &str, manifests: &[&Path], extra: &[&str]) -> Result<AgentProcess, String> {
         AgentProcess::start_with_poll(node_ns, node_name, manifests, Some(20), extra)
+    }
+
+    /// Starts the agent for `node_name` in `node_ns`, watching the API named by
+    /// `kubeconfig` (`policy-agent run --kubeconfig`).
+    pub fn start_api(
+        node_ns: &Netns,
+        node_name: &str,
+        kubeconfig: &Path,
+        poll_interval_ms: Option<u64>,
+        extra: &[&str],
+    ) -> Result<AgentProcess, String> {
+        let kubeconfig = kubeconfig.to_str().ok_or("kubeconfig path is not UTF-8")?;
+        let mut args = vec!["--kubeconfig", kubeconfig];
+        args.extend_from_slice(extra);
+        AgentProcess::start_with_poll(node_ns, node_name, &[], poll_interval_ms, &args)
     }
 
     /// [`AgentProcess::start_multi`] with the agent's own `--poll-interval-ms` (`None`: its

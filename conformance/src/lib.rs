@@ -4,6 +4,7 @@
 //! upstream tests, never computed.
 
 pub mod agent_process;
+pub mod apiserver;
 pub mod bench_rules;
 pub mod case;
 pub mod cluster;

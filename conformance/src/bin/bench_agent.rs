@@ -17,6 +17,14 @@
 //!    per 1,000 pods. The local pods have no interfaces there (memory does not depend on
 //!    them; the datapath maps are preallocated by the kernel, outside the agent's RSS).
 //!
+//! With `--source api` the agent watches the API stand-in (`conformance::apiserver`, in the
+//! node's namespace, objects shaped as a real API server returns them) instead of reading
+//! manifests, and the benchmark measures:
+//! 4. Memory as in 3 (10,000, 11,000 and 50,000 pods; 2,000 policies; 100 local pods).
+//! 5. Resume after an API restart: the API stops for `--outage-secs`, comes back with a
+//!    new version base (every watch gets 410), a policy change is made at once, and the
+//!    time until real traffic shows it is measured (`--outages` times).
+//!
 //! Run as root: `bash scripts/bench.sh`, or `cargo build --release -p policy-agent -p conformance
 //! && target/release/bench_agent [--changes 200] [--new-pods 30] [--json FILE]`.
 
@@ -58,6 +66,19 @@ struct Args {
     /// The agent's --poll-interval-ms (default: the agent's own default).
     #[arg(long)]
     poll_interval_ms: Option<u64>,
+    /// Where the agent reads the cluster from: manifests (time to enforce and memory), or
+    /// the API stand-in (memory and resume after API restarts).
+    #[arg(long, value_enum, default_value = "manifests")]
+    source: Source,
+    /// With `--source api`: API restarts to time.
+    #[arg(long, default_value_t = 20)]
+    outages: usize,
+    /// With `--source api`: how long each API outage lasts, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    outage_secs: f64,
+    /// With `--source api`: the pod counts to measure memory at (with 2,000 policies).
+    #[arg(long, value_delimiter = ',', default_value = "10000,11000,50000")]
+    api_pods: Vec<usize>,
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -78,8 +99,17 @@ const GIVE_UP: Duration = Duration::from_secs(20);
 /// synthetic cluster's.
 const POD_SUBNET: usize = 200;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    Manifests,
+    Api,
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.source == Source::Api {
+        return api_main(&args);
+    }
     if let Some(dir) = &args.write_manifests {
         let n = write_workload(dir, &Workload::default())?;
         println!("wrote {n} files to {}", dir.display());
@@ -588,4 +618,167 @@ fn memory(args: &Args) -> Result<Value> {
         "policies": w10.policy_count(),
         "local_pods": w10.namespaces,
     }))
+}
+
+/// The synthetic cluster as a real API server would show it.
+fn workload_objects(w: &Workload) -> Vec<Value> {
+    use conformance::apiserver::objects;
+    let mut v = Vec::with_capacity(w.namespaces * (1 + w.pods_per_namespace + policy_model::workload::POLICIES_PER_NAMESPACE));
+    for i in 0..w.namespaces {
+        v.push(objects::namespace(&w.namespace(i)));
+        for j in 0..w.pods_per_namespace {
+            v.push(objects::pod(&w.pod(i, j, None)));
+        }
+        for np in w.policies(i, json!("http")) {
+            v.push(objects::network_policy(&np));
+        }
+    }
+    v
+}
+
+/// The agent's memory once ready over the API stand-in serving `w` (`None`: nothing but
+/// its Node).
+fn agent_memory_api(args: &Args, w: Option<&Workload>) -> Result<(u64, u64, f64)> {
+    use conformance::apiserver::{ApiServer, objects};
+    let node_name = Workload::default().node;
+    let node = NodeNet::create(&unique("bam"), &node_name, &["10.250.0.1".parse()?]).map_err(|e| anyhow!("{e}"))?;
+    let api = ApiServer::start_in(&node.ns.handle())?;
+    api.apply_json(objects::node(&node_name, &["10.250.0.1".parse()?]));
+    if let Some(w) = w {
+        api.apply_all(workload_objects(w));
+    }
+    let dir = std::env::temp_dir().join(unique("bam-kc-"));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let t0 = Instant::now();
+    let mut agent = AgentProcess::start_api(&node.ns, &node_name, &kubeconfig, args.poll_interval_ms, &[]).map_err(|e| anyhow!("{e}"))?;
+    agent.wait_ready(Duration::from_secs(1200)).map_err(|e| anyhow!("{e}"))?;
+    let ready = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    let m = rss_kib(pid)?;
+    if agent.log_text().contains("ERROR") {
+        eprintln!("agent log has errors:\n{}", agent.log_text());
+    }
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((m.0, m.1, ready))
+}
+
+fn api_main(args: &Args) -> Result<()> {
+    let mut out = serde_json::Map::new();
+    let mut table: Vec<(String, String)> = Vec::new();
+    let mib = |kib: u64| (kib as f64 / 1024.0 * 10.0).round() / 10.0;
+    if !args.no_memory || args.memory_only {
+        eprintln!("== memory (API source)");
+        let mut mem = serde_json::Map::new();
+        let (rss, hwm, _) = agent_memory_api(args, None)?;
+        mem.insert("no_objects_rss_mib".into(), json!(mib(rss)));
+        mem.insert("no_objects_hwm_mib".into(), json!(mib(hwm)));
+        let mut by_pods = Vec::new();
+        for &pods in &args.api_pods {
+            let w = Workload { pods_per_namespace: pods / 100, ..Workload::default() };
+            let (rss, hwm, ready) = agent_memory_api(args, Some(&w))?;
+            eprintln!("{pods} pods: VmRSS {} MiB, VmHWM {} MiB, ready after {ready:.1} s", mib(rss), mib(hwm));
+            mem.insert(format!("pods_{pods}_rss_mib"), json!(mib(rss)));
+            mem.insert(format!("pods_{pods}_hwm_mib"), json!(mib(hwm)));
+            mem.insert(format!("pods_{pods}_ready_s"), json!((ready * 10.0).round() / 10.0));
+            by_pods.push((pods, rss));
+        }
+        if let [(p0, r0), (p1, r1), ..] = by_pods.as_slice() {
+            let growth = (*r1 as f64 - *r0 as f64) / ((*p1 as f64 - *p0 as f64) / 1000.0);
+            mem.insert(format!("growth_per_1000_pods_mib_{p0}_to_{p1}"), json!((growth / 1024.0 * 100.0).round() / 100.0));
+        }
+        mem.insert("policies".into(), json!(Workload::default().policy_count()));
+        mem.insert("local_pods".into(), json!(Workload::default().namespaces));
+        for (k, v) in &mem {
+            table.push((format!("memory (api): {k}"), v.to_string()));
+        }
+        out.insert("memory_api".into(), Value::Object(mem));
+    }
+    if !args.memory_only {
+        eprintln!("== resume after API restarts");
+        let s = resume_scenario(args)?;
+        table.push((format!("first change after an API restart ({:.0} s outages)", args.outage_secs), s.row()));
+        out.insert("resume_after_restart".into(), s.json());
+    }
+    println!("\n{:<62} figures", "measurement");
+    for (k, v) in &table {
+        println!("{k:<62} {v}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(out))?).with_context(|| format!("writing {}", path.display()))?;
+        println!("\nwritten: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Outages of the API (each ended by a restart with a new version base), then a policy
+/// change at once: the time until traffic shows it.
+fn resume_scenario(args: &Args) -> Result<Samples> {
+    use conformance::apiserver::{ApiServer, objects};
+    let w = Workload::default();
+    let mut b = BenchNode::new(&w.node)?;
+    let api = ApiServer::start_in(&b.node.ns.handle())?;
+    api.apply_json(objects::namespace(&policy_model::Namespace::new("x".to_string(), Default::default())));
+    api.apply_json(objects::node(&w.node, &["10.250.0.1".parse()?, "fd10:250::1".parse()?]));
+    if !args.no_background {
+        api.apply_all(workload_objects(&w));
+    }
+    for name in ["a", "b"] {
+        let spec = b.spec(name, &[("pod", name)]);
+        let model = Pod::from_k8s(&serde_json::from_value(spec.manifest())?).map_err(|e| anyhow!("{e}"))?;
+        api.apply_json(objects::pod(&model));
+        let p = b.network(spec)?;
+        b.pods.insert(name.to_string(), p);
+    }
+    api.apply_json(objects::network_policy_json(flip_policy(true)));
+    let kubeconfig = b.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let mut agent = AgentProcess::start_api(&b.node.ns, &w.node, &kubeconfig, args.poll_interval_ms, &[]).map_err(|e| anyhow!("{e}"))?;
+    agent.wait_ready(Duration::from_secs(300)).map_err(|e| anyhow!("{e}"))?;
+    let to_b = b.addr("b");
+    let a_ns = b.ns("a");
+    let mut samples = Samples::default();
+    let mut allow = true;
+    for i in 0..args.outages {
+        api.stop();
+        std::thread::sleep(Duration::from_secs_f64(args.outage_secs));
+        api.restart(1_000_000)?;
+        allow = !allow;
+        let t0 = Instant::now();
+        api.apply_json(objects::network_policy_json(flip_policy(allow)));
+        let seen = a_ns.run(move || {
+            loop {
+                if t0.elapsed() > GIVE_UP {
+                    break None;
+                }
+                let sent = t0.elapsed();
+                if allow {
+                    if tcp_ok(to_b, PROBE_TIMEOUT) {
+                        break Some(sent);
+                    }
+                } else if tcp_blocked(to_b, PROBE_TIMEOUT) && tcp_blocked(to_b, CONFIRM_TIMEOUT) {
+                    break Some(sent);
+                }
+            }
+        })?;
+        eprintln!("restart #{i}: {seen:?}");
+        // Every watcher back (and the change settled) before the next outage.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.log_text().matches("API reachable again").count() < i + 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        match seen {
+            Some(d) => samples.ms.push(d.as_secs_f64() * 1e3),
+            None => samples.timeouts += 1,
+        }
+    }
+    let log = agent.log_text();
+    samples.extra.insert("error_lines".into(), log.lines().filter(|l| l.contains("ERROR")).count() as f64);
+    samples.extra.insert("warn_lines".into(), log.lines().filter(|l| l.contains("WARN")).count() as f64);
+    agent.stop();
+    Ok(samples)
 }

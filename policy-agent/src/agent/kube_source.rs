@@ -1,29 +1,61 @@
-//! The Kubernetes API as a source: a watcher per kind (list, then watch; on errors,
-//! relist with backoff), each event turned at once into model changes. No API object is
-//! kept (managedFields and everything else the model does not use are dropped on arrival),
-//! which keeps the agent's memory small. While the API is unreachable the last state stays
-//! enforced.
+//! The Kubernetes API as a source: a kube-rs watcher per kind (list, then watch), each
+//! event turned at once into model changes. No API object is kept, and objects are
+//! decoded only as far as the model needs ([`slim`]: managedFields, annotations, status
+//! conditions, container specs... are skipped while parsing). While the API is
+//! unreachable the last state stays enforced.
+//!
+//! Errors and retries (what a real API server does, `DESIGN.md`):
+//! - A watch that gets `410 Expired` (its resourceVersion is older than the server's
+//!   window: after any API server restart) relists at once: that is no failure.
+//! - Any other error (connection refused or cut, 5xx, 403 while RBAC warms up) retries
+//!   after a short delay that doubles from [`RETRY_MIN`] up to [`RETRY_MAX`] (1 s), with
+//!   jitter, and is reset by the first answer. The cap is what bounds the blind time after
+//!   an outage: whatever its length, the API is retried within 1 s of its return, so a
+//!   change made right after is enforced within about 1 s plus a relist. kube-rs'
+//!   default (client-go's: up to 30 s, reset only after 2 min without errors) let an
+//!   agent sit out up to 30 s after the API was back, and the `410` that follows any API
+//!   server restart waited out that delay once more before the relist. The cost of the
+//!   short cap: during an outage each agent tries each kind about once a second, a
+//!   connection attempt to an address that refuses it; jitter keeps a fleet of agents
+//!   from retrying in step.
+//! - After a failure the watcher relists (rather than resuming the watch from its
+//!   version): only a completed list proves the view is current again, and after a
+//!   restart the server demands it anyway. Lists are paged ([`PAGE_SIZE`]) and served
+//!   from the API server's watch cache (`resourceVersion=0`).
+//!
+//! [`KubeSource::blind`] says whether the view may be out of date: before every kind's
+//! first list, and while any watcher is failing or relisting. An outage is logged once
+//! (WARN "API unreachable; enforcing the last known state") and its end once (INFO "API
+//! reachable again"); each retry is logged at DEBUG only.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use policy_model::{Change, InvalidObject, Namespace, Node, ObjectKey, Pod, Policy};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 use crate::agent::services::ServiceChange;
 
+pub use slim::{SlimEndpointSlice, SlimNamespace, SlimNetworkPolicy, SlimNode, SlimPod, SlimService};
+
 /// The kinds the agent watches; each must be readable under `permissions::API_ACCESS`.
 pub const WATCHED_KINDS: [&str; 6] = ["namespaces", "pods", "networkpolicies", "nodes", "services", "endpointslices"];
+
+/// The first retry delay after an error.
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+/// The longest retry delay (before jitter, which takes up to half of it off).
+pub const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Objects per list page. A page is decoded whole (kube-rs' `ObjectList` buffers it),
+/// so the page size bounds the transient memory of a relist: 100 real pods are under
+/// 1 MiB of JSON.
+pub const PAGE_SIZE: u32 = 100;
 
 /// What one object event means.
 pub enum Update {
@@ -31,10 +63,23 @@ pub enum Update {
     Service(ServiceChange),
 }
 
+/// The state of one kind's watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchStatus {
+    /// Listing (first list, or a relist): the view of this kind is not complete.
+    Listing,
+    /// Listed and watching.
+    Current,
+    /// The last request failed (with this error); retrying.
+    Failing(String),
+}
+
 pub enum SourceMessage {
     Changes(Vec<Update>),
-    /// A kind's first full list is in.
+    /// A kind's full list is in (the first one or a relist).
     Synced(&'static str),
+    /// A kind's watcher changed state.
+    Status(&'static str, WatchStatus),
     /// An object that cannot be enforced, with a reference for a Kubernetes Event.
     Invalid(Box<(ObjectReference, InvalidObject)>),
 }
@@ -53,33 +98,34 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + S
     }
 }
 
-impl Watched for core::Namespace {
+impl Watched for SlimNamespace {
     const KIND: &'static str = "namespaces";
     fn upsert(&self) -> Result<Update, InvalidObject> {
-        Namespace::from_k8s(self).map(|n| Update::Model(Change::UpsertNamespace(n)))
+        Namespace::from_k8s(&self.to_k8s()).map(|n| Update::Model(Change::UpsertNamespace(n)))
     }
     fn delete(key: ObjectKey) -> Update {
         Update::Model(Change::DeleteNamespace(key.name.to_string()))
     }
 }
 
-impl Watched for core::Pod {
+impl Watched for SlimPod {
     const KIND: &'static str = "pods";
     fn upsert(&self) -> Result<Update, InvalidObject> {
-        Pod::from_k8s(self).map(|p| Update::Model(Change::UpsertPod(p)))
+        Pod::from_k8s(&self.to_k8s()).map(|p| Update::Model(Change::UpsertPod(p)))
     }
     fn delete(key: ObjectKey) -> Update {
         Update::Model(Change::DeletePod(key))
     }
 }
 
-impl Watched for NetworkPolicy {
+impl Watched for SlimNetworkPolicy {
     const KIND: &'static str = "networkpolicies";
     fn upsert(&self) -> Result<Update, InvalidObject> {
         // Validated here to report it; the compiler validates again and keeps the last
         // valid version of a policy whose update is invalid.
-        Policy::from_k8s(self)?;
-        Ok(Update::Model(Change::UpsertPolicy(Box::new(self.clone()))))
+        let np = self.to_k8s();
+        Policy::from_k8s(&np)?;
+        Ok(Update::Model(Change::UpsertPolicy(Box::new(np))))
     }
     fn delete(key: ObjectKey) -> Update {
         Update::Model(Change::DeletePolicy(key))
@@ -87,43 +133,91 @@ impl Watched for NetworkPolicy {
     /// The compiler keeps the last valid version of a policy whose update is invalid, and
     /// reports it as rejected.
     fn when_invalid(&self) -> Option<Update> {
-        Some(Update::Model(Change::UpsertPolicy(Box::new(self.clone()))))
+        Some(Update::Model(Change::UpsertPolicy(Box::new(self.to_k8s()))))
     }
 }
 
-impl Watched for core::Node {
+impl Watched for SlimNode {
     const KIND: &'static str = "nodes";
     fn upsert(&self) -> Result<Update, InvalidObject> {
-        Node::from_k8s(self).map(|n| Update::Model(Change::UpsertNode(n)))
+        Node::from_k8s(&self.to_k8s()).map(|n| Update::Model(Change::UpsertNode(n)))
     }
     fn delete(key: ObjectKey) -> Update {
         Update::Model(Change::DeleteNode(key.name.to_string()))
     }
 }
 
-impl Watched for core::Service {
+impl Watched for SlimService {
     const KIND: &'static str = "services";
     fn upsert(&self) -> Result<Update, InvalidObject> {
-        Ok(Update::Service(ServiceChange::from_service(self)))
+        Ok(Update::Service(ServiceChange::from_service(&self.to_k8s())))
     }
     fn delete(key: ObjectKey) -> Update {
         Update::Service(ServiceChange::DeleteService(key))
     }
 }
 
-impl Watched for EndpointSlice {
+impl Watched for SlimEndpointSlice {
     const KIND: &'static str = "endpointslices";
     fn upsert(&self) -> Result<Update, InvalidObject> {
         // A slice that names no Service stands behind none.
-        Ok(Update::Service(ServiceChange::from_slice(self).unwrap_or_else(|| ServiceChange::DeleteSlice(self.key()))))
+        Ok(Update::Service(ServiceChange::from_slice(&self.to_k8s()).unwrap_or_else(|| ServiceChange::DeleteSlice(self.key()))))
     }
     fn delete(key: ObjectKey) -> Update {
         Update::Service(ServiceChange::DeleteSlice(key))
     }
 }
 
+/// Exponential retry delay with jitter: `RETRY_MIN` doubling up to `RETRY_MAX`, each
+/// delay drawn uniformly from its upper half.
+struct RetryDelay {
+    next: Duration,
+    rng: u64,
+}
+
+impl RetryDelay {
+    fn new() -> RetryDelay {
+        use std::hash::{BuildHasher, Hasher};
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        RetryDelay { next: RETRY_MIN, rng: seed }
+    }
+
+    fn reset(&mut self) {
+        self.next = RETRY_MIN;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        // xorshift64
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let d = self.next;
+        self.next = (self.next * 2).min(RETRY_MAX);
+        d / 2 + d.mul_f64((self.rng % 1000) as f64 / 2000.0)
+    }
+}
+
+/// Whether a watcher error is the server saying the watch's version is gone (410).
+fn is_expired(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
+    }
+}
+
 async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::UnboundedSender<SourceMessage>) {
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(api.clone(), config.clone()).boxed();
+    let mut delay = RetryDelay::new();
+    let mut status = WatchStatus::Listing;
+    let set_status = |status: &mut WatchStatus, new: WatchStatus| {
+        if *status != new {
+            *status = new.clone();
+            let _ = tx.send(SourceMessage::Status(K::KIND, new));
+        }
+    };
     // What the API holds now, and what a relist has shown so far.
     let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut relist: Option<BTreeSet<ObjectKey>> = None;
@@ -140,12 +234,18 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
     };
     while let Some(ev) = stream.next().await {
         match ev {
+            // Emitted before the list request: no proof that the API answers.
             Ok(Event::Init) => relist = Some(BTreeSet::new()),
             Ok(Event::InitApply(obj)) => {
+                delay.reset();
+                if matches!(status, WatchStatus::Failing(_)) {
+                    set_status(&mut status, WatchStatus::Listing);
+                }
                 relist.get_or_insert_with(BTreeSet::new).insert(obj.key());
                 upsert(&obj, &tx);
             }
             Ok(Event::InitDone) => {
+                delay.reset();
                 let seen = relist.take().unwrap_or_default();
                 let gone: Vec<Update> = known.difference(&seen).cloned().map(K::delete).collect();
                 if !gone.is_empty() {
@@ -153,16 +253,39 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
                 }
                 known = seen;
                 let _ = tx.send(SourceMessage::Synced(K::KIND));
+                set_status(&mut status, WatchStatus::Current);
             }
             Ok(Event::Apply(obj)) => {
+                delay.reset();
                 known.insert(obj.key());
                 upsert(&obj, &tx);
             }
             Ok(Event::Delete(obj)) => {
+                delay.reset();
                 known.remove(&obj.key());
                 let _ = tx.send(SourceMessage::Changes(vec![K::delete(obj.key())]));
             }
-            Err(e) => warn!(kind = K::KIND, error = %e, "watch failed; retrying (the last known state stays enforced)"),
+            Err(e) if is_expired(&e) => {
+                // The API answered: its window no longer holds our version (after any
+                // restart of it). The watcher relists on its next poll: at once.
+                debug!(kind = K::KIND, error = %e, "watch expired; relisting");
+                delay.reset();
+                set_status(&mut status, WatchStatus::Listing);
+                relist = None;
+                stream = watcher(api.clone(), config.clone()).boxed();
+            }
+            Err(e) => {
+                let wait = delay.next_delay();
+                debug!(kind = K::KIND, error = %e, retry_in = ?wait, "watch failed; retrying (the last known state stays enforced)");
+                set_status(&mut status, WatchStatus::Failing(e.to_string()));
+                relist = None;
+                // Relist after the failure: only a full list proves the view is current.
+                stream = watcher(api.clone(), config.clone()).boxed();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = tx.closed() => return,
+                }
+            }
         }
         if tx.is_closed() {
             return;
@@ -176,6 +299,9 @@ pub struct KubeSource {
     /// Received by `wait`, not yet drained.
     pending: Vec<SourceMessage>,
     synced: BTreeSet<&'static str>,
+    status: BTreeMap<&'static str, WatchStatus>,
+    /// Since when some watcher has been failing (an outage), if one is.
+    outage: Option<Instant>,
 }
 
 /// One drain.
@@ -191,14 +317,20 @@ impl KubeSource {
     /// NetworkPolicies, this node's Node object, Services and EndpointSlices.
     pub fn start(client: Client, node: &str) -> KubeSource {
         let (tx, rx) = mpsc::unbounded_channel();
-        let cfg = watcher::Config::default;
-        tokio::spawn(watch::<core::Namespace>(Api::all(client.clone()), cfg(), tx.clone()));
-        tokio::spawn(watch::<core::Pod>(Api::all(client.clone()), cfg(), tx.clone()));
-        tokio::spawn(watch::<NetworkPolicy>(Api::all(client.clone()), cfg(), tx.clone()));
-        tokio::spawn(watch::<core::Node>(Api::all(client.clone()), cfg().fields(&format!("metadata.name={node}")), tx.clone()));
-        tokio::spawn(watch::<core::Service>(Api::all(client.clone()), cfg(), tx.clone()));
-        tokio::spawn(watch::<EndpointSlice>(Api::all(client), cfg(), tx));
-        KubeSource { rx, pending: Vec::new(), synced: BTreeSet::new() }
+        let cfg = || watcher::Config::default().page_size(PAGE_SIZE);
+        tokio::spawn(watch::<SlimNamespace>(Api::all(client.clone()), cfg(), tx.clone()));
+        tokio::spawn(watch::<SlimPod>(Api::all(client.clone()), cfg(), tx.clone()));
+        tokio::spawn(watch::<SlimNetworkPolicy>(Api::all(client.clone()), cfg(), tx.clone()));
+        tokio::spawn(watch::<SlimNode>(Api::all(client.clone()), cfg().fields(&format!("metadata.name={node}")), tx.clone()));
+        tokio::spawn(watch::<SlimService>(Api::all(client.clone()), cfg(), tx.clone()));
+        tokio::spawn(watch::<SlimEndpointSlice>(Api::all(client), cfg(), tx));
+        KubeSource {
+            rx,
+            pending: Vec::new(),
+            synced: BTreeSet::new(),
+            status: WATCHED_KINDS.iter().map(|k| (*k, WatchStatus::Listing)).collect(),
+            outage: None,
+        }
     }
 
     /// Everything the watchers reported since the last call.
@@ -221,10 +353,28 @@ impl KubeSource {
                 SourceMessage::Synced(kind) => {
                     self.synced.insert(kind);
                 }
+                SourceMessage::Status(kind, status) => self.set_status(kind, status),
                 SourceMessage::Invalid(invalid) => d.invalid.push(*invalid),
             }
         }
         d
+    }
+
+    /// One log line when an outage starts, one when it ends.
+    fn set_status(&mut self, kind: &'static str, status: WatchStatus) {
+        if let WatchStatus::Failing(error) = &status
+            && self.outage.is_none()
+        {
+            warn!(kind, error = %error, "API unreachable; enforcing the last known state");
+            self.outage = Some(Instant::now());
+        }
+        self.status.insert(kind, status);
+        if let Some(since) = self.outage
+            && !self.status.values().any(|s| matches!(s, WatchStatus::Failing(_)))
+        {
+            info!(outage_seconds = format!("{:.1}", since.elapsed().as_secs_f64()), "API reachable again");
+            self.outage = None;
+        }
     }
 
     /// Waits until the watchers report something (kept for the next `drain`).
@@ -240,9 +390,258 @@ impl KubeSource {
         WATCHED_KINDS.iter().all(|k| self.synced.contains(k))
     }
 
-    /// Whether the view may be missing objects now (first lists not in, or a watcher
-    /// failing).
+    /// Whether the view may be incomplete or out of date (as of the last `drain`): some
+    /// kind's first list is not in, or some watcher is failing or relisting (an API
+    /// outage, or the relist after it). New pods may exist that the agent cannot know.
     pub fn blind(&self) -> bool {
-        !self.synced()
+        !self.synced() || self.status.values().any(|s| *s != WatchStatus::Current)
+    }
+
+    /// Each kind's watcher state (as of the last `drain`).
+    pub fn status(&self) -> &BTreeMap<&'static str, WatchStatus> {
+        &self.status
+    }
+}
+
+/// API objects decoded down to what the model uses. Unknown fields (managedFields,
+/// annotations, ownerReferences, status conditions, container specs...) are skipped by
+/// the parser without being allocated. Each converts to the k8s-openapi type the model
+/// reads, holding only those fields.
+pub mod slim {
+    use std::borrow::Cow;
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1 as core;
+    use k8s_openapi::api::discovery::v1 as discovery;
+    use k8s_openapi::api::networking::v1 as net;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde::{Deserialize, Deserializer};
+
+    /// `metadata` with name, namespace, uid, resourceVersion and labels only.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct Meta(pub ObjectMeta);
+
+    impl<'de> Deserialize<'de> for Meta {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Meta, D::Error> {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Fields {
+                name: Option<String>,
+                namespace: Option<String>,
+                uid: Option<String>,
+                resource_version: Option<String>,
+                labels: Option<BTreeMap<String, String>>,
+            }
+            let f = Fields::deserialize(d)?;
+            Ok(Meta(ObjectMeta {
+                name: f.name,
+                namespace: f.namespace,
+                uid: f.uid,
+                resource_version: f.resource_version,
+                labels: f.labels,
+                ..ObjectMeta::default()
+            }))
+        }
+    }
+
+    macro_rules! resource {
+        ($ty:ident, $full:ty) => {
+            impl kube::Resource for $ty {
+                type DynamicType = ();
+                type Scope = <$full as k8s_openapi::Resource>::Scope;
+                fn kind(_: &()) -> Cow<'_, str> {
+                    <$full as k8s_openapi::Resource>::KIND.into()
+                }
+                fn group(_: &()) -> Cow<'_, str> {
+                    <$full as k8s_openapi::Resource>::GROUP.into()
+                }
+                fn version(_: &()) -> Cow<'_, str> {
+                    <$full as k8s_openapi::Resource>::VERSION.into()
+                }
+                fn plural(_: &()) -> Cow<'_, str> {
+                    <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+                }
+                fn meta(&self) -> &ObjectMeta {
+                    &self.metadata.0
+                }
+                fn meta_mut(&mut self) -> &mut ObjectMeta {
+                    &mut self.metadata.0
+                }
+            }
+        };
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimNamespace {
+        #[serde(default)]
+        pub metadata: Meta,
+    }
+    resource!(SlimNamespace, core::Namespace);
+
+    impl SlimNamespace {
+        pub fn to_k8s(&self) -> core::Namespace {
+            core::Namespace { metadata: self.metadata.0.clone(), ..Default::default() }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimPod {
+        #[serde(default)]
+        pub metadata: Meta,
+        pub spec: Option<PodSpec>,
+        pub status: Option<PodStatus>,
+    }
+    resource!(SlimPod, core::Pod);
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodSpec {
+        pub node_name: Option<String>,
+        pub host_network: Option<bool>,
+        pub containers: Option<Vec<Container>>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct Container {
+        pub ports: Option<Vec<core::ContainerPort>>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct PodStatus {
+        pub phase: Option<String>,
+        #[serde(rename = "podIP")]
+        pub pod_ip: Option<String>,
+        #[serde(rename = "podIPs")]
+        pub pod_ips: Option<Vec<core::PodIP>>,
+    }
+
+    impl SlimPod {
+        pub fn to_k8s(&self) -> core::Pod {
+            core::Pod {
+                metadata: self.metadata.0.clone(),
+                spec: self.spec.as_ref().map(|s| core::PodSpec {
+                    node_name: s.node_name.clone(),
+                    host_network: s.host_network,
+                    containers: s
+                        .containers
+                        .iter()
+                        .flatten()
+                        .map(|c| core::Container { ports: c.ports.clone(), ..Default::default() })
+                        .collect(),
+                    ..Default::default()
+                }),
+                status: self.status.as_ref().map(|s| core::PodStatus {
+                    phase: s.phase.clone(),
+                    pod_ip: s.pod_ip.clone(),
+                    pod_ips: s.pod_ips.clone(),
+                    ..Default::default()
+                }),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimNetworkPolicy {
+        #[serde(default)]
+        pub metadata: Meta,
+        pub spec: Option<net::NetworkPolicySpec>,
+    }
+    resource!(SlimNetworkPolicy, net::NetworkPolicy);
+
+    impl SlimNetworkPolicy {
+        /// Name and namespace, and the spec.
+        pub fn to_k8s(&self) -> net::NetworkPolicy {
+            net::NetworkPolicy {
+                metadata: ObjectMeta {
+                    name: self.metadata.0.name.clone(),
+                    namespace: self.metadata.0.namespace.clone(),
+                    ..Default::default()
+                },
+                spec: self.spec.clone(),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimNode {
+        #[serde(default)]
+        pub metadata: Meta,
+        pub status: Option<NodeStatus>,
+    }
+    resource!(SlimNode, core::Node);
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct NodeStatus {
+        pub addresses: Option<Vec<core::NodeAddress>>,
+    }
+
+    impl SlimNode {
+        pub fn to_k8s(&self) -> core::Node {
+            core::Node {
+                metadata: self.metadata.0.clone(),
+                status: self.status.as_ref().map(|s| core::NodeStatus { addresses: s.addresses.clone(), ..Default::default() }),
+                ..Default::default()
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimService {
+        #[serde(default)]
+        pub metadata: Meta,
+        pub spec: Option<ServiceSpec>,
+    }
+    resource!(SlimService, core::Service);
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct ServiceSpec {
+        #[serde(rename = "clusterIP")]
+        pub cluster_ip: Option<String>,
+        #[serde(rename = "clusterIPs")]
+        pub cluster_ips: Option<Vec<String>>,
+    }
+
+    impl SlimService {
+        pub fn to_k8s(&self) -> core::Service {
+            core::Service {
+                metadata: self.metadata.0.clone(),
+                spec: self.spec.as_ref().map(|s| core::ServiceSpec {
+                    cluster_ip: s.cluster_ip.clone(),
+                    cluster_ips: s.cluster_ips.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimEndpointSlice {
+        #[serde(default)]
+        pub metadata: Meta,
+        pub endpoints: Option<Vec<Endpoint>>,
+    }
+    resource!(SlimEndpointSlice, discovery::EndpointSlice);
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct Endpoint {
+        #[serde(default)]
+        pub addresses: Vec<String>,
+    }
+
+    impl SlimEndpointSlice {
+        pub fn to_k8s(&self) -> discovery::EndpointSlice {
+            discovery::EndpointSlice {
+                metadata: self.metadata.0.clone(),
+                endpoints: self
+                    .endpoints
+                    .iter()
+                    .flatten()
+                    .map(|e| discovery::Endpoint { addresses: e.addresses.clone(), ..Default::default() })
+                    .collect(),
+                ..Default::default()
+            }
+        }
     }
 }

@@ -69,8 +69,28 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// One malloc arena for the whole process. glibc gives each thread that allocates its own
+/// arena; the watchers decode on the runtime's workers and the model keeps what they
+/// decoded on another thread, so freed pages end up scattered over several arenas that
+/// each keep their own. Measured with `bench_agent --source api` at 10,000 pods (debug
+/// build): VmRSS 82.7 -> 74.3 MiB. The agent's threads seldom allocate at the same time.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes no pointers; called before any other thread is started.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    limit_malloc_arenas();
+    // kube's HTTP layer logs every failed request at ERROR (`kube_client::client::builder`:
+    // "failed with error ..."), its client every cut watch at WARN ("eof in poll"), and its
+    // watcher every 403 at WARN: during an API outage that is a line per retry. The agent
+    // reports outages itself (kube_source), once each.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube_client=error,kube_client::client::builder=off,kube_runtime::watcher=error")
+    });
     match args.log_format {
         // Colour only on a terminal: a log file or a pod's log must hold no ANSI codes.
         LogFormat::Text => tracing_subscriber::fmt()
