@@ -5,12 +5,14 @@
 mod encode;
 mod enforcer;
 mod loader;
+mod model;
 mod sync;
 
-pub use encode::{EncodedTables, encode_addr, peer_entries, port_entries};
+pub use encode::{Allow, PeerSlot, PortEntry, encode_addr, peer_entries, port_entries_allow, port_set_entries};
 pub use enforcer::{Enforcer, PodInterface};
 pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
-pub use sync::{EndpointStatus, MapSync, SyncError, SyncReport, decode_addr};
+pub use model::ModelMaps;
+pub use sync::{EndpointStatus, MapSync, Maps, SyncError, SyncErrorKind, SyncReport, WriteError, decode_addr};
 
 /// The compiled kernel programs (ELF), built by `build.rs`.
 pub fn program_bytes() -> &'static [u8] {
