@@ -149,6 +149,24 @@ fn main() {
         println!("longest sync (real maps): {:.1} ms", longest.as_secs_f64() * 1000.0);
     }
 
+    // The full cluster's tables (for map sizes).
+    let peer_count = |t: &EndpointTables| {
+        [(&t.ingress, 0), (&t.egress, 1)].iter().filter(|(p, _)| p.isolated).map(|(p, d)| peer_entries(p, *d).len()).sum::<usize>()
+    };
+    let new_ports = |t: &EndpointTables| {
+        let sets: std::collections::BTreeSet<_> =
+            t.ingress.port_sets.iter().chain(&t.egress.port_sets).filter(|s| !s.is_all() && !s.is_empty()).map(port_set_entries).collect();
+        sets.iter().map(Vec::len).sum::<usize>()
+    };
+    let (largest_peers, largest) = compiler.endpoints().map(|e| (peer_count(&e.tables), e.tables.pod.clone())).max().unwrap();
+    println!(
+        "full cluster: largest table {largest_peers} PEERS entries ({largest}); port entries per table at most {} (old layout: {}); in the maps: {} PEERS, {} PORTS",
+        compiler.endpoints().map(|e| new_ports(&e.tables)).max().unwrap_or(0),
+        compiler.endpoints().map(|e| old_port_entries(&e.tables.ingress) + old_port_entries(&e.tables.egress)).max().unwrap_or(0),
+        sync.entry_counts().0,
+        sync.entry_counts().1,
+    );
+
     // Every odd port on TCP, UDP and SCTP.
     let mut total = 0;
     for proto in Protocol::ALL {

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub map_write_errors: Counter,
     pub endpoints: Gauge,
     pub fail_closed_endpoints: Gauge,
+    /// Set from `MapSync::too_big_count`.
+    pub too_big_endpoints: Gauge,
 }
 
 impl Metrics {
@@ -51,6 +53,7 @@ impl Metrics {
         let map_write_errors = Counter::default();
         let endpoints = Gauge::default();
         let fail_closed_endpoints = Gauge::default();
+        let too_big_endpoints = Gauge::default();
         registry.register("packets", "Packets judged by the datapath, per local pod, direction and verdict", packets.clone());
         registry.register("bytes", "Bytes judged by the datapath, per local pod, direction and verdict", bytes.clone());
         registry.register("reconcile_duration_seconds", "Time from a batch of changes to the maps holding them", reconcile_seconds.clone());
@@ -63,6 +66,11 @@ impl Metrics {
             "Local pods denied everything because their tables could not be written",
             fail_closed_endpoints.clone(),
         );
+        registry.register(
+            "too_big_endpoints",
+            "Local pods fail-closed because their tables do not fit in the maps (also counted in fail_closed_endpoints)",
+            too_big_endpoints.clone(),
+        );
         Metrics {
             registry,
             packets,
@@ -73,6 +81,7 @@ impl Metrics {
             map_write_errors,
             endpoints,
             fail_closed_endpoints,
+            too_big_endpoints,
         }
     }
 }

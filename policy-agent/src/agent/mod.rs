@@ -315,6 +315,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             m.rejected_objects.set(compiler.rejected().count() as i64);
             m.endpoints.set(endpoint_count as i64);
             m.fail_closed_endpoints.set(fail_closed as i64);
+            m.too_big_endpoints.set(enforcer.sync.too_big_count() as i64);
             m.map_write_errors.inner().store(enforcer.sync.write_errors, Ordering::Relaxed);
             let (peers, ports) = enforcer.sync.entry_counts();
             m.map_entries.get_or_create(&MapLabels { map: "peers".into() }).set(peers as i64);

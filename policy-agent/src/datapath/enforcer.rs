@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use policy_model::{NodeCompiler, ObjectKey, Prefix};
 
 use super::loader::{AttachPoint, Datapath, DatapathError, MapSizes};
-use super::sync::{MapSync, SyncError, SyncErrorKind, SyncReport};
+use super::sync::{Budget, MapSync, SyncError, SyncErrorKind, SyncReport};
 
 /// A pod's host-side interface in the node's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +69,17 @@ impl Enforcer {
         interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>,
         budget: Option<Duration>,
     ) -> SyncReport {
-        let deadline = budget.map(|b| Instant::now() + b);
+        self.reconcile_with(compiler, interface_of, Budget::until(budget.map(|b| Instant::now() + b)))
+    }
+
+    /// [`Enforcer::reconcile_within`] with a [`Budget`] (tests stop after a number of
+    /// writes, to look at every step).
+    pub fn reconcile_with(
+        &mut self,
+        compiler: &NodeCompiler,
+        interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>,
+        mut budget: Budget,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
         let mut live = BTreeMap::new();
         for ep in compiler.endpoints() {
@@ -94,7 +104,7 @@ impl Enforcer {
         for pod in self.sync.pods().filter(|p| !live.contains_key(*p)).cloned().collect::<Vec<_>>() {
             self.sync.remove_endpoint(&pod);
         }
-        self.sync.run(&mut self.datapath, deadline, &mut report);
+        self.sync.run_with(&mut self.datapath, &mut budget, &mut report);
         for (pod, iface) in live {
             if self.attached.get(&pod) == Some(&iface) || !self.sync.is_listed(&pod) {
                 continue;

@@ -245,6 +245,11 @@ impl Datapath {
         out
     }
 
+    /// The `ENDPOINTS` entry of an address, as the kernel sees it.
+    pub fn endpoint_entry(&self, addr: std::net::IpAddr) -> Option<EndpointValue> {
+        self.endpoints.get(&EndpointKey { addr: super::encode_addr(addr) }, 0).ok()
+    }
+
     /// Tracked connections: (key, value) pairs.
     pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
         self.conntrack.iter().flatten().collect()

@@ -12,7 +12,7 @@ pub use encode::{Allow, PeerSlot, PortEntry, encode_addr, peer_entries, port_ent
 pub use enforcer::{Enforcer, PodInterface};
 pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
 pub use model::ModelMaps;
-pub use sync::{EndpointStatus, MapSync, Maps, SyncError, SyncErrorKind, SyncReport, WriteError, decode_addr};
+pub use sync::{Budget, EndpointStatus, MapSync, Maps, SyncError, SyncErrorKind, SyncReport, WriteError, decode_addr};
 
 /// The compiled kernel programs (ELF), built by `build.rs`.
 pub fn program_bytes() -> &'static [u8] {
