@@ -358,24 +358,27 @@ fn masqueraded_traffic_is_judged_by_egress_rules() {
 }
 
 /// `n` distinct /32 ipBlock peers, half in 9.<base>.0.0/16 and half in 11.<base>.0.0/16:
-/// filler that makes a table large, so a revision takes a while to write. The pods'
-/// 10.244/16 entries sort in the middle, so a non-atomic update (old entries removed
-/// before the flip, or the flip before the new entries are written) would leave them
-/// missing for as long as half the filler takes.
+/// filler that makes a table large, so a change takes a while to write. The pods'
+/// 10.244/16 entries sort in the middle, so an update in the wrong order (an entry
+/// removed before the one that takes over its addresses is written) would leave them
+/// missing for as long as part of the filler takes.
 fn filler(base: u8, n: usize) -> Vec<serde_json::Value> {
     (0..n)
         .map(|i| json!({"ipBlock": {"cidr": format!("{}.{base}.{}.{}/32", if i % 2 == 0 { 9 } else { 11 }, i / 500, 1 + (i / 2) % 250)}}))
         .collect()
 }
 
-/// Table size for the flip test: large enough that writing a revision takes milliseconds,
-/// so probes land inside the window a non-atomic update would open.
+/// Table size for the flip test: large enough that writing a change takes milliseconds,
+/// so probes land inside the window an update in the wrong order would open.
 const FLIP_FILLER: usize = 8000;
 
 #[test]
 fn revision_flip_under_traffic_is_atomic() {
     let mut rig = ns_rig();
-    // Both policies admit x/c on 80; the old one also x/a on 80; neither ever admits 81.
+    // Both policies admit x/c on 80, through different entries (its /32 as a pod, then a
+    // /30 ipBlock around it), so each change adds one and removes the other; the old one
+    // also admits x/a on 80; neither ever admits 81. Every change also replaces all the
+    // filler.
     let old = |rig: &mut Rig| {
         let mut peers = filler(98, FLIP_FILLER);
         peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
@@ -384,7 +387,7 @@ fn revision_flip_under_traffic_is_atomic() {
     };
     let new = |rig: &mut Rig| {
         let mut peers = filler(99, FLIP_FILLER);
-        peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
+        peers.push(json!({"ipBlock": {"cidr": "10.244.0.12/30"}}));
         rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": [{"port": 80}]}]}))]).unwrap();
     };
     old(&mut rig);
