@@ -387,7 +387,8 @@ mod merge_tests {
             for k in 0..2 {
                 for _ in 0..next(40) {
                     let start = if next(2) == 0 { next(200) } else { next(65536) } as u16;
-                    let end = (start as u64 + next(if next(4) == 0 { 70000 } else { 5 })).min(65535) as u16;
+                    let width = if next(4) == 0 { 70000 } else { 5 };
+                    let end = (start as u64 + next(width)).min(65535) as u16;
                     sets[k].insert(Protocol::Udp, PortRange { start, end });
                     bits[k][start as usize..=end as usize].iter_mut().for_each(|b| *b = true);
                 }
