@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use policy_agent::datapath::{Enforcer, MapSizes, PodInterface, SyncReport};
+use policy_agent::datapath::{Budget, Enforcer, MapSizes, PodInterface, SyncReport};
 use policy_ebpf::{Counters, CtKey, CtValue};
 use policy_model::{Change, Namespace, Node, NodeCompiler, ObjectKey, Pod, Prefix, Protocol};
 
@@ -23,12 +23,26 @@ pub const NODE_V6: &str = "fd10:250::1";
 
 enum Command {
     Apply(Vec<Change>, mpsc::Sender<Result<SyncReport, String>>),
+    /// Apply, syncing `writes` map writes at a time with `pause` between steps; replies
+    /// with each step's report and the state of every pod after it.
+    ApplyStepwise(Vec<Change>, usize, Duration, mpsc::Sender<Result<Vec<(SyncReport, Vec<PodStep>)>, String>>),
+    EntryCounts(mpsc::Sender<(usize, usize)>),
     Services(Vec<Prefix>, mpsc::Sender<Result<(), String>>),
     AttachNodeDevices(Vec<String>, mpsc::Sender<Result<(), String>>),
     Counters(ObjectKey, mpsc::Sender<Option<[Counters; 2]>>),
     Conntrack(mpsc::Sender<Vec<(CtKey, CtValue)>>),
     /// Stop, leaving the pins (and so enforcement) in place.
     Exit,
+}
+
+/// A pod's state after one sync step.
+#[derive(Debug, Clone)]
+pub struct PodStep {
+    pub pod: ObjectKey,
+    /// The agent's status says fail-closed.
+    pub fail_closed: bool,
+    /// The kernel's `ENDPOINTS` entry of its IPv4 address is flagged fail-closed.
+    pub kernel_fail_closed: bool,
 }
 
 pub struct RigPod {
@@ -86,6 +100,40 @@ fn agent_loop(
                 let rejected: Vec<String> = r.rejected.iter().map(|e| e.to_string()).collect();
                 let report = enforcer.reconcile(&compiler, &lookup);
                 let _ = reply.send(if rejected.is_empty() { Ok(report) } else { Err(rejected.join("; ")) });
+            }
+            Command::ApplyStepwise(changes, writes, pause, reply) => {
+                let r = compiler.apply(changes);
+                if !r.rejected.is_empty() {
+                    let _ = reply.send(Err(r.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")));
+                    continue;
+                }
+                let mut steps = Vec::new();
+                loop {
+                    let report = enforcer.reconcile_with(&compiler, &lookup, Budget { deadline: None, writes: Some(writes) });
+                    let pods = compiler
+                        .endpoints()
+                        .map(|e| {
+                            let pod = e.tables.pod.clone();
+                            let fail_closed =
+                                matches!(enforcer.sync.status(&pod), Some(policy_agent::datapath::EndpointStatus::FailClosed { .. }));
+                            let v4 = e.tables.addresses.iter().find(|a| a.is_ipv4()).copied();
+                            let kernel_fail_closed = v4
+                                .and_then(|a| enforcer.datapath.endpoint_entry(a))
+                                .is_some_and(|v| v.flags & policy_ebpf::ENDPOINT_FAIL_CLOSED != 0);
+                            PodStep { pod, fail_closed, kernel_fail_closed }
+                        })
+                        .collect();
+                    let more = report.more_work;
+                    steps.push((report, pods));
+                    if !more {
+                        break;
+                    }
+                    std::thread::sleep(pause);
+                }
+                let _ = reply.send(Ok(steps));
+            }
+            Command::EntryCounts(reply) => {
+                let _ = reply.send(enforcer.sync.entry_counts());
             }
             Command::Services(p, reply) => {
                 let _ = reply.send(enforcer.set_services(&p));
@@ -207,7 +255,7 @@ impl Rig {
         self.sender()?.send(Command::Apply(changes, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
         let report = rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)?;
         if !report.errors.is_empty() {
-            return Err(RigError::Agent(report.errors.join("; ")));
+            return Err(RigError::Agent(report.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")));
         }
         Ok(report)
     }
@@ -224,6 +272,29 @@ impl Rig {
         let (tx, rx) = mpsc::channel();
         self.sender()?.send(Command::Apply(changes, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
         rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
+    }
+
+    /// Like [`Rig::apply_report`], `writes` map writes at a time with `pause` between
+    /// steps: each step's report and every pod's state after it.
+    pub fn apply_stepwise(
+        &mut self,
+        changes: Vec<Change>,
+        writes: usize,
+        pause: Duration,
+    ) -> Result<Vec<(SyncReport, Vec<PodStep>)>, RigError> {
+        self.history.extend(changes.iter().cloned());
+        let (tx, rx) = mpsc::channel();
+        self.sender()?.send(Command::ApplyStepwise(changes, writes, pause, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
+        rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
+    }
+
+    /// (`PEERS`, `PORTS`) entries the agent keeps.
+    pub fn entry_counts(&self) -> (usize, usize) {
+        let (tx, rx) = mpsc::channel();
+        if self.sender().map(|s| s.send(Command::EntryCounts(tx))).is_err() {
+            return (0, 0);
+        }
+        rx.recv().unwrap_or_default()
     }
 
     /// A pod's counters: [ingress, egress], summed over CPUs.

@@ -1,7 +1,12 @@
 //! The datapath on real veths in network namespaces, with real sockets. Needs root and
 //! BPF; fails (never skips) without them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use conformance::rig::Rig;
+use policy_agent::datapath::{MapSizes, SyncErrorKind};
 use policy_model::{Change, NamedPort, ObjectKey, Pod, Protocol};
 use serde_json::json;
 
@@ -353,27 +358,27 @@ fn masqueraded_traffic_is_judged_by_egress_rules() {
 }
 
 /// `n` distinct /32 ipBlock peers, half in 9.<base>.0.0/16 and half in 11.<base>.0.0/16:
-/// filler that makes a table large, so a revision takes a while to write. The pods'
-/// 10.244/16 entries sort in the middle, so a non-atomic update (old entries removed
-/// before the flip, or the flip before the new entries are written) would leave them
-/// missing for as long as half the filler takes.
+/// filler that makes a table large, so a change takes a while to write. The pods'
+/// 10.244/16 entries sort in the middle, so an update in the wrong order (an entry
+/// removed before the one that takes over its addresses is written) would leave them
+/// missing for as long as part of the filler takes.
 fn filler(base: u8, n: usize) -> Vec<serde_json::Value> {
     (0..n)
         .map(|i| json!({"ipBlock": {"cidr": format!("{}.{base}.{}.{}/32", if i % 2 == 0 { 9 } else { 11 }, i / 500, 1 + (i / 2) % 250)}}))
         .collect()
 }
 
-/// Table size for the flip test: large enough that writing a revision takes milliseconds,
-/// so probes land inside the window a non-atomic update would open.
+/// Table size for the flip test: large enough that writing a change takes milliseconds,
+/// so probes land inside the window an update in the wrong order would open.
 const FLIP_FILLER: usize = 8000;
 
 #[test]
 fn revision_flip_under_traffic_is_atomic() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     let mut rig = ns_rig();
-    // Both policies admit x/c on 80; the old one also x/a on 80; neither ever admits 81.
+    // Both policies admit x/c on 80, through different entries (its /32 as a pod, then a
+    // /30 ipBlock around it), so each change adds one and removes the other; the old one
+    // also admits x/a on 80; neither ever admits 81. Every change also replaces all the
+    // filler.
     let old = |rig: &mut Rig| {
         let mut peers = filler(98, FLIP_FILLER);
         peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
@@ -382,7 +387,7 @@ fn revision_flip_under_traffic_is_atomic() {
     };
     let new = |rig: &mut Rig| {
         let mut peers = filler(99, FLIP_FILLER);
-        peers.push(json!({"podSelector": {"matchLabels": {"pod": "c"}}}));
+        peers.push(json!({"ipBlock": {"cidr": "10.244.0.12/30"}}));
         rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers, "ports": [{"port": 80}]}]}))]).unwrap();
     };
     old(&mut rig);
@@ -466,7 +471,14 @@ fn a_full_map_leaves_that_pod_fail_closed_and_others_enforced() {
             json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers}]}),
         )])
         .unwrap();
-    assert!(report.errors.iter().any(|e| e.contains("pod x/b") && e.contains("full") && e.contains("fail-closed")), "{:?}", report.errors);
+    let big = ObjectKey::parse("x/b-big").unwrap();
+    assert!(
+        report.errors.iter().any(|e| e.pod.to_string() == "x/b"
+            && matches!(&e.kind, SyncErrorKind::TooBig { map: "PEERS", policies, .. } if *policies == [big.clone()])
+            && e.to_string().contains("fail-closed")),
+        "{:?}",
+        report.errors
+    );
     // x/b's policy would admit x/a, but its tables could not be written: deny everything.
     expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", false), ("y/a", "x/b", false), ("x/b", "x/a", false)]);
     // Others are unaffected.
@@ -557,4 +569,121 @@ fn fin_and_rst_end_tracked_connections() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     let (_, v) = find(port).expect("entry of a closed connection");
     assert_ne!(v.flags & policy_ebpf::CT_TCP_CLOSING, 0, "FIN seen: closing");
+}
+
+/// Probes `from` -> `to`:`port` (TCP, IPv4) until `done`, asserting every probe gets `want`;
+/// returns the number of probes.
+fn keep_probing(rig: &Rig, from: &str, to: &str, port: u16, want: bool, done: Arc<AtomicBool>) -> std::thread::JoinHandle<u32> {
+    let ns = rig.pod(from).net.ns.handle();
+    let dst = std::net::SocketAddr::new(rig.ip(to, true), port);
+    let (from, to) = (from.to_string(), to.to_string());
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !done.load(Ordering::Relaxed) {
+            let ok = conformance::traffic::probe_in(&ns, Protocol::Tcp, dst, Duration::from_millis(500)).unwrap();
+            assert_eq!(ok, want, "{from} -> {to}:{port} must always be {}", if want { "allowed" } else { "blocked" });
+            n += 1;
+        }
+        n
+    })
+}
+
+fn ingress_from(selected: &str, peers: Vec<serde_json::Value>) -> serde_json::Value {
+    json!({"podSelector": {"matchLabels": {"pod": selected}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers}]})
+}
+
+/// A pod whose tables do not fit is fail-closed alone, and named with the policies that
+/// make it big; the others keep their tables, also through later updates that need room
+/// (the map keeps a margin), and through the deletion that lets it recover: after every
+/// single sync step, no other pod is fail-closed (agent status and kernel entry) and
+/// their allowed traffic passes.
+#[test]
+fn a_pod_too_big_for_the_map_is_closed_alone_and_recovers_without_closing_others() {
+    let sizes = MapSizes { peer_entries: 1024, ..conformance::rig::test_sizes() };
+    let mut rig = Rig::with_sizes(
+        vec![
+            pod("x/a", &[("pod", "a")], "10.244.0.10", "fd10:244::a"),
+            pod("x/b", &[("pod", "b")], "10.244.0.11", "fd10:244::b"),
+            pod("y/a", &[("pod", "a")], "10.244.1.10", "fd10:244:0:1::a"),
+        ],
+        sizes,
+    )
+    .unwrap();
+    rig.apply(vec![policy("y", "a-from-a", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}]}]}))]).unwrap();
+    // x/a: about half the map.
+    rig.apply(vec![policy("x", "a-big", ingress_from("a", filler(97, 480)))]).unwrap();
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "y/a", true), ("x/b", "x/a", false)]);
+    // x/b: would fit in what is left, but not with the margin the others' updates need.
+    let mut peers = filler(98, 480);
+    peers.push(json!({"podSelector": {"matchLabels": {"pod": "a"}}}));
+    let b_big = policy("x", "b-big", ingress_from("b", peers));
+    let no_other_closed = |steps: &[(policy_agent::datapath::SyncReport, Vec<conformance::rig::PodStep>)], what: &str| {
+        for (i, (_, pods)) in steps.iter().enumerate() {
+            for p in pods.iter().filter(|p| p.pod.to_string() != "x/b") {
+                assert!(!p.fail_closed && !p.kernel_fail_closed, "{what}, step {i}: {} is fail-closed", p.pod);
+            }
+        }
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let prober = keep_probing(&rig, "x/a", "y/a", 80, true, done.clone());
+    let steps = rig.apply_stepwise(vec![b_big], 40, Duration::from_millis(2)).unwrap();
+    no_other_closed(&steps, "adding x/b-big");
+    let errors: Vec<_> = steps.iter().flat_map(|(r, _)| r.errors.iter()).collect();
+    let b_big = ObjectKey::parse("x/b-big").unwrap();
+    assert!(
+        errors.iter().any(|e| e.pod.to_string() == "x/b"
+            && matches!(&e.kind, SyncErrorKind::TooBig { map: "PEERS", needed_entries, policies, .. } if *needed_entries > 480 && *policies == [b_big.clone()])),
+        "{errors:?}"
+    );
+    assert!(steps.last().unwrap().1.iter().any(|p| p.pod.to_string() == "x/b" && p.fail_closed && p.kernel_fail_closed));
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", false), ("x/b", "x/a", false), ("x/a", "y/a", true)]);
+    // x/a's table is replaced (as many entries added as removed): it fits beside the old.
+    let steps = rig.apply_stepwise(vec![policy("x", "a-big", ingress_from("a", filler(96, 480)))], 40, Duration::from_millis(2)).unwrap();
+    no_other_closed(&steps, "replacing x/a's table");
+    assert!(steps.len() > 10, "replacing x/a's table took several steps: {}", steps.len());
+    // Deleting the big policy: x/b recovers, nobody else is closed on the way.
+    let steps = rig.apply_stepwise(vec![Change::DeletePolicy(b_big)], 40, Duration::from_millis(2)).unwrap();
+    no_other_closed(&steps, "deleting x/b-big");
+    assert!(steps.iter().all(|(r, _)| r.errors.is_empty()), "{steps:?}");
+    assert!(steps.last().unwrap().1.iter().all(|p| !p.fail_closed && !p.kernel_fail_closed));
+    done.store(true, Ordering::Relaxed);
+    assert!(prober.join().expect("x/a -> y/a was always allowed") > 0);
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true), ("x/a", "y/a", true)]);
+}
+
+/// Three policies for every pod, each allowing the 32,768 odd ports of one protocol: one
+/// port set per protocol, shared by all pods, 1,024 entries each, in the default maps.
+#[test]
+fn every_odd_port_on_three_protocols_fits_in_the_default_maps() {
+    let mut rig = Rig::with_sizes(
+        vec![
+            pod("x/a", &[("pod", "a")], "10.244.0.10", "fd10:244::a"),
+            pod("x/b", &[("pod", "b")], "10.244.0.11", "fd10:244::b"),
+            pod("x/c", &[("pod", "c")], "10.244.0.12", "fd10:244::c"),
+        ],
+        MapSizes::default(),
+    )
+    .unwrap();
+    let mut changes = Vec::new();
+    for proto in ["TCP", "UDP", "SCTP"] {
+        let ports: Vec<serde_json::Value> = (1..=65535u32).step_by(2).map(|p| json!({"protocol": proto, "port": p})).collect();
+        changes.push(policy(
+            "x",
+            &format!("odd-{}", proto.to_lowercase()),
+            json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": ports}]}),
+        ));
+    }
+    let report = rig.apply_report(changes).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(rig.entry_counts().1, 3 * 1024, "one set per protocol, shared by every pod");
+    for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+        expect(&rig, proto, 81, &[("x/a", "x/b", true), ("x/c", "x/a", true)]);
+        expect(&rig, proto, 80, &[("x/a", "x/b", false), ("x/c", "x/a", false)]);
+    }
+    // And they go as they came.
+    let deletes = ["odd-tcp", "odd-udp", "odd-sctp"].iter().map(|n| Change::DeletePolicy(ObjectKey::new("x", *n))).collect();
+    let report = rig.apply_report(deletes).unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(rig.entry_counts().1, 0);
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true)]);
 }

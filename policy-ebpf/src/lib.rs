@@ -56,9 +56,11 @@ pub struct EndpointKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointValue {
-    /// Datapath endpoint id (1..); indexes `COUNTERS` and prefixes `PEERS`/`PORTS` keys.
+    /// Datapath endpoint id (1..); indexes `COUNTERS` and prefixes `PEERS` keys.
     pub id: u32,
-    /// The tables in force: `PEERS`/`PORTS` entries of this revision.
+    /// Bumped by the agent once a change of the endpoint's tables is complete (and with
+    /// an isolation change): connection tracking records the revision each end approved
+    /// a flow under, so the next packet after a change is judged again.
     pub revision: u32,
     /// The pod's host-side veth; traffic claiming this address elsewhere is dropped.
     pub ifindex: u32,
@@ -93,20 +95,19 @@ pub struct IfaceValue {
 pub const IFACE_HAS_V4: u32 = 1 << 16;
 pub const IFACE_HAS_V6: u32 = 1 << 17;
 
-/// Table selector inside keys: `revision << 1 | direction`.
+/// Directions, inside `PeerKey`s and for the `COUNTERS` index.
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;
 
-pub const fn table_id(revision: u32, direction: u32) -> u32 {
-    (revision << 1) | direction
-}
-
-/// `PEERS` LPM key data: (endpoint, table) always match in full, then the address prefix.
+/// `PEERS` LPM key data: (endpoint, direction) always match in full, then the address
+/// prefix. The key carries no revision: the agent changes a table in place, entry by
+/// entry, in an order that gives every address its old or its new answer at every step
+/// (see the agent's `datapath::sync`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
     pub endpoint: u32,
-    pub table: u32,
+    pub direction: u32,
     pub addr: Addr,
 }
 
@@ -115,32 +116,57 @@ pub const PEER_KEY_FIXED_BITS: u32 = 64;
 
 /// `PEERS` value: what the matched prefix may do.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerValue {
-    /// `PORTS` set id for this table (ignored with `PEER_ALL`).
+    /// `PORTS` set id (ignored with `PEER_ALL`; `NO_PORT_SET` allows nothing).
     pub port_set: u32,
     pub flags: u32,
 }
 
-/// Every protocol and port (ICMP included).
+/// Every protocol and port (ICMP too).
 pub const PEER_ALL: u32 = 1;
 
-/// `PORTS` LPM key data: (endpoint, table, port set, protocol) match in full, then the
-/// port's bits (big-endian) as the prefix, so a range is a handful of prefixes.
+/// A port set id that has no `PORTS` entries: an entry with it (and no `PEER_ALL`) allows
+/// nothing.
+pub const NO_PORT_SET: u32 = 0;
+
+/// `PORTS` LPM key data: (port set, protocol) match in full, then the top
+/// `PORT_BLOCK_BITS` bits of the port (big-endian) as the prefix; the value is a bitmap
+/// of the `PORT_BLOCK_SIZE` ports of the block (bit `port % 64`). A port range is a
+/// handful of prefixes whose bitmaps are full, plus at most two partial blocks; any set
+/// of ports costs at most one entry per block (every odd port: 1,024 per protocol).
+///
+/// Port sets are global and content-addressed: every endpoint and direction whose
+/// entries allow the same ports shares one set id, and a set's entries never change while
+/// a `PEERS` entry refers to it (a different set gets a new id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortKey {
-    pub endpoint: u32,
-    pub table: u32,
     pub port_set: u32,
     pub protocol: u8,
     pub _pad: u8,
-    /// Big-endian.
+    /// Big-endian; the low `16 - PORT_BLOCK_BITS` bits are zero.
     pub port: [u8; 2],
 }
 
 /// Bits of `PortKey` before the port (including the zero pad byte).
-pub const PORT_KEY_FIXED_BITS: u32 = 112;
+pub const PORT_KEY_FIXED_BITS: u32 = 48;
+/// Bits of the port inside the key's prefix (the block); the rest index the bitmap.
+pub const PORT_BLOCK_BITS: u32 = 10;
+/// Ports per block (bits of the `PORTS` value).
+pub const PORT_BLOCK_SIZE: u32 = 1 << (16 - PORT_BLOCK_BITS);
+
+/// The `PORTS` value: bit `port % PORT_BLOCK_SIZE` set if the port is allowed.
+pub type PortBits = u64;
+
+/// The version of this layout (types, key encodings, map kinds). Pinned maps of another
+/// layout are not reused as they are.
+///
+/// - 1: `PEERS`/`PORTS` keys carry `revision << 1 | direction`; `PORTS` per endpoint,
+///   one port prefix per entry.
+/// - 2: `PEERS` keys carry the direction only (tables change in place); `PORTS` global,
+///   content-addressed, keyed by port block with a 64-port bitmap value.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `CONNTRACK` key: the flow's two (address, port) ends in a canonical order (the lower
 /// one first), so both directions find the same entry.
@@ -212,10 +238,19 @@ pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_RESET_NS: u64 = 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
 
-/// Default map sizes (the agent may set others at load time): 250 local pods with
-/// 10,000 table entries each, plus room for one endpoint's next revision.
+/// Default map sizes (the agent may set others at load time). LPM tries allocate per
+/// entry, so room costs nothing until used.
+///
+/// `PEERS`: 250 local pods with 10,000 entries each, plus room for one more table. The
+/// compiler bench's cluster (10,000 pods, 2,000 policies) has tables of at most 628
+/// entries, so this holds twice its largest table for every possible endpoint id (1,023)
+/// with room to spare, and real clusters' tables of thousands of entries for 250 pods.
+/// The agent keeps 1/16 of it free for updates in flight.
 pub const DEFAULT_MAX_ENDPOINT_ADDRESSES: u32 = 1024;
 pub const DEFAULT_MAX_PEER_ENTRIES: u32 = 250 * 10_000 + 10_000;
+/// `PORTS`: port sets are shared by every pod and direction that allow the same ports;
+/// the bench's cluster needs 9 entries in all (its largest table uses 9), and "every odd
+/// port" on TCP, UDP and SCTP 3,072: room for 85 such distinct sets.
 pub const DEFAULT_MAX_PORT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 131_072;
 pub const DEFAULT_MAX_PENDING: u32 = 16_384;
@@ -231,7 +266,7 @@ const _: () = assert!(core::mem::size_of::<EndpointValue>() == 16);
 const _: () = assert!(core::mem::size_of::<IfaceValue>() == 48);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
-const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);

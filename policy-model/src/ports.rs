@@ -217,16 +217,17 @@ impl PortSet {
             return;
         }
         let v = &mut self.ranges[protocol.index()];
-        v.push(range);
-        v.sort();
-        let mut merged: Vec<PortRange> = Vec::with_capacity(v.len());
-        for r in v.drain(..) {
-            match merged.last_mut() {
-                Some(last) if r.start as u32 <= last.end as u32 + 1 => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
+        // The ranges are sorted, disjoint and not adjacent: merge `range` with those it
+        // touches (from the first whose end reaches `range.start - 1`), in place.
+        let first = v.partition_point(|r| (r.end as u32) + 1 < range.start as u32);
+        let mut last = first;
+        let mut merged = range;
+        while last < v.len() && v[last].start as u32 <= merged.end as u32 + 1 {
+            merged.start = merged.start.min(v[last].start);
+            merged.end = merged.end.max(v[last].end);
+            last += 1;
         }
-        *v = merged;
+        v.splice(first..last, [merged]);
     }
 
     pub fn union_with(&mut self, other: &PortSet) {
@@ -234,10 +235,31 @@ impl PortSet {
             *self = PortSet::all();
             return;
         }
+        if self.all {
+            return;
+        }
         for p in Protocol::ALL {
-            for r in other.ranges(p) {
-                self.insert(p, *r);
+            let (a, b) = (&self.ranges[p.index()], other.ranges(p));
+            if b.is_empty() {
+                continue;
             }
+            // Both sorted: one merge pass.
+            let mut out: Vec<PortRange> = Vec::with_capacity(a.len() + b.len());
+            let (mut i, mut j) = (0, 0);
+            while i < a.len() || j < b.len() {
+                let next = if j >= b.len() || (i < a.len() && a[i].start <= b[j].start) {
+                    i += 1;
+                    a[i - 1]
+                } else {
+                    j += 1;
+                    b[j - 1]
+                };
+                match out.last_mut() {
+                    Some(last) if next.start as u32 <= last.end as u32 + 1 => last.end = last.end.max(next.end),
+                    _ => out.push(next),
+                }
+            }
+            self.ranges[p.index()] = out;
         }
     }
 
@@ -340,6 +362,47 @@ mod tests {
                 probe & mask == p
             });
             prop_assert_eq!(covered, r.contains(probe));
+        }
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    /// `insert` and `union_with` keep the canonical form (sorted, disjoint, not adjacent)
+    /// and hold exactly the ports inserted, whatever the order.
+    #[test]
+    fn insert_and_union_match_a_bitmap() {
+        let mut seed = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..500 {
+            let mut sets = [PortSet::empty(), PortSet::empty()];
+            let mut bits = [vec![false; 65536], vec![false; 65536]];
+            for k in 0..2 {
+                for _ in 0..next(40) {
+                    let start = if next(2) == 0 { next(200) } else { next(65536) } as u16;
+                    let width = if next(4) == 0 { 70000 } else { 5 };
+                    let end = (start as u64 + next(width)).min(65535) as u16;
+                    sets[k].insert(Protocol::Udp, PortRange { start, end });
+                    bits[k][start as usize..=end as usize].iter_mut().for_each(|b| *b = true);
+                }
+            }
+            let mut union = sets[0].clone();
+            union.union_with(&sets[1]);
+            let both: Vec<bool> = (0..65536).map(|i| bits[0][i] || bits[1][i]).collect();
+            for (set, want) in [(&sets[0], &bits[0]), (&sets[1], &bits[1]), (&union, &both)] {
+                let r = set.ranges(Protocol::Udp);
+                assert!(r.windows(2).all(|w| (w[0].end as u32) + 1 < w[1].start as u32), "canonical: {r:?}");
+                for (p, w) in want.iter().enumerate() {
+                    assert_eq!(set.contains(IpProtocol(17), p as u16), *w, "port {p} in {r:?}");
+                }
+            }
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub fail_closed_endpoints: Gauge,
     pub migration_failures: Counter,
     pub migration_pending: Gauge,
+    /// Set from `MapSync::too_big_count`.
+    pub too_big_endpoints: Gauge,
 }
 
 impl Metrics {
@@ -55,6 +57,7 @@ impl Metrics {
         let fail_closed_endpoints = Gauge::default();
         let migration_failures = Counter::default();
         let migration_pending = Gauge::default();
+        let too_big_endpoints = Gauge::default();
         registry.register("packets", "Packets judged by the datapath, per local pod, direction and verdict", packets.clone());
         registry.register("bytes", "Bytes judged by the datapath, per local pod, direction and verdict", bytes.clone());
         registry.register("reconcile_duration_seconds", "Time from a batch of changes to the maps holding them", reconcile_seconds.clone());
@@ -77,6 +80,11 @@ impl Metrics {
             "1 while the previous agent's programs and maps still enforce (a migration under way or failed): not ready",
             migration_pending.clone(),
         );
+        registry.register(
+            "too_big_endpoints",
+            "Local pods fail-closed because their tables do not fit in the maps (also counted in fail_closed_endpoints)",
+            too_big_endpoints.clone(),
+        );
         Metrics {
             registry,
             packets,
@@ -89,6 +97,7 @@ impl Metrics {
             fail_closed_endpoints,
             migration_failures,
             migration_pending,
+            too_big_endpoints,
         }
     }
 }

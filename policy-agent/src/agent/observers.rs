@@ -60,6 +60,7 @@ impl SyncObserver for SyncMetrics {
         m.rejected_objects.set(s.compiler.rejected().count() as i64);
         m.endpoints.set(endpoint_count as i64);
         m.fail_closed_endpoints.set(fail_closed as i64);
+        m.too_big_endpoints.set(s.enforcer.sync.too_big_count() as i64);
         m.map_write_errors.inner().store(s.enforcer.sync.write_errors, Ordering::Relaxed);
         m.migration_failures.inner().store(s.enforcer.migration_failures, Ordering::Relaxed);
         m.migration_pending.set(s.enforcer.migrating() as i64);

@@ -3,11 +3,8 @@
 use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
-use policy_ebpf::{
-    Addr, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_INGRESS_ISOLATED, PEER_ALL, PEER_KEY_FIXED_BITS,
-    PORT_KEY_FIXED_BITS, PeerKey, PeerValue, PortKey, table_id,
-};
-use policy_model::{EndpointTables, Family, PeerTable, Prefix, Protocol};
+use policy_ebpf::{Addr, PEER_KEY_FIXED_BITS, PORT_BLOCK_BITS, PORT_BLOCK_SIZE, PORT_KEY_FIXED_BITS, PeerKey, PortBits, PortKey};
+use policy_model::{Family, PeerTable, PortRange, PortSet, Prefix, Protocol};
 
 /// An address in the maps' 16-byte encoding (IPv4 mapped).
 pub fn encode_addr(ip: IpAddr) -> Addr {
@@ -26,13 +23,42 @@ pub fn encode_prefix(p: &Prefix) -> (Addr, u32) {
     (encode_addr(p.addr()), extra + p.len() as u32)
 }
 
-fn protocol_number(p: Protocol) -> u8 {
-    p.number()
+/// One `PEERS` entry of a direction's table: an address prefix (its length within the
+/// 128-bit encoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerSlot {
+    pub direction: u32,
+    pub addr: Addr,
+    pub len: u32,
 }
 
-/// A `PORTS` set id no key is written for (ids written are indexes into the table's
-/// port sets): a `PEERS` entry with it and no `PEER_ALL` allows nothing.
-const NO_PORTS: u32 = u32::MAX;
+impl PeerSlot {
+    pub fn key(&self, endpoint: u32) -> Key<PeerKey> {
+        Key::new(PEER_KEY_FIXED_BITS + self.len, PeerKey { endpoint, direction: self.direction, addr: self.addr })
+    }
+
+    pub fn from_key(k: &Key<PeerKey>) -> PeerSlot {
+        let d = k.data();
+        PeerSlot { direction: d.direction, addr: d.addr, len: k.prefix_len().saturating_sub(PEER_KEY_FIXED_BITS) }
+    }
+
+    /// Whether `addr` (encoded) is inside this prefix.
+    pub fn contains(&self, addr: &Addr) -> bool {
+        let (a, b) = (u128::from_be_bytes(self.addr.0), u128::from_be_bytes(addr.0));
+        self.len == 0 || (a ^ b) >> (128 - self.len.min(128)) == 0
+    }
+}
+
+/// What a `PEERS` entry allows, before port sets get their ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Allow {
+    /// Every protocol and port.
+    All,
+    /// Nothing (no port set).
+    Nothing,
+    /// The port set of this index in the table's `port_sets`.
+    Ports(usize),
+}
 
 /// `::ffff:0:0/96`, where the encoding puts IPv4.
 fn ipv4_mapped_block() -> Prefix {
@@ -47,82 +73,123 @@ fn ipv4_mapped_block() -> Prefix {
 /// IPv4-mapped addresses), and when an IPv6 prefix covers that block (`::/0`, `::/64`..)
 /// while no IPv4 `0.0.0.0/0` entry takes it, an entry that allows nothing is put there,
 /// so that an IPv4 address no IPv4 entry matches stops at it.
-pub fn peer_entries(t: &PeerTable, endpoint: u32, revision: u32, direction: u32) -> Vec<(Key<PeerKey>, PeerValue)> {
-    let table = table_id(revision, direction);
+pub fn peer_entries(t: &PeerTable, direction: u32) -> Vec<(PeerSlot, Allow)> {
     let mapped = ipv4_mapped_block();
     let v6 = |p: &Prefix| p.family() == Family::Ipv6;
-    let mut out: Vec<(Key<PeerKey>, PeerValue)> = t
+    let mut out: Vec<(PeerSlot, Allow)> = t
         .entries
         .iter()
         .filter(|e| !(v6(&e.prefix) && mapped.contains(&e.prefix)))
         .map(|e| {
             let (addr, len) = encode_prefix(&e.prefix);
             let set = t.port_set(e);
-            let value = PeerValue { port_set: e.port_set, flags: if set.is_all() { PEER_ALL } else { 0 } };
-            (Key::new(PEER_KEY_FIXED_BITS + len, PeerKey { endpoint, table, addr }), value)
+            let allow = if set.is_all() {
+                Allow::All
+            } else if set.is_empty() {
+                Allow::Nothing
+            } else {
+                Allow::Ports(e.port_set as usize)
+            };
+            (PeerSlot { direction, addr, len }, allow)
         })
         .collect();
     let v6_covers_v4 = t.entries.iter().any(|e| v6(&e.prefix) && e.prefix.len() < mapped.len() && e.prefix.contains(&mapped));
     let v4_everything = t.entries.iter().any(|e| e.prefix.family() == Family::Ipv4 && e.prefix.len() == 0);
     if v6_covers_v4 && !v4_everything {
         let (addr, len) = encode_prefix(&mapped);
-        out.push((Key::new(PEER_KEY_FIXED_BITS + len, PeerKey { endpoint, table, addr }), PeerValue { port_set: NO_PORTS, flags: 0 }));
+        out.push((PeerSlot { direction, addr, len }, Allow::Nothing));
     }
     out
 }
 
-/// `PORTS` entries of one direction's port sets: each range as port prefixes.
-pub fn port_entries(t: &PeerTable, endpoint: u32, revision: u32, direction: u32) -> Vec<Key<PortKey>> {
-    let table = table_id(revision, direction);
+/// One `PORTS` entry of a port set: the ports of `protocol` whose top `len` bits (of
+/// `PORT_BLOCK_BITS`) equal `port`'s, with bitmap `bits` in each block they cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortEntry {
+    pub protocol: u8,
+    /// Host order; the low `16 - PORT_BLOCK_BITS` bits are zero.
+    pub port: u16,
+    /// 0..=PORT_BLOCK_BITS.
+    pub len: u8,
+    pub bits: PortBits,
+}
+
+impl PortEntry {
+    pub fn key(&self, port_set: u32) -> Key<PortKey> {
+        Key::new(
+            PORT_KEY_FIXED_BITS + self.len as u32,
+            PortKey { port_set, protocol: self.protocol, _pad: 0, port: self.port.to_be_bytes() },
+        )
+    }
+
+    pub fn from_key(k: &Key<PortKey>, bits: PortBits) -> (u32, PortEntry) {
+        let d = k.data();
+        let len = k.prefix_len().saturating_sub(PORT_KEY_FIXED_BITS) as u8;
+        (d.port_set, PortEntry { protocol: d.protocol, port: u16::from_be_bytes(d.port), len, bits })
+    }
+}
+
+/// The `PORTS` entries of a port set (without its id), in a canonical order: equal sets
+/// give equal lists. Blocks a range covers in full become block prefixes with a full
+/// bitmap; partly covered blocks one entry each.
+pub fn port_set_entries(set: &PortSet) -> Vec<PortEntry> {
+    const FULL: PortBits = PortBits::MAX;
+    let shift = 16 - PORT_BLOCK_BITS;
     let mut out = Vec::new();
-    for (id, set) in t.port_sets.iter().enumerate() {
-        if set.is_all() {
-            continue;
+    for proto in Protocol::ALL {
+        // Block index -> bitmap, for blocks a range touches.
+        let mut blocks: std::collections::BTreeMap<u32, PortBits> = std::collections::BTreeMap::new();
+        for r in set.ranges(proto) {
+            let (start, end) = (r.start as u32, r.end as u32);
+            for b in (start >> shift)..=(end >> shift) {
+                let lo = start.max(b << shift) - (b << shift);
+                let hi = end.min(((b + 1) << shift) - 1) - (b << shift);
+                let width = hi - lo + 1;
+                let ones: PortBits = if width >= PORT_BLOCK_SIZE { FULL } else { ((1 as PortBits) << width) - 1 };
+                let mask = ones << lo;
+                *blocks.entry(b).or_insert(0) |= mask;
+            }
         }
-        for proto in Protocol::ALL {
-            for range in set.ranges(proto) {
+        // Runs of full blocks as aligned block prefixes; partial blocks as they are.
+        let mut run: Option<(u32, u32)> = None;
+        let flush = |run: &mut Option<(u32, u32)>, out: &mut Vec<PortEntry>| {
+            if let Some((first, last)) = run.take() {
+                let range = PortRange { start: (first << shift) as u16, end: (((last + 1) << shift) - 1) as u16 };
                 for (port, len) in range.to_prefixes() {
-                    out.push(Key::new(
-                        PORT_KEY_FIXED_BITS + len as u32,
-                        PortKey {
-                            endpoint,
-                            table,
-                            port_set: id as u32,
-                            protocol: protocol_number(proto),
-                            _pad: 0,
-                            port: port.to_be_bytes(),
-                        },
-                    ));
+                    out.push(PortEntry { protocol: proto.number(), port, len, bits: FULL });
                 }
             }
+        };
+        for (&b, &bits) in &blocks {
+            if bits == FULL {
+                run = match run {
+                    Some((first, last)) if last + 1 == b => Some((first, b)),
+                    other => {
+                        let mut o = other;
+                        flush(&mut o, &mut out);
+                        Some((b, b))
+                    }
+                };
+            } else {
+                flush(&mut run, &mut out);
+                out.push(PortEntry { protocol: proto.number(), port: (b << shift) as u16, len: PORT_BLOCK_BITS as u8, bits });
+            }
         }
+        flush(&mut run, &mut out);
     }
+    out.sort();
     out
 }
 
-/// Everything one revision of an endpoint writes.
-pub struct EncodedTables {
-    pub flags: u32,
-    pub peers: Vec<(Key<PeerKey>, PeerValue)>,
-    pub ports: Vec<Key<PortKey>>,
-}
-
-impl EncodedTables {
-    pub fn new(t: &EndpointTables, endpoint: u32, revision: u32) -> EncodedTables {
-        let mut flags = 0;
-        let mut peers = Vec::new();
-        let mut ports = Vec::new();
-        for (table, dir, bit) in
-            [(&t.ingress, DIRECTION_INGRESS, ENDPOINT_INGRESS_ISOLATED), (&t.egress, DIRECTION_EGRESS, ENDPOINT_EGRESS_ISOLATED)]
-        {
-            if table.isolated {
-                flags |= bit;
-                peers.extend(peer_entries(table, endpoint, revision, dir));
-                ports.extend(port_entries(table, endpoint, revision, dir));
-            }
-        }
-        EncodedTables { flags, peers, ports }
-    }
+/// The kernel's port lookup over a port set's entries (longest matching block prefix,
+/// then the port's bit).
+pub fn port_entries_allow(entries: &[PortEntry], protocol: u8, port: u16) -> bool {
+    let shift = 16 - PORT_BLOCK_BITS;
+    entries
+        .iter()
+        .filter(|e| e.protocol == protocol && (e.len == 0 || ((e.port ^ port) as u32 >> (16 - e.len as u32)) == 0))
+        .max_by_key(|e| e.len)
+        .is_some_and(|e| (e.bits >> (port as u32 & ((1 << shift) - 1))) & 1 != 0)
 }
 
 #[cfg(test)]
@@ -132,29 +199,61 @@ mod tests {
     use super::*;
     use crate::manifests::Manifests;
 
-    /// The kernel's lookup over encoded entries: longest matching prefix, then the port.
-    fn encoded_allows(enc: &EncodedTables, direction: u32, remote: IpAddr, protocol: Protocol, port: u16) -> bool {
-        let bits = |a: &Addr| u128::from_be_bytes(a.0);
-        let remote = bits(&encode_addr(remote));
-        let best = enc
-            .peers
-            .iter()
-            .filter(|(k, _)| k.data().table & 1 == direction)
-            .filter(|(k, _)| {
-                let len = k.prefix_len() - PEER_KEY_FIXED_BITS;
-                len == 0 || (bits(&k.data().addr) ^ remote) >> (128 - len) == 0
-            })
-            .max_by_key(|(k, _)| k.prefix_len());
-        let Some((_, v)) = best else { return false };
-        v.flags & PEER_ALL != 0
-            || enc.ports.iter().any(|k| {
-                let d = k.data();
-                let len = k.prefix_len() - PORT_KEY_FIXED_BITS;
-                d.table & 1 == direction
-                    && d.port_set == v.port_set
-                    && d.protocol == protocol.number()
-                    && (len == 0 || (u16::from_be_bytes(d.port) ^ port) >> (16 - len) == 0)
-            })
+    /// The kernel's lookup over one direction's encoded entries: longest matching prefix,
+    /// then the port.
+    fn encoded_allows(t: &PeerTable, direction: u32, remote: IpAddr, protocol: Protocol, port: u16) -> bool {
+        let remote = encode_addr(remote);
+        let best = peer_entries(t, direction).into_iter().filter(|(slot, _)| slot.contains(&remote)).max_by_key(|(slot, _)| slot.len);
+        match best {
+            None | Some((_, Allow::Nothing)) => false,
+            Some((_, Allow::All)) => true,
+            Some((_, Allow::Ports(i))) => port_entries_allow(&port_set_entries(&t.port_sets[i]), protocol.number(), port),
+        }
+    }
+
+    /// The port set encoding answers as the set does, for ranges of every shape.
+    #[test]
+    fn port_set_entries_hold_exactly_the_set() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..300 {
+            let mut set = PortSet::empty();
+            for _ in 0..(next() % 6) {
+                let proto = Protocol::ALL[(next() % 3) as usize];
+                let start = (next() % 65536) as u16;
+                let len = if case % 3 == 0 { next() % 70000 } else { next() % 300 } as u32;
+                let end = (start as u32 + len).min(65535) as u16;
+                set.insert(proto, PortRange { start, end });
+            }
+            let entries = port_set_entries(&set);
+            let probes: Vec<u16> = (0..2000).map(|_| (next() % 65536) as u16).chain([0, 1, 63, 64, 65535]).collect();
+            for proto in Protocol::ALL {
+                for r in set.ranges(proto) {
+                    for p in [r.start, r.end, r.start.saturating_sub(1), r.end.saturating_add(1)] {
+                        let want = set.contains(policy_model::IpProtocol::from(proto), p);
+                        assert_eq!(port_entries_allow(&entries, proto.number(), p), want, "{set} {proto}/{p}");
+                    }
+                }
+                for &p in &probes {
+                    let want = set.contains(policy_model::IpProtocol::from(proto), p);
+                    assert_eq!(port_entries_allow(&entries, proto.number(), p), want, "{set} {proto}/{p}");
+                }
+            }
+            assert_eq!(entries, port_set_entries(&set.clone()), "deterministic");
+        }
+        // Every odd port: one entry per block.
+        let mut odd = PortSet::empty();
+        for p in (1..=65535u16).step_by(2) {
+            odd.insert(Protocol::Tcp, PortRange::single(p));
+        }
+        assert_eq!(port_set_entries(&odd).len(), 1024);
+        assert_eq!(port_set_entries(&PortSet::range(Protocol::Udp, PortRange { start: 30000, end: 32767 })).len(), 5);
+        assert_eq!(port_set_entries(&PortSet::protocol(Protocol::Sctp)).len(), 1);
     }
 
     fn state(egress: &str) -> policy_model::ClusterState {
@@ -205,12 +304,12 @@ spec:
             let state = state(egress);
             let a = state.pods().find(|p| &*p.key.name == "a").unwrap();
             let b = state.pods().find(|p| &*p.key.name == "b").unwrap();
-            let enc = EncodedTables::new(&policy_model::compile_pod(&state, a), 1, 1);
+            let tables = policy_model::compile_pod(&state, a);
             for (src, dst) in state.owned_ips(a).zip(state.owned_ips(b)) {
                 for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 81)] {
                     let flow = Flow { src, dst, protocol: IpProtocol::from(protocol), port };
                     let want = policy_model::verdict(&state, &flow).allowed;
-                    let got = encoded_allows(&enc, DIRECTION_EGRESS, dst, protocol, port);
+                    let got = encoded_allows(&tables.egress, policy_ebpf::DIRECTION_EGRESS, dst, protocol, port);
                     assert_eq!(got, want, "{egress}: {src} -> {dst} {protocol}/{port}");
                 }
             }

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::loader::{AttachPoint, Datapath, DatapathError, MapSizes};
 use super::migrate::{self, Generation, Plan};
-use super::sync::{MapSync, SyncReport};
+use super::sync::{Budget, MapSync, SyncError, SyncErrorKind, SyncReport};
 
 /// Test hook: with this set to a number of seconds, a migrating agent logs
 /// "migration: pausing before the swap" and sleeps that long between filling the new maps
@@ -159,48 +159,89 @@ impl Enforcer {
         self.datapath.detach(interface, point)
     }
 
-    /// Brings the datapath to the compiler's state. `interface_of` gives each local pod's
-    /// host-side interface (pods without one yet are left for a later pass). Maps are
-    /// written before programs are attached, so no packet meets a half-known pod.
+    /// Brings the datapath to the compiler's state, however long it takes.
+    /// `interface_of` gives each local pod's host-side interface (pods without one yet are
+    /// left for a later pass). Maps are written before programs are attached, so no packet
+    /// meets a half-known pod. The daemon uses [`Enforcer::reconcile_within`].
     pub fn reconcile(&mut self, compiler: &NodeCompiler, interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>) -> SyncReport {
+        self.reconcile_within(compiler, interface_of, None)
+    }
+
+    /// [`Enforcer::reconcile`] that stops writing maps once `budget` has passed (checked
+    /// between single map writes, so it overruns by one write at most) and says so in
+    /// [`SyncReport::more_work`]. Every state it stops in is safe: each address of each
+    /// pod gets its old or its new answer, and a pod whose update has not started keeps
+    /// its old tables. Call it again on the next tick (with the compiler as it is then:
+    /// newer changes are planned from the maps' current state) until `more_work` is
+    /// false; [`Enforcer::has_work`] says the same between calls.
+    ///
+    /// Order of work: pods that left, an update under way, updates that free map space,
+    /// then updates that need it, then unused port sets. Programs of a new pod are
+    /// attached once its endpoint entry is written.
+    pub fn reconcile_within(
+        &mut self,
+        compiler: &NodeCompiler,
+        interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>,
+        budget: Option<Duration>,
+    ) -> SyncReport {
+        self.reconcile_with(compiler, interface_of, Budget::until(budget.map(|b| Instant::now() + b)))
+    }
+
+    /// [`Enforcer::reconcile_within`] with a [`Budget`] (tests stop after a number of
+    /// writes, to look at every step).
+    pub fn reconcile_with(
+        &mut self,
+        compiler: &NodeCompiler,
+        interface_of: &dyn Fn(&ObjectKey) -> Option<PodInterface>,
+        mut budget: Budget,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
-        let mut live = BTreeSet::new();
+        let mut live = BTreeMap::new();
         for ep in compiler.endpoints() {
             let pod = &ep.tables.pod;
             let Some(iface) = interface_of(pod) else {
                 continue;
             };
-            live.insert(pod.clone());
-            // Errors are recorded in the report (the pod is left fail-closed).
-            let _ = self.sync.sync_endpoint(&mut self.datapath, pod, &ep.tables, iface.ifindex, &mut report);
-            if self.attached.get(pod) != Some(&iface) {
-                let mut ok = true;
-                for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
-                    if let Err(e) = self.attach(&iface.name, point) {
-                        report.errors.push(format!("pod {pod}: {e}"));
-                        ok = false;
-                    }
-                }
-                if ok {
-                    self.held.remove(&iface.ifindex);
-                    self.attached.insert(pod.clone(), iface);
-                }
+            if let Err(e) = self.sync.set_target(pod, &ep.tables, iface.ifindex, &self.datapath.sizes) {
+                report.errors.push(e);
+                continue;
             }
+            live.insert(pod.clone(), iface);
         }
-        let gone: Vec<ObjectKey> = self.attached.keys().filter(|k| !live.contains(*k)).cloned().collect();
+        let gone: Vec<ObjectKey> = self.attached.keys().filter(|k| !live.contains_key(*k)).cloned().collect();
         for pod in gone {
             if let Some(iface) = self.attached.remove(&pod) {
                 for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
                     let _ = self.detach(&iface.name, point);
                 }
             }
-            self.sync.remove_endpoint(&mut self.datapath, &pod, &mut report);
         }
-        if !self.first_sync_done {
+        for pod in self.sync.pods().filter(|p| !live.contains_key(*p)).cloned().collect::<Vec<_>>() {
+            self.sync.remove_endpoint(&pod);
+        }
+        self.sync.run_with(&mut self.datapath, &mut budget, &mut report);
+        for (pod, iface) in live {
+            if self.attached.get(&pod) == Some(&iface) || !self.sync.is_listed(&pod) {
+                continue;
+            }
+            let mut ok = true;
+            for point in [AttachPoint::PodIngress, AttachPoint::PodEgress] {
+                if let Err(e) = self.attach(&iface.name, point) {
+                    report.errors.push(SyncError { pod: pod.clone(), kind: SyncErrorKind::Attach { message: e.to_string() } });
+                    ok = false;
+                }
+            }
+            if ok {
+                self.held.remove(&iface.ifindex);
+                self.attached.insert(pod, iface);
+            }
+        }
+        if !self.first_sync_done && !report.more_work {
             self.sync.collect_garbage(&mut self.datapath, &mut report);
             self.first_sync_done = true;
         }
-        if self.migration.is_some() {
+        // A migration swaps the programs only once the new maps hold a full sync.
+        if self.migration.is_some() && !report.more_work {
             self.finish_migration(&mut report);
         }
         report
@@ -309,8 +350,13 @@ impl Enforcer {
             warn!(error = %error, "migration");
         }
         self.migration_failures += 1;
-        report.errors.push(error.clone());
+        report.datapath_errors.push(error.clone());
         self.status = DatapathStatus::MigrationFailed { error };
+    }
+
+    /// Whether map writes are left for a next [`Enforcer::reconcile_within`].
+    pub fn has_work(&self) -> bool {
+        self.sync.has_work()
     }
 
     /// Holds a veth fail-closed (all its traffic denied) until the pod behind it is known:

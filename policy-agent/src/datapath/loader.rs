@@ -9,7 +9,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use policy_ebpf::{
-    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, IfaceValue, PeerKey, PeerValue, PortKey, map_names as names, program_names,
+    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, IfaceValue, PeerKey, PeerValue, PortBits, PortKey, map_names as names,
+    program_names,
 };
 
 use super::program_bytes;
@@ -105,7 +106,7 @@ pub struct Datapath {
     pub(crate) endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     pub(crate) ifaces: Array<MapData, IfaceValue>,
     pub(crate) peers: LpmTrie<MapData, PeerKey, PeerValue>,
-    pub(crate) ports: LpmTrie<MapData, PortKey, u32>,
+    pub(crate) ports: LpmTrie<MapData, PortKey, PortBits>,
     pub(crate) conntrack: HashMap<MapData, CtKey, CtValue>,
     pub(crate) services: LpmTrie<MapData, Addr, u32>,
     pub(crate) counters: PerCpuArray<MapData, Counters>,
@@ -274,6 +275,11 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// The `ENDPOINTS` entry of an address, as the kernel sees it.
+    pub fn endpoint_entry(&self, addr: std::net::IpAddr) -> Option<EndpointValue> {
+        self.endpoints.get(&EndpointKey { addr: super::encode_addr(addr) }, 0).ok()
     }
 
     /// Tracked connections: (key, value) pairs.

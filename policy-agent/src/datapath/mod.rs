@@ -7,13 +7,15 @@ mod encode;
 mod enforcer;
 mod loader;
 pub mod migrate;
+mod model;
 mod sync;
 
-pub use encode::{EncodedTables, encode_addr, peer_entries, port_entries};
+pub use encode::{Allow, PeerSlot, PortEntry, encode_addr, peer_entries, port_entries_allow, port_set_entries};
 pub use enforcer::{DatapathStatus, Enforcer, PAUSE_BEFORE_SWAP_ENV, PodInterface};
 pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
 pub use migrate::maps_dir_in_force;
-pub use sync::{EndpointStatus, MapSync, SyncError, SyncReport, decode_addr};
+pub use model::ModelMaps;
+pub use sync::{Budget, EndpointStatus, MapSync, Maps, SyncError, SyncErrorKind, SyncReport, WriteError, decode_addr};
 
 /// The compiled kernel programs (ELF), built by `build.rs`.
 pub fn program_bytes() -> &'static [u8] {

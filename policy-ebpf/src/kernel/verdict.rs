@@ -17,8 +17,7 @@ pub fn allows(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, p
     if ep.flags & isolated == 0 {
         return true;
     }
-    let table = table_id(ep.revision, direction);
-    let key = Key::new(PEER_KEY_FIXED_BITS + 128, PeerKey { endpoint: ep.id, table, addr: *remote });
+    let key = Key::new(PEER_KEY_FIXED_BITS + 128, PeerKey { endpoint: ep.id, direction, addr: *remote });
     let (port_set, flags) = match PEERS.get(&key) {
         Some(v) => (v.port_set, v.flags),
         None => return false,
@@ -29,8 +28,13 @@ pub fn allows(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, p
     if !has_ports {
         return false;
     }
-    let key = Key::new(PORT_KEY_FIXED_BITS + 16, PortKey { endpoint: ep.id, table, port_set, protocol, _pad: 0, port: port.to_be_bytes() });
-    PORTS.get(&key).is_some()
+    // The port's block (its top bits) is the key; the value is the block's bitmap.
+    let block = port & !((PORT_BLOCK_SIZE - 1) as u16);
+    let key = Key::new(PORT_KEY_FIXED_BITS + PORT_BLOCK_BITS, PortKey { port_set, protocol, _pad: 0, port: block.to_be_bytes() });
+    match PORTS.get(&key) {
+        Some(bits) => (*bits >> (port as u32 & (PORT_BLOCK_SIZE - 1))) & 1 != 0,
+        None => false,
+    }
 }
 
 /// Adds a packet to the endpoint's per-CPU counters.
