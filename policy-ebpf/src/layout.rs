@@ -15,10 +15,15 @@
 
 /// The layout of this build's maps. Bump it (and record `layouts/v<N>.txt`, and add it
 /// to [`LAYOUTS`]) whenever the layout test says so.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// - 1: `PEERS`/`PORTS` keys carry `revision << 1 | direction`; `PORTS` per endpoint,
+///   one port prefix per entry.
+/// - 2: `PEERS` keys carry the direction only (tables change in place); `PORTS` global,
+///   content-addressed, keyed by port block with a 64-port bitmap value.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
-pub const LAYOUTS: &[(u32, &str)] = &[(1, include_str!("../layouts/v1.txt"))];
+pub const LAYOUTS: &[(u32, &str)] = &[(1, include_str!("../layouts/v1.txt")), (2, include_str!("../layouts/v2.txt"))];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
 pub fn recorded(version: u32) -> Option<&'static str> {
@@ -105,9 +110,9 @@ mod tests {
         ty!(out, EndpointKey { addr });
         ty!(out, EndpointValue { id, revision, ifindex, flags });
         ty!(out, IfaceValue { id, revision, flags, ifindex, v4, v6 });
-        ty!(out, PeerKey { endpoint, table, addr });
+        ty!(out, PeerKey { endpoint, direction, addr });
         ty!(out, PeerValue { port_set, flags });
-        ty!(out, PortKey { endpoint, table, port_set, protocol, _pad, port });
+        ty!(out, PortKey { port_set, protocol, _pad, port });
         ty!(out, CtKey { lo_addr, hi_addr, lo_port, hi_port, protocol, _pad });
         ty!(out, CtValue { last_seen_ns, src_rev, dst_rev, nat_addr, nat_port, flags, _pad });
         ty!(out, PendingKey { addr, port, protocol, _pad });
@@ -123,14 +128,15 @@ mod tests {
             DIRECTION_EGRESS,
             PEER_KEY_FIXED_BITS,
             PEER_ALL,
+            NO_PORT_SET,
             PORT_KEY_FIXED_BITS,
+            PORT_BLOCK_BITS,
             CT_NOT_LOCAL,
             CT_ORIG_IS_LO,
             CT_VIA_SERVICE,
             CT_TCP_CLOSING,
             CT_TCP_RESET,
         );
-        out.push(format!("const table_id(5,1) {}", table_id(5, 1)));
         out.extend(kernel_maps());
         let mut text = out.join("\n");
         text.push('\n');

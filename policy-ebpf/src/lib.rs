@@ -159,14 +159,6 @@ pub const PORT_BLOCK_SIZE: u32 = 1 << (16 - PORT_BLOCK_BITS);
 /// The `PORTS` value: bit `port % PORT_BLOCK_SIZE` set if the port is allowed.
 pub type PortBits = u64;
 
-/// The version of this layout (types, key encodings, map kinds). Pinned maps of another
-/// layout are not reused as they are.
-///
-/// - 1: `PEERS`/`PORTS` keys carry `revision << 1 | direction`; `PORTS` per endpoint,
-///   one port prefix per entry.
-/// - 2: `PEERS` keys carry the direction only (tables change in place); `PORTS` global,
-///   content-addressed, keyed by port block with a 64-port bitmap value.
-pub const LAYOUT_VERSION: u32 = 2;
 
 /// `CONNTRACK` key: the flow's two (address, port) ends in a canonical order (the lower
 /// one first), so both directions find the same entry.

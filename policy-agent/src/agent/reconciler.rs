@@ -40,6 +40,11 @@ const FAST_RESOLVE_AFTER_HOLD: Duration = Duration::from_secs(5);
 /// freed is handed back to the kernel.
 const BIG_BATCH: usize = 256;
 
+/// The longest one step writes maps: a sync with more to write (a huge policy, a first
+/// sync of many pods) goes on at the next tick, so other changes keep flowing. Every state
+/// a sync stops in is safe (each address gets its old or its new answer).
+const SYNC_BUDGET: Duration = Duration::from_millis(200);
+
 pub struct Reconciler {
     node: String,
     service_cidrs: Vec<Prefix>,
@@ -55,6 +60,8 @@ pub struct Reconciler {
     last_resolve: Instant,
     last_traffic: Instant,
     synced_once: bool,
+    /// The last sync stopped at its budget with writes left.
+    sync_pending: bool,
     shared: Shared,
     observers: Vec<Box<dyn SyncObserver>>,
     traffic: TrafficCounters,
@@ -100,6 +107,7 @@ impl Reconciler {
             last_resolve: Instant::now() - Duration::from_secs(60),
             last_traffic: Instant::now() - Duration::from_secs(60),
             synced_once: false,
+            sync_pending: false,
             shared: p.shared,
             observers: p.observers,
             traffic: TrafficCounters::default(),
@@ -120,16 +128,18 @@ impl Reconciler {
         self.hold_unknown_veths(view).await;
         self.update_service_addresses();
         let mut synced = false;
-        if !self.synced_once || change_count > 0 || interfaces_changed || self.enforcer.migration_due() {
+        if !self.synced_once || change_count > 0 || interfaces_changed || self.sync_pending || self.enforcer.migration_due() {
             self.sync_datapath(&report, started);
             self.report_fail_closed(&*source);
             if !self.synced_once || change_count >= BIG_BATCH {
                 release_free_memory();
             }
-            // Not ready while the previous agent's datapath still enforces (a migration of
-            // the pinned maps pending or failed).
-            self.shared.ready.store(!self.enforcer.migrating(), std::sync::atomic::Ordering::Relaxed);
-            if !self.synced_once {
+            // Ready once the first full sync is complete (it may take several budgeted
+            // steps), and not while the previous agent's datapath still enforces (a
+            // migration of the pinned maps pending or failed).
+            let first_complete = self.synced_once || !self.sync_pending;
+            self.shared.ready.store(first_complete && !self.enforcer.migrating(), std::sync::atomic::Ordering::Relaxed);
+            if !self.synced_once && first_complete {
                 info!(endpoints = self.compiler.endpoints().count(), "ready: first full sync done");
                 self.synced_once = true;
             }
@@ -276,16 +286,21 @@ impl Reconciler {
     /// Step 5: the maps and programs, then the observers.
     fn sync_datapath(&mut self, report: &ChangeReport, started: Instant) {
         let interfaces = &self.interfaces;
-        let sync = self.enforcer.reconcile(&self.compiler, &|k| interfaces.get(k).cloned());
+        let sync = self.enforcer.reconcile_within(&self.compiler, &|k| interfaces.get(k).cloned(), Some(SYNC_BUDGET));
+        self.sync_pending = sync.more_work;
         for e in &sync.errors {
             error!(error = %e, "datapath sync");
         }
-        if sync.endpoints_updated > 0 || !sync.errors.is_empty() {
+        for e in &sync.datapath_errors {
+            error!(error = %e, "datapath");
+        }
+        if sync.endpoints_updated > 0 || sync.written_entries > 0 || sync.deleted_entries > 0 || !sync.errors.is_empty() {
             info!(
                 changed = report.changed.len() + report.added.len(),
                 removed = report.removed.len(),
                 written = sync.written_entries,
                 deleted = sync.deleted_entries,
+                more = sync.more_work,
                 "synced"
             );
         }
