@@ -25,7 +25,7 @@ enum Command {
     Apply(Vec<Change>, mpsc::Sender<Result<SyncReport, String>>),
     /// Apply, syncing `writes` map writes at a time with `pause` between steps; replies
     /// with each step's report and the state of every pod after it.
-    ApplyStepwise(Vec<Change>, usize, Duration, mpsc::Sender<Result<Vec<(SyncReport, Vec<PodStep>)>, String>>),
+    ApplyStepwise(Vec<Change>, usize, Duration, mpsc::Sender<Result<Vec<Step>, String>>),
     EntryCounts(mpsc::Sender<(usize, usize)>),
     Services(Vec<Prefix>, mpsc::Sender<Result<(), String>>),
     AttachNodeDevices(Vec<String>, mpsc::Sender<Result<(), String>>),
@@ -34,6 +34,9 @@ enum Command {
     /// Stop, leaving the pins (and so enforcement) in place.
     Exit,
 }
+
+/// One sync step: its report, and every pod's state after it.
+pub type Step = (SyncReport, Vec<PodStep>);
 
 /// A pod's state after one sync step.
 #[derive(Debug, Clone)]

@@ -1185,7 +1185,7 @@ mod tests {
             };
             entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new(), rules: Vec::new() });
         }
-        entries.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        entries.sort_by_key(|e| e.prefix);
         PeerTable { isolated: true, isolated_by: Vec::new(), entries, port_sets: sets }
     }
 
