@@ -78,7 +78,11 @@ fn main() {
     let sizes = MapSizes::default();
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/pa-sync-writes-{}", std::process::id()));
     let mut model = ModelMaps::new(sizes);
-    let mut datapath = if real { Some(Datapath::load(&pin_dir, &pin_dir.join("maps"), sizes, &[]).expect("load the datapath (root, bpffs)")) } else { None };
+    let mut datapath = if real {
+        Some(Datapath::load(&pin_dir, &pin_dir.join("maps"), sizes, &[]).expect("load the datapath (root, bpffs)"))
+    } else {
+        None
+    };
     let mut sync = MapSync::new();
     let ifindex: BTreeMap<ObjectKey, u32> =
         compiler.endpoints().enumerate().map(|(i, e)| (e.tables.pod.clone(), 1_000_000 + i as u32)).collect();

@@ -159,7 +159,6 @@ pub const PORT_BLOCK_SIZE: u32 = 1 << (16 - PORT_BLOCK_BITS);
 /// The `PORTS` value: bit `port % PORT_BLOCK_SIZE` set if the port is allowed.
 pub type PortBits = u64;
 
-
 /// `CONNTRACK` key: the flow's two (address, port) ends in a canonical order (the lower
 /// one first), so both directions find the same entry.
 #[repr(C)]

@@ -260,12 +260,12 @@ impl Reconciler {
                 Err(e) => warn!(interface = %name, error = %e, "cannot hold a new interface"),
             }
         }
-        for (_, name) in &plan.expired {
-            warn!(interface = %name, after = ?self.holds.max(), "released a held interface whose pod is still unknown: its traffic is not judged until the pod is known");
-        }
         if !plan.release.is_empty() {
             let keep: BTreeSet<u32> = held.iter().copied().filter(|i| !plan.release.contains(i)).collect();
             self.enforcer.release_held(&keep);
+        }
+        for (_, name) in &plan.expired {
+            warn!(interface = %name, after = ?self.holds.max(), "released a held interface whose pod is still unknown: its traffic is not judged until the pod is known");
         }
     }
 
