@@ -79,7 +79,7 @@ fn main() {
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/pa-sync-writes-{}", std::process::id()));
     let mut model = ModelMaps::new(sizes);
     let mut datapath = if real {
-        Some(Datapath::load(&pin_dir, &pin_dir.join("maps"), sizes, &[]).expect("load the datapath (root, bpffs)"))
+        Some(Datapath::load(&pin_dir, &pin_dir.join("maps"), sizes, &[], None).expect("load the datapath (root, bpffs)"))
     } else {
         None
     };

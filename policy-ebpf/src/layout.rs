@@ -20,10 +20,12 @@
 ///   one port prefix per entry.
 /// - 2: `PEERS` keys carry the direction only (tables change in place); `PORTS` global,
 ///   content-addressed, keyed by port block with a 64-port bitmap value.
-pub const LAYOUT_VERSION: u32 = 2;
+/// - 3: `PA_CONNTRACK_PREV` (unpinned): the previous maps' connection tracking, read and
+///   written through while a migration swaps links (connection tracking unchanged).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
-pub const LAYOUTS: &[(u32, &str)] = &[(1, include_str!("../layouts/v1.txt")), (2, include_str!("../layouts/v2.txt"))];
+pub const LAYOUTS: &[(u32, &str)] = &[(1, include_str!("../layouts/v1.txt")), (2, include_str!("../layouts/v2.txt")), (3, include_str!("../layouts/v3.txt"))];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
 pub fn recorded(version: u32) -> Option<&'static str> {

@@ -31,6 +31,15 @@ pub mod map_names {
     pub const PENDING: &str = "PA_PENDING";
     pub const SERVICES: &str = "PA_SERVICES";
     pub const COUNTERS: &str = "PA_COUNTERS";
+    /// Not pinned by us: during a migration, the previous maps' `PA_CONNTRACK`.
+    pub const CONNTRACK_PREV: &str = "PA_CONNTRACK_PREV";
+}
+
+/// Globals the agent sets at load.
+pub mod global_names {
+    /// `u8`: 1 while a migration swaps links from programs whose connection tracking map
+    /// (`map_names::CONNTRACK_PREV`) the new programs cannot share.
+    pub const PREV_CT: &str = "PA_PREV_CT";
 }
 
 /// Programs, by function name.

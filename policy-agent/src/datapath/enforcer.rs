@@ -37,6 +37,9 @@ struct Migration {
     swaps: BTreeSet<(String, AttachPoint)>,
     /// The new maps use the previous generation's connection tracking: nothing to copy.
     shared_conntrack: bool,
+    /// The new programs also read and write the previous connection tracking map
+    /// (`PA_PREV_CT`): reloaded without it once every link is swapped.
+    prev_conntrack: bool,
     last_attempt: Option<Instant>,
 }
 
@@ -75,22 +78,26 @@ impl Enforcer {
         let mut sync = MapSync::new();
         let (datapath, migration, status) = match plan {
             Plan::Adopt(dir) => {
-                let datapath = Datapath::load(pin_dir, &dir, sizes, &[])?;
+                let datapath = Datapath::load(pin_dir, &dir, sizes, &[], None)?;
                 sync.adopt(&datapath);
                 info!(maps = %dir.display(), "adopting the pinned maps");
+                pin_bridges(&datapath);
                 (datapath, None, DatapathStatus::InForce)
             }
             Plan::Migrate { new, old } => {
-                // Connection tracking shared with the previous programs where it can be:
-                // then no flow is unknown to either side while the links are swapped one
-                // by one. New revisions start above the previous ones, so that every
-                // shared flow is judged again, once, against the new tables.
+                // Connection tracking shared with the previous programs where it can be,
+                // else read and written through by the new programs while the links are
+                // swapped (same layout, other size): either way no flow is unknown to
+                // either side while the links are swapped one by one. New revisions start
+                // above the previous ones, so that every shared flow is judged again,
+                // once, against the new tables.
                 let share = migrate::shareable(&old, &sizes);
-                if let (false, Some(g)) = (share.is_empty(), old.first()) {
+                if let Some(g) = old.first() {
                     sync.set_revision_floor(migrate::revision_floor(g));
                 }
                 let shared_conntrack = share.iter().any(|(n, _)| *n == policy_ebpf::map_names::CONNTRACK);
-                let datapath = match Datapath::load(pin_dir, &new, sizes, &share) {
+                let prev = migrate::previous_conntrack(&old, &share);
+                let datapath = match Datapath::load(pin_dir, &new, sizes, &share, prev.as_deref()) {
                     Ok(d) => d,
                     Err(e) => {
                         // The old generation stays in force; leave nothing half-made.
@@ -106,7 +113,7 @@ impl Enforcer {
                 }
                 (
                     datapath,
-                    Some(Migration { old, swaps: BTreeSet::new(), shared_conntrack, last_attempt: None }),
+                    Some(Migration { old, swaps: BTreeSet::new(), shared_conntrack, prev_conntrack: prev.is_some(), last_attempt: None }),
                     DatapathStatus::Migrating { from },
                 )
             }
@@ -329,6 +336,13 @@ impl Enforcer {
             self.fail_migration(error, report);
             return;
         }
+        // Every link runs the new programs: those that also use the previous connection
+        // tracking give way to the same programs without it (every map shared: no gap).
+        let prev = m.prev_conntrack;
+        if prev {
+            self.drop_previous_conntrack();
+        }
+        let m = self.migration.as_mut().expect("migrating");
         // Step 4: the previous generations go.
         let old = std::mem::take(&mut m.old);
         let shared = m.shared_conntrack;
@@ -340,8 +354,29 @@ impl Enforcer {
         }
         self.migration = None;
         self.status = DatapathStatus::InForce;
+        pin_bridges(&self.datapath);
         if !from.is_empty() {
-            info!(maps = %self.datapath.maps_dir().display(), from = ?from, connections_copied = carried, connection_tracking_shared = shared, "migrated: the programs in every link use the new maps");
+            info!(maps = %self.datapath.maps_dir().display(), from = ?from, connections_copied = carried, connection_tracking_shared = shared, connection_tracking_read_through = prev, "migrated: the programs in every link use the new maps");
+        }
+    }
+
+    /// Reloads this build's programs on the same maps, without the previous connection
+    /// tracking, and swaps them into every link. On failure the programs in force keep
+    /// enforcing as they are (correct, only a little slower on new flows).
+    fn drop_previous_conntrack(&mut self) {
+        let d = &self.datapath;
+        let fresh = match Datapath::load(d.pin_dir(), d.maps_dir(), d.sizes, &[], None) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                warn!(error = %e, "cannot reload the programs without the previous connection tracking; they keep using it");
+                return;
+            }
+        };
+        self.datapath = fresh;
+        for (interface, point) in self.datapath.attached() {
+            if let Err(e) = self.datapath.attach(&interface, point) {
+                warn!(interface = %interface, error = %e, "cannot swap in the programs without the previous connection tracking");
+            }
         }
     }
 
@@ -430,6 +465,16 @@ impl Enforcer {
 }
 
 /// The index of an interface of this network namespace.
+/// Keeps this datapath's connection tracking (and pending judgments) pinned where a legacy
+/// agent looks for them too (see `migrate::BRIDGED`), so that a rollback shares them.
+fn pin_bridges(datapath: &Datapath) {
+    for (name, path) in migrate::bridges(datapath.pin_dir()) {
+        if let Err(e) = datapath.pin_map_at(name, &path) {
+            warn!(map = name, error = %e, "cannot pin the map where a previous release looks for it (a rollback would not share it)");
+        }
+    }
+}
+
 fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call; the function

@@ -124,8 +124,17 @@ impl Datapath {
     /// pinned there, so a restarted agent keeps its predecessor's tables and connections;
     /// see `migrate` for which directory) and links pinned in `pin_dir/links`.
     /// `share`: maps of another generation to use as they are (by name, their pin), pinned
-    /// in `maps_dir` too.
-    pub fn load(pin_dir: &Path, maps_dir: &Path, sizes: MapSizes, share: &[(&'static str, PathBuf)]) -> Result<Datapath, DatapathError> {
+    /// in `maps_dir` too. `prev_conntrack`: the pin of the connection tracking map of the
+    /// programs being replaced, when it cannot be shared: the programs then also look
+    /// flows up there and record new ones there, until reloaded without it (see
+    /// `Enforcer::finish_migration`).
+    pub fn load(
+        pin_dir: &Path,
+        maps_dir: &Path,
+        sizes: MapSizes,
+        share: &[(&'static str, PathBuf)],
+        prev_conntrack: Option<&Path>,
+    ) -> Result<Datapath, DatapathError> {
         for dir in [pin_dir.join("links"), maps_dir.to_path_buf()] {
             std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
@@ -142,6 +151,9 @@ impl Datapath {
             .map_max_entries(names::COUNTERS, sizes.endpoints * 2);
         for (name, path) in share {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(path) = prev_conntrack {
+            loader.map_pin_path(names::CONNTRACK_PREV, path).override_global(policy_ebpf::global_names::PREV_CT, &1u8, true);
         }
         let mut ebpf = loader.load(program_bytes())?;
         for (name, _) in share {
@@ -280,6 +292,22 @@ impl Datapath {
     /// The `ENDPOINTS` entry of an address, as the kernel sees it.
     pub fn endpoint_entry(&self, addr: std::net::IpAddr) -> Option<EndpointValue> {
         self.endpoints.get(&EndpointKey { addr: super::encode_addr(addr) }, 0).ok()
+    }
+
+    /// Pins this datapath's `name` map at `path` too (replacing what is pinned there).
+    pub fn pin_map_at(&self, name: &'static str, path: &Path) -> io::Result<()> {
+        let ours = MapData::from_pin(self.maps_dir.join(name)).map_err(|e| io::Error::other(format!("{name}: {e}")))?;
+        let id = |m: &MapData| m.info().map(|i| i.id()).ok();
+        if let Ok(there) = MapData::from_pin(path) {
+            if id(&there).is_some() && id(&there) == id(&ours) {
+                return Ok(());
+            }
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        ours.pin(path).map_err(|e| io::Error::other(format!("pinning {name} at {}: {e}", path.display())))
     }
 
     /// Tracked connections: (key, value) pairs.

@@ -8,7 +8,11 @@
 //!   ([`sizes_tag`]). bpffs holds only pins and directories: the name says it all;
 //! - `PA_*` directly in the pin directory: the maps of agents from before layouts were
 //!   versioned ("legacy", layout 1). An agent of that time, started on pins a newer agent
-//!   left, finds none and makes fresh ones there.
+//!   left, makes fresh ones there — except `PA_CONNTRACK` and `PA_PENDING`, which this
+//!   build keeps pinned at the root too ([`BRIDGED`], while their layout is still that of
+//!   layout 1): a rolled-back agent then shares connection tracking with the programs it
+//!   replaces, so no flow is unknown to either while it swaps the links. Those two pins
+//!   alone are not legacy maps.
 //!
 //! On start ([`plan`]): exactly one maps directory, ours (same layout and sizes), and no
 //! legacy pins: adopt it (ids, revisions and entries are reused). Anything else — another
@@ -35,6 +39,16 @@ pub const CARRIED_REVISION: u32 = CT_NOT_LOCAL - 1;
 
 /// The layout of legacy pins (`PA_*` at the root of the pin directory).
 pub const LEGACY_LAYOUT: u32 = 1;
+
+/// Maps this build also pins at the root of the pin directory, under the names a legacy
+/// agent looks for, when their layout is still layout 1's (see the module docs).
+pub const BRIDGED: [&str; 2] = [map_names::CONNTRACK, map_names::PENDING];
+
+/// The lowest revision a migrated generation uses: far above those of a legacy agent
+/// starting on fresh maps, so that no flow a newer agent approved in connection tracking
+/// they share is ever taken as approved by the legacy agent's tables (a legacy agent
+/// judges it again).
+pub const MIN_MIGRATED_REVISION: u32 = 1 << 24;
 
 /// One set of pinned maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +116,7 @@ pub fn scan(pin_dir: &Path) -> io::Result<Vec<Generation>> {
     for entry in dir {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("PA_") {
+        if name.starts_with("PA_") && !BRIDGED.contains(&name.as_str()) {
             legacy = true;
         } else if let Some((layout, sizes, number)) = parse_dir_name(&name) {
             out.push(Generation { path: entry.path(), layout, sizes, number, legacy: false });
@@ -175,7 +189,7 @@ pub fn conntrack_compatible(layout: Option<u32>) -> bool {
 }
 
 /// Whether pending Service judgments of maps of `layout` mean the same in ours.
-fn pending_compatible(layout: Option<u32>) -> bool {
+pub fn pending_compatible(layout: Option<u32>) -> bool {
     conntrack_compatible(layout)
         && layout.is_some_and(|l| policy_ebpf::layout::same_items(l, LAYOUT_VERSION, &["PendingKey", map_names::PENDING]))
 }
@@ -201,6 +215,30 @@ pub fn shareable(old: &[Generation], sizes: &MapSizes) -> Vec<(&'static str, Pat
         }
     }
     out
+}
+
+/// The connection tracking map of the generation in force (the oldest), when the new
+/// generation does not share it but its entries mean the same: the new programs then read
+/// and write it too while the links are swapped (`PA_PREV_CT`).
+pub fn previous_conntrack(old: &[Generation], shared: &[(&'static str, PathBuf)]) -> Option<PathBuf> {
+    let g = old.first()?;
+    if shared.iter().any(|(n, _)| *n == map_names::CONNTRACK) || !conntrack_compatible(g.layout) {
+        return None;
+    }
+    let path = g.path.join(map_names::CONNTRACK);
+    max_entries(&path).map(|_| path)
+}
+
+/// The root pins of [`BRIDGED`] maps this build can keep for a legacy agent: (name, pin).
+pub fn bridges(pin_dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    BRIDGED
+        .into_iter()
+        .filter(|name| match *name {
+            map_names::CONNTRACK => conntrack_compatible(Some(LEGACY_LAYOUT)),
+            _ => pending_compatible(Some(LEGACY_LAYOUT)),
+        })
+        .map(|name| (name, pin_dir.join(name)))
+        .collect()
 }
 
 /// A revision above every revision the generation `g` uses or its programs may still
@@ -240,7 +278,7 @@ pub fn revision_floor(g: &Generation) -> u32 {
         }
     }
     // Without the endpoints' own revisions, leave room for those not seen in flows yet.
-    max.saturating_add(if exact { 0 } else { 1 << 20 })
+    max.saturating_add(if exact { 0 } else { 1 << 20 }).max(MIN_MIGRATED_REVISION)
 }
 
 /// Copies the tracked connections of `old` into `new`, with their revisions replaced by
@@ -311,6 +349,9 @@ mod tests {
             (vec![], None, vec![]),
             (vec!["links"], None, vec![]),
             (vec!["links", &ours], Some(&ours), vec![]),
+            // The pins kept for a rolled-back legacy agent are not legacy maps.
+            (vec!["links", "PA_CONNTRACK", "PA_PENDING", &ours], Some(&ours), vec![]),
+            (vec!["links", "PA_CONNTRACK", "PA_PENDING", "PA_PEERS", &ours], None, vec![0, 3]),
             (vec!["links", "PA_PEERS", "PA_ENDPOINTS"], None, vec![0]),
             (vec!["links", "PA_PEERS", &ours], None, vec![0, 3]),
             (vec!["links", &ours, &other_sizes], None, vec![3, 4]),
@@ -348,6 +389,8 @@ mod tests {
     #[test]
     fn connection_tracking_is_carried_within_a_layout() {
         assert!(conntrack_compatible(Some(LEGACY_LAYOUT)));
+        // A rollback to a legacy agent shares both through the root pins.
+        assert_eq!(bridges(Path::new("/p")).len(), BRIDGED.len());
         assert!(conntrack_compatible(Some(LAYOUT_VERSION)));
         assert!(!conntrack_compatible(None));
         assert!(!conntrack_compatible(Some(LAYOUT_VERSION + 1)));

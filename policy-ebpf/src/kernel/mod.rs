@@ -19,6 +19,7 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
+use aya_ebpf::Global;
 use policy_ebpf::*;
 
 use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse, put, zero_addr, zero_bytes};
@@ -34,6 +35,18 @@ static PEERS: LpmTrie<PeerKey, PeerValue> = LpmTrie::pinned(DEFAULT_MAX_PEER_ENT
 static PORTS: LpmTrie<PortKey, PortBits> = LpmTrie::pinned(DEFAULT_MAX_PORT_ENTRIES, 0);
 #[map(name = "PA_CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_MAX_CONNTRACK, 0);
+/// The connection tracking of the maps a migration leaves (`PA_PREV_CT` set): an agent
+/// that cannot share the previous programs' connection tracking (another size) gives its
+/// programs that map too while the links are swapped one by one, so a flow that one
+/// build's hook starts is known to the other build's hook on the same path. Unused (and
+/// never read) otherwise.
+#[map(name = "PA_CONNTRACK_PREV")]
+static CONNTRACK_PREV: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(1, 0);
+/// Set at load (read-only to the programs, so the verifier drops the unused branches):
+/// 1 while a migration swaps links from programs with another connection tracking map.
+#[unsafe(no_mangle)]
+static PA_PREV_CT: Global<u8> = Global::new(0);
+
 #[map(name = "PA_PENDING")]
 static PENDING: LruHashMap<PendingKey, CtKey> = LruHashMap::pinned(DEFAULT_MAX_PENDING, 0);
 #[map(name = "PA_SERVICES")]
@@ -108,6 +121,19 @@ fn endpoint_on(ifindex: u32, addr: &Addr) -> Option<EndpointValue> {
         }
     }
     endpoint(addr).filter(|ep| ep.ifindex == ifindex)
+}
+
+/// The tracked flow `key`: ours, or, during a migration from another connection tracking
+/// map, the previous programs' (used in place, so both builds see one entry).
+#[inline(always)]
+pub(crate) fn ct_entry(key: &CtKey) -> Option<*mut CtValue> {
+    if let Some(ct) = CONNTRACK.get_ptr_mut(key) {
+        return Some(ct);
+    }
+    if PA_PREV_CT.load() != 0 {
+        return CONNTRACK_PREV.get_ptr_mut(key);
+    }
+    None
 }
 
 #[inline(always)]
@@ -198,7 +224,7 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (b
         // Nothing passes a fail-closed endpoint, tracked or not.
         return (src_is_lo, Some(false));
     }
-    let Some(ct) = CONNTRACK.get_ptr_mut(&s.key) else {
+    let Some(ct) = ct_entry(&s.key) else {
         return (src_is_lo, None);
     };
     // SAFETY: `ct` points into a map value, valid for this program run; its fields are
@@ -229,6 +255,10 @@ fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u1
     // A full LRU map evicts its oldest entry; a failure here only means the next packet
     // is judged again.
     let _ = CONNTRACK.insert(&s.key, &s.value, 0);
+    if PA_PREV_CT.load() != 0 {
+        // The previous programs, still in some links, must know the flow too.
+        let _ = CONNTRACK_PREV.insert(&s.key, &s.value, 0);
+    }
 }
 
 #[inline(always)]
@@ -255,7 +285,7 @@ fn judge_deferred(s: &mut Scratch, src: &EndpointValue) -> Option<u32> {
     // SAFETY: copied out at once.
     if let Some(pre) = unsafe { PENDING.get(&pk) } {
         s.other = *pre;
-        if let Some(ct) = CONNTRACK.get_ptr_mut(&s.other) {
+        if let Some(ct) = ct_entry(&s.other) {
             // SAFETY: see `tracked`.
             let c = unsafe { &mut *ct };
             c.src_rev = src.revision;

@@ -134,7 +134,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet, quoted: &mut CtKey) -> Result<bool
 
 #[inline(always)]
 fn is_tracked(key: &CtKey) -> bool {
-    super::CONNTRACK.get_ptr(key).is_some()
+    super::ct_entry(key).is_some()
 }
 
 #[inline(always)]
