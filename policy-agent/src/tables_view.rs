@@ -12,7 +12,7 @@ pub struct EntryView {
     /// What addresses matching this prefix may do.
     pub allows: PortSet,
     pub stands_for: Vec<Origin>,
-    pub rules: Vec<RuleRef>,
+    pub rules: std::sync::Arc<[RuleRef]>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::ip::{Family, Prefix};
 use crate::objects::Pod;
@@ -220,6 +221,7 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
     let mut entries = Vec::new();
     let mut port_sets: Vec<PortSet> = Vec::new();
     let mut port_set_ids: HashMap<PortSet, PortSetId> = HashMap::new();
+    let mut rule_lists: HashMap<Vec<u32>, Arc<[RuleRef]>> = HashMap::new();
     let empty = PortSet::empty();
     let mut stack: Vec<Frame> = Vec::new();
 
@@ -261,12 +263,8 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
             rule_ids.extend(blocks.iter().filter_map(|b| grants[*b].rule));
             rule_ids.sort_unstable();
             rule_ids.dedup();
-            entries.push(PeerEntry {
-                prefix: *prefix,
-                port_set: id,
-                stands_for: stands_for.into_iter().collect(),
-                rules: rule_ids.into_iter().map(|r| rules[r as usize].clone()).collect(),
-            });
+            let rules = rule_lists.entry(rule_ids).or_insert_with_key(|ids| ids.iter().map(|r| rules[*r as usize].clone()).collect()).clone();
+            entries.push(PeerEntry { prefix: *prefix, port_set: id, stands_for: stands_for.into_iter().collect(), rules });
         }
         plain_rules.sort_unstable();
         plain_rules.dedup();

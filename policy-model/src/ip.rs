@@ -51,8 +51,26 @@ impl fmt::Display for Family {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Prefix {
     family: Family,
-    bits: u128,
+    /// The left-aligned bits as a `u128`, stored as its high and low halves: the order is
+    /// the same, and without `u128`'s 16-byte alignment a prefix takes 24 bytes, not 32
+    /// (tables hold one per entry, and several per provenance).
+    bits: Halves,
     len: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Halves(u64, u64);
+
+impl From<u128> for Halves {
+    fn from(v: u128) -> Halves {
+        Halves((v >> 64) as u64, v as u64)
+    }
+}
+
+impl Halves {
+    fn get(self) -> u128 {
+        (self.0 as u128) << 64 | self.1 as u128
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,18 +100,18 @@ impl Prefix {
         if len > family.max_len() {
             return Err(PrefixError::TooLong { len, max: family.max_len(), family });
         }
-        Ok(Prefix { family, bits: left_aligned(addr) & mask(len), len })
+        Ok(Prefix { family, bits: (left_aligned(addr) & mask(len)).into(), len })
     }
 
     /// The single-address prefix (/32 or /128).
     pub fn host(addr: IpAddr) -> Prefix {
         let family = Family::of(addr);
-        Prefix { family, bits: left_aligned(addr), len: family.max_len() }
+        Prefix { family, bits: left_aligned(addr).into(), len: family.max_len() }
     }
 
     /// Everything in one family: `0.0.0.0/0` or `::/0`.
     pub fn everything(family: Family) -> Prefix {
-        Prefix { family, bits: 0, len: 0 }
+        Prefix { family, bits: 0u128.into(), len: 0 }
     }
 
     pub fn family(&self) -> Family {
@@ -113,18 +131,18 @@ impl Prefix {
     /// The network address.
     pub fn addr(&self) -> IpAddr {
         match self.family {
-            Family::Ipv4 => IpAddr::V4(Ipv4Addr::from((self.bits >> 96) as u32)),
-            Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(self.bits)),
+            Family::Ipv4 => IpAddr::V4(Ipv4Addr::from((self.bits.get() >> 96) as u32)),
+            Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(self.bits.get())),
         }
     }
 
     pub fn contains_addr(&self, addr: IpAddr) -> bool {
-        Family::of(addr) == self.family && left_aligned(addr) & mask(self.len) == self.bits
+        Family::of(addr) == self.family && left_aligned(addr) & mask(self.len) == self.bits.get()
     }
 
     /// True when every address of `other` is in `self` (a prefix contains itself).
     pub fn contains(&self, other: &Prefix) -> bool {
-        other.family == self.family && other.len >= self.len && other.bits & mask(self.len) == self.bits
+        other.family == self.family && other.len >= self.len && other.bits.get() & mask(self.len) == self.bits.get()
     }
 }
 

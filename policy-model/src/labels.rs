@@ -1,13 +1,120 @@
 //! Label selectors, validated and matched as the API server and kubelet do.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::Serialize;
 
 use crate::error::FieldError;
+use crate::intern::intern;
 
-pub type Labels = BTreeMap<String, String>;
+/// An object's labels: (key, value) pairs sorted by key, in one allocation, with the
+/// strings shared ([`crate::intern`]). A `BTreeMap<String, String>` of three labels takes
+/// about 750 bytes in seven allocations; this takes about 100 in one.
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels(Box<[(Arc<str>, Arc<str>)]>);
+
+impl Labels {
+    pub fn new() -> Labels {
+        Labels::default()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.find(key).ok().map(|i| &*self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.find(key).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// (key, value) pairs in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// Sets `key` to `value`; the previous value, if any.
+    pub fn insert(&mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Option<String> {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let old = match v.binary_search_by(|(k, _)| (**k).cmp(key)) {
+            Ok(i) => Some(std::mem::replace(&mut v[i].1, intern(value)).to_string()),
+            Err(i) => {
+                v.insert(i, (intern(key), intern(value)));
+                None
+            }
+        };
+        self.0 = v.into_boxed_slice();
+        old
+    }
+
+    /// Removes `key`; its value, if it was set.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let i = self.find(key).ok()?;
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let (_, old) = v.remove(i);
+        self.0 = v.into_boxed_slice();
+        Some(old.to_string())
+    }
+
+    /// As a map (for serialisation and display).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Labels {
+        // Later pairs win, as in a map.
+        let mut map: BTreeMap<Arc<str>, Arc<str>> = BTreeMap::new();
+        for (k, v) in iter {
+            map.insert(intern(k.as_ref()), intern(v.as_ref()));
+        }
+        Labels(map.into_iter().collect())
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(m: BTreeMap<String, String>) -> Labels {
+        m.iter().collect()
+    }
+}
+
+impl From<&BTreeMap<String, String>> for Labels {
+    fn from(m: &BTreeMap<String, String>) -> Labels {
+        m.iter().collect()
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Labels {
+    fn from(a: [(K, V); N]) -> Labels {
+        a.into_iter().collect()
+    }
+}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Operator {

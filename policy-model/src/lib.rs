@@ -10,6 +10,7 @@
 pub mod compile;
 pub mod error;
 pub mod incremental;
+pub mod intern;
 pub mod ip;
 pub mod labels;
 pub mod objects;

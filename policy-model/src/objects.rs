@@ -26,7 +26,8 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> ObjectKey {
-        ObjectKey { namespace: Arc::from(namespace.as_ref()), name: Arc::from(name.as_ref()) }
+        // Namespaces repeat across thousands of keys: one shared copy each.
+        ObjectKey { namespace: crate::intern::intern(namespace.as_ref()), name: Arc::from(name.as_ref()) }
     }
 
     /// Parses `namespace/name`.
@@ -66,7 +67,7 @@ impl Namespace {
                 errors: vec![FieldError::new("metadata.name", "Required value")],
             });
         }
-        Ok(Namespace::new(name, ns.metadata.labels.clone().unwrap_or_default()))
+        Ok(Namespace::new(name, ns.metadata.labels.as_ref().map(Labels::from).unwrap_or_default()))
     }
 }
 
@@ -155,7 +156,7 @@ impl Pod {
         }
         Ok(Pod {
             key,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.as_ref().map(Labels::from).unwrap_or_default(),
             ips,
             node: spec.and_then(|s| s.node_name.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),

@@ -1,6 +1,7 @@
 //! Compiled per-endpoint tables: what the datapath loads, with provenance for operators.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -55,8 +56,9 @@ pub struct PeerEntry {
     pub port_set: PortSetId,
     /// What this prefix stands for (pods, ipBlocks, excepts, the node, ...).
     pub stands_for: Vec<Origin>,
-    /// The rules whose allowances make up the port set.
-    pub rules: Vec<RuleRef>,
+    /// The rules whose allowances make up the port set. Shared by the entries of a table
+    /// with the same rules (most of them): a table can hold tens of thousands of entries.
+    pub rules: Arc<[RuleRef]>,
 }
 
 /// One direction of one endpoint.

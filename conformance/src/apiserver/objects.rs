@@ -78,7 +78,7 @@ fn managed(manager: &str, operation: &str, subresource: Option<&str>, fields: Va
 /// A Namespace as `kubectl apply` leaves it.
 pub fn namespace(ns: &Namespace) -> Value {
     let mut labels = ns.labels.clone();
-    labels.insert("kubernetes.io/metadata.name".into(), ns.name.clone());
+    labels.insert("kubernetes.io/metadata.name", &ns.name);
     let applied = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns.name, "labels": ns.labels, "annotations": {}}});
     json!({
         "apiVersion": "v1", "kind": "Namespace",
@@ -96,10 +96,10 @@ pub fn namespace(ns: &Namespace) -> Value {
 /// managers' fields, a full spec (two containers, probes, resources, mounts, env) and
 /// status.
 pub fn pod(p: &Pod) -> Value {
-    let app = p.labels.get("app").cloned().unwrap_or_else(|| p.key.name.to_string());
+    let app = p.labels.get("app").map(str::to_string).unwrap_or_else(|| p.key.name.to_string());
     let hash = format!("{:x}", crc32c::crc32c(p.key.namespace.as_bytes()) % 0xfffffff);
     let mut labels = p.labels.clone();
-    labels.insert("pod-template-hash".into(), hash.clone());
+    labels.insert("pod-template-hash", &hash);
     let ports: Vec<Value> =
         p.named_ports.iter().map(|n| json!({"name": n.name, "containerPort": n.port, "protocol": n.protocol.to_string()})).collect();
     let host_ip =

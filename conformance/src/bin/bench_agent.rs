@@ -247,7 +247,7 @@ fn write_workload(dir: &Path, w: &Workload) -> Result<usize> {
     let mut files = 0;
     for i in 0..w.namespaces {
         let ns = w.namespace(i);
-        std::fs::write(dir.join(format!("{}.yaml", ns.name)), serde_yaml_ng::to_string(&namespace_manifest(&ns.name, &ns.labels))?)?;
+        std::fs::write(dir.join(format!("{}.yaml", ns.name)), serde_yaml_ng::to_string(&namespace_manifest(&ns.name, &ns.labels.to_map()))?)?;
         for j in 0..w.pods_per_namespace {
             let p = w.pod(i, j, None);
             std::fs::write(dir.join(format!("pod-{}-{}.yaml", p.key.namespace, p.key.name)), serde_yaml_ng::to_string(&pod_manifest(&p))?)?;

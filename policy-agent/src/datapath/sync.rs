@@ -760,7 +760,7 @@ impl MapSync {
             let set_sizes: Vec<usize> = t.port_sets.iter().map(|s| if s.is_all() { 0 } else { port_set_entries(s).len() }).collect();
             for e in &t.entries {
                 let mut seen = BTreeSet::new();
-                for r in &e.rules {
+                for r in e.rules.iter() {
                     if seen.insert(&r.policy) {
                         *weight.entry(&r.policy).or_default() += if ports { set_sizes[e.port_set as usize] } else { 1 };
                     }
@@ -1183,7 +1183,7 @@ mod tests {
                     sets.len() - 1
                 }
             };
-            entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new(), rules: Vec::new() });
+            entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new(), rules: Vec::new().into() });
         }
         entries.sort_by_key(|e| e.prefix);
         PeerTable { isolated: true, isolated_by: Vec::new(), entries, port_sets: sets }
