@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
 use conformance::agent_process::AgentProcess;
 use conformance::cluster::{PodSpec, namespace_manifest, pod_address};
@@ -82,6 +82,11 @@ struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only the big-policy case: three policies for every pod of a namespace, each allowing
+    /// the 32,768 odd ports of one protocol, applied and then deleted; reports the time to
+    /// enforce each, policy changes made meanwhile, and the control loop's longest pass.
+    #[arg(long)]
+    big_policies: bool,
     /// Only write the synthetic cluster's manifests (10,000 pods, 2,000 policies, 100 pods on
     /// node-0) into this directory, for profiling the agent by hand.
     #[arg(long, value_name = "DIR")]
@@ -114,6 +119,9 @@ fn main() -> Result<()> {
         let n = write_workload(dir, &Workload::default())?;
         println!("wrote {n} files to {}", dir.display());
         return Ok(());
+    }
+    if args.big_policies {
+        return big_policies(&args);
     }
     let mut out = serde_json::Map::new();
     let mut table: Vec<(String, String)> = Vec::new();
@@ -364,6 +372,90 @@ fn flip_policy(allow: bool) -> Value {
         json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": from}}}], "ports": [{"protocol": "TCP", "port": 80}]}]}),
     )
+}
+
+/// A policy of namespace x selecting every pod, allowing the odd ports of `protocol`.
+fn odd_ports(protocol: &str) -> Value {
+    let ports: Vec<Value> = (1..=65535u32).step_by(2).map(|p| json!({"protocol": protocol, "port": p})).collect();
+    policy(&format!("odd-{}", protocol.to_lowercase()), "x", json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": ports}]}))
+}
+
+/// Polls `check` (in `ns`) until it holds; the time it took.
+fn until(ns: &NetnsHandle, check: impl Fn() -> bool + Send + Clone + 'static) -> Result<Duration> {
+    let started = Instant::now();
+    let ok = ns.run(move || {
+        let deadline = Instant::now() + GIVE_UP * 6;
+        while Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    })?;
+    ensure!(ok, "not enforced within {:?}", GIVE_UP * 6);
+    Ok(started.elapsed())
+}
+
+/// A metric's value from the agent's /metrics (in the node's namespace).
+fn metric(ns: &NetnsHandle, addr: SocketAddr, name: &'static str) -> Result<f64> {
+    let body = ns.run(move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out)?;
+        Ok(out)
+    })??;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow!("no {name} in /metrics"))
+}
+
+fn big_policies(args: &Args) -> Result<()> {
+    let w = Workload::default();
+    let mut b = BenchNode::new(&w.node)?;
+    for name in ["a", "b", "c"] {
+        b.add_pod(name)?;
+    }
+    b.write("np-flip.yaml", &flip_policy(true))?;
+    let dir = b.dir.clone();
+    let metrics: SocketAddr = "127.0.0.1:9479".parse()?;
+    let mut agent = AgentProcess::start_with_poll(&b.node.ns, &w.node, &[dir.as_path()], args.poll_interval_ms, &["--metrics-addr", "127.0.0.1:9479"])
+        .map_err(|e| anyhow!("starting the agent: {e}"))?;
+    agent.wait_ready(Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
+    let (a_ns, node_ns) = (b.ns("a"), b.node.ns.handle());
+    let (b80, c80) = (b.addr("b"), b.addr("c"));
+    until(&a_ns, move || tcp_ok(b80, CONFIRM_TIMEOUT))?;
+    let before = metric(&node_ns, metrics, "policy_agent_loop_step_max_seconds")?;
+    // Applied: port 80 (even) is no longer allowed to c; b keeps its own policy's allow.
+    let t0 = Instant::now();
+    for proto in ["TCP", "UDP", "SCTP"] {
+        b.write(&format!("np-odd-{}.yaml", proto.to_lowercase()), &odd_ports(proto))?;
+    }
+    // Meanwhile, another change: x/a may no longer reach x/b.
+    b.write("np-flip.yaml", &flip_policy(false))?;
+    let flip = until(&a_ns, move || tcp_blocked(b80, CONFIRM_TIMEOUT))?;
+    let applied = until(&a_ns, move || tcp_blocked(c80, CONFIRM_TIMEOUT))?.max(t0.elapsed());
+    let too_big = metric(&node_ns, metrics, "policy_agent_too_big_endpoints")?;
+    let t1 = Instant::now();
+    for proto in ["TCP", "UDP", "SCTP"] {
+        std::fs::remove_file(b.dir.join(format!("np-odd-{}.yaml", proto.to_lowercase())))?;
+    }
+    b.write("np-flip.yaml", &flip_policy(true))?;
+    let flip_back = until(&a_ns, move || tcp_ok(b80, CONFIRM_TIMEOUT))?;
+    let deleted = until(&a_ns, move || tcp_ok(c80, CONFIRM_TIMEOUT))?.max(t1.elapsed());
+    let longest = metric(&node_ns, metrics, "policy_agent_loop_step_max_seconds")?;
+    let log = agent.log_text();
+    agent.stop();
+    println!("big policies (3 x 32,768 odd ports, every pod of x; 3 local pods):");
+    println!("  applied, enforced on real traffic after      {:>8.1} ms", applied.as_secs_f64() * 1e3);
+    println!("  a policy change made meanwhile, enforced in  {:>8.1} ms", flip.as_secs_f64() * 1e3);
+    println!("  deleted, enforced after                      {:>8.1} ms", deleted.as_secs_f64() * 1e3);
+    println!("  a policy change made meanwhile, enforced in  {:>8.1} ms", flip_back.as_secs_f64() * 1e3);
+    println!("  pods too big for the maps                    {too_big}");
+    println!("  the control loop's longest pass              {:>8.1} ms (before the big policies: {:.1} ms)", longest * 1e3, before * 1e3);
+    ensure!(!log.contains("ERROR"), "agent log has errors:\n{log}");
+    Ok(())
 }
 
 /// A small deterministic jitter (0..max), so changes fall at every phase of the agent's poll.

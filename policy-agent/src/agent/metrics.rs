@@ -33,6 +33,10 @@ pub struct Metrics {
     pub packets: Family<TrafficLabels, Counter>,
     pub bytes: Family<TrafficLabels, Counter>,
     pub reconcile_seconds: Histogram,
+    /// One pass of the control loop (changes taken, compiled, a budgeted sync step).
+    pub loop_step_seconds: Histogram,
+    /// The longest pass so far, in seconds.
+    pub loop_step_max_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub map_entries: Family<MapLabels, Gauge>,
     pub rejected_objects: Gauge,
     pub map_write_errors: Counter,
@@ -50,6 +54,8 @@ impl Metrics {
         let packets = Family::<TrafficLabels, Counter>::default();
         let bytes = Family::<TrafficLabels, Counter>::default();
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let loop_step_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let loop_step_max_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let rejected_objects = Gauge::default();
         let map_write_errors = Counter::default();
@@ -61,6 +67,12 @@ impl Metrics {
         registry.register("packets", "Packets judged by the datapath, per local pod, direction and verdict", packets.clone());
         registry.register("bytes", "Bytes judged by the datapath, per local pod, direction and verdict", bytes.clone());
         registry.register("reconcile_duration_seconds", "Time from a batch of changes to the maps holding them", reconcile_seconds.clone());
+        registry.register(
+            "loop_step_duration_seconds",
+            "One pass of the control loop: the time other changes may wait (syncs are written in budgeted steps)",
+            loop_step_seconds.clone(),
+        );
+        registry.register("loop_step_max_seconds", "The longest pass of the control loop since the agent started", loop_step_max_seconds.clone());
         registry.register("map_entries", "Entries the agent keeps in each datapath map", map_entries.clone());
         registry.register("rejected_objects", "Objects refused as invalid (not enforced)", rejected_objects.clone());
         registry.register("map_write_errors", "Failed map writes (the pod concerned is fail-closed)", map_write_errors.clone());
@@ -90,6 +102,8 @@ impl Metrics {
             packets,
             bytes,
             reconcile_seconds,
+            loop_step_seconds,
+            loop_step_max_seconds,
             map_entries,
             rejected_objects,
             map_write_errors,

@@ -69,6 +69,21 @@ pub struct AgentConfig {
 
 /// Runs until `shutdown` resolves. The pins stay: enforcement goes on without the agent,
 /// and the next agent picks it up.
+/// Records one pass of the loop; a pass over a second is worth a line in the log, since
+/// every other change waited that long.
+fn observe_step(shared: &Shared, took: std::time::Duration) {
+    let secs = took.as_secs_f64();
+    if let Ok(m) = shared.metrics.lock() {
+        m.loop_step_seconds.observe(secs);
+        if secs > m.loop_step_max_seconds.get() {
+            m.loop_step_max_seconds.set(secs);
+        }
+    }
+    if secs > 1.0 {
+        tracing::warn!(seconds = secs, "the control loop was busy for over a second (other changes waited)");
+    }
+}
+
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let shared = Shared { metrics: Arc::new(Mutex::new(Metrics::new())), ready: Arc::new(std::sync::atomic::AtomicBool::new(false)) };
     if let Some(addr) = cfg.metrics_addr {
@@ -106,6 +121,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         shared,
         observers,
     };
+    let step_metrics = parts.shared.clone();
     let mut reconciler = Reconciler::new(parts, initial_veths);
     info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "agent started");
 
@@ -126,7 +142,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             } => {}
             _ = &mut shutdown => break,
         }
+        let started = std::time::Instant::now();
         reconciler.step(source.as_mut()).await;
+        observe_step(&step_metrics, started.elapsed());
     }
     info!("stopping; the datapath stays pinned and enforcing");
     Ok(())
