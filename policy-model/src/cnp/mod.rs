@@ -42,3 +42,6 @@ pub fn priority_ties(state: &crate::ClusterState) -> Vec<(Tier, u16, Vec<String>
     }
     by.into_iter().filter(|(_, v)| v.len() > 1).map(|((t, p), v)| (t, p, v)).collect()
 }
+
+#[cfg(test)]
+mod tests;
