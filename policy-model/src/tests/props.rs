@@ -389,7 +389,7 @@ proptest! {
     }
 }
 
-fn check_against_full(c: &NodeCompiler, prev: Option<(&NodeCompiler, &crate::ChangeReport)>) -> Result<(), TestCaseError> {
+pub(crate) fn check_against_full(c: &NodeCompiler, prev: Option<(&NodeCompiler, &crate::ChangeReport)>) -> Result<(), TestCaseError> {
     let state = c.state();
     let node_addrs = state.node_addresses("n1");
     let local: BTreeSet<ObjectKey> =
