@@ -497,3 +497,55 @@ mod merge_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod set_ops_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A set and its meaning: per protocol a 64-port window (ports 0..64, enough to see
+    /// every boundary), plus whether portless protocols pass.
+    fn set() -> impl Strategy<Value = PortSet> {
+        let range = (0..3usize, 0..64u16, 0..70u16).prop_map(|(p, s, w)| (Protocol::ALL[p], PortRange { start: s, end: (s + w).min(63) }));
+        prop_oneof![
+            1 => Just(PortSet::all()),
+            1 => Just(PortSet::empty()),
+            8 => (prop::collection::vec(range, 0..5), any::<bool>()).prop_map(|(rs, other)| {
+                let mut s = if other { PortSet::other_protocols() } else { PortSet::empty() };
+                for (p, r) in rs {
+                    s.insert(p, r);
+                }
+                s
+            }),
+        ]
+    }
+
+    fn probes(s: &PortSet) -> Vec<bool> {
+        let mut v: Vec<bool> = Protocol::ALL.iter().flat_map(|p| (0..66u16).map(move |port| (*p, port))).map(|(p, port)| s.contains(p.into(), port)).collect();
+        v.push(s.contains(IpProtocol::ICMP, 0));
+        v.push(s.contains(IpProtocol::TCP, 65535));
+        v
+    }
+
+    proptest! {
+        /// intersect, subtract and union agree with the same operations on membership, and
+        /// keep the canonical form (equal meaning, equal value).
+        #[test]
+        fn set_operations_match_membership(a in set(), b in set()) {
+            let (pa, pb) = (probes(&a), probes(&b));
+            let i = a.intersect(&b);
+            let d = a.subtract(&b);
+            let mut u = a.clone();
+            u.union_with(&b);
+            prop_assert_eq!(probes(&i), pa.iter().zip(&pb).map(|(x, y)| *x && *y).collect::<Vec<_>>());
+            prop_assert_eq!(probes(&d), pa.iter().zip(&pb).map(|(x, y)| *x && !*y).collect::<Vec<_>>());
+            prop_assert_eq!(probes(&u), pa.iter().zip(&pb).map(|(x, y)| *x || *y).collect::<Vec<_>>());
+            // Canonical: rebuilding the union from the difference and the intersection
+            // gives the same value.
+            let mut back = d.clone();
+            back.union_with(&i);
+            prop_assert_eq!(back, a.clone());
+            prop_assert_eq!(PortSet::all().subtract(&PortSet::all().subtract(&a)), a);
+        }
+    }
+}

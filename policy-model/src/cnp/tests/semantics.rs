@@ -184,6 +184,11 @@ fn host_network_pods_are_neither_subjects_nor_pod_peers() {
     assert!(w.tcp("10.250.0.1", "y/a", 80), "nor a subject for egress");
     assert!(!w.tcp("x/a", "y/a", 80));
     assert!(w.tcp("x/a", "10.250.0.1", 80), "nor a pod peer");
+    // Directly, not only through address ownership (which already makes its traffic
+    // node traffic): the subject selector never picks it.
+    let host = w.state.pod(&ObjectKey::new("x", "host")).unwrap();
+    assert!(!crate::cnp::eval::selects(&w.state, w.state.cluster_policy("deny-in").unwrap(), host));
+    assert!(!crate::cnp::eval::applies(&w.state, host, crate::Direction::Ingress));
 }
 
 // "A Pod connecting to its own Pod IP is not subject to CNP." (api-overview, hairpin)
