@@ -29,7 +29,8 @@ use crate::labels::Labels;
 /// A Node's labels, for `nodes` peers (kept beside [`crate::Node`], see
 /// [`crate::ClusterState::set_node_labels`]).
 pub fn node_labels_from_k8s(node: &core::Node) -> Labels {
-    node.metadata.labels.clone().unwrap_or_default()
+    // Collected rather than cloned: works whatever `Labels` is built from.
+    node.metadata.labels.iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// Policies sharing a tier and a priority (at least two each), by name: upstream lets an
