@@ -238,10 +238,13 @@ impl Rig {
                 Change::DeletePolicy(k) => (2, k.to_string()),
                 Change::UpsertNode(n) => (3, n.name.clone()),
                 Change::DeleteNode(n) => (3, n.clone()),
+                Change::UpsertClusterPolicy(p) => (4, p.metadata.name.clone().unwrap_or_default()),
+                Change::DeleteClusterPolicy(n) => (4, n.clone()),
+                Change::UpsertNodeLabels { node, .. } => (5, node.clone()),
             }
         }
         let deleted =
-            |c: &Change| matches!(c, Change::DeleteNamespace(_) | Change::DeletePod(_) | Change::DeletePolicy(_) | Change::DeleteNode(_));
+            |c: &Change| matches!(c, Change::DeleteNamespace(_) | Change::DeletePod(_) | Change::DeletePolicy(_) | Change::DeleteNode(_) | Change::DeleteClusterPolicy(_));
         let mut seen = std::collections::HashSet::new();
         // Latest change per object; where that is a deletion, nothing (replays start empty).
         let mut kept: Vec<Change> = self.history.drain(..).rev().filter(|c| seen.insert(object(c)) && !deleted(c)).collect();

@@ -27,14 +27,14 @@ enum Target<'a> {
 }
 
 /// An address set and what it may do.
-struct Grant {
-    cidr: Prefix,
+pub(crate) struct Grant {
+    pub(crate) cidr: Prefix,
     /// Holes in `cidr` (ipBlock except); empty for plain prefixes.
-    except: Vec<Prefix>,
-    ports: PortSet,
-    origin: Origin,
+    pub(crate) except: Vec<Prefix>,
+    pub(crate) ports: PortSet,
+    pub(crate) origin: Origin,
     /// Index into the rule list; `None` for the implicit grants (own address, node).
-    rule: Option<u32>,
+    pub(crate) rule: Option<u32>,
 }
 
 /// Compiles both tables of `pod` (which should be a non-hostNetwork pod of this node).
@@ -56,13 +56,25 @@ pub fn compile_pod(state: &ClusterState, pod: &Pod) -> EndpointTables {
 }
 
 fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>) -> PeerTable {
+    // A pod a ClusterNetworkPolicy applies to gets tiered tables (crate::cnp::compile);
+    // without one, NetworkPolicy alone decides, exactly as before.
+    if let Some(table) = crate::cnp::compile::tiered_direction(state, pod, direction, node_addresses) {
+        return table;
+    }
     let policies: Vec<_> = state.isolating_policies(pod, direction).collect();
     if policies.is_empty() {
         return PeerTable::not_isolated();
     }
     let mut rules: Vec<RuleRef> = Vec::new();
-    let mut grants: Vec<Grant> = Vec::new();
+    let mut grants = exempt_grants(state, pod, direction, node_addresses);
+    grants.extend(policy_grants(state, pod, direction, &policies, &mut rules));
+    let (entries, port_sets) = build_lpm(&grants, &rules);
+    PeerTable { isolated: true, isolated_by: policies.iter().map(|p| p.key.clone()).collect(), entries, port_sets }
+}
 
+/// What no policy can block: the pod's own addresses, and for ingress its node's.
+pub(crate) fn exempt_grants(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>) -> Vec<Grant> {
+    let mut grants = Vec::new();
     for ip in state.owned_ips(pod) {
         grants.push(Grant { cidr: Prefix::host(ip), except: vec![], ports: PortSet::all(), origin: Origin::OwnAddress, rule: None });
     }
@@ -78,11 +90,23 @@ fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node
             });
         }
     }
+    grants
+}
 
-    for policy in &policies {
+/// The allowances of the NetworkPolicies isolating `pod` in `direction`; `rules` receives
+/// the rule each grant's `rule` index points to.
+pub(crate) fn policy_grants(
+    state: &ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    policies: &[&crate::policy::Policy],
+    rules: &mut Vec<RuleRef>,
+) -> Vec<Grant> {
+    let mut grants: Vec<Grant> = Vec::new();
+    for policy in policies {
         for (i, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
             let rule_index = rules.len() as u32;
-            rules.push(RuleRef { policy: policy.key.clone(), direction, rule: i });
+            rules.push(RuleRef::policy_rule(policy.key.clone(), direction, i));
 
             // Ports that mean the same number for every peer, and named ports, which
             // resolve on the destination pod: the target itself for ingress, each peer
@@ -189,8 +213,7 @@ fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node
         }
     }
 
-    let (entries, port_sets) = build_lpm(&grants, &rules);
-    PeerTable { isolated: true, isolated_by: policies.iter().map(|p| p.key.clone()).collect(), entries, port_sets }
+    grants
 }
 
 #[derive(Default)]

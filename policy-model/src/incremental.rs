@@ -6,7 +6,9 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use crate::cnp::{ClusterNetworkPolicy, ClusterPolicy};
 use crate::compile::compile_endpoint;
+use crate::labels::Labels;
 use crate::error::InvalidObject;
 use crate::objects::{Namespace, Node, ObjectKey, Pod};
 use crate::policy::{Direction, NamespaceScope, Peer, Policy, PortSpec};
@@ -25,6 +27,33 @@ pub enum Change {
     DeletePolicy(ObjectKey),
     UpsertNode(Node),
     DeleteNode(String),
+    /// A ClusterNetworkPolicy, raw: the compiler validates it.
+    UpsertClusterPolicy(Box<ClusterNetworkPolicy>),
+    /// A ClusterNetworkPolicy's name.
+    DeleteClusterPolicy(String),
+    /// A node's labels (`cnp::node_labels_from_k8s`), which ClusterNetworkPolicy `nodes`
+    /// peers read; sent beside `UpsertNode` because [`Node`] has no labels.
+    UpsertNodeLabels { node: String, labels: Labels },
+}
+
+/// A ClusterNetworkPolicy accepted with peers this model cannot honour: they fail closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPolicyWarning {
+    pub name: String,
+    pub warnings: Vec<crate::error::FieldError>,
+}
+
+impl std::fmt::Display for ClusterPolicyWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterNetworkPolicy {}: ", self.name)?;
+        for (i, w) in self.warnings.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{w}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A local endpoint's compiled state.
@@ -53,6 +82,9 @@ pub struct ChangeReport {
     pub rejected: Vec<InvalidObject>,
     /// Endpoints recompiled (for metrics: the work done).
     pub recompiled: usize,
+    /// ClusterNetworkPolicies accepted in this batch with peers that fail closed (for logs
+    /// and Events).
+    pub cluster_policy_warnings: Vec<ClusterPolicyWarning>,
 }
 
 impl ChangeReport {
@@ -71,8 +103,12 @@ pub struct NodeCompiler {
     policy_users: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     free_ids: BTreeSet<EndpointId>,
     next_id: EndpointId,
-    /// Policies currently refused, by key.
+    /// Policies currently refused, by key (ClusterNetworkPolicies with an empty namespace).
     rejected: BTreeMap<ObjectKey, InvalidObject>,
+    /// Local endpoints some ClusterNetworkPolicy applies to: their tables may read any
+    /// pod, namespace or node, so they are recompiled when any of those changes (coarse,
+    /// see `apply_one`).
+    cluster_policy_users: BTreeSet<ObjectKey>,
 }
 
 impl NodeCompiler {
@@ -85,6 +121,7 @@ impl NodeCompiler {
             free_ids: BTreeSet::new(),
             next_id: 1,
             rejected: BTreeMap::new(),
+            cluster_policy_users: BTreeSet::new(),
         }
     }
 
@@ -125,7 +162,52 @@ impl NodeCompiler {
     }
 
     fn apply_one(&mut self, change: Change, dirty: &mut BTreeSet<ObjectKey>, report: &mut ChangeReport) {
+        // ClusterNetworkPolicy dependencies, coarse but correct: a change to any pod,
+        // namespace, node or node labels recompiles every local endpoint a
+        // ClusterNetworkPolicy applies to (its peers may select anything), and a namespace
+        // change also every local pod of that namespace (subjects select by namespace
+        // labels). A ClusterNetworkPolicy change recompiles the local pods its old and new
+        // versions select. NetworkPolicy changes only touch their own targets (below).
+        if self.state.cluster_policies().next().is_some() {
+            match &change {
+                Change::UpsertPolicy(_) | Change::DeletePolicy(_) | Change::UpsertClusterPolicy(_) | Change::DeleteClusterPolicy(_) => {}
+                other => {
+                    dirty.extend(self.cluster_policy_users.iter().cloned());
+                    if let Change::UpsertNamespace(Namespace { name, .. }) | Change::DeleteNamespace(name) = other {
+                        let local = self.state.pods_in(name).filter(|p| self.is_local(p)).map(|p| p.key.clone());
+                        dirty.extend(local.collect::<Vec<_>>());
+                    }
+                }
+            }
+        }
         match change {
+            Change::UpsertClusterPolicy(cnp) => match ClusterPolicy::from_manifest(&cnp) {
+                Ok(policy) => {
+                    let key = policy.key();
+                    self.rejected.remove(&key);
+                    if !policy.warnings.is_empty() {
+                        report.cluster_policy_warnings.push(ClusterPolicyWarning { name: policy.name.clone(), warnings: policy.warnings.clone() });
+                    }
+                    if let Some(old) = self.state.cluster_policy(&policy.name) {
+                        self.mark_cluster_policy_subjects(old, dirty);
+                    }
+                    self.mark_cluster_policy_subjects(&policy, dirty);
+                    self.state.upsert_cluster_policy(policy);
+                }
+                Err(invalid) => {
+                    self.rejected.insert(invalid.key.clone(), invalid.clone());
+                    report.rejected.push(invalid);
+                }
+            },
+            Change::DeleteClusterPolicy(name) => {
+                self.rejected.remove(&ObjectKey::new("", &name));
+                if let Some(old) = self.state.remove_cluster_policy(&name) {
+                    self.mark_cluster_policy_subjects(&old, dirty);
+                }
+            }
+            Change::UpsertNodeLabels { node, labels } => {
+                self.state.set_node_labels(&node, labels);
+            }
             Change::UpsertNamespace(ns) => {
                 let old = self.state.namespace_labels(&ns.name).into_owned();
                 self.mark_namespace_peers(&ns.name, &old, &ns.labels, dirty);
@@ -194,6 +276,15 @@ impl NodeCompiler {
                 if let Some(old) = self.state.remove_node(&name) {
                     self.mark_address_holders(&old.addresses, dirty);
                 }
+            }
+        }
+    }
+
+    /// Local pods a ClusterNetworkPolicy selects.
+    fn mark_cluster_policy_subjects(&self, policy: &ClusterPolicy, dirty: &mut BTreeSet<ObjectKey>) {
+        for pod in self.state.pods() {
+            if self.is_local(pod) && crate::cnp::eval::selects(&self.state, policy, pod) {
+                dirty.insert(pod.key.clone());
             }
         }
     }
@@ -283,6 +374,7 @@ impl NodeCompiler {
             let pod = self.state.pod(&key).filter(|p| self.is_local(p)).cloned();
             match pod {
                 None => {
+                    self.cluster_policy_users.remove(&key);
                     if let Some(old) = self.endpoints.remove(&key) {
                         self.forget_users(&key, &old.policies);
                         self.free_ids.insert(old.id);
@@ -292,6 +384,11 @@ impl NodeCompiler {
                 Some(pod) => {
                     report.recompiled += 1;
                     let tables = compile_endpoint(&self.state, &pod, &node_addresses);
+                    if Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(&self.state, &pod, *d)) {
+                        self.cluster_policy_users.insert(key.clone());
+                    } else {
+                        self.cluster_policy_users.remove(&key);
+                    }
                     let policies: Vec<ObjectKey> =
                         self.state.policies_in(&pod.key.namespace).filter(|p| self.state.selects(p, &pod)).map(|p| p.key.clone()).collect();
                     let old_policies = self.endpoints.get(&key).map(|e| e.policies.clone()).unwrap_or_default();

@@ -1,12 +1,14 @@
 //! policy-model: the Kubernetes NetworkPolicy v1 semantics, with no I/O.
 //!
-//! - [`ClusterState`] holds namespaces, pods, nodes and validated [`Policy`]s.
+//! - [`ClusterState`] holds namespaces, pods, nodes, validated [`Policy`]s and
+//!   ClusterNetworkPolicies ([`cnp`]).
 //! - [`verdict`] is the reference evaluator: one flow, judged from the API text, with
 //!   provenance.
 //! - [`compile_endpoint`] turns one pod's policies into LPM-exact [`PeerTable`]s, and
 //!   [`NodeCompiler`] keeps every local pod's tables current as the cluster changes.
 #![forbid(unsafe_code)]
 
+pub mod cnp;
 pub mod compile;
 pub mod error;
 pub mod incremental;
@@ -25,6 +27,7 @@ pub mod workload;
 #[cfg(test)]
 mod tests;
 
+pub use cnp::{ClusterNetworkPolicy, ClusterPolicy, TierVerdict};
 pub use compile::{compile_endpoint, compile_pod};
 pub use error::{FieldError, InvalidObject};
 pub use incremental::{Change, ChangeReport, Endpoint, NodeCompiler};

@@ -171,11 +171,16 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// What a table entry allows: every protocol (ICMP too), or per-protocol port ranges.
+/// What a table entry allows: every protocol (ICMP too), or per-protocol port ranges,
+/// plus (only ClusterNetworkPolicy tiers produce it) the protocols without ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortSet {
     all: bool,
     ranges: [Vec<PortRange>; 3],
+    /// Protocols without ports (ICMP, ...), when not `all`. NetworkPolicy never allows them
+    /// alone; a tiered decision does, e.g. "Deny TCP 80, default-allow the rest". Invariant:
+    /// false when `all`, and `all` replaces "other + every port of the three".
+    other: bool,
 }
 
 impl PortSet {
@@ -186,7 +191,18 @@ impl PortSet {
 
     /// Every protocol and port, as a rule with no `ports` allows.
     pub fn all() -> PortSet {
-        PortSet { all: true, ranges: Default::default() }
+        PortSet { all: true, ranges: Default::default(), other: false }
+    }
+
+    /// Only the protocols without ports (ICMP, ICMPv6, ...).
+    pub fn other_protocols() -> PortSet {
+        PortSet { all: false, ranges: Default::default(), other: true }
+    }
+
+    /// Whether protocols without ports (ICMP, ...) pass. The datapath must honour this
+    /// when it is true without `is_all` (only tables shaped by ClusterNetworkPolicy).
+    pub fn allows_other_protocols(&self) -> bool {
+        self.all || self.other
     }
 
     pub fn protocol(protocol: Protocol) -> PortSet {
@@ -204,7 +220,7 @@ impl PortSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.all && self.ranges.iter().all(Vec::is_empty)
+        !self.all && !self.other && self.ranges.iter().all(Vec::is_empty)
     }
 
     /// Canonical ranges of one protocol (empty when `is_all`).
@@ -228,6 +244,70 @@ impl PortSet {
             last += 1;
         }
         v.splice(first..last, [merged]);
+        self.normalize();
+    }
+
+    /// Restores the canonical form: everything is spelled `all`.
+    fn normalize(&mut self) {
+        if !self.all && self.other && self.ranges.iter().all(|r| r.as_slice() == [PortRange::ALL]) {
+            *self = PortSet::all();
+        }
+    }
+
+    /// The ranges of one protocol, with `all` spelled out.
+    fn spelled(&self, p: Protocol) -> &[PortRange] {
+        if self.all { std::slice::from_ref(&PortRange::ALL) } else { self.ranges(p) }
+    }
+
+    /// The traffic both sets allow.
+    pub fn intersect(&self, other: &PortSet) -> PortSet {
+        if self.all {
+            return other.clone();
+        }
+        if other.all {
+            return self.clone();
+        }
+        let mut out = PortSet { other: self.other && other.other, ..PortSet::default() };
+        for p in Protocol::ALL {
+            let (a, b) = (self.ranges(p), other.ranges(p));
+            let (mut i, mut j) = (0, 0);
+            let v = &mut out.ranges[p.index()];
+            while i < a.len() && j < b.len() {
+                let (start, end) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+                if start <= end {
+                    v.push(PortRange { start, end });
+                }
+                if a[i].end < b[j].end { i += 1 } else { j += 1 }
+            }
+        }
+        out
+    }
+
+    /// The traffic `self` allows and `other` does not.
+    pub fn subtract(&self, other: &PortSet) -> PortSet {
+        if other.all {
+            return PortSet::empty();
+        }
+        let mut out = PortSet { other: self.allows_other_protocols() && !other.other, ..PortSet::default() };
+        for p in Protocol::ALL {
+            let b = other.ranges(p);
+            let v = &mut out.ranges[p.index()];
+            for r in self.spelled(p) {
+                // Walk the holes `b` cuts in `r` (both sorted).
+                let mut start = r.start as u32;
+                for h in b.iter().filter(|h| h.end >= r.start && h.start <= r.end) {
+                    if (h.start as u32) > start {
+                        v.push(PortRange { start: start as u16, end: h.start - 1 });
+                    }
+                    start = h.end as u32 + 1;
+                }
+                if start <= r.end as u32 {
+                    v.push(PortRange { start: start as u16, end: r.end });
+                }
+            }
+        }
+        out.normalize();
+        out
     }
 
     pub fn union_with(&mut self, other: &PortSet) {
@@ -261,6 +341,8 @@ impl PortSet {
             }
             self.ranges[p.index()] = out;
         }
+        self.other |= other.other;
+        self.normalize();
     }
 
     pub fn contains(&self, protocol: IpProtocol, port: u16) -> bool {
@@ -269,7 +351,7 @@ impl PortSet {
         }
         match protocol.policy_protocol() {
             Some(p) => self.ranges(p).iter().any(|r| r.contains(port)),
-            None => false,
+            None => self.other,
         }
     }
 }
@@ -303,6 +385,12 @@ impl fmt::Display for PortSet {
                 }
             }
         }
+        if self.other {
+            if !first {
+                f.write_str(", ")?;
+            }
+            f.write_str("protocols without ports")?;
+        }
         Ok(())
     }
 }
@@ -318,6 +406,9 @@ impl Serialize for PortSet {
                 if !self.ranges(p).is_empty() {
                     m.serialize_entry(p.as_str(), self.ranges(p))?;
                 }
+            }
+            if self.other {
+                m.serialize_entry("other", &true)?;
             }
         }
         m.end()
@@ -403,6 +494,58 @@ mod merge_tests {
                     assert_eq!(set.contains(IpProtocol(17), p as u16), *w, "port {p} in {r:?}");
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod set_ops_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A set and its meaning: per protocol a 64-port window (ports 0..64, enough to see
+    /// every boundary), plus whether portless protocols pass.
+    fn set() -> impl Strategy<Value = PortSet> {
+        let range = (0..3usize, 0..64u16, 0..70u16).prop_map(|(p, s, w)| (Protocol::ALL[p], PortRange { start: s, end: (s + w).min(63) }));
+        prop_oneof![
+            1 => Just(PortSet::all()),
+            1 => Just(PortSet::empty()),
+            8 => (prop::collection::vec(range, 0..5), any::<bool>()).prop_map(|(rs, other)| {
+                let mut s = if other { PortSet::other_protocols() } else { PortSet::empty() };
+                for (p, r) in rs {
+                    s.insert(p, r);
+                }
+                s
+            }),
+        ]
+    }
+
+    fn probes(s: &PortSet) -> Vec<bool> {
+        let mut v: Vec<bool> = Protocol::ALL.iter().flat_map(|p| (0..66u16).map(move |port| (*p, port))).map(|(p, port)| s.contains(p.into(), port)).collect();
+        v.push(s.contains(IpProtocol::ICMP, 0));
+        v.push(s.contains(IpProtocol::TCP, 65535));
+        v
+    }
+
+    proptest! {
+        /// intersect, subtract and union agree with the same operations on membership, and
+        /// keep the canonical form (equal meaning, equal value).
+        #[test]
+        fn set_operations_match_membership(a in set(), b in set()) {
+            let (pa, pb) = (probes(&a), probes(&b));
+            let i = a.intersect(&b);
+            let d = a.subtract(&b);
+            let mut u = a.clone();
+            u.union_with(&b);
+            prop_assert_eq!(probes(&i), pa.iter().zip(&pb).map(|(x, y)| *x && *y).collect::<Vec<_>>());
+            prop_assert_eq!(probes(&d), pa.iter().zip(&pb).map(|(x, y)| *x && !*y).collect::<Vec<_>>());
+            prop_assert_eq!(probes(&u), pa.iter().zip(&pb).map(|(x, y)| *x || *y).collect::<Vec<_>>());
+            // Canonical: rebuilding the union from the difference and the intersection
+            // gives the same value.
+            let mut back = d.clone();
+            back.union_with(&i);
+            prop_assert_eq!(back, a.clone());
+            prop_assert_eq!(PortSet::all().subtract(&PortSet::all().subtract(&a)), a);
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use crate::cnp::ClusterPolicy;
 use crate::labels::Labels;
 use crate::objects::{NAMESPACE_NAME_LABEL, Namespace, Node, ObjectKey, Pod};
 use crate::policy::{Direction, NamespaceScope, Peer, Policy};
@@ -88,6 +89,11 @@ pub struct ClusterState {
     pod_namespaces: BTreeMap<String, usize>,
     /// hostNetwork pods: their addresses are their node's.
     host_network_pods: BTreeSet<ObjectKey>,
+    /// ClusterNetworkPolicies, by name (cluster-scoped).
+    cluster_policies: BTreeMap<String, ClusterPolicy>,
+    /// Node labels, kept apart from [`Node`] (which other code builds literally); read by
+    /// ClusterNetworkPolicy `nodes` peers.
+    node_labels: BTreeMap<String, Labels>,
 }
 
 impl ClusterState {
@@ -234,6 +240,30 @@ impl ClusterState {
         out
     }
 
+    /// ClusterNetworkPolicies in name order.
+    pub fn cluster_policies(&self) -> impl Iterator<Item = &ClusterPolicy> {
+        self.cluster_policies.values()
+    }
+
+    pub fn cluster_policy(&self, name: &str) -> Option<&ClusterPolicy> {
+        self.cluster_policies.get(name)
+    }
+
+    /// A node's labels (empty for a node we have no labels for).
+    pub fn node_labels(&self, name: &str) -> std::borrow::Cow<'_, Labels> {
+        match self.node_labels.get(name) {
+            Some(l) => std::borrow::Cow::Borrowed(l),
+            None => std::borrow::Cow::Owned(Labels::new()),
+        }
+    }
+
+    /// Every node that may own addresses: Node objects and the nodes of hostNetwork pods.
+    pub fn node_names(&self) -> BTreeSet<&str> {
+        let mut names: BTreeSet<&str> = self.nodes.keys().map(String::as_str).collect();
+        names.extend(self.host_network_pods().filter_map(|p| p.node.as_deref()));
+        names
+    }
+
     fn host_network_pods(&self) -> impl Iterator<Item = &Pod> {
         self.host_network_pods.iter().filter_map(|k| self.pods.get(k))
     }
@@ -254,6 +284,19 @@ impl ClusterState {
 
     pub fn remove_policy(&mut self, key: &ObjectKey) -> Option<Policy> {
         self.policies.remove(key)
+    }
+
+    pub fn upsert_cluster_policy(&mut self, policy: ClusterPolicy) -> Option<ClusterPolicy> {
+        self.cluster_policies.insert(policy.name.clone(), policy)
+    }
+
+    pub fn remove_cluster_policy(&mut self, name: &str) -> Option<ClusterPolicy> {
+        self.cluster_policies.remove(name)
+    }
+
+    /// Sets a node's labels (independent of its [`Node`] object; empty labels forget them).
+    pub fn set_node_labels(&mut self, name: &str, labels: Labels) -> Option<Labels> {
+        if labels.is_empty() { self.node_labels.remove(name) } else { self.node_labels.insert(name.to_string(), labels) }
     }
 
     pub fn upsert_pod(&mut self, pod: Pod) -> Option<Pod> {

@@ -33,6 +33,13 @@ pub enum Origin {
     Except { cidr: Prefix, except: Prefix },
     /// A rule with no peers: every address of the family.
     Everything,
+    /// A ClusterNetworkPolicy `networks` CIDR.
+    Network { cidr: Prefix },
+    /// An address of a Node a ClusterNetworkPolicy `nodes` peer selects.
+    SelectedNode { name: String },
+    /// Addresses no rule names: the tiers' defaults (NetworkPolicy isolation or default
+    /// allow) decide them.
+    Remainder,
 }
 
 impl std::fmt::Display for Origin {
@@ -44,6 +51,9 @@ impl std::fmt::Display for Origin {
             Origin::Block { cidr } => write!(f, "ipBlock {cidr}"),
             Origin::Except { cidr, except } => write!(f, "except {except} of ipBlock {cidr}"),
             Origin::Everything => f.write_str("any address"),
+            Origin::Network { cidr } => write!(f, "network {cidr}"),
+            Origin::SelectedNode { name } => write!(f, "selected node {name}"),
+            Origin::Remainder => f.write_str("any other address"),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::cnp::{self, ClusterRuleRef, TierVerdict};
 use crate::objects::{ObjectKey, Pod};
 use crate::policy::{Direction, Peer, Policy, PortSpec};
 use crate::ports::IpProtocol;
@@ -26,14 +27,34 @@ pub struct Flow {
 /// A rule that allowed a flow: policy, direction and the rule's index in its list.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct RuleRef {
+    /// For a ClusterNetworkPolicy rule, the policy's name with an empty namespace.
     pub policy: ObjectKey,
     pub direction: Direction,
     pub rule: usize,
+    /// Set for a ClusterNetworkPolicy rule (which may also deny): tier, priority, name and
+    /// action. `None` for a NetworkPolicy rule (which only allows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Box<ClusterRuleRef>>,
+}
+
+impl RuleRef {
+    /// The reference to a NetworkPolicy rule.
+    pub fn policy_rule(policy: ObjectKey, direction: Direction, rule: usize) -> RuleRef {
+        RuleRef { policy, direction, rule, cluster: None }
+    }
+
+    /// The reference to a ClusterNetworkPolicy rule.
+    pub fn cluster_rule(r: ClusterRuleRef) -> RuleRef {
+        RuleRef { policy: ObjectKey::new("", &r.policy), direction: r.direction, rule: r.rule, cluster: Some(Box::new(r)) }
+    }
 }
 
 impl std::fmt::Display for RuleRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} rule #{}", self.policy, self.direction, self.rule)
+        match &self.cluster {
+            Some(c) => write!(f, "{c}"),
+            None => write!(f, "{} {} rule #{}", self.policy, self.direction, self.rule),
+        }
     }
 }
 
@@ -68,11 +89,17 @@ impl Decision {
 /// The verdict on a flow: egress of the source AND ingress of the destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
+    /// The final verdict, all tiers considered: `egress_tiers.allowed && ingress_tiers.allowed`.
     pub allowed: bool,
-    /// The source pod's egress side.
+    /// The source pod's egress side, as the NetworkPolicy tier sees it (what it would
+    /// decide, even when an Admin ClusterNetworkPolicy rule decided first).
     pub egress: Decision,
-    /// The destination pod's ingress side.
+    /// The destination pod's ingress side, as the NetworkPolicy tier sees it.
     pub ingress: Decision,
+    /// The source's egress through every tier (Admin, NetworkPolicy, Baseline, default).
+    pub egress_tiers: TierVerdict,
+    /// The destination's ingress through every tier.
+    pub ingress_tiers: TierVerdict,
 }
 
 /// Judges `flow` against the cluster state.
@@ -86,7 +113,14 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
 
     if let (AddressOwner::Pod(s), Some(d)) = (src, dst_pod) {
         if s.key == d.key {
-            return Verdict { allowed: true, egress: Decision::SelfTraffic, ingress: Decision::SelfTraffic };
+            // Upstream: "A Pod connecting to its own Pod IP is not subject to CNP" either.
+            return Verdict {
+                allowed: true,
+                egress: Decision::SelfTraffic,
+                ingress: Decision::SelfTraffic,
+                egress_tiers: TierVerdict::exempt(),
+                ingress_tiers: TierVerdict::exempt(),
+            };
         }
     }
 
@@ -101,7 +135,17 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
         },
         None => Decision::NotAPod,
     };
-    Verdict { allowed: egress.allows() && ingress.allows(), egress, ingress }
+    // The tiers around the NetworkPolicy tier. Ingress from the pod's own node stays
+    // exempt (kubelet probes), as it is for NetworkPolicy.
+    let egress_tiers = match src {
+        AddressOwner::Pod(pod) => cnp::decide(state, pod, Direction::Egress, flow, &egress),
+        _ => TierVerdict::exempt(),
+    };
+    let ingress_tiers = match (dst_pod, &ingress) {
+        (Some(_), Decision::FromOwnNode { .. }) | (None, _) => TierVerdict::exempt(),
+        (Some(pod), np) => cnp::decide(state, pod, Direction::Ingress, flow, np),
+    };
+    Verdict { allowed: egress_tiers.allowed && ingress_tiers.allowed, egress, ingress, egress_tiers, ingress_tiers }
 }
 
 /// The decision of `subject`'s policies for `direction` (the subject is the source for
@@ -138,7 +182,7 @@ pub fn rule_matches_for(state: &ClusterState, subject: &Pod, direction: Directio
         for (i, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
             let peer = rule.peers.as_ref().is_none_or(|peers| peers.iter().any(|p| peer_matches(state, policy, p, remote)));
             let port = rule.ports.as_ref().is_none_or(|ports| ports.iter().any(|p| port_matches(p, dst_pod, flow)));
-            out.push((RuleRef { policy: policy.key.clone(), direction, rule: i }, RuleMatch { peer, port }));
+            out.push((RuleRef::policy_rule(policy.key.clone(), direction, i), RuleMatch { peer, port }));
         }
     }
     out

@@ -1,7 +1,7 @@
 //! Tests of the model: builders shared by the unit and property tests.
 
 mod incremental;
-mod props;
+pub(crate) mod props;
 mod semantics;
 mod validation;
 

@@ -11,15 +11,15 @@ use serde_json::{Value, json};
 use super::*;
 use crate::{Change, NodeCompiler, Prefix, compile_endpoint};
 
-fn cases(default: u32) -> u32 {
+pub(crate) fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-const NODES: [(&str, &str, &str); 2] = [("n1", "10.250.0.1", "fd10:250::1"), ("n2", "10.250.0.2", "fd10:250::2")];
-const PORT_NAMES: [&str; 4] = ["http", "dns", "metrics", "nope"];
-const PORTS: [u16; 5] = [53, 80, 81, 8080, 9];
-const CIDRS: [&str; 26] = [
+pub(crate) const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub(crate) const NODES: [(&str, &str, &str); 2] = [("n1", "10.250.0.1", "fd10:250::1"), ("n2", "10.250.0.2", "fd10:250::2")];
+pub(crate) const PORT_NAMES: [&str; 4] = ["http", "dns", "metrics", "nope"];
+pub(crate) const PORTS: [u16; 5] = [53, 80, 81, 8080, 9];
+pub(crate) const CIDRS: [&str; 26] = [
     "0.0.0.0/0",
     "10.0.0.0/8",
     "10.244.0.0/16",
@@ -50,7 +50,7 @@ const CIDRS: [&str; 26] = [
 const EXTERNAL: [&str; 5] = ["8.8.8.8", "10.244.0.200", "2001:db8::1", "fd10:244::c8", "10.250.0.9"];
 
 #[derive(Debug, Clone)]
-struct PodSpec {
+pub(crate) struct PodSpec {
     ns: usize,
     labels: Vec<(&'static str, &'static str)>,
     family: u8, // 0 v4, 1 v6, 2 dual
@@ -78,7 +78,7 @@ fn protocol() -> impl Strategy<Value = Protocol> {
     prop::sample::select(Protocol::ALL.to_vec())
 }
 
-fn pod_spec() -> impl Strategy<Value = PodSpec> {
+pub(crate) fn pod_spec() -> impl Strategy<Value = PodSpec> {
     (
         0..3usize,
         label_pairs(),
@@ -90,7 +90,7 @@ fn pod_spec() -> impl Strategy<Value = PodSpec> {
         .prop_map(|(ns, labels, family, node, host_network, named)| PodSpec { ns, labels, family, node, host_network, named })
 }
 
-fn selector() -> impl Strategy<Value = Value> {
+pub(crate) fn selector() -> impl Strategy<Value = Value> {
     let key = prop::sample::select(vec!["pod", "app", "env", "team", "kubernetes.io/metadata.name"]);
     let values = prop::collection::btree_set(prop::sample::select(vec!["a", "b", "c", "web", "db", "x", "y", "z", "t1", "p"]), 1..3);
     let expr = (key, 0..4usize, values).prop_map(|(k, op, vals)| {
@@ -179,7 +179,7 @@ fn rules(peers_field: &'static str) -> impl Strategy<Value = Option<Value>> {
     prop_oneof![Just(None), Just(Some(json!([]))), prop::collection::vec(rule, 1..3).prop_map(|v| Some(Value::Array(v)))]
 }
 
-fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
+pub(crate) fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
     let types = prop_oneof![Just(None), Just(Some(vec!["Ingress"])), Just(Some(vec!["Egress"])), Just(Some(vec!["Ingress", "Egress"]))];
     (0..3usize, selector(), types, rules("from"), rules("to")).prop_map(|(ns, sel, types, ingress, egress)| {
         let mut spec = json!({"podSelector": sel});
@@ -196,7 +196,7 @@ fn policy_spec() -> impl Strategy<Value = (usize, Value)> {
     })
 }
 
-fn ns_labels() -> impl Strategy<Value = Vec<Vec<(&'static str, &'static str)>>> {
+pub(crate) fn ns_labels() -> impl Strategy<Value = Vec<Vec<(&'static str, &'static str)>>> {
     prop::collection::vec(
         (prop::option::of(prop::sample::select(vec!["a", "b"])), prop::option::of(prop::sample::select(vec!["t1", "t2"]))).prop_map(
             |(e, t)| {
@@ -214,7 +214,7 @@ fn ns_labels() -> impl Strategy<Value = Vec<Vec<(&'static str, &'static str)>>> 
     )
 }
 
-fn pod_from(i: usize, s: &PodSpec) -> Pod {
+pub(crate) fn pod_from(i: usize, s: &PodSpec) -> Pod {
     let ns = NAMESPACES[s.ns];
     let mut ips: Vec<String> = vec![];
     if s.host_network {
@@ -243,7 +243,7 @@ fn pod_from(i: usize, s: &PodSpec) -> Pod {
     pod
 }
 
-fn world(ns: &[Vec<(&'static str, &'static str)>], pods: &[PodSpec], policies: &[(usize, Value)]) -> ClusterState {
+pub(crate) fn world(ns: &[Vec<(&'static str, &'static str)>], pods: &[PodSpec], policies: &[(usize, Value)]) -> ClusterState {
     let mut state = ClusterState::new();
     for (i, labels) in ns.iter().enumerate() {
         state.upsert_namespace(mk_ns(NAMESPACES[i], labels));
@@ -268,13 +268,13 @@ fn addresses(state: &ClusterState) -> Vec<IpAddr> {
     set.into_iter().collect()
 }
 
-type FlowPick = (usize, usize, usize, usize);
+pub(crate) type FlowPick = (usize, usize, usize, usize);
 
-fn flow_picks() -> impl Strategy<Value = Vec<FlowPick>> {
+pub(crate) fn flow_picks() -> impl Strategy<Value = Vec<FlowPick>> {
     prop::collection::vec((0..64usize, 0..64usize, 0..4usize, 0..PORTS.len()), 48)
 }
 
-fn check_flows(state: &ClusterState, picks: &[FlowPick]) -> Result<(), TestCaseError> {
+pub(crate) fn check_flows(state: &ClusterState, picks: &[FlowPick]) -> Result<(), TestCaseError> {
     let addrs = addresses(state);
     let protos = [IpProtocol::TCP, IpProtocol::UDP, IpProtocol::SCTP, IpProtocol::ICMP];
     // Pod-to-pod pairs always, then the random picks.
@@ -389,7 +389,7 @@ proptest! {
     }
 }
 
-fn check_against_full(c: &NodeCompiler, prev: Option<(&NodeCompiler, &crate::ChangeReport)>) -> Result<(), TestCaseError> {
+pub(crate) fn check_against_full(c: &NodeCompiler, prev: Option<(&NodeCompiler, &crate::ChangeReport)>) -> Result<(), TestCaseError> {
     let state = c.state();
     let node_addrs = state.node_addresses("n1");
     let local: BTreeSet<ObjectKey> =
