@@ -16,6 +16,10 @@ use super::sync::{Budget, MapSync, SyncError, SyncErrorKind, SyncReport};
 /// "migration: pausing before the swap" and sleeps that long between filling the new maps
 /// (step 2) and swapping the programs (step 3), so a test can kill it there.
 pub const PAUSE_BEFORE_SWAP_ENV: &str = "POLICY_AGENT_TEST_PAUSE_BEFORE_SWAP";
+/// Test hook: milliseconds to wait after each link's program swap in a migration, so that
+/// a test sees flows cross hooks of both builds (the window a shared or read-through
+/// connection tracking must cover).
+pub const PAUSE_BETWEEN_SWAPS_ENV: &str = "POLICY_AGENT_TEST_PAUSE_BETWEEN_SWAPS_MS";
 
 /// How the datapath stands with respect to the maps a previous agent left.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,7 +306,11 @@ impl Enforcer {
         all.extend(self.datapath.attached());
         let mut failed = BTreeSet::new();
         let mut errors = Vec::new();
+        let pause = std::env::var(PAUSE_BETWEEN_SWAPS_ENV).ok().and_then(|v| v.parse::<u64>().ok()).filter(|_| has_old).map(Duration::from_millis);
         for (interface, point) in all {
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
             if !known.contains(&(interface.clone(), point)) {
                 // A link this agent did not ask for: the interface is gone (a defunct link:
                 // unpin it), or a previous agent held it or knew a pod there that this one

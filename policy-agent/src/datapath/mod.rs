@@ -11,7 +11,7 @@ mod model;
 mod sync;
 
 pub use encode::{Allow, PeerSlot, PortEntry, encode_addr, peer_entries, port_entries_allow, port_set_entries};
-pub use enforcer::{DatapathStatus, Enforcer, PAUSE_BEFORE_SWAP_ENV, PodInterface};
+pub use enforcer::{DatapathStatus, Enforcer, PAUSE_BEFORE_SWAP_ENV, PAUSE_BETWEEN_SWAPS_ENV, PodInterface};
 pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
 pub use migrate::maps_dir_in_force;
 pub use model::ModelMaps;
