@@ -14,8 +14,10 @@
 //!    programs (`POLICY_AGENT_TEST_PAUSE_BEFORE_SWAP`), then a fresh start.
 //!
 //! Two TCP connections are held open throughout and must still work after each step.
-//! Needs root, BPF, git and cargo; the old build goes to `target/upgrade-old` (set
-//! `POLICY_AGENT_OLD_BIN` to use a prebuilt binary instead).
+//! Needs root, BPF, git, tar and cargo; the old build goes to a build cache outside the
+//! clone (`~/.cache/policy-agent/upgrade-old-<commit>`; see `build_cache`), so that only
+//! the first run on a machine builds it (set `POLICY_AGENT_OLD_BIN` to use a prebuilt
+//! binary instead).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -50,28 +52,48 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The previous release's agent: built from a worktree of `OLD_COMMIT` under
-/// `target/upgrade-old` (reused: later runs only check it is up to date).
+/// Where the previous release is built: a build cache outside the clone (the commit never
+/// changes, so a later run, even from a fresh clone, only checks it is up to date):
+/// `$POLICY_AGENT_BUILD_CACHE`, else `$XDG_CACHE_HOME/policy-agent` or
+/// `~/.cache/policy-agent`, else `target/`.
+fn build_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("POLICY_AGENT_BUILD_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    match base {
+        Some(b) => b.join("policy-agent"),
+        None => repo_root().join("target"),
+    }
+}
+
+/// The previous release's agent: `OLD_COMMIT`'s sources exported (`git archive`) into the
+/// build cache and built there.
 fn old_agent() -> PathBuf {
     if let Ok(p) = std::env::var("POLICY_AGENT_OLD_BIN") {
         return PathBuf::from(p);
     }
     let root = repo_root();
-    let target = root.join("target/upgrade-old");
-    let src = target.join("src");
     let git = |args: &[&str]| {
         let out = Command::new("git").arg("-C").arg(&root).args(args).output().expect("git");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr))
     };
-    let head = Command::new("git").arg("-C").arg(&src).args(["rev-parse", "HEAD"]).output().ok();
     let wanted = git(&["rev-parse", &format!("{OLD_COMMIT}^{{commit}}")]);
     assert!(wanted.0, "commit {OLD_COMMIT} is not in this repository (a shallow clone?): {}", wanted.1);
-    let current = head.filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if current.as_deref() != Some(wanted.1.as_str()) {
+    let dir = build_cache().join(format!("upgrade-old-{}", wanted.1));
+    let (src, target) = (dir.join("src"), dir.join("target"));
+    let marker = dir.join("exported");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.1.as_str()) {
         let _ = std::fs::remove_dir_all(&src);
-        let _ = git(&["worktree", "prune"]);
-        let (ok, out) = git(&["worktree", "add", "--force", "--detach", src.to_str().unwrap(), OLD_COMMIT]);
-        assert!(ok, "git worktree add {OLD_COMMIT}: {out}");
+        std::fs::create_dir_all(&src).expect("creating the build cache");
+        let archive = Command::new("git").arg("-C").arg(&root).args(["archive", "--format=tar", &wanted.1]).output().expect("git archive");
+        assert!(archive.status.success(), "git archive {OLD_COMMIT}: {}", String::from_utf8_lossy(&archive.stderr));
+        let mut tar = Command::new("tar").arg("-x").arg("-C").arg(&src).stdin(std::process::Stdio::piped()).spawn().expect("tar");
+        tar.stdin.take().expect("stdin").write_all(&archive.stdout).expect("tar input");
+        assert!(tar.wait().expect("tar").success(), "unpacking {OLD_COMMIT}");
+        std::fs::write(&marker, &wanted.1).expect("writing the marker");
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let started = Instant::now();
@@ -85,7 +107,7 @@ fn old_agent() -> PathBuf {
     }
     let out = cmd.output().expect("cargo");
     assert!(out.status.success(), "building the agent of {OLD_COMMIT}:\n{}", String::from_utf8_lossy(&out.stderr));
-    eprintln!("the agent of {OLD_COMMIT} built (or checked) in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("the agent of {OLD_COMMIT} built (or checked) in {} in {:.1} s", dir.display(), started.elapsed().as_secs_f64());
     target.join("debug/policy-agent")
 }
 

@@ -11,7 +11,7 @@ pub struct EntryView {
     pub prefix: Prefix,
     /// What addresses matching this prefix may do.
     pub allows: PortSet,
-    pub stands_for: Vec<Origin>,
+    pub stands_for: std::sync::Arc<[Origin]>,
     pub rules: std::sync::Arc<[RuleRef]>,
 }
 

@@ -67,7 +67,7 @@ fn measure(pods_per_namespace: usize) -> (isize, isize, isize) {
             rules += t.entries.iter().map(|e| e.rules.len()).sum::<usize>();
         }
     }
-    println!(
+    eprintln!(
         "pods {}: {entries} table entries ({} B each), {origins} origins ({} B), {rules} rule refs ({} B)",
         w.pod_count(),
         std::mem::size_of::<policy_model::PeerEntry>(),
@@ -78,8 +78,20 @@ fn measure(pods_per_namespace: usize) -> (isize, isize, isize) {
 }
 
 fn main() {
-    let (s0, t0, p0) = measure(100);
-    let (s1, t1, p1) = measure(110);
+    // Shared values (`policy_model::intern`) outlive a compiler: one size per process.
+    if let Some(n) = std::env::args().nth(1).and_then(|a| a.parse().ok()) {
+        let (s, t, p) = measure(n);
+        println!("{p} {s} {t}");
+        return;
+    }
+    let run = |n: usize| -> (isize, isize, isize) {
+        let out = std::process::Command::new(std::env::current_exe().expect("exe")).arg(n.to_string()).output().expect("run");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let v: Vec<isize> = text.lines().last().unwrap_or("").split(' ').filter_map(|x| x.parse().ok()).collect();
+        (v[1], v[2], v[0])
+    };
+    let (s0, t0, p0) = run(100);
+    let (s1, t1, p1) = run(110);
     let kib = |b: isize| b as f64 / 1024.0;
     println!("pods {p0}: namespaces+pods in ClusterState {:.0} KiB; whole NodeCompiler (policies, tables) {:.0} KiB", kib(s0), kib(t0));
     println!("pods {p1}: namespaces+pods in ClusterState {:.0} KiB; whole NodeCompiler {:.0} KiB", kib(s1), kib(t1));

@@ -287,7 +287,7 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
             rule_ids.sort_unstable();
             rule_ids.dedup();
             let rules = rule_lists.entry(rule_ids).or_insert_with_key(|ids| ids.iter().map(|r| rules[*r as usize].clone()).collect()).clone();
-            entries.push(PeerEntry { prefix: *prefix, port_set: id, stands_for: stands_for.into_iter().collect(), rules });
+            entries.push(PeerEntry { prefix: *prefix, port_set: id, stands_for: Origin::shared(&stands_for.into_iter().collect::<Vec<_>>()), rules });
         }
         plain_rules.sort_unstable();
         plain_rules.dedup();

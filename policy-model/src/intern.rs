@@ -1,25 +1,61 @@
-//! Shared strings for what many objects repeat: label keys and values, namespace names.
+//! Shared copies of what many objects repeat: label keys and values, namespace names, the
+//! provenance lists of table entries.
 //!
-//! 10,000 pods carry perhaps 30 distinct label strings; holding each once keeps the
-//! agent's memory per pod small. Strings nobody holds any more are dropped once the set
-//! has doubled since the last sweep (amortised O(1) per call), so values that come and go
-//! (`pod-template-hash`) do not accumulate.
+//! 10,000 pods carry perhaps 30 distinct label strings, and every local pod's table names
+//! the same peer pods; holding each once keeps the agent's memory per pod small. Values
+//! nobody holds any more are dropped once the set has doubled since the last sweep
+//! (amortised O(1) per call), so values that come and go (`pod-template-hash`, deleted
+//! pods) do not accumulate.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-struct Interner {
+/// A set of shared slices of one type (see the module docs).
+pub struct Interner<T: 'static> {
+    set: Mutex<Option<(HashSet<Arc<[T]>>, usize)>>,
+}
+
+impl<T: Hash + Eq + Clone + 'static> Interner<T> {
+    pub const fn new() -> Interner<T> {
+        Interner { set: Mutex::new(None) }
+    }
+
+    /// The shared copy of `items`.
+    pub fn get(&self, items: &[T]) -> Arc<[T]> {
+        let mut guard = self.set.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (set, sweep_at) = guard.get_or_insert_with(|| (HashSet::new(), 1024));
+        if let Some(found) = set.get(items) {
+            return found.clone();
+        }
+        if set.len() >= *sweep_at {
+            set.retain(|a| Arc::strong_count(a) > 1);
+            *sweep_at = (set.len() * 2).max(1024);
+        }
+        let a: Arc<[T]> = Arc::from(items);
+        set.insert(a.clone());
+        a
+    }
+}
+
+impl<T: Hash + Eq + Clone + 'static> Default for Interner<T> {
+    fn default() -> Interner<T> {
+        Interner::new()
+    }
+}
+
+struct StringSet {
     strings: HashSet<Arc<str>>,
     /// Sweep when the set reaches this size.
     sweep_at: usize,
 }
 
-static INTERNER: Mutex<Option<Interner>> = Mutex::new(None);
+static INTERNER: Mutex<Option<StringSet>> = Mutex::new(None);
 
 /// The shared copy of `s`.
 pub fn intern(s: &str) -> Arc<str> {
     let mut guard = INTERNER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let i = guard.get_or_insert_with(|| Interner { strings: HashSet::new(), sweep_at: 1024 });
+    let i = guard.get_or_insert_with(|| StringSet { strings: HashSet::new(), sweep_at: 1024 });
     if let Some(found) = i.strings.get(s) {
         return found.clone();
     }

@@ -155,6 +155,9 @@ impl Pod {
             }
         }
         named_ports.sort();
+        // Kept for the pod's life: no spare capacity (a first push reserves four).
+        named_ports.shrink_to_fit();
+        ips.shrink_to_fit();
         if !errors.is_empty() {
             return Err(InvalidObject { kind: "Pod", key, errors });
         }

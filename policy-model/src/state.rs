@@ -27,40 +27,59 @@ struct AddressHolders {
     nodes: SortedVec<String>,
 }
 
-/// A small sorted set.
+/// A small sorted set: almost always empty or one element, held inline then (a one-element
+/// Vec costs a heap allocation per address).
 #[derive(Debug, Clone)]
-struct SortedVec<T>(Vec<T>);
+enum SortedVec<T> {
+    Empty,
+    One(T),
+    Many(Vec<T>),
+}
 
 impl<T> Default for SortedVec<T> {
     fn default() -> SortedVec<T> {
-        SortedVec(Vec::new())
+        SortedVec::Empty
     }
 }
 
 impl<T: Ord> SortedVec<T> {
     fn insert(&mut self, v: T) {
-        if let Err(i) = self.0.binary_search(&v) {
-            // Exactly what it holds (a first push would reserve room for four).
-            self.0.reserve_exact(1);
-            self.0.insert(i, v);
-        }
+        *self = match std::mem::take(self) {
+            SortedVec::Empty => SortedVec::One(v),
+            SortedVec::One(x) if x == v => SortedVec::One(x),
+            SortedVec::One(x) => SortedVec::Many(if x < v { vec![x, v] } else { vec![v, x] }),
+            SortedVec::Many(mut all) => {
+                if let Err(i) = all.binary_search(&v) {
+                    all.insert(i, v);
+                }
+                SortedVec::Many(all)
+            }
+        };
     }
 
     fn remove(&mut self, v: &T) {
-        if let Ok(i) = self.0.binary_search(v) {
-            self.0.remove(i);
-        }
-        if self.0.is_empty() {
-            self.0 = Vec::new();
-        }
+        *self = match std::mem::take(self) {
+            SortedVec::One(x) if x == *v => SortedVec::Empty,
+            SortedVec::Many(mut all) => {
+                if let Ok(i) = all.binary_search(v) {
+                    all.remove(i);
+                }
+                all.into_iter().collect()
+            }
+            other => other,
+        };
     }
 
     fn first(&self) -> Option<&T> {
-        self.0.first()
+        match self {
+            SortedVec::Empty => None,
+            SortedVec::One(x) => Some(x),
+            SortedVec::Many(all) => all.first(),
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        matches!(self, SortedVec::Empty)
     }
 }
 
@@ -69,7 +88,11 @@ impl<T: Ord> FromIterator<T> for SortedVec<T> {
         let mut v: Vec<T> = iter.into_iter().collect();
         v.sort();
         v.dedup();
-        SortedVec(v)
+        match v.len() {
+            0 => SortedVec::Empty,
+            1 => SortedVec::One(v.pop().expect("one")),
+            _ => SortedVec::Many(v),
+        }
     }
 }
 

@@ -42,6 +42,15 @@ pub enum Origin {
     Remainder,
 }
 
+static ORIGINS: crate::intern::Interner<Origin> = crate::intern::Interner::new();
+
+impl Origin {
+    /// The shared copy of a provenance list.
+    pub fn shared(origins: &[Origin]) -> Arc<[Origin]> {
+        ORIGINS.get(origins)
+    }
+}
+
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -64,8 +73,9 @@ impl std::fmt::Display for Origin {
 pub struct PeerEntry {
     pub prefix: Prefix,
     pub port_set: PortSetId,
-    /// What this prefix stands for (pods, ipBlocks, excepts, the node, ...).
-    pub stands_for: Vec<Origin>,
+    /// What this prefix stands for (pods, ipBlocks, excepts, the node, ...). Shared
+    /// ([`Origin::shared`]): every local pod's table names the same peers.
+    pub stands_for: Arc<[Origin]>,
     /// The rules whose allowances make up the port set. Shared by the entries of a table
     /// with the same rules (most of them): a table can hold tens of thousands of entries.
     pub rules: Arc<[RuleRef]>,

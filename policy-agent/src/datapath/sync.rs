@@ -1183,7 +1183,7 @@ mod tests {
                     sets.len() - 1
                 }
             };
-            entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new(), rules: Vec::new().into() });
+            entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new().into(), rules: Vec::new().into() });
         }
         entries.sort_by_key(|e| e.prefix);
         PeerTable { isolated: true, isolated_by: Vec::new(), entries, port_sets: sets }

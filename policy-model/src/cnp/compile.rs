@@ -302,7 +302,7 @@ fn build(grants: &[TGrant], layers: &[Layer], all_np_rules: &[RuleRef]) -> (Vec<
             });
             // Entries with the same deciding rules share one list (see `PeerEntry::rules`).
             let rules = rule_lists.entry(rules).or_insert_with_key(|r| r.as_slice().into()).clone();
-            entries.push(PeerEntry { prefix: *prefix, port_set: id, stands_for: stands_for.into_iter().collect(), rules });
+            entries.push(PeerEntry { prefix: *prefix, port_set: id, stands_for: Origin::shared(&stands_for.into_iter().collect::<Vec<_>>()), rules });
         }
         stack.push(Frame { prefix: *prefix, plain, np_rules, blocks, value });
     }
