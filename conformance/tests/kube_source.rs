@@ -139,7 +139,7 @@ async fn lists_then_events_for_every_kind() {
     let deferred: Vec<String> = run.services.deferred(run.compiler.state()).iter().map(|p| p.to_string()).collect();
     assert_eq!(deferred, ["10.96.0.10/32"], "the Service backed by pod x/a is judged after DNAT");
     let st = run.compiler.state();
-    assert_eq!(st.namespace("y").unwrap().labels.get("team").map(String::as_str), Some("blue"), "namespace modified");
+    assert_eq!(st.namespace("y").unwrap().labels.get("team"), Some("blue"), "namespace modified");
     let endpoints: Vec<String> = run.compiler.endpoints().map(|e| e.tables.pod.to_string()).collect();
     assert_eq!(endpoints, ["x/a", "x/c"], "node-1's pods are the endpoints");
     assert!(run.compiler.endpoint(&k("x/a")).unwrap().tables.ingress.isolated, "x/deny now selects pod=a");

@@ -456,7 +456,7 @@ mod tests {
         p.changes
             .iter()
             .map(|c| match c {
-                Change::UpsertPod(p) => format!("upsert pod {} {}", p.key, p.labels["app"]),
+                Change::UpsertPod(p) => format!("upsert pod {} {}", p.key, p.labels.get("app").unwrap_or_default()),
                 Change::DeletePod(k) => format!("delete pod {k}"),
                 Change::UpsertPolicy(p) => format!("upsert policy {}", p.metadata.name.as_deref().unwrap()),
                 Change::DeletePolicy(k) => format!("delete policy {k}"),
