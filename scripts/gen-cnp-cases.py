@@ -365,8 +365,15 @@ def admin_egress_tcp():
     return test, header, {"name": test, "pods": PODS, "blockedMustDrop": True, "steps": steps}
 
 def admin_egress_inline_cidr():
-    p0 = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": "inline-cidr-as-peers-example"},
-          "spec": {"tier": "Admin", "priority": 85, "subject": house_pods("gryffindor"), "egress": [
+    return egress_inline_cidr("CNPAdminTierEgressInlineCIDRPeers", "admin-tier", "admin_tier", "inline-cidr-as-peers-example", "Admin", 85, house_pods("gryffindor"))
+
+def baseline_egress_inline_cidr():
+    subject = {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": HOUSE["gryffindor"]}}}
+    return egress_inline_cidr("CNPBaselineTierEgressInlineCIDRPeers", "baseline-tier", "baseline_tier", "default", "Baseline", 10, subject)
+
+def egress_inline_cidr(test, go, base, name, tier, priority, subject):
+    p0 = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+          "spec": {"tier": tier, "priority": priority, "subject": subject, "egress": [
               {"name": "allow-egress-to-slytherin", "action": "Accept", "to": [house_pods("slytherin")]},
               {"name": "deny-egress-to-internet", "action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}]}]}}
     p1 = copy.deepcopy(p0)
@@ -384,8 +391,7 @@ def admin_egress_inline_cidr():
             ("harry-1", "luna-0", 0, True), ("harry-1", "cedric-0", 0, True),
             ("harry-1", "luna-1", 0, False), ("harry-1", "cedric-1", 0, False)])},
     ]
-    test = "CNPAdminTierEgressInlineCIDRPeers"
-    header = f"""# upstream: {test} (conformance/tests/admin-tier-egress-inline-cidr.go, base/admin_tier/standard-egress-inline-cidr-rules.yaml)
+    header = f"""# upstream: {test} (conformance/tests/{go}-egress-inline-cidr.go, base/{base}/standard-egress-inline-cidr-rules.yaml)
 # Subtests:
 #   step 1: "Should support a 'deny-egress' rule policy for egress-cidr-peer"
 #   step 2 (an Accept of two pod /32s (/128s) inserted first): "Should support an 'allow-egress' rule policy for egress-cidr-peer"
@@ -403,7 +409,7 @@ def main(out):
     for proto in ["TCP"]:
         test, header, case = admin_ingress(proto)
         dump(os.path.join(out, f"{test}.yaml"), header, case)
-    for make in [priority_field, integration, baseline_ingress_named_port, admin_ingress_udp, admin_ingress_named_port, admin_egress_tcp, admin_egress_inline_cidr]:
+    for make in [priority_field, integration, baseline_ingress_named_port, admin_ingress_udp, admin_ingress_named_port, admin_egress_tcp, admin_egress_inline_cidr, baseline_egress_inline_cidr]:
         test, header, case = make()
         dump(os.path.join(out, f"{test}.yaml"), header, case)
 
