@@ -14,19 +14,25 @@ pub struct Case {
     /// `ns/pod` names; default: x, y, z × a, b, c.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<Vec<String>>,
+    /// A blocked cell passes only if the probe was dropped (timed out), as the upstream
+    /// ClusterNetworkPolicy suite demands; a refusal (RST, ICMP unreachable) fails it.
+    #[serde(default, rename = "blockedMustDrop", skip_serializing_if = "std::ops::Not::not")]
+    pub blocked_must_drop: bool,
     pub steps: Vec<Step>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Step {
-    /// NetworkPolicy manifests to create (placeholders not yet expanded).
+    /// NetworkPolicy and ClusterNetworkPolicy manifests to create (placeholders not yet
+    /// expanded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apply: Vec<serde_json::Value>,
     /// Manifests that replace objects of the same name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub update: Vec<serde_json::Value>,
-    /// `ns/name` of policies to delete.
+    /// Policies to delete: `ns/name` names a NetworkPolicy, a bare `name` a
+    /// ClusterNetworkPolicy (cluster-scoped).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delete: Vec<String>,
     /// Labels merged into namespaces.
@@ -53,6 +59,8 @@ pub enum Expect {
     Connected,
     Blocked,
     Unchecked,
+    /// Observed only: blocked by a refusal where a drop was required.
+    Refused,
 }
 
 impl Expect {
@@ -61,6 +69,7 @@ impl Expect {
             Expect::Connected => '.',
             Expect::Blocked => 'X',
             Expect::Unchecked => '-',
+            Expect::Refused => 'R',
         }
     }
 }
@@ -113,9 +122,10 @@ impl Case {
     fn validate(&self) -> Result<(), String> {
         let pods = self.pod_names();
         for p in &pods {
-            let ok = p.split_once('/').is_some_and(|(ns, name)| ["x", "y", "z"].contains(&ns) && !name.is_empty());
+            // w: a fourth namespace, for ClusterNetworkPolicy cases (upstream's suite uses four).
+            let ok = p.split_once('/').is_some_and(|(ns, name)| ["x", "y", "z", "w"].contains(&ns) && !name.is_empty());
             if !ok {
-                return Err(format!("pod {p:?}: expected x|y|z/NAME"));
+                return Err(format!("pod {p:?}: expected x|y|z|w/NAME"));
             }
         }
         for (i, step) in self.steps.iter().enumerate() {

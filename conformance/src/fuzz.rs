@@ -140,7 +140,7 @@ pub fn generate_for(seed: u64, index: u64, families: Families, nodes: usize) -> 
     let mut g =
         Generator { rng, family: families.primary(), pods: make_pods(&names, families, nodes), live: BTreeSet::new(), next_policy: 0 };
     let steps = (0..1 + g.below(3)).map(|i| g.step(i == 0)).collect();
-    let mut case = Case { name: case_name(seed, index, families), pods: None, steps };
+    let mut case = Case { name: case_name(seed, index, families), pods: None, blocked_must_drop: false, steps };
     fill_expectations(&mut case, families, nodes).unwrap_or_else(|e| panic!("generated case {} is inconsistent: {e}", case.name));
     case
 }

@@ -77,7 +77,7 @@ impl ModelCluster {
     pub fn with_nodes(names: &[String], families: Families, nodes: usize) -> ModelCluster {
         ModelCluster {
             pods: make_pods(names, families, nodes),
-            namespace_labels: NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect(),
+            namespace_labels: namespaces_of(names).into_iter().map(|n| (n, BTreeMap::new())).collect(),
             policies: BTreeMap::new(),
             families,
         }
@@ -107,7 +107,7 @@ impl ModelCluster {
             }
         }
         for d in &step.delete {
-            match ObjectKey::parse(d) {
+            match delete_key(d) {
                 Some(k) if self.policies.remove(&k).is_some() => {}
                 _ => errors.push(format!("delete {d}: no such policy")),
             }
@@ -139,10 +139,43 @@ impl ModelCluster {
     }
 }
 
-fn policy_key(v: &Value) -> Result<ObjectKey, String> {
-    let ns = v.pointer("/metadata/namespace").and_then(Value::as_str).ok_or("policy without metadata.namespace")?;
+/// The case's namespaces: x, y and z always (as upstream's NetworkPolicy suite has them,
+/// pods or not), plus any other its pods live in.
+pub fn namespaces_of(pods: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = NAMESPACES.iter().map(|n| n.to_string()).collect();
+    for p in pods {
+        if let Some((ns, _)) = p.split_once('/')
+            && !out.iter().any(|n| n == ns)
+        {
+            out.push(ns.to_string());
+        }
+    }
+    out
+}
+
+/// A policy manifest's key: `ns/name` for a NetworkPolicy; a ClusterNetworkPolicy is
+/// cluster-scoped, so its key has an empty namespace (and `delete` names it bare).
+pub fn policy_key(v: &Value) -> Result<ObjectKey, String> {
     let name = v.pointer("/metadata/name").and_then(Value::as_str).ok_or("policy without metadata.name")?;
+    if is_cluster_policy(v) {
+        return Ok(ObjectKey::new("", name));
+    }
+    let ns = v.pointer("/metadata/namespace").and_then(Value::as_str).ok_or("policy without metadata.namespace")?;
     Ok(ObjectKey::new(ns, name))
+}
+
+pub fn is_cluster_policy(v: &Value) -> bool {
+    v.get("kind").and_then(Value::as_str) == Some("ClusterNetworkPolicy")
+}
+
+/// What a `delete` entry names: `ns/name` a NetworkPolicy, a bare name (no `/`) a
+/// ClusterNetworkPolicy.
+pub fn delete_key(entry: &str) -> Option<ObjectKey> {
+    if entry.contains('/') {
+        ObjectKey::parse(entry)
+    } else {
+        (!entry.is_empty()).then(|| ObjectKey::new("", entry))
+    }
 }
 
 fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Option<String>>) {

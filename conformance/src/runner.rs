@@ -16,11 +16,11 @@ use serde_json::{Value, json};
 
 use crate::agent_process::AgentProcess;
 use crate::case::{Case, Expect, Reachability};
-use crate::cluster::{Families, NAMESPACES, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest};
-use crate::model::{CaseOutcome, ProbeOutcome};
+use crate::cluster::{Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest};
+use crate::model::{CaseOutcome, ProbeOutcome, delete_key, is_cluster_policy, namespaces_of, policy_key};
 use crate::netns::unique;
 use crate::topology::{NodeNet, PodNet, Topology};
-use crate::traffic::{Servers, probe_in, serve};
+use crate::traffic::{ProbeEnd, Servers, probe_end_in, probe_in, serve};
 
 /// The name of node `index` (0-based), as `make_pods` assigns pods to it.
 pub fn node_name(index: usize) -> String {
@@ -93,7 +93,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     let dir = tempfile_dir()?;
     let names = case.pod_names();
     let mut pods: BTreeMap<String, LivePod> = BTreeMap::new();
-    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> = NAMESPACES.iter().map(|n| (n.to_string(), BTreeMap::new())).collect();
+    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces_of(&names).into_iter().map(|n| (n, BTreeMap::new())).collect();
     for (i, spec) in make_pods(&names, opts.families, node_count).into_iter().enumerate() {
         let home = nodes.iter().find(|n| n.name == spec.node).ok_or(format!("pod {} on unknown node {}", spec.key(), spec.node))?;
         let net = home.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
@@ -136,14 +136,13 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         for manifest in step.apply.iter().chain(&step.update) {
             let mut v = manifest.clone();
             expand_placeholders(&mut v, &specs, opts.families.primary()).map_err(|e| e.to_string())?;
-            let ns = v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string();
-            let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
-            let file = format!("np-{ns}-{name}.yaml");
+            let key = policy_key(&v)?;
+            let file = if is_cluster_policy(&v) { format!("cnp-{}.yaml", key.name) } else { format!("np-{}-{}.yaml", key.namespace, key.name) };
             write(dir.path(), &file, &v)?;
-            policies.insert(ObjectKey::new(ns, name), file);
+            policies.insert(key, file);
         }
         for d in &step.delete {
-            if let Some(file) = ObjectKey::parse(d).and_then(|k| policies.remove(&k)) {
+            if let Some(file) = delete_key(d).and_then(|k| policies.remove(&k)) {
                 let _ = std::fs::remove_file(dir.path().join(file));
             }
         }
@@ -170,7 +169,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).map_err(|e| e.to_string())?;
             let probe = Probe { port: spec.port, protocol: spec.protocol };
-            let observed = poll_matrix(&pods, &expected, probe, family, opts)?;
+            let observed = poll_matrix(&pods, &expected, probe, family, opts, case.blocked_must_drop)?;
             let wrong = differences(&expected, &observed);
             outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
         }
@@ -220,6 +219,7 @@ fn poll_matrix(
     probe: Probe,
     family: Family,
     opts: RunOptions,
+    must_drop: bool,
 ) -> Result<Reachability, String> {
     let n = expected.pods.len();
     let mut observed = Reachability { pods: expected.pods.clone(), cells: vec![vec![Expect::Unchecked; n]; n] };
@@ -240,13 +240,26 @@ fn poll_matrix(
                 (
                     i,
                     j,
-                    std::thread::spawn(move || probe_in(&ns, probe.protocol, SocketAddr::new(dst, probe.port), Duration::from_millis(700))),
+                    std::thread::spawn(move || {
+                        let dst = SocketAddr::new(dst, probe.port);
+                        let timeout = Duration::from_millis(700);
+                        if must_drop {
+                            probe_end_in(&ns, probe.protocol, dst, timeout)
+                        } else {
+                            // Any failure counts as blocked (NetworkPolicy tests).
+                            probe_in(&ns, probe.protocol, dst, timeout).map(|ok| if ok { ProbeEnd::Connected } else { ProbeEnd::Dropped })
+                        }
+                    }),
                 )
             })
             .collect();
         for (i, j, h) in handles {
-            let ok = h.join().map_err(|_| "probe thread panicked".to_string())?.map_err(|e| e.to_string())?;
-            observed.cells[i][j] = if ok { Expect::Connected } else { Expect::Blocked };
+            let end = h.join().map_err(|_| "probe thread panicked".to_string())?.map_err(|e| e.to_string())?;
+            observed.cells[i][j] = match end {
+                ProbeEnd::Connected => Expect::Connected,
+                ProbeEnd::Dropped => Expect::Blocked,
+                ProbeEnd::Refused => Expect::Refused,
+            };
         }
         pending.retain(|&(i, j)| observed.cells[i][j] != expected.cells[i][j]);
         if pending.is_empty() || Instant::now() >= deadline {

@@ -167,6 +167,57 @@ pub fn probe_in(ns: &NetnsHandle, protocol: Protocol, dst: SocketAddr, timeout: 
     })
 }
 
+/// How a probe ended: the upstream ClusterNetworkPolicy suite accepts only a drop (the
+/// client times out) as "blocked"; a refusal (RST, ICMP unreachable) fails it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeEnd {
+    Connected,
+    /// Nothing came back within the timeout.
+    Dropped,
+    /// The network or the server said no (RST, ICMP port/host unreachable).
+    Refused,
+}
+
+/// [`probe_in`], telling a drop from a refusal. SCTP is probed with raw packets that see
+/// no refusal (the kernel has no SCTP stack to answer ABORT), so it reports drops only.
+pub fn probe_end_in(ns: &NetnsHandle, protocol: Protocol, dst: SocketAddr, timeout: Duration) -> Result<ProbeEnd, NetnsError> {
+    use std::io::ErrorKind;
+    let refused = |e: &std::io::Error| {
+        matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)
+    };
+    ns.run(move || match protocol {
+        Protocol::Tcp => match TcpStream::connect_timeout(&dst, timeout) {
+            Err(e) if refused(&e) => ProbeEnd::Refused,
+            Err(_) => ProbeEnd::Dropped,
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(timeout));
+                let mut b = [0u8; 1];
+                match s.write_all(b"h").and_then(|_| s.read(&mut b)) {
+                    Ok(1) => ProbeEnd::Connected,
+                    Err(e) if refused(&e) => ProbeEnd::Refused,
+                    _ => ProbeEnd::Dropped,
+                }
+            }
+        },
+        Protocol::Udp => {
+            let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let Ok(s) = UdpSocket::bind(bind) else { return ProbeEnd::Dropped };
+            let _ = s.set_read_timeout(Some(timeout));
+            // A connected socket: an ICMP port unreachable comes back as ECONNREFUSED.
+            if s.connect(dst).and_then(|_| s.send(b"hostname\n")).is_err() {
+                return ProbeEnd::Refused;
+            }
+            let mut buf = [0u8; 64];
+            match s.recv(&mut buf) {
+                Ok(n) if n > 0 => ProbeEnd::Connected,
+                Err(e) if refused(&e) => ProbeEnd::Refused,
+                _ => ProbeEnd::Dropped,
+            }
+        }
+        Protocol::Sctp => if probe_sctp(dst, timeout) { ProbeEnd::Connected } else { ProbeEnd::Dropped },
+    })
+}
+
 /// A TCP probe from a chosen source address (which must be on an interface of `ns`).
 pub fn probe_tcp_from(ns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
     ns.run(move || probe_tcp(Some(src), dst, timeout))

@@ -687,3 +687,40 @@ fn every_odd_port_on_three_protocols_fits_in_the_default_maps() {
     assert_eq!(rig.entry_counts().1, 0);
     expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", true)]);
 }
+
+fn cluster_policy(name: &str, spec: serde_json::Value) -> Change {
+    Change::UpsertClusterPolicy(Box::new(
+        serde_json::from_value(json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name}, "spec": spec}))
+            .unwrap(),
+    ))
+}
+
+/// A ClusterNetworkPolicy that denies one port leaves ICMP to the default allow: the
+/// compiled port set allows protocols without ports, which the kernel must honour (the
+/// `PORT_PROTOCOL_OTHER` slot), while a NetworkPolicy's port rule still blocks ICMP.
+#[test]
+fn icmp_left_to_the_default_allow_by_a_cluster_policy_passes() {
+    use conformance::traffic::ping;
+    let mut rig = ns_rig();
+    let t = std::time::Duration::from_millis(400);
+    rig.apply(vec![cluster_policy(
+        "deny-80",
+        json!({"tier": "Admin", "priority": 5,
+            "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}},
+            "egress": [{"name": "no-80", "action": "Deny",
+                "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}}],
+                "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}),
+    )])
+    .unwrap();
+    expect(&rig, Protocol::Tcp, 80, &[("x/a", "x/b", false), ("x/a", "x/c", true), ("x/c", "x/b", true)]);
+    expect(&rig, Protocol::Tcp, 81, &[("x/a", "x/b", true)]);
+    for v4 in [true, false] {
+        assert!(ping(&rig.pod("x/a").net.ns.handle(), rig.ip("x/b", v4), t).unwrap(), "ICMP is not TCP 80: the default allow takes it");
+    }
+    // A NetworkPolicy tier that decides for x/a's egress (only UDP 81): no ICMP.
+    rig.apply(vec![policy("x", "a-udp", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": 81, "protocol": "UDP"}]}]}))])
+        .unwrap();
+    for v4 in [true, false] {
+        assert!(!ping(&rig.pod("x/a").net.ns.handle(), rig.ip("x/b", v4), t).unwrap(), "the NetworkPolicy tier decides: no ICMP");
+    }
+}

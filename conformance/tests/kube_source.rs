@@ -17,7 +17,8 @@ fn k(s: &str) -> ObjectKey {
 }
 
 fn ns(name: &str, labels: Value) -> Value {
-    let labels = serde_json::from_value(labels).unwrap();
+    let labels: std::collections::BTreeMap<String, String> = serde_json::from_value(labels).unwrap();
+    let labels = labels.into_iter().collect();
     objects::namespace(&policy_model::Namespace::new(name.to_string(), labels))
 }
 
@@ -54,7 +55,7 @@ impl Run {
         let config = futures::executor::block_on(kube::Config::from_custom_kubeconfig(kc, &Default::default())).unwrap();
         let client = kube::Client::try_from(config).unwrap();
         Run {
-            source: KubeSource::start(client, "node-1"),
+            source: KubeSource::start(client),
             compiler: NodeCompiler::new("node-1"),
             services: Services::default(),
             invalid: Vec::new(),
@@ -112,7 +113,8 @@ async fn lists_then_events_for_every_kind() {
     run.until("the first lists", |r| r.source.synced() && !r.source.blind()).await;
     assert_eq!(run.pods().len(), 252);
     assert_eq!(run.compiler.state().node("node-1").unwrap().addresses, vec!["10.250.0.1".parse::<std::net::IpAddr>().unwrap()]);
-    assert!(run.compiler.state().node("node-2").is_none(), "only its own Node is watched");
+    // Every Node: ClusterNetworkPolicy `nodes` peers select any of them.
+    assert_eq!(run.compiler.state().node("node-2").unwrap().addresses, vec!["10.250.0.2".parse::<std::net::IpAddr>().unwrap()]);
     assert_eq!(run.compiler.state().pod(&k("x/a")).unwrap().resolve_named_port("http", Protocol::Tcp), Some(8080));
 
     // Events of every kind.
@@ -181,4 +183,45 @@ async fn after_a_restart_it_relists_and_deletes_what_is_gone() {
     run.until("the relist after 410", |r| r.compiler.state().pod(&k("x/e9")).is_some() && !r.source.blind()).await;
     assert_eq!(run.pods().len(), 12);
     assert!(run.invalid.is_empty());
+}
+
+fn cnp(name: &str, priority: u16) -> Value {
+    json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+        "spec": {"tier": "Admin", "priority": priority, "subject": {"namespaces": {}},
+            "ingress": [{"name": "r", "action": "Deny", "from": [{"namespaces": {}}]}]}})
+}
+
+/// Without the ClusterNetworkPolicy CRD (404) the view is complete and NetworkPolicies
+/// flow; once the CRD is installed its objects are picked up, invalid ones reported with
+/// a reference, and Node labels (which `nodes` peers read) follow the Nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_policies_once_their_crd_is_installed() {
+    let api = std::sync::Arc::new(blocking(|| ApiServer::start_local().unwrap()).await);
+    api.apply_all([ns("x", json!({})), pod("x", "a", "10.244.0.1", "node-1")]);
+    let mut node = objects::node("node-2", &["10.250.0.2".parse().unwrap()]);
+    node["metadata"]["labels"] = json!({"zone": "a"});
+    api.apply_json(node.clone());
+    let mut run = Run::new(&api);
+    run.until("the first lists, without the CRD", |r| r.source.synced() && !r.source.blind()).await;
+    assert_eq!(run.source.status().get("clusternetworkpolicies"), Some(&WatchStatus::Current));
+    assert_eq!(run.compiler.state().node_labels("node-2").get("zone"), Some("a"));
+    api.apply_json(np("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]})));
+    run.until("a NetworkPolicy meanwhile", |r| r.compiler.state().policies().count() == 1).await;
+
+    api.install_cluster_policy_crd();
+    api.apply_json(cnp("c", 5));
+    let mut bad = cnp("bad", 5);
+    bad["spec"]["priority"] = json!(1001);
+    api.apply_json(bad);
+    node["metadata"]["labels"] = json!({"zone": "b"});
+    api.apply_json(node);
+    // The CRD is looked for again with backoff (1 s, doubling): within a few seconds.
+    run.until("the CRD's objects", |r| {
+        r.compiler.state().cluster_policy("c").is_some() && r.invalid.iter().any(|i| i.contains("bad")) && r.compiler.state().node_labels("node-2").get("zone") == Some("b")
+    })
+    .await;
+    assert!(run.compiler.state().cluster_policy("bad").is_none(), "an invalid policy is not enforced");
+    assert!(!run.source.blind());
+    api.delete(Kind::ClusterNetworkPolicy, "", "c").unwrap();
+    run.until("a deleted ClusterNetworkPolicy", |r| r.compiler.state().cluster_policy("c").is_none()).await;
 }

@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use policy_model::cnp::DecidedBy;
 use policy_model::{
-    AddressOwner, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod, RuleMatch, RuleRef, Verdict,
+    AddressOwner, TierVerdict, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod, RuleMatch, RuleRef, Verdict,
     rule_matches_for, verdict,
 };
 use serde::Serialize;
@@ -59,6 +60,9 @@ pub struct Explanation {
     pub protocol: String,
     pub allowed: bool,
     pub flows: Vec<FlowExplanation>,
+    /// Whether ClusterNetworkPolicies exist: the text then walks the tiers.
+    #[serde(skip)]
+    pub tiered: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +151,7 @@ pub fn explain(state: &ClusterState, from: &Party, to: &Party, protocol: IpProto
         protocol: protocol.to_string(),
         allowed: flows.iter().all(|f| f.verdict.allowed),
         flows,
+        tiered: state.cluster_policies().next().is_some(),
     })
 }
 
@@ -184,12 +189,56 @@ fn side(out: &mut String, title: &str, decision: &Decision, rules: &[RuleCheck],
     }
 }
 
+/// One side's walk through the tiers (Admin, NetworkPolicy, Baseline, default allow):
+/// the Pass rules that sent it on, the decision and who took it, and a warning when
+/// policies of equal tier and priority would decide otherwise.
+fn tiers(out: &mut String, title: &str, t: &TierVerdict) {
+    let verdict = if t.allowed { "allowed" } else { "BLOCKED" };
+    let _ = match &t.decided_by {
+        DecidedBy::Exempt => writeln!(out, "  {title} tiers: {verdict} (not subject to ClusterNetworkPolicy)"),
+        DecidedBy::ClusterRule { rule } => writeln!(
+            out,
+            "  {title} tiers: {verdict} by {} tier ClusterNetworkPolicy {} (priority {}), rule #{}{}: {}",
+            rule.tier,
+            rule.policy,
+            rule.priority,
+            rule.rule,
+            if rule.name.is_empty() { String::new() } else { format!(" {:?}", rule.name) },
+            rule.action
+        ),
+        DecidedBy::NetworkPolicy => writeln!(out, "  {title} tiers: {verdict} by the NetworkPolicy tier (below)"),
+        DecidedBy::DefaultAllow => writeln!(out, "  {title} tiers: {verdict} (no tier decided: default allow)"),
+    };
+    for p in &t.passed_by {
+        let _ = writeln!(
+            out,
+            "    passed on by {} tier ClusterNetworkPolicy {} (priority {}), rule #{}{}",
+            p.tier,
+            p.policy,
+            p.priority,
+            p.rule,
+            if p.name.is_empty() { String::new() } else { format!(" {:?}", p.name) }
+        );
+    }
+    if !t.ambiguous_with.is_empty() {
+        let _ = writeln!(
+            out,
+            "    WARNING: {} share this tier and priority and would act otherwise; upstream lets an implementation apply any of them, this agent applies them in name order",
+            t.ambiguous_with.join(", ")
+        );
+    }
+}
+
 impl Explanation {
     /// Families that reach the same verdict for the same reasons are shown once.
     pub fn render_text(&self) -> String {
         let mut groups: Vec<(Vec<&FlowExplanation>, String)> = Vec::new();
         for f in &self.flows {
             let mut body = String::new();
+            if self.tiered {
+                tiers(&mut body, &format!("egress of {}", f.src_is), &f.verdict.egress_tiers);
+                tiers(&mut body, &format!("ingress of {}", f.dst_is), &f.verdict.ingress_tiers);
+            }
             side(&mut body, &format!("egress of {}", f.src_is), &f.verdict.egress, &f.egress_rules, Direction::Egress);
             side(&mut body, &format!("ingress of {}", f.dst_is), &f.verdict.ingress, &f.ingress_rules, Direction::Ingress);
             match groups.iter_mut().find(|(_, b)| *b == body) {
@@ -216,5 +265,56 @@ impl Explanation {
             out.push_str(&body);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::Manifests;
+
+    const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {nodeName: n1, containers: []}
+status: {podIPs: [{ip: 10.244.0.10}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: y, labels: {pod: b}}
+spec: {nodeName: n1, containers: []}
+status: {podIPs: [{ip: 10.244.0.11}]}
+"#;
+
+    fn cnp(name: &str, tier: &str, priority: u16, action: &str) -> String {
+        format!(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{tier: {tier}, priority: {priority}, subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: x}}}}}}, ingress: [{{name: r-{name}, action: {action}, from: [{{namespaces: {{}}}}]}}]}}\n"
+        )
+    }
+
+    fn text(extra: &str) -> String {
+        let mut m = Manifests::default();
+        m.add_yaml("t", &format!("{PODS}{extra}"));
+        let (state, errors) = m.state();
+        assert!(errors.is_empty(), "{errors:?}");
+        let from = Party::Pod(ObjectKey::new("y", "b"));
+        let to = Party::Pod(ObjectKey::new("x", "a"));
+        explain(&state, &from, &to, IpProtocol::TCP, 80).unwrap().render_text()
+    }
+
+    /// Each tier's decision with policy, rule name, priority and action; the Pass that
+    /// sent it on; and the equal-priority warning.
+    #[test]
+    fn tiers_are_shown_with_provenance() {
+        let t = text(&format!("{}{}", cnp("pass", "Admin", 5, "Pass"), cnp("deny", "Baseline", 9, "Deny")));
+        assert!(t.contains("BLOCKED"), "{t}");
+        assert!(t.contains("ingress of pod x/a tiers: BLOCKED by Baseline tier ClusterNetworkPolicy deny (priority 9), rule #0 \"r-deny\": Deny"), "{t}");
+        assert!(t.contains("passed on by Admin tier ClusterNetworkPolicy pass (priority 5), rule #0 \"r-pass\""), "{t}");
+        assert!(!t.contains("WARNING"), "{t}");
+        let t = text(&format!("{}{}", cnp("one", "Admin", 5, "Accept"), cnp("two", "Admin", 5, "Deny")));
+        assert!(t.contains("WARNING: two share this tier and priority"), "{t}");
+        // Without ClusterNetworkPolicies the text is as before: no tier lines.
+        assert!(!text("").contains("tiers:"));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod crd;
 pub mod datapath;
 pub mod describe;
 pub mod explain;

@@ -1,4 +1,5 @@
-//! Reading a directory of Kubernetes YAML: Namespaces, Pods, Nodes and NetworkPolicies.
+//! Reading a directory of Kubernetes YAML: Namespaces, Pods, Nodes, NetworkPolicies,
+//! ClusterNetworkPolicies (policy.networking.k8s.io), Services and EndpointSlices.
 //!
 //! Every document is read on its own: a malformed one is reported (file, document number
 //! and, where it can be read, the object) and skipped; the others still load.
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use policy_model::cnp::{ClusterNetworkPolicy, ClusterPolicy};
 use policy_model::{Change, ClusterState, InvalidObject, Namespace, Node, Pod, Policy};
 use serde::Deserialize;
 
@@ -48,6 +50,7 @@ pub struct Manifests {
     pub pods: Vec<(String, core::Pod)>,
     pub nodes: Vec<(String, core::Node)>,
     pub policies: Vec<(String, NetworkPolicy)>,
+    pub cluster_policies: Vec<(String, ClusterNetworkPolicy)>,
     pub services: Vec<(String, core::Service)>,
     pub endpoint_slices: Vec<(String, k8s_openapi::api::discovery::v1::EndpointSlice)>,
     /// Documents that could not be read at all.
@@ -55,7 +58,12 @@ pub struct Manifests {
 }
 
 /// Kinds we read; everything else (Deployments, ...) is skipped silently.
-const KINDS: [&str; 6] = ["Namespace", "Pod", "Node", "NetworkPolicy", "Service", "EndpointSlice"];
+const KINDS: [&str; 7] = ["Namespace", "Pod", "Node", "NetworkPolicy", "ClusterNetworkPolicy", "Service", "EndpointSlice"];
+
+/// The API groups whose `ClusterNetworkPolicy` we read: v1alpha2 (network-policy-api
+/// v0.2.0) and v1beta1, which has the same schema. A kind of that name in another group
+/// is no object of ours and is skipped like any unknown kind.
+pub const CLUSTER_POLICY_API_VERSIONS: [&str; 2] = ["policy.networking.k8s.io/v1alpha2", "policy.networking.k8s.io/v1beta1"];
 
 impl Manifests {
     /// Reads several directories into one set, in the order given.
@@ -67,6 +75,7 @@ impl Manifests {
             all.pods.extend(m.pods);
             all.nodes.extend(m.nodes);
             all.policies.extend(m.policies);
+            all.cluster_policies.extend(m.cluster_policies);
             all.services.extend(m.services);
             all.endpoint_slices.extend(m.endpoint_slices);
             all.errors.extend(m.errors);
@@ -128,6 +137,12 @@ impl Manifests {
             }
             return;
         }
+        if kind == "ClusterNetworkPolicy" {
+            let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
+            if !CLUSTER_POLICY_API_VERSIONS.contains(&api_version) {
+                return;
+            }
+        }
         let meta = value.get("metadata");
         let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("<unnamed>");
         let object = match meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()) {
@@ -161,6 +176,10 @@ impl Manifests {
                 Ok(o) => self.endpoint_slices.push((src, o)),
                 Err(e) => self.errors.push(err(e)),
             },
+            "ClusterNetworkPolicy" => match serde_yaml_ng::from_value(value) {
+                Ok(o) => self.cluster_policies.push((src, o)),
+                Err(e) => self.errors.push(err(e)),
+            },
             _ => match serde_yaml_ng::from_value::<NetworkPolicy>(value) {
                 Ok(mut o) => {
                     // As `kubectl apply` does for a manifest without a namespace.
@@ -185,7 +204,12 @@ impl Manifests {
         }
         for (src, node) in &self.nodes {
             match Node::from_k8s(node) {
-                Ok(n) => changes.push(Change::UpsertNode(n)),
+                Ok(n) => {
+                    // Labels travel apart from the Node (ClusterNetworkPolicy `nodes` peers).
+                    let labels = policy_model::cnp::node_labels_from_k8s(node);
+                    changes.push(Change::UpsertNodeLabels { node: n.name.clone(), labels });
+                    changes.push(Change::UpsertNode(n));
+                }
                 Err(e) => errors.push(ManifestError::invalid(src, &e)),
             }
         }
@@ -199,6 +223,12 @@ impl Manifests {
             // Validate here too, so the error names the file.
             match Policy::from_k8s(np) {
                 Ok(_) => changes.push(Change::UpsertPolicy(Box::new(np.clone()))),
+                Err(e) => errors.push(ManifestError::invalid(src, &e)),
+            }
+        }
+        for (src, cnp) in &self.cluster_policies {
+            match ClusterPolicy::from_manifest(cnp) {
+                Ok(_) => changes.push(Change::UpsertClusterPolicy(Box::new(cnp.clone()))),
                 Err(e) => errors.push(ManifestError::invalid(src, &e)),
             }
         }
@@ -224,6 +254,14 @@ impl Manifests {
                     if let Ok(p) = Policy::from_k8s(&np) {
                         state.upsert_policy(p);
                     }
+                }
+                Change::UpsertClusterPolicy(cnp) => {
+                    if let Ok(p) = ClusterPolicy::from_manifest(&cnp) {
+                        state.upsert_cluster_policy(p);
+                    }
+                }
+                Change::UpsertNodeLabels { node, labels } => {
+                    state.set_node_labels(&node, labels);
                 }
                 _ => {}
             }

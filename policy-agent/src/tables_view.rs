@@ -73,15 +73,50 @@ fn stands_for(origins: &[Origin]) -> String {
     origins.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
 }
 
+/// The rules behind an entry: ClusterNetworkPolicy rules as `tier/priority policy #rule
+/// "name" action`, NetworkPolicy rules as `ns/name #rule`.
+fn provenance(rules: &[RuleRef]) -> String {
+    if rules.is_empty() {
+        return "default".into();
+    }
+    rules
+        .iter()
+        .map(|r| match &r.cluster {
+            Some(c) => {
+                let name = if c.name.is_empty() { String::new() } else { format!(" {:?}", c.name) };
+                format!("{}/{} {} #{}{} {}", c.tier, c.priority, c.policy, c.rule, name, c.action)
+            }
+            None => format!("{} #{}", r.policy, r.rule),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn render_direction(out: &mut String, name: &str, d: &DirectionView) {
     if !d.isolated {
         let _ = writeln!(out, "  {name}: not isolated: all traffic passes");
         return;
     }
     let by: Vec<String> = d.isolated_by.iter().map(|k| k.to_string()).collect();
-    let _ = writeln!(out, "  {name}: isolated by {}; addresses not listed are blocked", by.join(", "));
-    let mut rows = vec![vec!["PREFIX".to_string(), "ALLOWS".to_string(), "STANDS FOR".to_string()]];
-    rows.extend(d.entries.iter().map(|e| vec![e.prefix.to_string(), e.allows.to_string(), stands_for(&e.stands_for)]));
+    if by.is_empty() {
+        // Only ClusterNetworkPolicies shape it: each entry's RULES say which.
+        let _ = writeln!(out, "  {name}: decided by ClusterNetworkPolicy tiers; addresses not listed are blocked");
+    } else {
+        let _ = writeln!(out, "  {name}: isolated by {}; addresses not listed are blocked", by.join(", "));
+    }
+    let tiered = d.entries.iter().any(|e| e.rules.iter().any(|r| r.cluster.is_some()));
+    let mut header = vec!["PREFIX".to_string(), "ALLOWS".to_string(), "STANDS FOR".to_string()];
+    if tiered {
+        header.push("DECIDED BY".to_string());
+    }
+    let mut rows = vec![header];
+    rows.extend(d.entries.iter().map(|e| {
+        let mut row = vec![e.prefix.to_string(), e.allows.to_string(), stands_for(&e.stands_for)];
+        if tiered {
+            row.push(provenance(&e.rules));
+        }
+        row
+    }));
     crate::text::columns(out, "    ", &rows);
 }
 

@@ -168,6 +168,19 @@ pub const PORT_BLOCK_SIZE: u32 = 1 << (16 - PORT_BLOCK_BITS);
 /// The `PORTS` value: bit `port % PORT_BLOCK_SIZE` set if the port is allowed.
 pub type PortBits = u64;
 
+/// The `PortKey::protocol` slot that stands for every protocol without ports (ICMP,
+/// ICMPv6, GRE, ...): a port set allows them iff it has the entry
+/// `{port_set, PORT_PROTOCOL_OTHER, port 0}` at full length with bit 0 set. Only tables
+/// that a ClusterNetworkPolicy shaped need it (e.g. "deny TCP/80, the rest falls to the
+/// default allow"): a NetworkPolicy allows port-less protocols only with `PEER_ALL`.
+///
+/// 255 is reserved by IANA, and a packet with ports (TCP, UDP, SCTP) never looks it up.
+/// The key and value layout are those of layout 3, and either side may lack this entry's
+/// meaning: programs that predate it never look the slot up (port-less traffic is denied
+/// without `PEER_ALL`, as before), and maps written before it hold no such entry (the
+/// same answer). So it is no layout change.
+pub const PORT_PROTOCOL_OTHER: u8 = 255;
+
 /// `CONNTRACK` key: the flow's two (address, port) ends in a canonical order (the lower
 /// one first), so both directions find the same entry.
 #[repr(C)]

@@ -58,11 +58,22 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Event,
+    /// Served only once [`ApiServer::install_cluster_policy_crd`] ran (404 before, as a
+    /// cluster without the CRD answers).
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::Namespace, Kind::Pod, Kind::Node, Kind::NetworkPolicy, Kind::Service, Kind::EndpointSlice, Kind::Event];
+    pub const ALL: [Kind; 8] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Node,
+        Kind::NetworkPolicy,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Event,
+        Kind::ClusterNetworkPolicy,
+    ];
 
     pub fn api_version(self) -> &'static str {
         match self {
@@ -70,6 +81,7 @@ impl Kind {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::Event => "events.k8s.io/v1",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1alpha2",
         }
     }
 
@@ -82,6 +94,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Event => "Event",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -94,11 +107,12 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Event => "events",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::Node)
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::ClusterNetworkPolicy)
     }
 
     /// The kind of an object from its `apiVersion` and `kind`.
@@ -142,6 +156,8 @@ struct Store {
     bookmark_interval: Duration,
     /// Requests served, per (method, kind plural, watch?).
     requests: BTreeMap<String, u64>,
+    /// Whether the ClusterNetworkPolicy CRD is installed.
+    cluster_policy_crd: bool,
 }
 
 impl Store {
@@ -157,6 +173,7 @@ impl Store {
             delay: Duration::ZERO,
             bookmark_interval: Duration::from_secs(10),
             requests: BTreeMap::new(),
+            cluster_policy_crd: false,
         }
     }
 
@@ -416,6 +433,11 @@ impl ApiServer {
         self.apply_json(serde_json::to_value(obj).expect("serializable object"))
     }
 
+    /// Installs the ClusterNetworkPolicy CRD: its resource is served from now on.
+    pub fn install_cluster_policy_crd(&self) {
+        self.shared.lock().cluster_policy_crd = true;
+    }
+
     /// [`ApiServer::apply`] from JSON.
     pub fn apply_json(&self, obj: Value) -> u64 {
         let kind = Kind::of(&obj).unwrap_or_else(|| panic!("the stand-in does not serve {}/{}", obj["apiVersion"], obj["kind"]));
@@ -610,7 +632,8 @@ async fn handle(shared: Arc<Shared>, req: Request) -> Response {
     let query: BTreeMap<String, String> =
         form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
     let method = req.method().clone();
-    let Some(target) = parse_path(req.uri().path()) else {
+    let served = |t: &Target| t.kind != Kind::ClusterNetworkPolicy || shared.lock().cluster_policy_crd;
+    let Some(target) = parse_path(req.uri().path()).filter(served) else {
         return status_response(404, "NotFound", &format!("the server could not find the requested resource ({})", req.uri().path()));
     };
     let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));

@@ -36,17 +36,24 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use policy_model::{Change, InvalidObject, Namespace, Node, ObjectKey, Pod, Policy};
+use policy_model::cnp::ClusterPolicy;
+use policy_model::{Change, InvalidObject, Labels, Namespace, Node, ObjectKey, Pod, Policy};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::agent::services::ServiceChange;
 
-pub use slim::{SlimEndpointSlice, SlimNamespace, SlimNetworkPolicy, SlimNode, SlimPod, SlimService};
+pub use slim::{SlimClusterNetworkPolicy, SlimEndpointSlice, SlimNamespace, SlimNetworkPolicy, SlimNode, SlimPod, SlimService};
 
 /// The kinds the agent watches; each must be readable under `permissions::API_ACCESS`.
-pub const WATCHED_KINDS: [&str; 6] = ["namespaces", "pods", "networkpolicies", "nodes", "services", "endpointslices"];
+pub const WATCHED_KINDS: [&str; 7] = ["namespaces", "pods", "networkpolicies", "clusternetworkpolicies", "nodes", "services", "endpointslices"];
+
+/// While a kind's CRD is not installed (404 on its list), it is looked for again after
+/// this long, doubling up to [`ABSENT_RETRY_MAX`]: a missing CRD is a cluster's normal
+/// state, not an outage, so there is no hurry, but a CRD installed later must be picked up.
+pub const ABSENT_RETRY_MIN: Duration = Duration::from_secs(1);
+pub const ABSENT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The first retry delay after an error.
 pub const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -90,8 +97,11 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + S
     fn key(&self) -> ObjectKey {
         ObjectKey::new(self.namespace().unwrap_or_default(), self.name_any())
     }
-    fn upsert(&self) -> Result<Update, InvalidObject>;
-    fn delete(key: ObjectKey) -> Update;
+    /// A kind from a CRD that may not be installed: a 404 on its list means "no objects"
+    /// (the view is current without them), not an outage.
+    const OPTIONAL: bool = false;
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject>;
+    fn delete(key: ObjectKey) -> Vec<Update>;
     /// What still goes to the compiler when the object is invalid.
     fn when_invalid(&self) -> Option<Update> {
         None
@@ -100,35 +110,35 @@ trait Watched: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + S
 
 impl Watched for SlimNamespace {
     const KIND: &'static str = "namespaces";
-    fn upsert(&self) -> Result<Update, InvalidObject> {
-        Namespace::from_k8s(&self.to_k8s()).map(|n| Update::Model(Change::UpsertNamespace(n)))
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
+        Namespace::from_k8s(&self.to_k8s()).map(|n| vec![Update::Model(Change::UpsertNamespace(n))])
     }
-    fn delete(key: ObjectKey) -> Update {
-        Update::Model(Change::DeleteNamespace(key.name.to_string()))
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![Update::Model(Change::DeleteNamespace(key.name.to_string()))]
     }
 }
 
 impl Watched for SlimPod {
     const KIND: &'static str = "pods";
-    fn upsert(&self) -> Result<Update, InvalidObject> {
-        Pod::from_k8s(&self.to_k8s()).map(|p| Update::Model(Change::UpsertPod(p)))
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
+        Pod::from_k8s(&self.to_k8s()).map(|p| vec![Update::Model(Change::UpsertPod(p))])
     }
-    fn delete(key: ObjectKey) -> Update {
-        Update::Model(Change::DeletePod(key))
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![Update::Model(Change::DeletePod(key))]
     }
 }
 
 impl Watched for SlimNetworkPolicy {
     const KIND: &'static str = "networkpolicies";
-    fn upsert(&self) -> Result<Update, InvalidObject> {
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
         // Validated here to report it; the compiler validates again and keeps the last
         // valid version of a policy whose update is invalid.
         let np = self.to_k8s();
         Policy::from_k8s(&np)?;
-        Ok(Update::Model(Change::UpsertPolicy(Box::new(np))))
+        Ok(vec![Update::Model(Change::UpsertPolicy(Box::new(np)))])
     }
-    fn delete(key: ObjectKey) -> Update {
-        Update::Model(Change::DeletePolicy(key))
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![Update::Model(Change::DeletePolicy(key))]
     }
     /// The compiler keeps the last valid version of a policy whose update is invalid, and
     /// reports it as rejected.
@@ -137,34 +147,59 @@ impl Watched for SlimNetworkPolicy {
     }
 }
 
+impl Watched for SlimClusterNetworkPolicy {
+    const KIND: &'static str = "clusternetworkpolicies";
+    const OPTIONAL: bool = true;
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
+        // Validated here to report it with a reference (an Event on the object).
+        let cnp = self.to_model();
+        ClusterPolicy::from_manifest(&cnp)?;
+        Ok(vec![Update::Model(Change::UpsertClusterPolicy(Box::new(cnp)))])
+    }
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![Update::Model(Change::DeleteClusterPolicy(key.name.to_string()))]
+    }
+    /// As for NetworkPolicies: the compiler keeps the last valid version in force.
+    fn when_invalid(&self) -> Option<Update> {
+        Some(Update::Model(Change::UpsertClusterPolicy(Box::new(self.to_model()))))
+    }
+}
+
 impl Watched for SlimNode {
     const KIND: &'static str = "nodes";
-    fn upsert(&self) -> Result<Update, InvalidObject> {
-        Node::from_k8s(&self.to_k8s()).map(|n| Update::Model(Change::UpsertNode(n)))
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
+        let node = self.to_k8s();
+        let n = Node::from_k8s(&node)?;
+        // Labels travel apart from the Node: ClusterNetworkPolicy `nodes` peers read them.
+        let labels = policy_model::cnp::node_labels_from_k8s(&node);
+        Ok(vec![Update::Model(Change::UpsertNodeLabels { node: n.name.clone(), labels }), Update::Model(Change::UpsertNode(n))])
     }
-    fn delete(key: ObjectKey) -> Update {
-        Update::Model(Change::DeleteNode(key.name.to_string()))
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![
+            Update::Model(Change::UpsertNodeLabels { node: key.name.to_string(), labels: Labels::default() }),
+            Update::Model(Change::DeleteNode(key.name.to_string())),
+        ]
     }
 }
 
 impl Watched for SlimService {
     const KIND: &'static str = "services";
-    fn upsert(&self) -> Result<Update, InvalidObject> {
-        Ok(Update::Service(ServiceChange::from_service(&self.to_k8s())))
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
+        Ok(vec![Update::Service(ServiceChange::from_service(&self.to_k8s()))])
     }
-    fn delete(key: ObjectKey) -> Update {
-        Update::Service(ServiceChange::DeleteService(key))
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![Update::Service(ServiceChange::DeleteService(key))]
     }
 }
 
 impl Watched for SlimEndpointSlice {
     const KIND: &'static str = "endpointslices";
-    fn upsert(&self) -> Result<Update, InvalidObject> {
+    fn upsert(&self) -> Result<Vec<Update>, InvalidObject> {
         // A slice that names no Service stands behind none.
-        Ok(Update::Service(ServiceChange::from_slice(&self.to_k8s()).unwrap_or_else(|| ServiceChange::DeleteSlice(self.key()))))
+        Ok(vec![Update::Service(ServiceChange::from_slice(&self.to_k8s()).unwrap_or_else(|| ServiceChange::DeleteSlice(self.key())))])
     }
-    fn delete(key: ObjectKey) -> Update {
-        Update::Service(ServiceChange::DeleteSlice(key))
+    fn delete(key: ObjectKey) -> Vec<Update> {
+        vec![Update::Service(ServiceChange::DeleteSlice(key))]
     }
 }
 
@@ -208,6 +243,18 @@ fn is_expired(e: &watcher::Error) -> bool {
     }
 }
 
+/// Whether a watcher error says the resource does not exist on the server (404: its CRD
+/// is not installed).
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 404,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        _ => false,
+    }
+}
+
 async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::UnboundedSender<SourceMessage>) {
     let mut stream = watcher(api.clone(), config.clone()).boxed();
     let mut delay = RetryDelay::new();
@@ -221,9 +268,12 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
     // What the API holds now, and what a relist has shown so far.
     let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut relist: Option<BTreeSet<ObjectKey>> = None;
+    // For an optional kind: whether its CRD is missing, and when to look again.
+    let mut absent = false;
+    let mut absent_delay = ABSENT_RETRY_MIN;
     let upsert = |obj: &K, tx: &mpsc::UnboundedSender<SourceMessage>| match obj.upsert() {
-        Ok(change) => {
-            let _ = tx.send(SourceMessage::Changes(vec![change]));
+        Ok(changes) => {
+            let _ = tx.send(SourceMessage::Changes(changes));
         }
         Err(error) => {
             if let Some(change) = obj.when_invalid() {
@@ -246,8 +296,13 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
             }
             Ok(Event::InitDone) => {
                 delay.reset();
+                if absent {
+                    info!(kind = K::KIND, "the resource is served now (its CRD was installed); enforcing it");
+                    absent = false;
+                    absent_delay = ABSENT_RETRY_MIN;
+                }
                 let seen = relist.take().unwrap_or_default();
-                let gone: Vec<Update> = known.difference(&seen).cloned().map(K::delete).collect();
+                let gone: Vec<Update> = known.difference(&seen).cloned().flat_map(K::delete).collect();
                 if !gone.is_empty() {
                     let _ = tx.send(SourceMessage::Changes(gone));
                 }
@@ -263,7 +318,7 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
             Ok(Event::Delete(obj)) => {
                 delay.reset();
                 known.remove(&obj.key());
-                let _ = tx.send(SourceMessage::Changes(vec![K::delete(obj.key())]));
+                let _ = tx.send(SourceMessage::Changes(K::delete(obj.key())));
             }
             Err(e) if is_expired(&e) => {
                 // The API answered: its window no longer holds our version (after any
@@ -273,6 +328,30 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
                 set_status(&mut status, WatchStatus::Listing);
                 relist = None;
                 stream = watcher(api.clone(), config.clone()).boxed();
+            }
+            Err(e) if K::OPTIONAL && is_not_found(&e) => {
+                // The CRD is not installed (or was removed): there are no such objects,
+                // which is a complete view, not an outage. Said once per absence.
+                if !absent {
+                    warn!(kind = K::KIND, "the resource is not served (CRD not installed); enforcing without it, and looking for it again with backoff");
+                    absent = true;
+                }
+                delay.reset();
+                relist = None;
+                let gone: Vec<Update> = std::mem::take(&mut known).into_iter().flat_map(K::delete).collect();
+                if !gone.is_empty() {
+                    let _ = tx.send(SourceMessage::Changes(gone));
+                }
+                let _ = tx.send(SourceMessage::Synced(K::KIND));
+                set_status(&mut status, WatchStatus::Current);
+                let wait = absent_delay;
+                absent_delay = (absent_delay * 2).min(ABSENT_RETRY_MAX);
+                debug!(kind = K::KIND, retry_in = ?wait, "looking for the resource again later");
+                stream = watcher(api.clone(), config.clone()).boxed();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = tx.closed() => return,
+                }
             }
             Err(e) => {
                 let wait = delay.next_delay();
@@ -314,14 +393,17 @@ pub struct Drained {
 
 impl KubeSource {
     /// Starts watching namespaces, pods (all namespaces: peers live anywhere),
-    /// NetworkPolicies, this node's Node object, Services and EndpointSlices.
-    pub fn start(client: Client, node: &str) -> KubeSource {
+    /// NetworkPolicies, ClusterNetworkPolicies (if their CRD is installed), every Node
+    /// (ClusterNetworkPolicy `nodes` peers select Nodes by label), Services and
+    /// EndpointSlices.
+    pub fn start(client: Client) -> KubeSource {
         let (tx, rx) = mpsc::unbounded_channel();
         let cfg = || watcher::Config::default().page_size(PAGE_SIZE);
         tokio::spawn(watch::<SlimNamespace>(Api::all(client.clone()), cfg(), tx.clone()));
         tokio::spawn(watch::<SlimPod>(Api::all(client.clone()), cfg(), tx.clone()));
         tokio::spawn(watch::<SlimNetworkPolicy>(Api::all(client.clone()), cfg(), tx.clone()));
-        tokio::spawn(watch::<SlimNode>(Api::all(client.clone()), cfg().fields(&format!("metadata.name={node}")), tx.clone()));
+        tokio::spawn(watch::<SlimClusterNetworkPolicy>(Api::all(client.clone()), cfg(), tx.clone()));
+        tokio::spawn(watch::<SlimNode>(Api::all(client.clone()), cfg(), tx.clone()));
         tokio::spawn(watch::<SlimService>(Api::all(client.clone()), cfg(), tx.clone()));
         tokio::spawn(watch::<SlimEndpointSlice>(Api::all(client), cfg(), tx));
         KubeSource {
@@ -415,7 +497,13 @@ pub mod slim {
     use k8s_openapi::api::discovery::v1 as discovery;
     use k8s_openapi::api::networking::v1 as net;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use policy_model::cnp::ClusterNetworkPolicy;
+    use policy_model::cnp::types::ClusterNetworkPolicySpec;
     use serde::{Deserialize, Deserializer};
+
+    /// The ClusterNetworkPolicy API the agent watches (network-policy-api v0.2.0).
+    pub const CLUSTER_POLICY_GROUP: &str = "policy.networking.k8s.io";
+    pub const CLUSTER_POLICY_VERSION: &str = "v1alpha2";
 
     /// `metadata` with name, namespace, uid, resourceVersion and labels only.
     #[derive(Debug, Clone, Default, PartialEq)]
@@ -559,6 +647,51 @@ pub mod slim {
                     ..Default::default()
                 },
                 spec: self.spec.clone(),
+            }
+        }
+    }
+
+    /// A ClusterNetworkPolicy: name (and uid, for Events) and spec; status is skipped.
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct SlimClusterNetworkPolicy {
+        #[serde(default)]
+        pub metadata: Meta,
+        #[serde(default)]
+        pub spec: ClusterNetworkPolicySpec,
+    }
+
+    impl kube::Resource for SlimClusterNetworkPolicy {
+        type DynamicType = ();
+        type Scope = k8s_openapi::ClusterResourceScope;
+        fn kind(_: &()) -> Cow<'_, str> {
+            "ClusterNetworkPolicy".into()
+        }
+        fn group(_: &()) -> Cow<'_, str> {
+            CLUSTER_POLICY_GROUP.into()
+        }
+        fn version(_: &()) -> Cow<'_, str> {
+            CLUSTER_POLICY_VERSION.into()
+        }
+        fn plural(_: &()) -> Cow<'_, str> {
+            "clusternetworkpolicies".into()
+        }
+        fn meta(&self) -> &ObjectMeta {
+            &self.metadata.0
+        }
+        fn meta_mut(&mut self) -> &mut ObjectMeta {
+            &mut self.metadata.0
+        }
+    }
+
+    impl SlimClusterNetworkPolicy {
+        /// Name and spec, as the model reads them.
+        pub fn to_model(&self) -> ClusterNetworkPolicy {
+            ClusterNetworkPolicy {
+                api_version: Some(format!("{CLUSTER_POLICY_GROUP}/{CLUSTER_POLICY_VERSION}")),
+                kind: Some("ClusterNetworkPolicy".into()),
+                metadata: ObjectMeta { name: self.metadata.0.name.clone(), ..Default::default() },
+                spec: self.spec.clone(),
+                status: None,
             }
         }
     }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use policy_model::{Change, Namespace, Node, ObjectKey, Pod};
+use policy_model::cnp::ClusterNetworkPolicy;
+use policy_model::{Change, Labels, Namespace, Node, ObjectKey, Pod};
 use tracing::{debug, warn};
 
 use crate::agent::services::ServiceChange;
@@ -26,15 +27,18 @@ const NAMESPACE: u8 = 0;
 const NODE: u8 = 1;
 const POD: u8 = 2;
 const POLICY: u8 = 3;
-const SERVICE: u8 = 4;
-const SLICE: u8 = 5;
+const CLUSTER_POLICY: u8 = 4;
+const SERVICE: u8 = 5;
+const SLICE: u8 = 6;
 
 /// An object as read.
 enum Object {
     Namespace(Namespace),
     Pod(Pod),
-    Node(Node),
+    /// With its labels, which ClusterNetworkPolicy `nodes` peers read.
+    Node(Node, Labels),
     Policy(Box<k8s_openapi::api::networking::v1::NetworkPolicy>),
+    ClusterPolicy(Box<ClusterNetworkPolicy>),
     Service(ServiceChange),
 }
 
@@ -56,8 +60,9 @@ impl Object {
         let bytes = match self {
             Object::Namespace(n) => serde_json::to_vec(n),
             Object::Pod(p) => serde_json::to_vec(p),
-            Object::Node(n) => serde_json::to_vec(n),
+            Object::Node(n, labels) => serde_json::to_vec(&(n, labels)),
             Object::Policy(p) => serde_json::to_vec(p),
+            Object::ClusterPolicy(p) => serde_json::to_vec(p),
             Object::Service(s) => Ok(format!("{s:?}").into_bytes()),
         };
         digest(&bytes.expect("model objects serialize"))
@@ -288,7 +293,8 @@ impl ManifestSource {
         for (src, node) in &m.nodes {
             match Node::from_k8s(node) {
                 Ok(n) => {
-                    objects.insert((NODE, ObjectKey::new("", &n.name)), Object::Node(n));
+                    let labels = policy_model::cnp::node_labels_from_k8s(node);
+                    objects.insert((NODE, ObjectKey::new("", &n.name)), Object::Node(n, labels));
                 }
                 Err(e) => {
                     errors.push(ManifestError { source: src.clone(), object: Some(format!("Node {}", e.key)), message: e.to_string() })
@@ -308,6 +314,11 @@ impl ManifestSource {
         for (_, np) in m.policies {
             let key = ObjectKey::new(np.metadata.namespace.clone().unwrap_or_default(), np.metadata.name.clone().unwrap_or_default());
             objects.insert((POLICY, key), Object::Policy(Box::new(np)));
+        }
+        // Validated by the compiler, which reports a refused one (as for NetworkPolicies).
+        for (_, cnp) in m.cluster_policies {
+            let key = ObjectKey::new("", cnp.metadata.name.clone().unwrap_or_default());
+            objects.insert((CLUSTER_POLICY, key), Object::ClusterPolicy(Box::new(cnp)));
         }
         for (_, svc) in &m.services {
             if let ServiceChange::UpsertService(key, ips) = ServiceChange::from_service(svc) {
@@ -383,9 +394,13 @@ impl ManifestSource {
                     let (kind, k) = key;
                     match kind {
                         NAMESPACE => changes.push(Change::DeleteNamespace(k.name.to_string())),
-                        NODE => changes.push(Change::DeleteNode(k.name.to_string())),
+                        NODE => {
+                            changes.push(Change::UpsertNodeLabels { node: k.name.to_string(), labels: Labels::default() });
+                            changes.push(Change::DeleteNode(k.name.to_string()))
+                        }
                         POD => changes.push(Change::DeletePod(k)),
                         POLICY => changes.push(Change::DeletePolicy(k)),
+                        CLUSTER_POLICY => changes.push(Change::DeleteClusterPolicy(k.name.to_string())),
                         SERVICE => services.push(ServiceChange::DeleteService(k)),
                         _ => services.push(ServiceChange::DeleteSlice(k)),
                     }
@@ -410,9 +425,13 @@ impl ManifestSource {
         for obj in upserts {
             match obj {
                 Object::Namespace(n) => changes.push(Change::UpsertNamespace(n)),
-                Object::Node(n) => changes.push(Change::UpsertNode(n)),
+                Object::Node(n, labels) => {
+                    changes.push(Change::UpsertNodeLabels { node: n.name.clone(), labels });
+                    changes.push(Change::UpsertNode(n));
+                }
                 Object::Pod(p) => changes.push(Change::UpsertPod(p)),
                 Object::Policy(p) => changes.push(Change::UpsertPolicy(p)),
+                Object::ClusterPolicy(p) => changes.push(Change::UpsertClusterPolicy(p)),
                 Object::Service(c) => services.push(c),
             }
         }
@@ -497,6 +516,49 @@ mod tests {
         // A file goes: its objects are deleted.
         std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
         assert_eq!(next(&mut s), ["delete pod x/b", "delete policy x/p"]);
+    }
+
+    fn cluster_policy(name: &str, priority: u16) -> String {
+        format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{tier: Admin, priority: {priority}, subject: {{namespaces: {{}}}}, ingress: [{{name: r, action: Deny, from: [{{namespaces: {{}}}}]}}]}}\n"
+        )
+    }
+
+    fn node(name: &str, zone: &str) -> String {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{zone: {zone}}}}}\nstatus: {{addresses: [{{type: InternalIP, address: 10.250.0.1}}]}}\n")
+    }
+
+    fn describe_cnp(p: &Poll) -> Vec<String> {
+        p.changes
+            .iter()
+            .map(|c| match c {
+                Change::UpsertClusterPolicy(p) => format!("upsert cnp {} {:?}", p.metadata.name.as_deref().unwrap(), p.spec.priority),
+                Change::DeleteClusterPolicy(n) => format!("delete cnp {n}"),
+                Change::UpsertNodeLabels { node, labels } => format!("labels {node} {:?}", labels.get("zone")),
+                Change::UpsertNode(n) => format!("node {}", n.name),
+                Change::DeleteNode(n) => format!("delete node {n}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// ClusterNetworkPolicies (named without a namespace) and Node labels come and go as
+    /// the files do; another group's kind of the same name is not ours.
+    #[test]
+    fn cluster_policies_and_node_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c.yaml", &cluster_policy("c", 5));
+        write(dir.path(), "n.yaml", &node("n1", "a"));
+        write(dir.path(), "other.yaml", &cluster_policy("o", 1).replace("policy.networking.k8s.io/v1alpha2", "example.com/v1"));
+        let mut s = ManifestSource::new(vec![dir.path().to_path_buf()]);
+        s.watch = None;
+        assert_eq!(describe_cnp(&s.poll().unwrap()), ["labels n1 Some(\"a\")", "node n1", "upsert cnp c Some(5)"]);
+        write(dir.path(), "c.yaml", &cluster_policy("c", 6));
+        write(dir.path(), "n.yaml", &node("n1", "b"));
+        assert_eq!(describe_cnp(&s.poll().unwrap()), ["labels n1 Some(\"b\")", "node n1", "upsert cnp c Some(6)"]);
+        std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
+        std::fs::remove_file(dir.path().join("n.yaml")).unwrap();
+        assert_eq!(describe_cnp(&s.poll().unwrap()), ["labels n1 None", "delete node n1", "delete cnp c"]);
     }
 
     #[test]

@@ -7,6 +7,9 @@ pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ("", "pods", &["get", "list", "watch"]),
     ("", "nodes", &["get", "list", "watch"]),
     ("networking.k8s.io", "networkpolicies", &["get", "list", "watch"]),
+    // ClusterNetworkPolicy (network-policy-api v1alpha2); the CRD may be missing, which the
+    // agent tolerates (NetworkPolicies are enforced alone until it appears).
+    ("policy.networking.k8s.io", "clusternetworkpolicies", &["get", "list", "watch"]),
     // Which addresses are Service VIPs, and whether pods stand behind them.
     ("", "services", &["get", "list", "watch"]),
     ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"]),

@@ -32,6 +32,17 @@ use super::source::{Source, View};
 use crate::datapath::{AttachPoint, EndpointStatus, Enforcer, PodInterface};
 use k8s_openapi::api::core::v1::ObjectReference;
 
+/// A ClusterNetworkPolicy, as an Event names it (cluster-scoped: no namespace; without a
+/// uid the Event still lists under the object by kind and name).
+fn cluster_policy_reference(name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("policy.networking.k8s.io/v1alpha2".into()),
+        kind: Some("ClusterNetworkPolicy".into()),
+        name: Some(name.to_string()),
+        ..Default::default()
+    }
+}
+
 /// For this long after a new veth is held, the pods awaiting an interface are looked up
 /// every tick (after that, once a second: a veth that belongs to no pod costs little).
 const FAST_RESOLVE_AFTER_HOLD: Duration = Duration::from_secs(5);
@@ -59,6 +70,8 @@ pub struct Reconciler {
     holds: Holds,
     last_resolve: Instant,
     last_traffic: Instant,
+    /// The last warning logged per ClusterNetworkPolicy (peers that fail closed).
+    cluster_policy_warnings: BTreeMap<String, String>,
     synced_once: bool,
     /// The last sync stopped at its budget with writes left.
     sync_pending: bool,
@@ -106,6 +119,7 @@ impl Reconciler {
             holds: Holds::new(p.max_hold, exempt),
             last_resolve: Instant::now() - Duration::from_secs(60),
             last_traffic: Instant::now() - Duration::from_secs(60),
+            cluster_policy_warnings: BTreeMap::new(),
             synced_once: false,
             sync_pending: false,
             shared: p.shared,
@@ -164,9 +178,26 @@ impl Reconciler {
         }
         self.services.apply(batch.services);
         let count = batch.changes.len();
+        for c in &batch.changes {
+            if let policy_model::Change::DeleteClusterPolicy(name) = c {
+                // Warned again if it comes back.
+                self.cluster_policy_warnings.remove(name);
+            }
+        }
         let report = self.compiler.apply(batch.changes);
         for r in &report.rejected {
             warn!(object = %format!("{} {}", r.kind, r.key), error = %r, "invalid object skipped");
+        }
+        for w in &report.cluster_policy_warnings {
+            let text = w.to_string();
+            // Once per distinct warning of a policy: a relist or a status-only update
+            // sends the same version again.
+            if self.cluster_policy_warnings.get(&w.name) == Some(&text) {
+                continue;
+            }
+            warn!(object = %format!("ClusterNetworkPolicy {}", w.name), warning = %text, "peers that cannot be honoured fail closed");
+            source.report(&cluster_policy_reference(&w.name), "FailClosed", &text);
+            self.cluster_policy_warnings.insert(w.name.clone(), text);
         }
         (report, count)
     }

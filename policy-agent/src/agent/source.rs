@@ -112,7 +112,7 @@ pub struct Kubernetes {
 impl Kubernetes {
     pub fn start(client: kube::Client, node: &str) -> Kubernetes {
         let reporter = kube::runtime::events::Reporter { controller: "policy-agent".into(), instance: Some(node.to_string()) };
-        let source = KubeSource::start(client.clone(), node);
+        let source = KubeSource::start(client.clone());
         Kubernetes { source, recorder: kube::runtime::events::Recorder::new(client, reporter) }
     }
 }

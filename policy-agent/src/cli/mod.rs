@@ -6,6 +6,7 @@
 //! evaluator — a bug to report).
 
 pub mod compile;
+pub mod crd;
 pub mod dump;
 pub mod explain;
 pub mod matrix;
@@ -38,6 +39,9 @@ pub enum Command {
     Run(run::Args),
     /// What the running agent enforces, read from the pinned maps.
     Dump(dump::Args),
+    /// A CustomResourceDefinition for ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2),
+    /// for clusters without the upstream one.
+    Crd(crd::Args),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -67,6 +71,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Compile(a) => compile::run(a),
         Command::Run(a) => run::run_agent(a),
         Command::Dump(a) => dump::run(a),
+        Command::Crd(a) => crd::run(a),
     };
     match result {
         Ok(code) => code,

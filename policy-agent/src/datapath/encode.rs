@@ -3,7 +3,9 @@
 use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
-use policy_ebpf::{Addr, PEER_KEY_FIXED_BITS, PORT_BLOCK_BITS, PORT_BLOCK_SIZE, PORT_KEY_FIXED_BITS, PeerKey, PortBits, PortKey};
+use policy_ebpf::{
+    Addr, PEER_KEY_FIXED_BITS, PORT_BLOCK_BITS, PORT_BLOCK_SIZE, PORT_KEY_FIXED_BITS, PORT_PROTOCOL_OTHER, PeerKey, PortBits, PortKey,
+};
 use policy_model::{Family, PeerTable, PortRange, PortSet, Prefix, Protocol};
 
 /// An address in the maps' 16-byte encoding (IPv4 mapped).
@@ -177,13 +179,33 @@ pub fn port_set_entries(set: &PortSet) -> Vec<PortEntry> {
         }
         flush(&mut run, &mut out);
     }
+    // Protocols without ports: one slot (see `PORT_PROTOCOL_OTHER`). `is_all` sets never
+    // get here (they are `PEER_ALL`); a ClusterNetworkPolicy's default allow around a
+    // denied port does.
+    if set.allows_other_protocols() && !set.is_all() {
+        out.push(other_protocols_entry());
+    }
     out.sort();
     out
+}
+
+/// The entry that allows every protocol without ports in a port set.
+fn other_protocols_entry() -> PortEntry {
+    PortEntry { protocol: PORT_PROTOCOL_OTHER, port: 0, len: PORT_BLOCK_BITS as u8, bits: 1 }
+}
+
+/// Whether `protocol` carries ports the tables key on (TCP, UDP, SCTP); the kernel looks
+/// every other protocol up in the `PORT_PROTOCOL_OTHER` slot.
+pub fn has_ports(protocol: u8) -> bool {
+    Protocol::ALL.iter().any(|p| p.number() == protocol)
 }
 
 /// The kernel's port lookup over a port set's entries (longest matching block prefix,
 /// then the port's bit).
 pub fn port_entries_allow(entries: &[PortEntry], protocol: u8, port: u16) -> bool {
+    if !has_ports(protocol) {
+        return entries.contains(&other_protocols_entry());
+    }
     let shift = 16 - PORT_BLOCK_BITS;
     entries
         .iter()
@@ -201,13 +223,13 @@ mod tests {
 
     /// The kernel's lookup over one direction's encoded entries: longest matching prefix,
     /// then the port.
-    fn encoded_allows(t: &PeerTable, direction: u32, remote: IpAddr, protocol: Protocol, port: u16) -> bool {
+    fn encoded_allows(t: &PeerTable, direction: u32, remote: IpAddr, protocol: IpProtocol, port: u16) -> bool {
         let remote = encode_addr(remote);
         let best = peer_entries(t, direction).into_iter().filter(|(slot, _)| slot.contains(&remote)).max_by_key(|(slot, _)| slot.len);
         match best {
             None | Some((_, Allow::Nothing)) => false,
             Some((_, Allow::All)) => true,
-            Some((_, Allow::Ports(i))) => port_entries_allow(&port_set_entries(&t.port_sets[i]), protocol.number(), port),
+            Some((_, Allow::Ports(i))) => port_entries_allow(&port_set_entries(&t.port_sets[i]), protocol.0, port),
         }
     }
 
@@ -257,6 +279,22 @@ mod tests {
     }
 
     fn state(egress: &str) -> policy_model::ClusterState {
+        pods_and(&format!(
+            r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: p, namespace: z}}
+spec:
+  podSelector: {{matchLabels: {{pod: a}}}}
+  policyTypes: [Egress]
+  egress: {egress}
+"#
+        ))
+    }
+
+    /// Pods z/a and z/b (both families), then `more` (YAML documents).
+    fn pods_and(more: &str) -> policy_model::ClusterState {
         let mut m = Manifests::default();
         m.add_yaml(
             "t",
@@ -273,20 +311,70 @@ kind: Pod
 metadata: {{name: b, namespace: z, labels: {{pod: b}}}}
 spec: {{nodeName: n1, containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}
 status: {{phase: Running, podIPs: [{{ip: 10.244.0.11}}, {{ip: "fd10:244::b"}}]}}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {{name: p, namespace: z}}
-spec:
-  podSelector: {{matchLabels: {{pod: a}}}}
-  policyTypes: [Egress]
-  egress: {egress}
-"#
+{more}"#
             ),
         );
         let (state, errors) = m.state();
         assert!(errors.is_empty(), "{errors:?}");
         state
+    }
+
+    /// A ClusterNetworkPolicy that denies one port leaves protocols without ports (ICMP) to
+    /// the default allow: the port set allows them without being `all`, and the encoding
+    /// must carry that to the kernel (`PORT_PROTOCOL_OTHER`), while a NetworkPolicy's port
+    /// rule still allows no ICMP.
+    #[test]
+    fn compiled_decisions_on_protocols_without_ports_reach_the_entries() {
+        let cnp: policy_model::cnp::ClusterNetworkPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "deny-80"},
+            "spec": {"tier": "Admin", "priority": 5,
+                "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}},
+                "egress": [{"name": "no-80", "action": "Deny",
+                    "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}}],
+                    "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}
+        }))
+        .unwrap();
+        let with_np = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: z}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress: [{ports: [{port: 81, protocol: UDP}]}]
+"#;
+        for (more, with_cnp) in [("", true), (with_np, true), (with_np, false)] {
+            let mut state = pods_and(more);
+            if with_cnp {
+                state.upsert_cluster_policy(policy_model::cnp::ClusterPolicy::from_manifest(&cnp).unwrap());
+            }
+            let a = state.pods().find(|p| &*p.key.name == "a").unwrap();
+            let b = state.pods().find(|p| &*p.key.name == "b").unwrap();
+            let tables = policy_model::compile_pod(&state, a);
+            let mut icmp_allowed = 0;
+            for (src, dst) in state.owned_ips(a).zip(state.owned_ips(b)) {
+                let icmp = if src.is_ipv4() { IpProtocol::ICMP } else { IpProtocol::ICMPV6 };
+                for (protocol, port) in [(IpProtocol::TCP, 80), (IpProtocol::UDP, 81), (IpProtocol::TCP, 81), (icmp, 0), (IpProtocol(47), 0)] {
+                    let flow = Flow { src, dst, protocol, port };
+                    let want = policy_model::verdict(&state, &flow).allowed;
+                    let got = encoded_allows(&tables.egress, policy_ebpf::DIRECTION_EGRESS, dst, protocol, port);
+                    assert_eq!(got, want, "cnp {with_cnp}, np {}: {src} -> {dst} {}/{port}", !more.is_empty(), protocol.0);
+                    icmp_allowed += usize::from(want && protocol == icmp);
+                }
+            }
+            // The case this guards: ICMP allowed through a port set (not `PEER_ALL`).
+            assert_eq!(icmp_allowed, if more.is_empty() { 2 } else { 0 }, "np {}", !more.is_empty());
+        }
+        // The slot itself: present iff the set allows port-less protocols without `all`.
+        let mut set = PortSet::other_protocols();
+        set.insert(Protocol::Tcp, PortRange::single(80));
+        assert!(port_entries_allow(&port_set_entries(&set), 1, 0));
+        assert!(port_entries_allow(&port_set_entries(&set), 6, 80));
+        assert!(!port_entries_allow(&port_set_entries(&set), 6, 81));
+        assert!(!port_entries_allow(&port_set_entries(&PortSet::range(Protocol::Tcp, PortRange::single(80))), 1, 0));
+        assert!(!port_set_entries(&PortSet::all()).iter().any(|e| e.protocol == PORT_PROTOCOL_OTHER), "all is PEER_ALL, not a slot");
     }
 
     /// The encoded entries decide as the reference evaluator does, for both families, with
@@ -309,7 +397,7 @@ spec:
                 for (protocol, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 81)] {
                     let flow = Flow { src, dst, protocol: IpProtocol::from(protocol), port };
                     let want = policy_model::verdict(&state, &flow).allowed;
-                    let got = encoded_allows(&tables.egress, policy_ebpf::DIRECTION_EGRESS, dst, protocol, port);
+                    let got = encoded_allows(&tables.egress, policy_ebpf::DIRECTION_EGRESS, dst, IpProtocol::from(protocol), port);
                     assert_eq!(got, want, "{egress}: {src} -> {dst} {protocol}/{port}");
                 }
             }

@@ -6,10 +6,10 @@ use std::net::IpAddr;
 
 use policy_ebpf::{
     DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointValue, IfaceValue, PEER_ALL,
-    PORT_BLOCK_BITS, PeerValue, PortBits,
+    PORT_BLOCK_BITS, PORT_PROTOCOL_OTHER, PeerValue, PortBits,
 };
 
-use super::encode::{PeerSlot, PortEntry, encode_addr};
+use super::encode::{PeerSlot, PortEntry, encode_addr, has_ports};
 use super::loader::MapSizes;
 use super::sync::{Maps, WriteError};
 
@@ -54,6 +54,10 @@ impl ModelMaps {
         let Some((_, v)) = best else { return false };
         if v.flags & PEER_ALL != 0 {
             return true;
+        }
+        if !has_ports(protocol) {
+            // The kernel's `PORT_PROTOCOL_OTHER` slot, bit 0.
+            return self.ports.get(&(v.port_set, PORT_PROTOCOL_OTHER, 0, PORT_BLOCK_BITS as u8)).is_some_and(|bits| bits & 1 != 0);
         }
         let shift = 16 - PORT_BLOCK_BITS;
         let block = port >> shift << shift;

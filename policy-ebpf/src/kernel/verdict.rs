@@ -7,7 +7,8 @@ use policy_ebpf::*;
 use super::{COUNTERS, PEERS, PORTS};
 
 /// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
-/// `direction`, for `protocol`/`port` (`has_ports` false: only "all traffic" entries).
+/// `direction`, for `protocol`/`port` (`has_ports` false: a protocol without ports,
+/// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot).
 #[inline(always)]
 pub fn allows(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool) -> bool {
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
@@ -26,7 +27,10 @@ pub fn allows(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, p
         return true;
     }
     if !has_ports {
-        return false;
+        // Protocols without ports share one slot of the port set (see
+        // `PORT_PROTOCOL_OTHER`): allowed only where a compiled decision says so.
+        let key = Key::new(PORT_KEY_FIXED_BITS + PORT_BLOCK_BITS, PortKey { port_set, protocol: PORT_PROTOCOL_OTHER, _pad: 0, port: [0, 0] });
+        return matches!(PORTS.get(&key), Some(bits) if *bits & 1 != 0);
     }
     // The port's block (its top bits) is the key; the value is the block's bitmap.
     let block = port & !((PORT_BLOCK_SIZE - 1) as u16);
