@@ -21,7 +21,9 @@
 /// - 2: `PEERS` keys carry the direction only (tables change in place); `PORTS` global,
 ///   content-addressed, keyed by port block with a 64-port bitmap value.
 /// - 3: `PA_CONNTRACK_PREV` (unpinned): the previous maps' connection tracking, read and
-///   written through while a migration swaps links (connection tracking unchanged).
+///   written through while a migration swaps links (connection tracking unchanged);
+///   `PORTS` keys with protocol `PORT_PROTOCOL_OTHER` say whether a port set allows
+///   protocols without ports (tables decided by ClusterNetworkPolicies).
 pub const LAYOUT_VERSION: u32 = 3;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
@@ -133,6 +135,7 @@ mod tests {
             NO_PORT_SET,
             PORT_KEY_FIXED_BITS,
             PORT_BLOCK_BITS,
+            PORT_PROTOCOL_OTHER,
             CT_NOT_LOCAL,
             CT_ORIG_IS_LO,
             CT_VIA_SERVICE,
