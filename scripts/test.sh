@@ -2,7 +2,8 @@
 # The whole test suite: unit, property (>= 10,000 cases), CLI, datapath and agent tests on
 # network namespaces, the 48 upstream cases at model level, then the case files (48
 # upstream + those fuzzing found) on real traffic through the real agent (IPv4 routed, IPv6
-# routed, dual-stack bridged over two nodes; probes to Service ClusterIPs), then
+# routed, dual-stack bridged over two nodes; probes to Service ClusterIPs), the
+# ClusterNetworkPolicy cases of the upstream suite in the same three setups, then
 # `conformance fuzz` with a fixed seed. Installs what it needs first. Ends with one line
 # `tests: N passed, M failed` summing everything.
 set -euo pipefail
@@ -20,6 +21,11 @@ for config in "--family ipv4 --topology routed --nodes 1" \
   echo "=== conformance run $config (upstream cases, real traffic)"
   # shellcheck disable=SC2086
   ./target/debug/conformance run $config conformance/cases/*.yaml 2>&1 | tee -a "$log" || status=$?
+  # The upstream ClusterNetworkPolicy conformance tests, probing pod addresses as upstream
+  # does (a blocked probe must be a drop).
+  echo "=== conformance run $config --probe-to pod (ClusterNetworkPolicy cases, real traffic)"
+  # shellcheck disable=SC2086
+  ./target/debug/conformance run $config --probe-to pod conformance/cases/cnp/*.yaml 2>&1 | tee -a "$log" || status=$?
 done
 # Random cases in the cyclonus families, expectations from the reference evaluator; a
 # fixed seed so CI is reproducible (any disagreement is written under target/fuzz-failures).
