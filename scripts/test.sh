@@ -11,26 +11,46 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PROPTEST_CASES="${PROPTEST_CASES:-10000}"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+runs=$(mktemp -d)
+trap 'rm -f "$log"; rm -rf "$runs"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 cargo build --locked -q -p policy-agent -p conformance --bins
+# The real-traffic runs are independent (each its own namespaces, agents and pins) and
+# mostly wait on probes: run the three setups side by side, each to its own log, shown in
+# order once all are done. Blocked-expected probes must time out, and an allowed probe
+# that times out is probed again until the run's deadline, so load makes them slower, not
+# wrong.
+n=0
+pids=()
 for config in "--family ipv4 --topology routed --nodes 1" \
               "--family ipv6 --topology routed --nodes 1" \
               "--family dual --topology bridge --nodes 2"; do
-  echo "=== conformance run $config (upstream cases, real traffic)"
-  # shellcheck disable=SC2086
-  ./target/debug/conformance run $config conformance/cases/*.yaml 2>&1 | tee -a "$log" || status=$?
-  # The upstream ClusterNetworkPolicy conformance tests, probing pod addresses as upstream
-  # does (a blocked probe must be a drop).
-  echo "=== conformance run $config --probe-to pod (ClusterNetworkPolicy cases, real traffic)"
-  # shellcheck disable=SC2086
-  ./target/debug/conformance run $config --probe-to pod conformance/cases/cnp/*.yaml 2>&1 | tee -a "$log" || status=$?
+  n=$((n + 1))
+  (
+    echo "=== conformance run $config (upstream cases, real traffic)"
+    # shellcheck disable=SC2086
+    ./target/debug/conformance run $config conformance/cases/*.yaml 2>&1 || echo "run-status $?"
+    # The upstream ClusterNetworkPolicy conformance tests, probing pod addresses as
+    # upstream does (a blocked probe must be a drop).
+    echo "=== conformance run $config --probe-to pod (ClusterNetworkPolicy cases, real traffic)"
+    # shellcheck disable=SC2086
+    ./target/debug/conformance run $config --probe-to pod conformance/cases/cnp/*.yaml 2>&1 || echo "run-status $?"
+  ) > "$runs/$n.log" 2>&1 &
+  pids+=($!)
 done
 # Random cases in the cyclonus families, expectations from the reference evaluator; a
 # fixed seed so CI is reproducible (any disagreement is written under target/fuzz-failures).
-echo "=== conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2"
-./target/debug/conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2 2>&1 | tee -a "$log" || status=$?
+(
+  echo "=== conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2"
+  ./target/debug/conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2 2>&1 || echo "run-status $?"
+) > "$runs/fuzz.log" 2>&1 &
+pids+=($!)
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for f in "$runs"/1.log "$runs"/2.log "$runs"/3.log "$runs"/fuzz.log; do
+  cat "$f" | tee -a "$log"
+  if grep -q '^run-status ' "$f"; then status=1; fi
+done
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
