@@ -834,6 +834,7 @@ fn resume_scenario(args: &Args) -> Result<Samples> {
     let a_ns = b.ns("a");
     let mut samples = Samples::default();
     let mut allow = true;
+    let mut unsettled = 0;
     for i in 0..args.outages {
         api.stop();
         std::thread::sleep(Duration::from_secs_f64(args.outage_secs));
@@ -851,7 +852,7 @@ fn resume_scenario(args: &Args) -> Result<Samples> {
                     if tcp_ok(to_b, PROBE_TIMEOUT) {
                         break Some(sent);
                     }
-                } else if tcp_blocked(to_b, PROBE_TIMEOUT) && tcp_blocked(to_b, CONFIRM_TIMEOUT) {
+                } else if tcp_blocked(to_b, PROBE_TIMEOUT) && tcp_blocked(to_b, CONFIRM_TIMEOUT) && tcp_blocked(to_b, CONFIRM_TIMEOUT) {
                     break Some(sent);
                 }
             }
@@ -863,6 +864,17 @@ fn resume_scenario(args: &Args) -> Result<Samples> {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(500));
+        // The flip must hold before the next outage: a probe fooled once (a slow
+        // handshake on a loaded machine looks like a drop) would otherwise make the next
+        // trial measure nothing, as the state it expects may already be there.
+        let holds = a_ns.run(move || {
+            (0..3).all(|_| if allow { tcp_ok(to_b, CONFIRM_TIMEOUT) } else { tcp_blocked(to_b, CONFIRM_TIMEOUT) })
+        })?;
+        if !holds {
+            eprintln!("restart #{i}: the change does not hold yet; waiting for it");
+            unsettled += 1;
+            let _ = until(&a_ns, move || if allow { tcp_ok(to_b, CONFIRM_TIMEOUT) } else { tcp_blocked(to_b, CONFIRM_TIMEOUT) });
+        }
         match seen {
             Some(d) => samples.ms.push(d.as_secs_f64() * 1e3),
             None => samples.timeouts += 1,
@@ -871,6 +883,8 @@ fn resume_scenario(args: &Args) -> Result<Samples> {
     let log = agent.log_text();
     samples.extra.insert("error_lines".into(), log.lines().filter(|l| l.contains("ERROR")).count() as f64);
     samples.extra.insert("warn_lines".into(), log.lines().filter(|l| l.contains("WARN")).count() as f64);
+    samples.extra.insert("unsettled".into(), unsettled as f64);
+    samples.extra.insert("loop_over_1s".into(), log.lines().filter(|l| l.contains("busy for over a second")).count() as f64);
     agent.stop();
     Ok(samples)
 }
