@@ -228,15 +228,21 @@ impl NodeCompiler {
             }
             Change::UpsertPod(pod) => {
                 let old = self.state.pod(&pod.key).cloned();
-                self.mark_pod(old.as_ref(), dirty);
-                self.mark_pod(Some(&pod), dirty);
-                let ips = pod.ips.clone();
+                // Each version's own users once (a pod and the holder of its addresses
+                // are usually the same pod: walking every policy in use twice for it was
+                // most of the cost of an upsert).
+                let versions: Vec<&Pod> = old.iter().chain([&pod]).collect();
+                if let Some(old) = &old {
+                    self.mark_pod_except(old, &versions, dirty);
+                }
+                self.mark_pod_except(&pod, &versions, dirty);
+                let ips: Vec<IpAddr> = pod.ips.iter().chain(old.iter().flat_map(|o| o.ips.iter())).copied().collect();
+                let key = pod.key.clone();
                 self.state.upsert_pod(pod);
                 // Ownership of shared addresses may have moved, to or from this pod.
-                self.mark_address_holders(&ips, dirty);
-                if let Some(old) = &old {
-                    self.mark_address_holders(&old.ips, dirty);
-                }
+                let now = self.state.pod(&key).cloned();
+                let versions: Vec<&Pod> = old.iter().chain(now.iter()).collect();
+                self.mark_address_holders_except(&ips, &versions, dirty);
             }
             Change::DeletePod(key) => {
                 if let Some(old) = self.state.pod(&key).cloned() {
@@ -325,7 +331,14 @@ impl NodeCompiler {
 
     /// Endpoints whose tables may depend on `pod` (as it is now in the state, or `pod`).
     fn mark_pod(&self, pod: Option<&Pod>, dirty: &mut BTreeSet<ObjectKey>) {
-        let Some(pod) = pod else { return };
+        if let Some(pod) = pod {
+            self.mark_pod_except(pod, &[pod], dirty);
+        }
+    }
+
+    /// As [`Self::mark_pod`]; holders of its addresses equal to one of `marked` are not
+    /// walked again (`marked` includes `pod`, or the caller walks it).
+    fn mark_pod_except(&self, pod: &Pod, marked: &[&Pod], dirty: &mut BTreeSet<ObjectKey>) {
         if pod.node.as_deref() == Some(self.node.as_str()) {
             dirty.insert(pod.key.clone());
             if pod.host_network {
@@ -334,31 +347,43 @@ impl NodeCompiler {
             }
         }
         if !pod.host_network {
-            for (policy_key, users) in &self.policy_users {
-                if let Some(policy) = self.state.policy(policy_key) {
-                    if policy_depends_on_pod(&self.state, policy, pod) {
-                        dirty.extend(users.iter().cloned());
-                    }
+            self.mark_peer_users(pod, dirty);
+        }
+        self.mark_address_holders_except(&pod.ips, marked, dirty);
+    }
+
+    /// Endpoints using a policy whose peers may cover `pod`. This walks every policy in
+    /// use on the node: the one cost every pod upsert pays, so callers avoid repeats.
+    fn mark_peer_users(&self, pod: &Pod, dirty: &mut BTreeSet<ObjectKey>) {
+        for (policy_key, users) in &self.policy_users {
+            if let Some(policy) = self.state.policy(policy_key) {
+                if policy_depends_on_pod(&self.state, policy, pod) {
+                    dirty.extend(users.iter().cloned());
                 }
             }
         }
-        self.mark_address_holders(&pod.ips, dirty);
     }
 
     /// Other pods claiming the same addresses: ownership may move between them.
     fn mark_address_holders(&self, ips: &[IpAddr], dirty: &mut BTreeSet<ObjectKey>) {
+        self.mark_address_holders_except(ips, &[], dirty)
+    }
+
+    /// As [`Self::mark_address_holders`], skipping the peers' walk for a holder equal to
+    /// one of `marked` (their users are marked already).
+    fn mark_address_holders_except(&self, ips: &[IpAddr], marked: &[&Pod], dirty: &mut BTreeSet<ObjectKey>) {
+        let mut walked: Vec<&ObjectKey> = Vec::new();
         for ip in ips {
             if let Some(holder) = self.state.pod_at(*ip) {
                 if holder.node.as_deref() == Some(self.node.as_str()) {
                     dirty.insert(holder.key.clone());
                 }
-                for (policy_key, users) in &self.policy_users {
-                    if let Some(policy) = self.state.policy(policy_key) {
-                        if policy_depends_on_pod(&self.state, policy, holder) {
-                            dirty.extend(users.iter().cloned());
-                        }
-                    }
+                // A dual-stack pod holds both its addresses: walk once.
+                if marked.contains(&holder) || walked.contains(&&holder.key) {
+                    continue;
                 }
+                walked.push(&holder.key);
+                self.mark_peer_users(holder, dirty);
             }
         }
     }

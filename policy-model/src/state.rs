@@ -232,11 +232,13 @@ impl ClusterState {
         if pod.host_network {
             return false;
         }
-        let ns_ok = match namespaces {
-            NamespaceScope::PolicyNamespace => *pod.key.namespace == *policy_ns,
-            NamespaceScope::Matching(sel) => sel.matches(&self.namespace_labels(&pod.key.namespace)),
-        };
-        ns_ok && pods.matches(&pod.labels)
+        // The pod's own labels first: no lookup, and most peers fail there (every pod
+        // upsert asks this of every policy in use on the node).
+        pods.matches(&pod.labels)
+            && match namespaces {
+                NamespaceScope::PolicyNamespace => *pod.key.namespace == *policy_ns,
+                NamespaceScope::Matching(sel) => sel.matches(&self.namespace_labels(&pod.key.namespace)),
+            }
     }
 
     /// Namespaces a peer's scope covers (including ones only known through their pods).
