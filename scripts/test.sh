@@ -4,7 +4,7 @@
 # upstream + those fuzzing found) on real traffic through the real agent (IPv4 routed, IPv6
 # routed, dual-stack bridged over two nodes; probes to Service ClusterIPs), the
 # ClusterNetworkPolicy cases of the upstream suite in the same three setups, then
-# `conformance fuzz` with a fixed seed. Installs what it needs first. Ends with one line
+# `conformance fuzz` with a fixed seed, without and with ClusterNetworkPolicies. Installs what it needs first. Ends with one line
 # `tests: N passed, M failed` summing everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +44,9 @@ done
 (
   echo "=== conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2"
   ./target/debug/conformance fuzz --seed 1 --cases 22 --family dual --topology bridge --nodes 2 2>&1 || echo "run-status $?"
+  # The same with ClusterNetworkPolicies of both tiers mixed in (other cases).
+  echo "=== conformance fuzz --seed 1 --cases 24 --family dual --topology bridge --nodes 2 --cluster-policies"
+  ./target/debug/conformance fuzz --seed 1 --cases 24 --family dual --topology bridge --nodes 2 --cluster-policies 2>&1 || echo "run-status $?"
 ) > "$runs/fuzz.log" 2>&1 &
 pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done

@@ -64,6 +64,8 @@ pub struct FuzzRun {
     pub out: PathBuf,
     /// Write the cases without running them.
     pub emit: bool,
+    /// Mix ClusterNetworkPolicies (both tiers, every action and peer kind) into the cases.
+    pub cluster_policies: bool,
 }
 
 /// Generates and runs the cases with `run` (the real-traffic runner, or the model-level
@@ -73,7 +75,7 @@ pub struct FuzzRun {
 pub fn run_fuzz(fuzz: &FuzzRun, opts: RunOptions, mut run: impl FnMut(&Case, RunOptions) -> Result<CaseOutcome, String>) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     for index in fuzz.indices.clone() {
-        let case = generate_for(fuzz.seed, index, opts.families, opts.nodes);
+        let case = generate_with(fuzz.seed, index, opts.families, opts.nodes, fuzz.cluster_policies);
         if fuzz.emit {
             match write_case(&fuzz.out, fuzz.seed, index, opts, &case, "") {
                 Ok(path) => println!("wrote {}", path.display()),
@@ -112,7 +114,10 @@ pub fn write_case(out: &Path, seed: u64, index: u64, opts: RunOptions, case: &Ca
         crate::topology::Topology::Routed => "routed",
         crate::topology::Topology::Bridge => "bridge",
     };
-    let layout = format!("--family {family} --topology {topology} --nodes {}", opts.nodes);
+    let mut layout = format!("--family {family} --topology {topology} --nodes {}", opts.nodes);
+    if case.name.starts_with("fuzz-cnp-") {
+        layout.push_str(" --cluster-policies");
+    }
     let mut text = format!(
         "# conformance fuzz --seed {seed} --start {index} --cases 1 {layout}\n# rerun: conformance run {layout} {}\n",
         path.display()
@@ -133,14 +138,30 @@ pub fn generate(seed: u64, index: u64, families: Families) -> Case {
 /// Case `index` of seed `seed` for pods spread over `nodes` nodes: the pods' addresses
 /// depend on the layout, and so do the ipBlocks drawn around them and the expectations.
 pub fn generate_for(seed: u64, index: u64, families: Families, nodes: usize) -> Case {
+    generate_with(seed, index, families, nodes, false)
+}
+
+/// As [`generate_for`]; with `cluster_policies`, the steps also create, replace and
+/// delete ClusterNetworkPolicies (a separate family of cases: `fuzz-cnp-...`; the
+/// NetworkPolicy-only cases of a seed stay what they were).
+pub fn generate_with(seed: u64, index: u64, families: Families, nodes: usize, cluster_policies: bool) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // One ChaCha stream per case: case i is the same however many cases run before it.
     rng.set_stream(index);
     let names: Vec<String> = DEFAULT_PODS.iter().map(|s| s.to_string()).collect();
-    let mut g =
-        Generator { rng, family: families.primary(), pods: make_pods(&names, families, nodes), live: BTreeSet::new(), next_policy: 0 };
+    let mut g = Generator {
+        rng,
+        family: families.primary(),
+        pods: make_pods(&names, families, nodes),
+        live: BTreeSet::new(),
+        next_policy: 0,
+        cluster_policies,
+        live_cluster: BTreeSet::new(),
+    };
     let steps = (0..1 + g.below(3)).map(|i| g.step(i == 0)).collect();
-    let mut case = Case { name: case_name(seed, index, families), pods: None, blocked_must_drop: false, steps };
+    let name = case_name(seed, index, families);
+    let name = if cluster_policies { name.replacen("fuzz-", "fuzz-cnp-", 1) } else { name };
+    let mut case = Case { name, pods: None, blocked_must_drop: false, steps };
     fill_expectations(&mut case, families, nodes).unwrap_or_else(|e| panic!("generated case {} is inconsistent: {e}", case.name));
     case
 }
@@ -196,6 +217,10 @@ struct Generator {
     /// Policies that exist after the steps generated so far: (namespace, name).
     live: BTreeSet<(String, String)>,
     next_policy: usize,
+    /// Whether steps also draw ClusterNetworkPolicy actions.
+    cluster_policies: bool,
+    /// ClusterNetworkPolicies that exist after the steps generated so far: (name, number).
+    live_cluster: BTreeSet<(String, usize)>,
 }
 
 #[derive(Clone, Copy)]
@@ -251,10 +276,21 @@ impl Generator {
                 step.label_namespace.entry(ns).or_default().insert(key.to_string(), Some(value));
             }
         }
+        let mut touched_cluster: BTreeSet<String> = BTreeSet::new();
         for _ in 0..1 + self.below(3) {
-            // apply, update, delete, label a namespace, label a pod
-            let weights: &[u64] = if first { &[80, 0, 0, 10, 10] } else { &[30, 20, 15, 15, 20] };
+            // apply, update, delete, label a namespace, label a pod; then (with cluster
+            // policies) apply, update and delete a ClusterNetworkPolicy
+            let weights: &[u64] = match (first, self.cluster_policies) {
+                (true, false) => &[80, 0, 0, 10, 10],
+                (false, false) => &[30, 20, 15, 15, 20],
+                (true, true) => &[40, 0, 0, 10, 10, 40, 0, 0],
+                (false, true) => &[15, 10, 10, 15, 15, 15, 12, 8],
+            };
             let mut action = self.weighted(weights);
+            if action >= 5 {
+                self.cluster_action(action - 5, &mut step, &mut touched_cluster);
+                continue;
+            }
             let existing: Vec<(String, String)> = self.live.difference(&touched).cloned().collect();
             if (action == 1 || action == 2) && existing.is_empty() {
                 action = 0;
@@ -301,6 +337,135 @@ impl Generator {
         }
         step.probes = probes.into_iter().map(|(port, protocol)| ProbeSpec { port, protocol, expect: String::new() }).collect();
         step
+    }
+
+    /// 0: a new ClusterNetworkPolicy; 1: one replaced; 2: one deleted (a new one when
+    /// none is left that this step has not touched).
+    fn cluster_action(&mut self, action: usize, step: &mut Step, touched: &mut BTreeSet<String>) {
+        let existing: Vec<(String, usize)> = self.live_cluster.iter().filter(|(n, _)| !touched.contains(n)).cloned().collect();
+        let action = if existing.is_empty() { 0 } else { action };
+        match action {
+            0 => {
+                let number = self.next_policy;
+                self.next_policy += 1;
+                let name = format!("c{number}");
+                step.apply.push(self.cluster_policy(&name, number));
+                self.live_cluster.insert((name.clone(), number));
+                touched.insert(name);
+            }
+            1 => {
+                let (name, number) = existing[self.below(existing.len())].clone();
+                step.update.push(self.cluster_policy(&name, number));
+                touched.insert(name);
+            }
+            _ => {
+                let (name, number) = existing[self.below(existing.len())].clone();
+                step.delete.push(name.clone());
+                self.live_cluster.remove(&(name.clone(), number));
+                touched.insert(name);
+            }
+        }
+    }
+
+    /// A ClusterNetworkPolicy: either tier; a priority of its own (upstream leaves the
+    /// order of equal priorities to the implementation, so no two policies share one; an
+    /// update may move it within its band); a namespace or pod subject; Accept, Deny and
+    /// Pass rules over namespace, pod and (egress) network peers, with or without ports.
+    fn cluster_policy(&mut self, name: &str, number: usize) -> Value {
+        let tier = if self.chance(50) { "Admin" } else { "Baseline" };
+        let priority = (number * 7 + self.below(7)) % 1001;
+        let subject = if self.chance(50) {
+            json!({"namespaces": self.broad_selector(&NS_LABELS, 50)})
+        } else {
+            json!({"pods": {"namespaceSelector": self.broad_selector(&NS_LABELS, 50), "podSelector": self.broad_selector(&POD_LABELS, 60)}})
+        };
+        let mut spec = Map::new();
+        spec.insert("tier".into(), json!(tier));
+        spec.insert("priority".into(), json!(priority));
+        spec.insert("subject".into(), subject);
+        let (ingress, egress) = match self.weighted(&[30, 30, 40]) {
+            0 => (true, false),
+            1 => (false, true),
+            _ => (true, true),
+        };
+        if ingress {
+            let rules: Vec<Value> = (0..1 + self.below(3)).map(|i| self.cluster_rule(Direction::Ingress, i)).collect();
+            spec.insert("ingress".into(), Value::Array(rules));
+        }
+        if egress {
+            let rules: Vec<Value> = (0..1 + self.below(3)).map(|i| self.cluster_rule(Direction::Egress, i)).collect();
+            spec.insert("egress".into(), Value::Array(rules));
+        }
+        json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": spec,
+        })
+    }
+
+    fn cluster_rule(&mut self, direction: Direction, index: usize) -> Value {
+        let action = ["Accept", "Deny", "Pass"][self.weighted(&[40, 40, 20])];
+        let peers: Vec<Value> = (0..1 + self.below(2)).map(|_| self.cluster_peer(direction)).collect();
+        let mut rule = Map::new();
+        rule.insert("name".into(), json!(format!("r{index}")));
+        rule.insert("action".into(), json!(action));
+        rule.insert(
+            match direction {
+                Direction::Ingress => "from",
+                Direction::Egress => "to",
+            }
+            .into(),
+            Value::Array(peers),
+        );
+        // Upstream's CEL rule: no named port beside a networks (or nodes) peer.
+        let named = !rule.values().any(|peers| peers.as_array().is_some_and(|a| a.iter().any(|p| p.get("networks").is_some())));
+        if self.chance(55) {
+            let protocols: Vec<Value> = (0..1 + self.below(2)).map(|_| self.cluster_protocol(named)).collect();
+            rule.insert("protocols".into(), Value::Array(protocols));
+        }
+        Value::Object(rule)
+    }
+
+    /// A selector that is `{}` more often than [`Self::selector`]'s: a tier's rules
+    /// interact (a Pass hands over, a later Deny or Accept decides) only where their
+    /// peers overlap, and random selectors rarely do.
+    fn broad_selector(&mut self, vocabulary: &[(&str, &[&str])], first_key_percent: u64) -> Value {
+        if self.chance(35) { json!({}) } else { self.selector(vocabulary, first_key_percent) }
+    }
+
+    fn cluster_peer(&mut self, direction: Direction) -> Value {
+        let kinds: &[u64] = match direction {
+            Direction::Ingress => &[45, 55],
+            Direction::Egress => &[35, 40, 25],
+        };
+        match self.weighted(kinds) {
+            0 => json!({"namespaces": self.broad_selector(&NS_LABELS, 50)}),
+            1 => json!({"pods": {"namespaceSelector": self.broad_selector(&NS_LABELS, 50), "podSelector": self.broad_selector(&POD_LABELS, 60)}}),
+            _ => {
+                // A CIDR only (`except` is NetworkPolicy's); one per peer, since two
+                // placeholders may expand to the same block, which the schema refuses.
+                json!({"networks": [self.ip_block()["cidr"].clone()]})
+            }
+        }
+    }
+
+    /// One protocol entry: a port number, a range, or (if `named`) a named port.
+    fn cluster_protocol(&mut self, named: bool) -> Value {
+        let protocol = self.pick(&["tcp", "udp", "sctp"]);
+        match self.weighted(&[50, 30, if named { 20 } else { 0 }]) {
+            0 => json!({protocol: {"destinationPort": {"number": self.pick(&NUMBERED_PORTS)}}}),
+            1 => {
+                let (start, end) = self.pick(&PORT_RANGES);
+                // Upstream's CEL rule: start < end.
+                let end = if end == start { end + 1 } else { end };
+                json!({protocol: {"destinationPort": {"range": {"start": start, "end": end}}}})
+            }
+            _ => {
+                let port = self.pick(&SERVED_PORTS);
+                json!({"destinationNamedPort": format!("serve-{port}-{}", self.pick(&["tcp", "udp", "sctp"]))})
+            }
+        }
     }
 
     /// One or two label changes; `remove_percent` of them remove the label.

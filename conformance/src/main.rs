@@ -86,6 +86,10 @@ enum Command {
         /// Write every generated case to --out and run none (no root needed).
         #[arg(long)]
         emit: bool,
+        /// Mix ClusterNetworkPolicies into the cases (`fuzz-cnp-*`: other cases than
+        /// without it, for the same seed).
+        #[arg(long)]
+        cluster_policies: bool,
     },
 }
 
@@ -100,8 +104,8 @@ fn families(family: FamilyArg) -> Families {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { cluster, files } => run(cluster.options(), &files),
-        Command::Fuzz { seed, cases, start, cluster, out, emit } => {
-            let run = FuzzRun { seed, indices: start..start + cases, out, emit };
+        Command::Fuzz { seed, cases, start, cluster, out, emit, cluster_policies } => {
+            let run = FuzzRun { seed, indices: start..start + cases, out, emit, cluster_policies };
             let (passed, failed) = run_fuzz(&run, cluster.options(), run_case);
             println!("{passed} passed, {failed} failed");
             if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }

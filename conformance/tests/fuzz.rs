@@ -129,7 +129,7 @@ fn the_model_runner_agrees_with_the_generated_expectations() {
 #[test]
 fn a_disagreement_is_written_as_a_case_file() {
     let dir = tempfile::tempdir().unwrap();
-    let fuzz = FuzzRun { seed: 4, indices: 0..3, out: dir.path().to_path_buf(), emit: false };
+    let fuzz = FuzzRun { seed: 4, indices: 0..3, out: dir.path().to_path_buf(), emit: false, cluster_policies: false };
     let opts = RunOptions { deadline: std::time::Duration::from_secs(1), ..RunOptions::new(Families::Ipv4) };
     // A "datapath" that flips the first checked cell of case 1's first probe.
     let (passed, failed) = run_fuzz(&fuzz, opts, |case, opts| {
@@ -150,4 +150,63 @@ fn a_disagreement_is_written_as_a_case_file() {
     assert_eq!(files.len(), 1);
     let loaded = Case::load(&files[0]).unwrap();
     assert_eq!(loaded, generate(4, 1, Families::Ipv4));
+}
+
+fn cnp_cases(seed: u64, n: u64, families: Families) -> Vec<Case> {
+    (0..n).map(|i| conformance::fuzz::generate_with(seed, i, families, 1, true)).collect()
+}
+
+/// With `--cluster-policies`: both tiers, every action and peer kind, ports, named ports
+/// and ranges, updates and deletes of ClusterNetworkPolicies appear, and every generated
+/// one passes validation (a refused one would only test the refusal).
+#[test]
+fn cluster_policy_cases_cover_the_api_and_are_valid() {
+    let all = cnp_cases(9, 200, Families::Dual);
+    let text: String = all.iter().map(Case::to_yaml).collect();
+    for needle in [
+        "kind: ClusterNetworkPolicy",
+        "tier: Admin",
+        "tier: Baseline",
+        "action: Accept",
+        "action: Deny",
+        "action: Pass",
+        "namespaces:",
+        "pods:",
+        "networks:",
+        "destinationPort:",
+        "range:",
+        "destinationNamedPort:",
+        "kind: NetworkPolicy",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in 200 generated cases");
+    }
+    assert!(all.iter().any(|c| c.steps.iter().any(|s| s.delete.iter().any(|d| !d.contains('/')))), "no ClusterNetworkPolicy deleted");
+    for families in FAMILIES {
+        for case in cnp_cases(11, 100, families) {
+            let mut cluster = ModelCluster::new(&case.pod_names(), families);
+            for (si, step) in case.steps.iter().enumerate() {
+                assert!(cluster.apply_step(step).is_empty(), "{} step {si}", case.name);
+                for manifest in step.apply.iter().chain(&step.update).filter(|m| m["kind"] == "ClusterNetworkPolicy") {
+                    let mut v = manifest.clone();
+                    expand_placeholders(&mut v, &cluster.pods, families.primary()).unwrap();
+                    let cnp: policy_model::cnp::ClusterNetworkPolicy = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{}: {e}: {v}", case.name));
+                    if let Err(e) = policy_model::cnp::ClusterPolicy::from_manifest(&cnp) {
+                        panic!("{}: invalid ClusterNetworkPolicy: {e}\n{v:#}", case.name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The model-level runner (compiled tables, checked against the reference) agrees with
+/// the expectations the generator computed, with ClusterNetworkPolicies in the mix.
+#[test]
+fn the_model_runner_agrees_with_generated_cluster_policy_cases() {
+    for families in FAMILIES {
+        for case in cnp_cases(21, 100, families) {
+            let outcome = run_case(&case, families);
+            assert!(outcome.passed(), "{}\n{}\n{}", case.name, outcome.report(), case.to_yaml());
+        }
+    }
 }
