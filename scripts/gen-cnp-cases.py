@@ -10,14 +10,16 @@ is unchecked. The harness differs from upstream's base fixture in names and port
               its second (TCP 8080, UDP 5353, SCTP 9005) -> 81 (the harness serves 80, 81)
 Policies select namespaces by kubernetes.io/metadata.name, as upstream's do.
 
-Coverage: 22 of upstream's 24 tests (87 of its 92 subtests). Not here: CNPAdminTierEgressNodePeers
-(3 subtests) and CNPBaselineTierEgressNodePeers (2), which probe a host-network pod (a node
-address) on upstream's HostNetworkPorts; the harness has no probe target but pods.
+Coverage: all 24 of upstream's tests (92 subtests). The two EgressNodePeers tests probe a
+host-network pod (centaur-1, a node's address) on upstream's HostNetworkPorts; here their probes
+say `to: nodes`: every node's own address, served (TCP, UDP, SCTP on 80, 81) in the node's
+namespace, each node labelled kubernetes.io/os=linux; the cell must hold for every node.
 SCTP: this machine has no SCTP kernel module (and nothing may load one), so the harness speaks
 SCTP as raw protocol-132 packets: a probe is an INIT that passes if an INIT ACK comes back, as
 the servers answer. That exercises the agent's verdicts on SCTP ports, not a real SCTP
 association as upstream's agnhost makes one. The cases that probe SCTP (IngressSCTP, EgressSCTP
-of both tiers, both Gress, both EgressInlineCIDRPeers) therefore pass on emulated SCTP only.
+of both tiers, both Gress, both EgressInlineCIDRPeers, both EgressNodePeers) therefore pass on
+emulated SCTP only.
 """
 import copy, json, os, sys
 

@@ -300,7 +300,8 @@ impl Generator {
                 probes.push(p);
             }
         }
-        step.probes = probes.into_iter().map(|(port, protocol)| ProbeSpec { port, protocol, to: ProbeTarget::Pods, expect: String::new() }).collect();
+        step.probes =
+            probes.into_iter().map(|(port, protocol)| ProbeSpec { port, protocol, to: ProbeTarget::Pods, expect: String::new() }).collect();
         step
     }
 

@@ -175,9 +175,9 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
                         }]
                     })
                     .collect(),
-                ProbeTarget::Nodes => vec![
-                    nodes.iter().filter_map(|n| n.addresses.iter().copied().find(|a| Family::of(*a) == family)).collect(),
-                ],
+                ProbeTarget::Nodes => {
+                    vec![nodes.iter().filter_map(|n| n.addresses.iter().copied().find(|a| Family::of(*a) == family)).collect()]
+                }
             };
             let observed = poll_matrix(&pods, &expected, &columns, probe, opts, case.blocked_must_drop)?;
             let wrong = differences(&expected, &observed);
