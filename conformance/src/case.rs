@@ -50,8 +50,33 @@ pub struct Step {
 pub struct ProbeSpec {
     pub port: u16,
     pub protocol: Protocol,
+    /// What the columns are: the case's pods (default), or `nodes`.
+    #[serde(default, skip_serializing_if = "ProbeTarget::is_pods")]
+    pub to: ProbeTarget,
     pub expect: String,
 }
+
+/// The servers a probe reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeTarget {
+    /// The case's pods: a square matrix, rows and columns the case's pods in order.
+    #[default]
+    Pods,
+    /// The nodes' own addresses, served in each node's network namespace as upstream's
+    /// host-network pods serve them: one column, `nodes`, whose cell must hold for every
+    /// node of the run (one or two).
+    Nodes,
+}
+
+impl ProbeTarget {
+    pub fn is_pods(&self) -> bool {
+        *self == ProbeTarget::Pods
+    }
+}
+
+/// The one column of a `to: nodes` matrix.
+pub const NODES_COLUMN: &str = "nodes";
 
 /// One expected cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +102,10 @@ impl Expect {
 /// A parsed expectation matrix: rows are clients, columns servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reachability {
+    /// The rows (clients).
     pub pods: Vec<String>,
+    /// The columns (servers): the same pods, or [`NODES_COLUMN`].
+    pub targets: Vec<String>,
     /// `cells[from][to]`.
     pub cells: Vec<Vec<Expect>>,
 }
@@ -133,9 +161,16 @@ impl Case {
                 let r = Reachability::parse(&probe.expect).map_err(|e| format!("steps[{i}].probes[{j}].expect: {e}"))?;
                 if r.pods != pods {
                     return Err(format!(
-                        "steps[{i}].probes[{j}].expect: header {:?} does not list the case's pods {:?} in order",
+                        "steps[{i}].probes[{j}].expect: rows {:?} do not list the case's pods {:?} in order",
                         r.pods, pods
                     ));
+                }
+                let columns = match probe.to {
+                    ProbeTarget::Pods => pods.clone(),
+                    ProbeTarget::Nodes => vec![NODES_COLUMN.to_string()],
+                };
+                if r.targets != columns {
+                    return Err(format!("steps[{i}].probes[{j}].expect: header {:?}, expected {:?}", r.targets, columns));
                 }
             }
         }
@@ -144,23 +179,33 @@ impl Case {
 }
 
 impl Reachability {
-    /// Parses the text form: a header `- p1 p2 ...`, then one row per client.
+    /// Parses the text form: a header `- p1 p2 ...`, then one row per client: the same
+    /// pods in the same order, or (header `- nodes`) any pods, one cell each.
     pub fn parse(text: &str) -> Result<Reachability, String> {
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         let header: Vec<&str> = lines.next().ok_or("empty matrix")?.split_whitespace().collect();
         if header.first() != Some(&"-") {
             return Err("the header must start with `-`".into());
         }
-        let pods: Vec<String> = header[1..].iter().map(|s| s.to_string()).collect();
+        let targets: Vec<String> = header[1..].iter().map(|s| s.to_string()).collect();
+        let square = targets != [NODES_COLUMN];
+        let mut pods = Vec::new();
         let mut cells = Vec::new();
         for (i, line) in lines.enumerate() {
             let row: Vec<&str> = line.split_whitespace().collect();
-            let expected_pod = pods.get(i).ok_or_else(|| format!("more rows than columns at {line:?}"))?;
-            if row.first() != Some(&expected_pod.as_str()) {
-                return Err(format!("row {} must start with {expected_pod}, found {line:?}", i + 1));
+            let name = *row.first().ok_or("empty row")?;
+            if square {
+                let expected_pod = targets.get(i).ok_or_else(|| format!("more rows than columns at {line:?}"))?;
+                if name != expected_pod {
+                    return Err(format!("row {} must start with {expected_pod}, found {line:?}", i + 1));
+                }
+            } else if pods.iter().any(|p| p == name) {
+                return Err(format!("row {name} twice"));
             }
-            if row.len() != pods.len() + 1 {
-                return Err(format!("row {expected_pod} has {} cells, expected {}", row.len() - 1, pods.len()));
+            let expected_pod = name.to_string();
+            pods.push(expected_pod.clone());
+            if row.len() != targets.len() + 1 {
+                return Err(format!("row {expected_pod} has {} cells, expected {}", row.len() - 1, targets.len()));
             }
             let parsed: Result<Vec<Expect>, String> = row[1..]
                 .iter()
@@ -173,19 +218,54 @@ impl Reachability {
                 .collect();
             cells.push(parsed?);
         }
-        if cells.len() != pods.len() {
-            return Err(format!("{} rows for {} pods", cells.len(), pods.len()));
+        if square && cells.len() != targets.len() {
+            return Err(format!("{} rows for {} pods", cells.len(), targets.len()));
         }
-        Ok(Reachability { pods, cells })
+        Ok(Reachability { pods, targets, cells })
+    }
+
+    /// A matrix of `pods` × `targets`, every cell unchecked.
+    pub fn unchecked(pods: Vec<String>, targets: Vec<String>) -> Reachability {
+        let cells = vec![vec![Expect::Unchecked; targets.len()]; pods.len()];
+        Reachability { pods, targets, cells }
     }
 
     /// The text form, aligned.
     pub fn render(&self) -> Vec<String> {
-        let w = self.pods.iter().map(String::len).max().unwrap_or(1);
-        let mut out = vec![format!("{:w$} {}", "-", self.pods.iter().map(|p| format!("{p:w$}")).collect::<Vec<_>>().join(" "))];
+        let w = self.pods.iter().chain(&self.targets).map(String::len).max().unwrap_or(1);
+        let mut out = vec![format!("{:w$} {}", "-", self.targets.iter().map(|p| format!("{p:w$}")).collect::<Vec<_>>().join(" "))];
         for (i, from) in self.pods.iter().enumerate() {
             out.push(format!("{from:w$} {}", self.cells[i].iter().map(|c| format!("{:w$}", c.mark())).collect::<Vec<_>>().join(" ")));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE_CASE: &str = "name: n\npods: [x/a, y/b]\nsteps:\n- probes:\n  - port: 80\n    protocol: TCP\n    to: nodes\n    expect: |\n      - nodes\n      x/a .\n      y/b X\n";
+
+    #[test]
+    fn a_node_probe_has_one_column_and_the_cases_pods_as_rows() {
+        let case = Case::parse("t", NODE_CASE).unwrap();
+        let probe = &case.steps[0].probes[0];
+        assert_eq!(probe.to, ProbeTarget::Nodes);
+        let r = Reachability::parse(&probe.expect).unwrap();
+        assert_eq!(r.pods, ["x/a", "y/b"]);
+        assert_eq!(r.targets, [NODES_COLUMN]);
+        assert_eq!(r.cells, [[Expect::Connected], [Expect::Blocked]]);
+        // Written back, read again: the same case.
+        assert_eq!(Case::parse("t", &case.to_yaml()).unwrap(), case);
+    }
+
+    #[test]
+    fn a_node_matrix_on_a_pod_probe_and_a_pod_matrix_on_a_node_probe_are_refused() {
+        let pod_probe = NODE_CASE.replace("    to: nodes\n", "");
+        assert!(Case::parse("t", &pod_probe).unwrap_err().to_string().contains("header"));
+        let square = NODE_CASE.replace("- nodes\n      x/a .\n      y/b X", "- x/a y/b\n      x/a - .\n      y/b X -");
+        assert!(Case::parse("t", &square).unwrap_err().to_string().contains("header"));
+        assert!(Case::parse("t", &square.replace("    to: nodes\n", "")).is_ok());
     }
 }

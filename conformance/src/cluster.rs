@@ -77,6 +77,25 @@ impl PodSpec {
     }
 }
 
+/// The name of node `index` (0-based), as `make_pods` assigns pods to it.
+pub fn node_name(index: usize) -> String {
+    format!("node-{}", index + 1)
+}
+
+/// The addresses of node `index`: 10.250.0.<index+1> and fd10:250::<index+1>.
+pub fn node_addresses(index: usize) -> [IpAddr; 2] {
+    [format!("10.250.0.{}", index + 1).parse().unwrap(), format!("fd10:250::{:x}", index + 1).parse().unwrap()]
+}
+
+/// A Node manifest with its InternalIP addresses and the labels the kubelet sets that
+/// upstream's `nodes` peers select on (`kubernetes.io/os`, `kubernetes.io/hostname`).
+pub fn node_manifest(name: &str, addresses: &[IpAddr]) -> Value {
+    let addresses: Vec<Value> = addresses.iter().map(|a| json!({"type": "InternalIP", "address": a.to_string()})).collect();
+    json!({"apiVersion": "v1", "kind": "Node",
+           "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": name}},
+           "status": {"addresses": addresses}})
+}
+
 pub fn namespace_manifest(name: &str, labels: &BTreeMap<String, String>) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }

@@ -16,7 +16,7 @@ use rand::rngs::ChaCha8Rng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value, json};
 
-use crate::case::{Case, DEFAULT_PODS, Expect, ProbeSpec, Reachability, Step};
+use crate::case::{Case, DEFAULT_PODS, Expect, ProbeSpec, ProbeTarget, Reachability, Step};
 use crate::cluster::{Families, NAMESPACES, PodSpec, SERVED_PORTS, make_pods};
 use crate::model::{CaseOutcome, ModelCluster};
 use crate::runner::RunOptions;
@@ -206,7 +206,8 @@ pub fn reference_matrix(state: &ClusterState, pods: &[PodSpec], port: u16, proto
                 .collect()
         })
         .collect();
-    Reachability { pods: pods.iter().map(PodSpec::key).collect(), cells }
+    let keys: Vec<String> = pods.iter().map(PodSpec::key).collect();
+    Reachability { pods: keys.clone(), targets: keys, cells }
 }
 
 struct Generator {
@@ -335,7 +336,8 @@ impl Generator {
                 probes.push(p);
             }
         }
-        step.probes = probes.into_iter().map(|(port, protocol)| ProbeSpec { port, protocol, expect: String::new() }).collect();
+        step.probes =
+            probes.into_iter().map(|(port, protocol)| ProbeSpec { port, protocol, to: ProbeTarget::Pods, expect: String::new() }).collect();
         step
     }
 

@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 
 use policy_agent::manifests::Manifests;
 use policy_agent::matrix::{Probe, compute};
-use policy_model::ObjectKey;
+use policy_model::{Family, Flow, IpProtocol, ObjectKey, compile_pod, verdict};
 use serde_json::Value;
 
-use crate::case::{Case, Expect, Reachability, Step};
-use crate::cluster::{Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest};
+use crate::case::{Case, Expect, ProbeTarget, Reachability, Step};
+use crate::cluster::{
+    Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest, node_addresses, node_manifest, node_name,
+};
 
 /// The outcome of one probe.
 #[derive(Debug, Clone)]
@@ -60,6 +62,8 @@ impl CaseOutcome {
 /// manifests it writes.
 pub struct ModelCluster {
     pub pods: Vec<PodSpec>,
+    /// The nodes (name, addresses), as the real-traffic runner makes them.
+    pub nodes: Vec<(String, Vec<std::net::IpAddr>)>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub policies: BTreeMap<ObjectKey, Value>,
     families: Families,
@@ -77,6 +81,7 @@ impl ModelCluster {
     pub fn with_nodes(names: &[String], families: Families, nodes: usize) -> ModelCluster {
         ModelCluster {
             pods: make_pods(names, families, nodes),
+            nodes: (0..nodes.max(1)).map(|i| (node_name(i), node_addresses(i).to_vec())).collect(),
             namespace_labels: namespaces_of(names).into_iter().map(|n| (n, BTreeMap::new())).collect(),
             policies: BTreeMap::new(),
             families,
@@ -128,6 +133,9 @@ impl ModelCluster {
         let mut m = Manifests::default();
         for (ns, labels) in &self.namespace_labels {
             m.add_value("namespaces", serde_yaml_ng::to_value(namespace_manifest(ns, labels)).expect("json to yaml"));
+        }
+        for (name, addresses) in &self.nodes {
+            m.add_value(&format!("node {name}"), serde_yaml_ng::to_value(node_manifest(name, addresses)).expect("json to yaml"));
         }
         for p in &self.pods {
             m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest()).expect("json to yaml"));
@@ -206,9 +214,15 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).expect("validated when the case was loaded");
             let probe = Probe { port: spec.port, protocol: spec.protocol };
+            if spec.to == ProbeTarget::Nodes {
+                let (observed, wrong, errors) = node_probe(&cluster, &state, &expected, probe, families.probe_family());
+                outcome.errors.extend(errors.iter().map(|e| format!("step {}: internal: {e}", si + 1)));
+                outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
+                continue;
+            }
             let m = compute(&state, &[probe], Some(&keys));
             outcome.errors.extend(m.disagreements.iter().map(|d| format!("step {}: internal: {d}", si + 1)));
-            let mut observed = Reachability { pods: expected.pods.clone(), cells: Vec::new() };
+            let mut observed = Reachability { pods: expected.pods.clone(), targets: expected.targets.clone(), cells: Vec::new() };
             let mut wrong = Vec::new();
             for (i, from) in expected.pods.iter().enumerate() {
                 let mut row = Vec::new();
@@ -232,4 +246,55 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         }
     }
     outcome
+}
+
+/// A `to: nodes` probe at model level: each row's pod to every node's address of `family`,
+/// judged by the reference evaluator and by the pod's compiled egress table (a node has no
+/// ingress table); a cell is what every node gives, or the first that differs from the
+/// expectation. Returns the observed matrix, the wrong cells and any disagreement between
+/// the evaluator and the tables.
+fn node_probe(
+    cluster: &ModelCluster,
+    state: &policy_model::ClusterState,
+    expected: &Reachability,
+    probe: Probe,
+    family: Family,
+) -> (Reachability, Vec<(String, String)>, Vec<String>) {
+    let mut observed = Reachability::unchecked(expected.pods.clone(), expected.targets.clone());
+    let mut wrong = Vec::new();
+    let mut errors = Vec::new();
+    for (i, from) in expected.pods.iter().enumerate() {
+        let want = expected.cells[i][0];
+        if want == Expect::Unchecked {
+            continue;
+        }
+        let Some(pod) = ObjectKey::parse(from).and_then(|k| state.pods().find(|p| p.key == k)) else {
+            errors.push(format!("no pod {from}"));
+            continue;
+        };
+        let Some(src) = state.owned_ips(pod).find(|a| Family::of(*a) == family) else {
+            errors.push(format!("{from} has no {family} address"));
+            continue;
+        };
+        let tables = compile_pod(state, pod);
+        let mut cell = None;
+        for (name, addresses) in &cluster.nodes {
+            let Some(dst) = addresses.iter().copied().find(|a| Family::of(*a) == family) else { continue };
+            let flow = Flow { src, dst, protocol: IpProtocol::from(probe.protocol), port: probe.port };
+            let allowed = verdict(state, &flow).allowed;
+            if tables.egress.allows(dst, flow.protocol, flow.port) != allowed {
+                errors.push(format!("{from} -> node {name} {probe}: the reference and the compiled egress table disagree"));
+            }
+            let got = if allowed { Expect::Connected } else { Expect::Blocked };
+            if cell.is_none() || cell == Some(want) {
+                cell = Some(got);
+            }
+        }
+        let got = cell.unwrap_or(Expect::Unchecked);
+        observed.cells[i][0] = got;
+        if got != want {
+            wrong.push((from.clone(), expected.targets[0].clone()));
+        }
+    }
+    (observed, wrong, errors)
 }

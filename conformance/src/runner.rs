@@ -15,22 +15,16 @@ use policy_model::{Family, ObjectKey};
 use serde_json::{Value, json};
 
 use crate::agent_process::AgentProcess;
-use crate::case::{Case, Expect, Reachability};
-use crate::cluster::{Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest};
+use crate::case::{Case, Expect, ProbeTarget, Reachability};
+use crate::cluster::{
+    Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest, node_addresses, node_manifest,
+};
 use crate::model::{CaseOutcome, ProbeOutcome, delete_key, is_cluster_policy, namespaces_of, policy_key};
 use crate::netns::unique;
 use crate::topology::{NodeNet, PodNet, Topology};
 use crate::traffic::{ProbeEnd, Servers, probe_end_in, probe_in, serve};
 
-/// The name of node `index` (0-based), as `make_pods` assigns pods to it.
-pub fn node_name(index: usize) -> String {
-    format!("node-{}", index + 1)
-}
-
-/// The addresses of node `index`.
-fn node_addresses(index: usize) -> [IpAddr; 2] {
-    [format!("10.250.0.{}", index + 1).parse().unwrap(), format!("fd10:250::{:x}", index + 1).parse().unwrap()]
-}
+pub use crate::cluster::node_name;
 
 /// Where probes connect: the Service ClusterIP (upstream's way) or the pod's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,11 +69,6 @@ fn write(dir: &Path, name: &str, v: &Value) -> Result<(), String> {
     std::fs::write(dir.join(name), serde_yaml_ng::to_string(v).map_err(|e| e.to_string())?).map_err(|e| format!("{name}: {e}"))
 }
 
-fn node_manifest(node: &NodeNet) -> Value {
-    let addresses: Vec<Value> = node.addresses.iter().map(|a| json!({"type": "InternalIP", "address": a.to_string()})).collect();
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}, "status": {"addresses": addresses}})
-}
-
 /// Runs one case; errors are setup failures (the case then counts as failed).
 pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     let family = opts.families.probe_family();
@@ -90,6 +79,10 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     if let [a, b] = nodes.as_slice() {
         NodeNet::connect(a, b).map_err(|e| format!("joining the nodes: {e}"))?;
     }
+    // Servers in each node's own namespace, on the node's addresses: what upstream's
+    // host-network pods (centaur) serve for its `nodes` peer tests.
+    let _node_servers: Vec<Servers> =
+        nodes.iter().map(|n| serve(&n.ns, &SERVED_PORTS).map_err(|e| format!("servers on {}: {e}", n.name))).collect::<Result<_, _>>()?;
     let dir = tempfile_dir()?;
     let names = case.pod_names();
     let mut pods: BTreeMap<String, LivePod> = BTreeMap::new();
@@ -117,7 +110,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
     }
     for node in &nodes {
-        write(dir.path(), &format!("node-{}.yaml", node.name), &node_manifest(node))?;
+        write(dir.path(), &format!("node-{}.yaml", node.name), &node_manifest(&node.name, &node.addresses))?;
     }
     // One agent per node. Each detects its node devices: with two nodes, the uplink gets the
     // post-DNAT egress check of Service traffic leaving the node.
@@ -169,7 +162,24 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).map_err(|e| e.to_string())?;
             let probe = Probe { port: spec.port, protocol: spec.protocol };
-            let observed = poll_matrix(&pods, &expected, probe, family, opts, case.blocked_must_drop)?;
+            // The addresses behind each column: a pod's, or every node's.
+            let columns: Vec<Vec<IpAddr>> = match spec.to {
+                ProbeTarget::Pods => expected
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let to = &pods[t];
+                        vec![match opts.probe_to {
+                            ProbeTo::Service => to.vip,
+                            ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
+                        }]
+                    })
+                    .collect(),
+                ProbeTarget::Nodes => {
+                    vec![nodes.iter().filter_map(|n| n.addresses.iter().copied().find(|a| Family::of(*a) == family)).collect()]
+                }
+            };
+            let observed = poll_matrix(&pods, &expected, &columns, probe, opts, case.blocked_must_drop)?;
             let wrong = differences(&expected, &observed);
             outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
         }
@@ -201,7 +211,7 @@ fn service(spec: &PodSpec, vip: IpAddr, backend: IpAddr) -> Value {
 fn differences(expected: &Reachability, observed: &Reachability) -> Vec<(String, String)> {
     let mut wrong = Vec::new();
     for (i, from) in expected.pods.iter().enumerate() {
-        for (j, to) in expected.pods.iter().enumerate() {
+        for (j, to) in expected.targets.iter().enumerate() {
             let want = expected.cells[i][j];
             if want != Expect::Unchecked && observed.cells[i][j] != want {
                 wrong.push((from.clone(), to.clone()));
@@ -212,30 +222,30 @@ fn differences(expected: &Reachability, observed: &Reachability) -> Vec<(String,
 }
 
 /// Probes every checked cell at once; again (only the cells still wrong) until they all
-/// match or the deadline passes.
+/// match or the deadline passes. `columns[j]` holds the addresses column `j` stands for: a
+/// cell is observed as expected only when every one of them behaves so.
 fn poll_matrix(
     pods: &BTreeMap<String, LivePod>,
     expected: &Reachability,
+    columns: &[Vec<IpAddr>],
     probe: Probe,
-    family: Family,
     opts: RunOptions,
     must_drop: bool,
 ) -> Result<Reachability, String> {
-    let n = expected.pods.len();
-    let mut observed = Reachability { pods: expected.pods.clone(), cells: vec![vec![Expect::Unchecked; n]; n] };
+    let (n, m) = (expected.pods.len(), expected.targets.len());
+    if columns.len() != m || columns.iter().any(Vec::is_empty) {
+        return Err(format!("{} column(s) of addresses for {m} target(s)", columns.iter().filter(|c| !c.is_empty()).count()));
+    }
+    let mut observed = Reachability::unchecked(expected.pods.clone(), expected.targets.clone());
     let mut pending: Vec<(usize, usize)> =
-        (0..n).flat_map(|i| (0..n).map(move |j| (i, j))).filter(|&(i, j)| expected.cells[i][j] != Expect::Unchecked).collect();
+        (0..n).flat_map(|i| (0..m).map(move |j| (i, j))).filter(|&(i, j)| expected.cells[i][j] != Expect::Unchecked).collect();
     let deadline = Instant::now() + opts.deadline;
     loop {
         let handles: Vec<_> = pending
             .iter()
-            .map(|&(i, j)| {
+            .flat_map(|&(i, j)| columns[j].iter().map(move |&dst| (i, j, dst)))
+            .map(|(i, j, dst)| {
                 let from = &pods[&expected.pods[i]];
-                let to = &pods[&expected.pods[j]];
-                let dst = match opts.probe_to {
-                    ProbeTo::Service => to.vip,
-                    ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
-                };
                 let ns = from.net.ns.handle();
                 (
                     i,
@@ -253,13 +263,23 @@ fn poll_matrix(
                 )
             })
             .collect();
+        // A cell probed at several addresses shows the first result that is not the
+        // expected one, if any.
+        let mut seen: BTreeMap<(usize, usize), Expect> = BTreeMap::new();
         for (i, j, h) in handles {
             let end = h.join().map_err(|_| "probe thread panicked".to_string())?.map_err(|e| e.to_string())?;
-            observed.cells[i][j] = match end {
+            let got = match end {
                 ProbeEnd::Connected => Expect::Connected,
                 ProbeEnd::Dropped => Expect::Blocked,
                 ProbeEnd::Refused => Expect::Refused,
             };
+            let cell = seen.entry((i, j)).or_insert(got);
+            if *cell == expected.cells[i][j] {
+                *cell = got;
+            }
+        }
+        for ((i, j), got) in seen {
+            observed.cells[i][j] = got;
         }
         pending.retain(|&(i, j)| observed.cells[i][j] != expected.cells[i][j]);
         if pending.is_empty() || Instant::now() >= deadline {
