@@ -150,7 +150,14 @@ pub fn read(pin_dir: &Path, state_file: &Path, only: Option<&str>) -> Result<Dum
         };
         let connections =
             flows.iter().filter(|(k, _)| addrs.contains(&decode_addr(&k.lo_addr)) || addrs.contains(&decode_addr(&k.hi_addr))).count();
-        out.push(DumpEndpoint { state: ep.clone(), kernel_revision, ingress_counters, egress_counters, connections, recent_denied: Vec::new() });
+        out.push(DumpEndpoint {
+            state: ep.clone(),
+            kernel_revision,
+            ingress_counters,
+            egress_counters,
+            connections,
+            recent_denied: Vec::new(),
+        });
     }
     Ok(Dump { node: state.node, synced_at: state.synced_at, endpoints: out, connections_total: flows.len(), rejected: state.rejected })
 }
