@@ -7,6 +7,7 @@ pub mod crd;
 pub mod datapath;
 pub mod describe;
 pub mod explain;
+pub mod flows;
 pub mod manifests;
 pub mod matrix;
 pub mod tables_view;

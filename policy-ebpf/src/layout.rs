@@ -24,10 +24,19 @@
 ///   written through while a migration swaps links (connection tracking unchanged);
 ///   `PORTS` keys with protocol `PORT_PROTOCOL_OTHER` say whether a port set allows
 ///   protocols without ports (tables decided by ClusterNetworkPolicies).
-pub const LAYOUT_VERSION: u32 = 3;
+/// - 4: flow events: `PA_FLOWS` (ring buffer of `FlowEvent`) and `PA_FLOW_STATS` (per-CPU
+///   rate limit and counters), both pinned with the generation's maps. Every other map
+///   and type is layout 3's, so connection tracking and pending judgments are shared with
+///   layout 3 programs during a migration.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
-pub const LAYOUTS: &[(u32, &str)] = &[(1, include_str!("../layouts/v1.txt")), (2, include_str!("../layouts/v2.txt")), (3, include_str!("../layouts/v3.txt"))];
+pub const LAYOUTS: &[(u32, &str)] = &[
+    (1, include_str!("../layouts/v1.txt")),
+    (2, include_str!("../layouts/v2.txt")),
+    (3, include_str!("../layouts/v3.txt")),
+    (4, include_str!("../layouts/v4.txt")),
+];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
 pub fn recorded(version: u32) -> Option<&'static str> {
@@ -121,6 +130,11 @@ mod tests {
         ty!(out, CtValue { last_seen_ns, src_rev, dst_rev, nat_addr, nat_port, flags, _pad });
         ty!(out, PendingKey { addr, port, protocol, _pad });
         ty!(out, Counters { allowed_packets, allowed_bytes, denied_packets, denied_bytes });
+        ty!(
+            out,
+            FlowEvent { time_ns, src, dst, endpoint, revision, ifindex, port_set, sport, dport, protocol, direction, verdict, decided }
+        );
+        ty!(out, FlowStats { tat_ns, emitted, suppressed, ring_full });
         consts!(
             out,
             ENDPOINT_INGRESS_ISOLATED,
@@ -141,6 +155,15 @@ mod tests {
             CT_VIA_SERVICE,
             CT_TCP_CLOSING,
             CT_TCP_RESET,
+            FLOW_VERDICT_ALLOWED,
+            FLOW_VERDICT_DENIED,
+            FLOW_DECIDED_NOT_ISOLATED,
+            FLOW_DECIDED_PEER_ALL,
+            FLOW_DECIDED_PORTS,
+            FLOW_DECIDED_NO_PEER,
+            FLOW_DECIDED_PORT_DENIED,
+            FLOW_DECIDED_FAIL_CLOSED,
+            FLOW_RING_BYTES,
         );
         out.extend(kernel_maps());
         let mut text = out.join("\n");

@@ -33,6 +33,10 @@ pub mod map_names {
     pub const COUNTERS: &str = "PA_COUNTERS";
     /// Not pinned by us: during a migration, the previous maps' `PA_CONNTRACK`.
     pub const CONNTRACK_PREV: &str = "PA_CONNTRACK_PREV";
+    /// The flow events ring buffer (`FlowEvent` records).
+    pub const FLOWS: &str = "PA_FLOWS";
+    /// `FlowStats`, per CPU, at index 0: the events' rate limit and what it suppressed.
+    pub const FLOW_STATS: &str = "PA_FLOW_STATS";
 }
 
 /// Globals the agent sets at load.
@@ -40,6 +44,17 @@ pub mod global_names {
     /// `u8`: 1 while a migration swaps links from programs whose connection tracking map
     /// (`map_names::CONNTRACK_PREV`) the new programs cannot share.
     pub const PREV_CT: &str = "PA_PREV_CT";
+    /// `u8`: 1 if denied new flows emit a `FlowEvent` (the default), 0 if not.
+    pub const FLOW_DENIED: &str = "PA_FLOW_DENIED";
+    /// `u32`: allowed new flows emit a `FlowEvent` never (0, the default), always (1), or
+    /// one in N (N, at random).
+    pub const FLOW_ALLOWED_EVERY: &str = "PA_FLOW_ALLOWED_EVERY";
+    /// `u64`: the events' rate limit, per CPU, as nanoseconds per event (a node rate of R
+    /// events/s on C CPUs: `C * 10^9 / R`).
+    pub const FLOW_COST_NS: &str = "PA_FLOW_COST_NS";
+    /// `u64`: how far (ns) a CPU's rate limit may run ahead of now: a burst of
+    /// `FLOW_BURST_NS / FLOW_COST_NS + 1` events passes at once.
+    pub const FLOW_BURST_NS: &str = "PA_FLOW_BURST_NS";
 }
 
 /// Programs, by function name.
@@ -245,6 +260,72 @@ pub struct Counters {
     pub denied_bytes: u64,
 }
 
+/// A `FLOWS` ring buffer record: one per new flow a table judged (never for packets of
+/// tracked flows), written after the verdict, when the event kind is on and the CPU's
+/// rate limit allows (`FlowStats`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the verdict.
+    pub time_ns: u64,
+    pub src: Addr,
+    pub dst: Addr,
+    /// The local endpoint whose table judged the flow, and its revision in force.
+    pub endpoint: u32,
+    pub revision: u32,
+    /// The interface the packet was on.
+    pub ifindex: u32,
+    /// With `FLOW_DECIDED_PORTS` or `FLOW_DECIDED_PORT_DENIED`: the port set of the
+    /// `PEERS` entry that matched the remote address; else 0.
+    pub port_set: u32,
+    /// Host order. ICMP and ICMPv6: `sport` = type << 8 | code, `dport` = the echo
+    /// identifier (0 for other messages). Protocols without ports: 0.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// `DIRECTION_*` of `endpoint`.
+    pub direction: u8,
+    /// `FLOW_VERDICT_*`.
+    pub verdict: u8,
+    /// `FLOW_DECIDED_*`: what in the endpoint's table decided.
+    pub decided: u8,
+}
+
+pub const FLOW_VERDICT_ALLOWED: u8 = 1;
+pub const FLOW_VERDICT_DENIED: u8 = 2;
+
+/// Allowed: the endpoint is not isolated in that direction.
+pub const FLOW_DECIDED_NOT_ISOLATED: u8 = 1;
+/// Allowed: the remote address's `PEERS` entry allows every protocol and port.
+pub const FLOW_DECIDED_PEER_ALL: u8 = 2;
+/// Allowed: the remote address's entry's port set holds the port (or protocol).
+pub const FLOW_DECIDED_PORTS: u8 = 3;
+/// Denied: isolated, and no entry matches the remote address: nothing allowed.
+pub const FLOW_DECIDED_NO_PEER: u8 = 4;
+/// Denied: an entry matches the remote address, but its port set lacks the port.
+pub const FLOW_DECIDED_PORT_DENIED: u8 = 5;
+/// Denied: the endpoint is fail-closed.
+pub const FLOW_DECIDED_FAIL_CLOSED: u8 = 6;
+
+/// `FLOW_STATS` value, per CPU: the rate limit's state and the events' counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// The rate limit (GCRA): the theoretical arrival time of the next event, in
+    /// `bpf_ktime_get_ns` nanoseconds.
+    pub tat_ns: u64,
+    /// Events written to the ring buffer.
+    pub emitted: u64,
+    /// Events the rate limit dropped.
+    pub suppressed: u64,
+    /// Events dropped because the ring buffer was full (the agent reads too slowly).
+    pub ring_full: u64,
+}
+
+/// The `FLOWS` ring buffer's size: 16,384 events of 72 bytes (with the record header),
+/// 16 s of the default rate.
+pub const FLOW_RING_BYTES: u32 = 1 << 20;
+
 /// Idle timeouts of connection-tracking entries.
 pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
@@ -285,6 +366,8 @@ const _: () = assert!(core::mem::size_of::<CtValue>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Counters>() == 32);
 const _: () = assert!(core::mem::size_of::<Addr>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
@@ -302,6 +385,8 @@ mod user {
     unsafe impl aya::Pod for PendingKey {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for FlowStats {}
 }
 
 /// An address in the maps' encoding.

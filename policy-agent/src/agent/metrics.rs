@@ -22,6 +22,17 @@ pub struct TrafficLabels {
     pub verdict: String,
 }
 
+/// Flow verdicts per local pod: `namespace`, `pod` (the pod whose policies judged),
+/// `direction` and `verdict`. Bounded: only this node's pods (label sets of pods that
+/// leave are removed), two directions, two verdicts; peers are not labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub direction: String,
+    pub verdict: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
@@ -46,6 +57,11 @@ pub struct Metrics {
     pub migration_pending: Gauge,
     /// Set from `MapSync::too_big_count`.
     pub too_big_endpoints: Gauge,
+    pub flow_verdicts: Family<FlowLabels, Counter>,
+    /// The kernel's flow event counters (`FlowStats`, summed over CPUs).
+    pub flow_events: Counter,
+    pub flow_events_suppressed: Counter,
+    pub flow_events_ring_full: Counter,
 }
 
 impl Metrics {
@@ -64,6 +80,26 @@ impl Metrics {
         let migration_failures = Counter::default();
         let migration_pending = Gauge::default();
         let too_big_endpoints = Gauge::default();
+        let flow_verdicts = Family::<FlowLabels, Counter>::default();
+        let flow_events = Counter::default();
+        let flow_events_suppressed = Counter::default();
+        let flow_events_ring_full = Counter::default();
+        registry.register(
+            "flow_verdicts",
+            "New flows judged and reported by the datapath's flow events, per local pod (the one whose policies judged), direction and verdict",
+            flow_verdicts.clone(),
+        );
+        registry.register("flow_events", "Flow events the kernel wrote to the ring buffer", flow_events.clone());
+        registry.register(
+            "flow_events_suppressed",
+            "Flow events the kernel's rate limit dropped (the packets were judged as usual)",
+            flow_events_suppressed.clone(),
+        );
+        registry.register(
+            "flow_events_ring_full",
+            "Flow events dropped because the ring buffer was full (the agent read too slowly)",
+            flow_events_ring_full.clone(),
+        );
         registry.register("packets", "Packets judged by the datapath, per local pod, direction and verdict", packets.clone());
         registry.register("bytes", "Bytes judged by the datapath, per local pod, direction and verdict", bytes.clone());
         registry.register("reconcile_duration_seconds", "Time from a batch of changes to the maps holding them", reconcile_seconds.clone());
@@ -72,7 +108,11 @@ impl Metrics {
             "One pass of the control loop: the time other changes may wait (syncs are written in budgeted steps)",
             loop_step_seconds.clone(),
         );
-        registry.register("loop_step_max_seconds", "The longest pass of the control loop since the agent started", loop_step_max_seconds.clone());
+        registry.register(
+            "loop_step_max_seconds",
+            "The longest pass of the control loop since the agent started",
+            loop_step_max_seconds.clone(),
+        );
         registry.register("map_entries", "Entries the agent keeps in each datapath map", map_entries.clone());
         registry.register("rejected_objects", "Objects refused as invalid (not enforced)", rejected_objects.clone());
         registry.register("map_write_errors", "Failed map writes (the pod concerned is fail-closed)", map_write_errors.clone());
@@ -112,6 +152,10 @@ impl Metrics {
             migration_failures,
             migration_pending,
             too_big_endpoints,
+            flow_verdicts,
+            flow_events,
+            flow_events_suppressed,
+            flow_events_ring_full,
         }
     }
 }
@@ -126,6 +170,39 @@ impl Default for Metrics {
 pub struct Shared {
     pub metrics: Arc<Mutex<Metrics>>,
     pub ready: Arc<AtomicBool>,
+    /// The label sets of `flow_verdicts` in use (removed when their pod leaves the node).
+    pub flow_label_sets: Arc<Mutex<std::collections::BTreeSet<FlowLabels>>>,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared { metrics: Arc::new(Mutex::new(Metrics::new())), ready: Arc::new(AtomicBool::new(false)), flow_label_sets: Arc::default() }
+    }
+
+    /// Counts a batch of named flows in `flow_verdicts`.
+    pub fn count_flows(&self, flows: &[crate::flows::Flow]) {
+        let m = self.metrics.lock().expect("metrics lock");
+        let mut seen = self.flow_label_sets.lock().unwrap_or_else(|p| p.into_inner());
+        for f in flows {
+            let (namespace, pod) = f.subject.split_once('/').unwrap_or(("", f.subject.as_str()));
+            let labels = FlowLabels {
+                namespace: namespace.to_string(),
+                pod: pod.to_string(),
+                direction: f.direction.clone(),
+                verdict: f.verdict.clone(),
+            };
+            m.flow_verdicts.get_or_create(&labels).inc();
+            if !seen.contains(&labels) {
+                seen.insert(labels);
+            }
+        }
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared::new()
+    }
 }
 
 async fn metrics(State(s): State<Shared>) -> (StatusCode, [(&'static str, &'static str); 1], String) {

@@ -20,7 +20,6 @@ pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,8 +29,8 @@ use tracing::{error, info};
 use crate::datapath::{Enforcer, MapSizes};
 use interfaces::InterfaceResolver;
 use manifest_source::ManifestSource;
-use metrics::{Metrics, Shared};
-use observers::{StateFile, SyncMetrics, SyncObserver};
+use metrics::Shared;
+use observers::{FlowNames, StateFile, SyncMetrics, SyncObserver};
 use reconciler::Reconciler;
 use source::Source;
 
@@ -65,6 +64,8 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     /// The longest a veth that may be an unknown pod's is held fail-closed ([`holds`]).
     pub max_hold: Duration,
+    /// Flow events, the flow log and the observe socket.
+    pub flows: crate::flows::FlowOptions,
 }
 
 /// Runs until `shutdown` resolves. The pins stay: enforcement goes on without the agent,
@@ -84,8 +85,38 @@ fn observe_step(shared: &Shared, took: std::time::Duration) {
     }
 }
 
+/// The flow events' reader (named flows to the log, the metrics and the in-memory ring)
+/// and the observe socket.
+fn start_flows(opts: &crate::flows::FlowOptions, flows: &crate::flows::Flows, enforcer: &Enforcer, shared: &Shared) -> anyhow::Result<()> {
+    use crate::flows::{log::FlowLog, reader, socket};
+    let pin = enforcer.datapath.flows_pin();
+    let ring = reader::open(&pin)?;
+    let log = match &opts.log {
+        Some(target) => {
+            Some(FlowLog::open(target.clone(), opts.log_max_bytes).with_context(|| format!("opening the flow log {target:?}"))?)
+        }
+        None => None,
+    };
+    let (f, s) = (flows.clone(), shared.clone());
+    tokio::spawn(async move {
+        if let Err(e) = reader::run(ring, f, log, move |batch| s.count_flows(batch)).await {
+            error!(error = %e, "flow events reader stopped");
+        }
+    });
+    if let Some(path) = opts.socket.clone() {
+        let hub = flows.hub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = socket::serve(&path, hub).await {
+                error!(path = %path.display(), error = %e, "observe socket failed");
+            }
+        });
+    }
+    info!(events = ?opts.events, log = ?opts.log, socket = ?opts.socket, "flow events");
+    Ok(())
+}
+
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    let shared = Shared { metrics: Arc::new(Mutex::new(Metrics::new())), ready: Arc::new(std::sync::atomic::AtomicBool::new(false)) };
+    let shared = Shared::new();
     if let Some(addr) = cfg.metrics_addr {
         let s = shared.clone();
         tokio::spawn(async move {
@@ -94,8 +125,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             }
         });
     }
-    let mut enforcer =
-        Enforcer::new(&cfg.pin_dir, cfg.sizes).with_context(|| format!("loading the datapath (pins in {})", cfg.pin_dir.display()))?;
+    let mut enforcer = Enforcer::with_flows(&cfg.pin_dir, cfg.sizes, cfg.flows.events)
+        .with_context(|| format!("loading the datapath (pins in {})", cfg.pin_dir.display()))?;
+    let flows = crate::flows::Flows::new(&cfg.node, cfg.flows.ring);
+    start_flows(&cfg.flows, &flows, &enforcer, &shared)?;
     enforcer.set_services(&cfg.service_cidrs).map_err(anyhow::Error::msg).context("writing the Service prefixes")?;
     if let NodeDevices::Fixed(names) = &cfg.node_devices {
         // Exactly these: links an earlier agent pinned on other devices are detached too.
@@ -109,8 +142,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         SourceConfig::Manifests(dirs) => Box::new(source::Manifests::new(ManifestSource::new(dirs))),
         SourceConfig::Kubernetes(client) => Box::new(source::Kubernetes::start(client, &cfg.node)),
     };
-    let observers: Vec<Box<dyn SyncObserver>> =
-        vec![Box::new(StateFile { path: cfg.state_file.clone() }), Box::new(SyncMetrics { shared: shared.clone() })];
+    let observers: Vec<Box<dyn SyncObserver>> = vec![
+        Box::new(StateFile { path: cfg.state_file.clone() }),
+        Box::new(SyncMetrics { shared: shared.clone() }),
+        Box::new(FlowNames { flows: flows.clone(), shared: shared.clone() }),
+    ];
     let parts = reconciler::Parts {
         node: cfg.node.clone(),
         service_cidrs: cfg.service_cidrs.clone(),
@@ -120,6 +156,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         max_hold: cfg.max_hold,
         shared,
         observers,
+        flows: Some(flows),
     };
     let step_metrics = parts.shared.clone();
     let mut reconciler = Reconciler::new(parts, initial_veths);

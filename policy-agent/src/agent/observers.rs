@@ -8,7 +8,7 @@ use std::time::Duration;
 use policy_model::{NodeCompiler, ObjectKey};
 use tracing::warn;
 
-use super::metrics::{MapLabels, Shared, TrafficLabels};
+use super::metrics::{FlowLabels, MapLabels, Shared, TrafficLabels};
 use super::state::EndpointState;
 use crate::datapath::{EndpointStatus, Enforcer, PodInterface, SyncReport};
 use crate::tables_view::endpoint_view;
@@ -70,6 +70,46 @@ impl SyncObserver for SyncMetrics {
     }
 }
 
+/// Keeps the flow names current: each endpoint's tables by revision (the provenance of
+/// what its table decides), interface names, and the flow metrics' label sets of pods
+/// that are no longer on the node removed (cardinality stays that of the local pods).
+pub struct FlowNames {
+    pub flows: crate::flows::Flows,
+    pub shared: Shared,
+}
+
+impl SyncObserver for FlowNames {
+    fn synced(&mut self, s: &Synced<'_>) {
+        let mut ids = std::collections::HashSet::new();
+        let mut local = std::collections::BTreeSet::new();
+        {
+            let mut names = self.flows.names.lock().unwrap_or_else(|p| p.into_inner());
+            for ep in s.compiler.endpoints() {
+                local.insert((ep.tables.pod.namespace.to_string(), ep.tables.pod.name.to_string()));
+                if let Some((id, rev)) = s.enforcer.sync.id_and_revision(&ep.tables.pod) {
+                    ids.insert(id);
+                    names.update_endpoint(id, rev, &ep.tables);
+                }
+            }
+            names.retain_endpoints(&ids);
+            names.set_interfaces(s.interfaces.values().map(|i| (i.ifindex, i.name.clone())));
+        }
+        let m = self.shared.metrics.lock().expect("metrics lock");
+        let mut gone = Vec::new();
+        let mut seen = self.shared.flow_label_sets.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|l: &FlowLabels| {
+            let keep = local.contains(&(l.namespace.clone(), l.pod.clone()));
+            if !keep {
+                gone.push(l.clone());
+            }
+            keep
+        });
+        for l in gone {
+            m.flow_verdicts.remove(&l);
+        }
+    }
+}
+
 /// Per-pod packet and byte counters, read from the datapath once a second.
 #[derive(Default)]
 pub struct TrafficCounters {
@@ -79,6 +119,10 @@ pub struct TrafficCounters {
 impl TrafficCounters {
     pub fn update(&mut self, shared: &Shared, enforcer: &Enforcer, compiler: &NodeCompiler) {
         let m = shared.metrics.lock().expect("metrics lock");
+        let st = enforcer.datapath.flow_stats();
+        m.flow_events.inner().store(st.emitted, Ordering::Relaxed);
+        m.flow_events_suppressed.inner().store(st.suppressed, Ordering::Relaxed);
+        m.flow_events_ring_full.inner().store(st.ring_full, Ordering::Relaxed);
         for ep in compiler.endpoints() {
             let pod = ep.tables.pod.to_string();
             let Some((id, _)) = enforcer.sync.id_and_revision(&ep.tables.pod) else { continue };

@@ -80,6 +80,7 @@ pub struct Reconciler {
     traffic: TrafficCounters,
     /// Pods whose fail-closed state was reported (an Event once per episode, not per sync).
     reported_fail_closed: BTreeSet<ObjectKey>,
+    flows: Option<crate::flows::Flows>,
 }
 
 /// What one step did, for the loop.
@@ -98,6 +99,8 @@ pub struct Parts {
     pub max_hold: Duration,
     pub shared: Shared,
     pub observers: Vec<Box<dyn SyncObserver>>,
+    /// Flow naming: told of every batch of changes (address owners).
+    pub flows: Option<crate::flows::Flows>,
 }
 
 impl Reconciler {
@@ -126,6 +129,7 @@ impl Reconciler {
             observers: p.observers,
             traffic: TrafficCounters::default(),
             reported_fail_closed: BTreeSet::new(),
+            flows: p.flows,
         }
     }
 
@@ -133,6 +137,13 @@ impl Reconciler {
     pub async fn step(&mut self, source: &mut dyn Source) -> Stepped {
         let started = Instant::now();
         let (report, change_count) = self.take_changes(source);
+        if change_count > 0 {
+            if let Some(f) = &self.flows {
+                // Who holds each address from now on, for naming flow events.
+                let now = crate::flows::names::monotonic_ns();
+                f.names.lock().unwrap_or_else(|p| p.into_inner()).update_addresses(self.compiler.state(), now);
+            }
+        }
         let view = source.view();
         if view == View::NotSynced {
             self.hold_unknown_veths(view).await;

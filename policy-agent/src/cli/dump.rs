@@ -27,6 +27,40 @@ pub struct Args {
     pub pod: Option<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// The agent's observe socket, for each pod's most recent denied flows (skipped if
+    /// the agent does not answer there).
+    #[arg(long, default_value = crate::flows::DEFAULT_OBSERVE_SOCKET)]
+    pub observe_socket: PathBuf,
+}
+
+/// Denied flows shown per pod.
+const RECENT_DENIED: usize = 5;
+
+/// The most recent denied flows the agent holds, by the pod that denied them (`None`: the
+/// agent's observe socket did not answer).
+fn recent_denied(socket: &Path) -> Option<std::collections::HashMap<String, Vec<crate::flows::Flow>>> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+    let req = crate::flows::Request {
+        filter: crate::flows::Filter { verdict: Some("denied".into()), ..Default::default() },
+        ..Default::default()
+    };
+    let mut line = serde_json::to_string(&req).ok()?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).ok()?;
+    let mut out: std::collections::HashMap<String, Vec<crate::flows::Flow>> = std::collections::HashMap::new();
+    for l in std::io::BufReader::new(s).lines() {
+        let Ok(l) = l else { break };
+        if let Ok(f) = serde_json::from_str::<crate::flows::Flow>(&l) {
+            let v = out.entry(f.subject.clone()).or_default();
+            v.push(f);
+            if v.len() > RECENT_DENIED {
+                v.remove(0);
+            }
+        }
+    }
+    Some(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -38,6 +72,9 @@ pub struct DumpEndpoint {
     pub ingress_counters: CountersView,
     pub egress_counters: CountersView,
     pub connections: usize,
+    /// The most recent denied flows this pod's policies judged (from the agent's memory).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recent_denied: Vec<crate::flows::Flow>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -113,7 +150,14 @@ pub fn read(pin_dir: &Path, state_file: &Path, only: Option<&str>) -> Result<Dum
         };
         let connections =
             flows.iter().filter(|(k, _)| addrs.contains(&decode_addr(&k.lo_addr)) || addrs.contains(&decode_addr(&k.hi_addr))).count();
-        out.push(DumpEndpoint { state: ep.clone(), kernel_revision, ingress_counters, egress_counters, connections });
+        out.push(DumpEndpoint {
+            state: ep.clone(),
+            kernel_revision,
+            ingress_counters,
+            egress_counters,
+            connections,
+            recent_denied: Vec::new(),
+        });
     }
     Ok(Dump { node: state.node, synced_at: state.synced_at, endpoints: out, connections_total: flows.len(), rejected: state.rejected })
 }
@@ -174,6 +218,12 @@ impl Dump {
             }
             table(&mut out, "ingress", &e.state.ingress);
             table(&mut out, "egress", &e.state.egress);
+            if !e.recent_denied.is_empty() {
+                let _ = writeln!(out, "  recent denied flows:");
+                for f in &e.recent_denied {
+                    let _ = writeln!(out, "    {}", f.text());
+                }
+            }
         }
         for r in &self.rejected {
             let _ = writeln!(out, "\nrejected: {r}");
@@ -183,7 +233,12 @@ impl Dump {
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
-    let d = read(&args.pin_dir, &args.state_file, args.pod.as_deref())?;
+    let mut d = read(&args.pin_dir, &args.state_file, args.pod.as_deref())?;
+    if let Some(mut recent) = recent_denied(&args.observe_socket) {
+        for e in &mut d.endpoints {
+            e.recent_denied = recent.remove(&e.state.pod).unwrap_or_default();
+        }
+    }
     if let Some(p) = &args.pod {
         if d.endpoints.is_empty() {
             return Err(CliError::Usage(format!("pod {p} is not enforced on node {}", d.node)));

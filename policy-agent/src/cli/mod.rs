@@ -10,6 +10,7 @@ pub mod crd;
 pub mod dump;
 pub mod explain;
 pub mod matrix;
+pub mod observe;
 pub mod run;
 
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ pub enum Command {
     Run(run::Args),
     /// What the running agent enforces, read from the pinned maps.
     Dump(dump::Args),
+    /// The flows the running agent's policies judged, with pod and policy names.
+    Observe(observe::Args),
     /// A CustomResourceDefinition for ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2),
     /// for clusters without the upstream one.
     Crd(crd::Args),
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Compile(a) => compile::run(a),
         Command::Run(a) => run::run_agent(a),
         Command::Dump(a) => dump::run(a),
+        Command::Observe(a) => observe::run(a),
         Command::Crd(a) => crd::run(a),
     };
     match result {

@@ -9,7 +9,7 @@ use policy_model::Prefix;
 
 use super::CliError;
 use crate::agent::{AgentConfig, NodeDevices, SourceConfig, run};
-use crate::datapath::{MapSizes, PIN_ROOT};
+use crate::datapath::{FlowConfig, MapSizes, PIN_ROOT};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -67,6 +67,27 @@ pub struct Args {
     pub max_hold_seconds: u64,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Which new flows the kernel reports: `denied` (default), `sampled:N` (denied ones and
+    /// one allowed flow in N), `all`, or `none`.
+    #[arg(long, default_value = "denied", value_parser = FlowConfig::parse)]
+    pub flow_events: FlowConfig,
+    /// The most flow events per second on this node (a per-CPU share each); what is over
+    /// is counted (`policy_agent_flow_events_suppressed_total`), never delays a packet.
+    #[arg(long, default_value_t = crate::datapath::DEFAULT_FLOW_RATE)]
+    pub flow_event_rate: u32,
+    /// Write every named flow as a JSON line to `stdout` or to this file (rotated to
+    /// FILE.1 at --flow-log-max-bytes).
+    #[arg(long, value_name = "stdout|FILE")]
+    pub flow_log: Option<crate::flows::log::LogTarget>,
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    pub flow_log_max_bytes: u64,
+    /// Serve the last flows and new ones to `policy-agent observe` on this unix socket
+    /// (`none`: no socket).
+    #[arg(long, default_value = crate::flows::DEFAULT_OBSERVE_SOCKET)]
+    pub observe_socket: PathBuf,
+    /// Flows kept in memory for `observe`.
+    #[arg(long, default_value_t = crate::flows::DEFAULT_RING)]
+    pub flow_ring: usize,
 }
 
 /// One malloc arena for the whole process. glibc gives each thread that allocates its own
@@ -123,6 +144,13 @@ pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
         sizes: MapSizes { peer_entries: args.max_peer_entries, conntrack: args.max_connections, ..MapSizes::default() },
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(1)),
         max_hold: Duration::from_secs(args.max_hold_seconds),
+        flows: crate::flows::FlowOptions {
+            events: FlowConfig { rate_per_node: args.flow_event_rate, ..args.flow_events },
+            log: args.flow_log,
+            log_max_bytes: args.flow_log_max_bytes,
+            socket: (args.observe_socket.as_os_str() != "none").then_some(args.observe_socket),
+            ring: args.flow_ring,
+        },
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use policy_model::{NodeCompiler, ObjectKey, Prefix};
 use tracing::{info, warn};
 
-use super::loader::{AttachPoint, Datapath, DatapathError, MapSizes};
+use super::loader::{AttachPoint, Datapath, DatapathError, FlowConfig, MapSizes};
 use super::migrate::{self, Generation, Plan};
 use super::sync::{Budget, MapSync, SyncError, SyncErrorKind, SyncReport};
 
@@ -20,6 +20,9 @@ pub const PAUSE_BEFORE_SWAP_ENV: &str = "POLICY_AGENT_TEST_PAUSE_BEFORE_SWAP";
 /// a test sees flows cross hooks of both builds (the window a shared or read-through
 /// connection tracking must cover).
 pub const PAUSE_BETWEEN_SWAPS_ENV: &str = "POLICY_AGENT_TEST_PAUSE_BETWEEN_SWAPS_MS";
+/// For datapaths made with [`Enforcer::new`] (tests, benchmarks): which flow events, in
+/// the form of `policy-agent run --flow-events` (`none`, `denied`, `sampled:N`, `all`).
+pub const FLOW_EVENTS_ENV: &str = "POLICY_AGENT_FLOW_EVENTS";
 
 /// How the datapath stands with respect to the maps a previous agent left.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,12 +80,30 @@ impl Enforcer {
     /// (a restart), else makes a new generation and migrates to it during the first full
     /// sync (see `migrate`). Until the migration is done, the previous programs and maps
     /// go on enforcing.
+    ///
+    /// Flow events as `POLICY_AGENT_FLOW_EVENTS` says ([`FLOW_EVENTS_ENV`]; default: denied
+    /// flows only); the agent sets them with [`Enforcer::with_flows`].
     pub fn new(pin_dir: &Path, sizes: MapSizes) -> Result<Enforcer, DatapathError> {
+        let flows = match std::env::var(FLOW_EVENTS_ENV) {
+            Ok(v) => match FlowConfig::parse(&v) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(value = %v, error = %e, "{FLOW_EVENTS_ENV}: ignored");
+                    FlowConfig::default()
+                }
+            },
+            Err(_) => FlowConfig::default(),
+        };
+        Enforcer::with_flows(pin_dir, sizes, flows)
+    }
+
+    /// [`Enforcer::new`] with the flow events of `flows`.
+    pub fn with_flows(pin_dir: &Path, sizes: MapSizes, flows: FlowConfig) -> Result<Enforcer, DatapathError> {
         let plan = migrate::plan(pin_dir, &sizes).map_err(|source| DatapathError::PinDir { path: pin_dir.to_path_buf(), source })?;
         let mut sync = MapSync::new();
         let (datapath, migration, status) = match plan {
             Plan::Adopt(dir) => {
-                let datapath = Datapath::load(pin_dir, &dir, sizes, &[], None)?;
+                let datapath = Datapath::load_with(pin_dir, &dir, sizes, flows, &[], None)?;
                 sync.adopt(&datapath);
                 info!(maps = %dir.display(), "adopting the pinned maps");
                 pin_bridges(&datapath);
@@ -101,7 +122,7 @@ impl Enforcer {
                 }
                 let shared_conntrack = share.iter().any(|(n, _)| *n == policy_ebpf::map_names::CONNTRACK);
                 let prev = migrate::previous_conntrack(&old, &share);
-                let datapath = match Datapath::load(pin_dir, &new, sizes, &share, prev.as_deref()) {
+                let datapath = match Datapath::load_with(pin_dir, &new, sizes, flows, &share, prev.as_deref()) {
                     Ok(d) => d,
                     Err(e) => {
                         // The old generation stays in force; leave nothing half-made.
@@ -306,7 +327,8 @@ impl Enforcer {
         all.extend(self.datapath.attached());
         let mut failed = BTreeSet::new();
         let mut errors = Vec::new();
-        let pause = std::env::var(PAUSE_BETWEEN_SWAPS_ENV).ok().and_then(|v| v.parse::<u64>().ok()).filter(|_| has_old).map(Duration::from_millis);
+        let pause =
+            std::env::var(PAUSE_BETWEEN_SWAPS_ENV).ok().and_then(|v| v.parse::<u64>().ok()).filter(|_| has_old).map(Duration::from_millis);
         for (interface, point) in all {
             if let Some(p) = pause {
                 std::thread::sleep(p);
@@ -373,7 +395,7 @@ impl Enforcer {
     /// enforcing as they are (correct, only a little slower on new flows).
     fn drop_previous_conntrack(&mut self) {
         let d = &self.datapath;
-        let fresh = match Datapath::load(d.pin_dir(), d.maps_dir(), d.sizes, &[], None) {
+        let fresh = match Datapath::load_with(d.pin_dir(), d.maps_dir(), d.sizes, d.flows, &[], None) {
             Ok(fresh) => fresh,
             Err(e) => {
                 warn!(error = %e, "cannot reload the programs without the previous connection tracking; they keep using it");

@@ -9,8 +9,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use policy_ebpf::{
-    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, IfaceValue, PeerKey, PeerValue, PortBits, PortKey, map_names as names,
-    program_names,
+    Addr, Counters, CtKey, CtValue, EndpointKey, EndpointValue, FlowStats, IfaceValue, PeerKey, PeerValue, PortBits, PortKey, global_names,
+    map_names as names, program_names,
 };
 
 use super::program_bytes;
@@ -45,6 +45,61 @@ impl Default for MapSizes {
             endpoints: policy_ebpf::DEFAULT_MAX_ENDPOINTS,
             max_ifindex: policy_ebpf::DEFAULT_MAX_IFINDEX,
         }
+    }
+}
+
+/// Which new flows the kernel programs report (`FlowEvent`s in `PA_FLOWS`), and how many
+/// at most: set at load (read-only globals, so the verifier drops what is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowConfig {
+    /// Denied new flows are reported.
+    pub denied: bool,
+    /// Allowed new flows: none (0), all (1), or one in N at random (N).
+    pub allowed_every: u32,
+    /// The most events per second on the node (split evenly over its CPUs); 0: none.
+    pub rate_per_node: u32,
+}
+
+/// The default rate limit of flow events, per node.
+pub const DEFAULT_FLOW_RATE: u32 = 1000;
+
+impl Default for FlowConfig {
+    /// Denied flows only, at most 1,000 events/s per node.
+    fn default() -> FlowConfig {
+        FlowConfig { denied: true, allowed_every: 0, rate_per_node: DEFAULT_FLOW_RATE }
+    }
+}
+
+impl FlowConfig {
+    /// No events at all.
+    pub fn off() -> FlowConfig {
+        FlowConfig { denied: false, allowed_every: 0, rate_per_node: 0 }
+    }
+
+    /// `none`, `denied`, `sampled:N` (denied ones and one allowed flow in N) or `all`, at
+    /// the default rate.
+    pub fn parse(s: &str) -> Result<FlowConfig, String> {
+        let d = FlowConfig::default();
+        match s {
+            "none" => Ok(FlowConfig { denied: false, allowed_every: 0, ..d }),
+            "denied" => Ok(d),
+            "all" => Ok(FlowConfig { allowed_every: 1, ..d }),
+            _ => match s.strip_prefix("sampled:").map(str::parse::<u32>) {
+                Some(Ok(n)) if n >= 1 => Ok(FlowConfig { allowed_every: n, ..d }),
+                _ => Err(format!("{s:?}: expected none, denied, sampled:N (N >= 1) or all")),
+            },
+        }
+    }
+
+    /// The globals' values over `cpus` CPUs: (denied, allowed_every, cost_ns, burst_ns).
+    pub fn globals(&self, cpus: u32) -> (u8, u32, u64, u64) {
+        if self.rate_per_node == 0 {
+            return (0, 0, u64::MAX, 0);
+        }
+        let cost_ns = (cpus.max(1) as u64 * 1_000_000_000 / self.rate_per_node as u64).max(1);
+        // A burst of a tenth of a second's worth (at least one event) per CPU.
+        let burst_ns = 100_000_000u64;
+        (self.denied as u8, self.allowed_every, cost_ns, burst_ns)
     }
 }
 
@@ -110,7 +165,9 @@ pub struct Datapath {
     pub(crate) conntrack: HashMap<MapData, CtKey, CtValue>,
     pub(crate) services: LpmTrie<MapData, Addr, u32>,
     pub(crate) counters: PerCpuArray<MapData, Counters>,
+    pub(crate) flow_stats: PerCpuArray<MapData, FlowStats>,
     pub sizes: MapSizes,
+    pub flows: FlowConfig,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
@@ -135,6 +192,18 @@ impl Datapath {
         share: &[(&'static str, PathBuf)],
         prev_conntrack: Option<&Path>,
     ) -> Result<Datapath, DatapathError> {
+        Datapath::load_with(pin_dir, maps_dir, sizes, FlowConfig::default(), share, prev_conntrack)
+    }
+
+    /// [`Datapath::load`] with the flow events of `flows`.
+    pub fn load_with(
+        pin_dir: &Path,
+        maps_dir: &Path,
+        sizes: MapSizes,
+        flows: FlowConfig,
+        share: &[(&'static str, PathBuf)],
+        prev_conntrack: Option<&Path>,
+    ) -> Result<Datapath, DatapathError> {
         for dir in [pin_dir.join("links"), maps_dir.to_path_buf()] {
             std::fs::create_dir_all(&dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
         }
@@ -153,8 +222,15 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         if let Some(path) = prev_conntrack {
-            loader.map_pin_path(names::CONNTRACK_PREV, path).override_global(policy_ebpf::global_names::PREV_CT, &1u8, true);
+            loader.map_pin_path(names::CONNTRACK_PREV, path).override_global(global_names::PREV_CT, &1u8, true);
         }
+        let cpus = aya::util::online_cpus().map(|c| c.len() as u32).unwrap_or(1);
+        let (denied, allowed_every, cost_ns, burst_ns) = flows.globals(cpus);
+        loader
+            .override_global(global_names::FLOW_DENIED, &denied, true)
+            .override_global(global_names::FLOW_ALLOWED_EVERY, &allowed_every, true)
+            .override_global(global_names::FLOW_COST_NS, &cost_ns, true)
+            .override_global(global_names::FLOW_BURST_NS, &burst_ns, true);
         let mut ebpf = loader.load(program_bytes())?;
         for (name, _) in share {
             let pin = maps_dir.join(name);
@@ -184,10 +260,12 @@ impl Datapath {
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             services: take(&mut ebpf, names::SERVICES)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
+            flow_stats: take(&mut ebpf, names::FLOW_STATS)?,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             maps_dir: maps_dir.to_path_buf(),
             sizes,
+            flows,
         })
     }
 
@@ -287,6 +365,24 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// The flow events' counters (`emitted`, `suppressed`, `ring_full`), summed over CPUs.
+    pub fn flow_stats(&self) -> FlowStats {
+        let mut out = FlowStats::default();
+        if let Ok(values) = self.flow_stats.get(&0, 0) {
+            for s in values.iter() {
+                out.emitted += s.emitted;
+                out.suppressed += s.suppressed;
+                out.ring_full += s.ring_full;
+            }
+        }
+        out
+    }
+
+    /// The pin of the flow events ring buffer (read by `flows::reader`).
+    pub fn flows_pin(&self) -> PathBuf {
+        self.maps_dir.join(names::FLOWS)
     }
 
     /// The `ENDPOINTS` entry of an address, as the kernel sees it.

@@ -386,6 +386,30 @@ mod tests {
         assert_eq!(maps_dir_in_force(tmp.path()).unwrap(), tmp.path().join(&ours));
     }
 
+    /// Layout 4 added the flow event maps and changed nothing else: maps of layout 3 are
+    /// migrated (a new generation), with connection tracking and pending judgments shared.
+    #[test]
+    fn layout_3_maps_are_migrated_sharing_connection_tracking() {
+        assert_eq!(LAYOUT_VERSION, 4);
+        let tmp = tempfile::tempdir().unwrap();
+        let v3 = dir_name(3, &sizes(), 5);
+        mk(tmp.path(), &["links", &v3]);
+        match plan(tmp.path(), &sizes()).unwrap() {
+            Plan::Migrate { new, old } => {
+                assert_eq!(old.iter().map(|g| g.layout).collect::<Vec<_>>(), vec![Some(3)]);
+                assert_eq!(new, tmp.path().join(dir_name(4, &sizes(), 6)));
+            }
+            p => panic!("layout 3 maps must be migrated, not {p:?}"),
+        }
+        assert!(conntrack_compatible(Some(3)) && pending_compatible(Some(3)));
+        assert!(!policy_ebpf::layout::same_items(3, 4, &[map_names::FLOWS]), "v3 has no flow events");
+        assert!(policy_ebpf::layout::same_items(
+            3,
+            4,
+            &["PeerKey", "PeerValue", "PortKey", "EndpointValue", "IfaceValue", map_names::PEERS]
+        ));
+    }
+
     #[test]
     fn connection_tracking_is_carried_within_a_layout() {
         assert!(conntrack_compatible(Some(LEGACY_LAYOUT)));

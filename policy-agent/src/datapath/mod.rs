@@ -11,8 +11,8 @@ mod model;
 mod sync;
 
 pub use encode::{Allow, PeerSlot, PortEntry, encode_addr, peer_entries, port_entries_allow, port_set_entries};
-pub use enforcer::{DatapathStatus, Enforcer, PAUSE_BEFORE_SWAP_ENV, PAUSE_BETWEEN_SWAPS_ENV, PodInterface};
-pub use loader::{AttachPoint, Datapath, DatapathError, MapSizes, PIN_ROOT};
+pub use enforcer::{DatapathStatus, Enforcer, FLOW_EVENTS_ENV, PAUSE_BEFORE_SWAP_ENV, PAUSE_BETWEEN_SWAPS_ENV, PodInterface};
+pub use loader::{AttachPoint, DEFAULT_FLOW_RATE, Datapath, DatapathError, FlowConfig, MapSizes, PIN_ROOT};
 pub use migrate::maps_dir_in_force;
 pub use model::ModelMaps;
 pub use sync::{Budget, EndpointStatus, MapSync, Maps, SyncError, SyncErrorKind, SyncReport, WriteError, decode_addr};

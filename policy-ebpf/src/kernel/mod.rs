@@ -11,19 +11,20 @@
 //! so replies pass, established packets skip the tables, and a policy change makes the
 //! next packet of an existing flow be judged again.
 
+mod flow;
 mod packet;
 mod verdict;
 
+use aya_ebpf::Global;
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
-use aya_ebpf::Global;
 use policy_ebpf::*;
 
 use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse, put, zero_addr, zero_bytes};
-use verdict::{allows, count};
+use verdict::{count, judge};
 
 #[map(name = "PA_ENDPOINTS")]
 static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(DEFAULT_MAX_ENDPOINT_ADDRESSES, 0);
@@ -162,7 +163,7 @@ fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
 /// approval on record is not from `ep`'s current revision. `orig`: this packet travels in
 /// the flow's original direction; `ep_is_src`: `ep` sent it.
 #[inline(always)]
-fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, orig: bool, now: u64) -> bool {
+fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, orig: bool, now: u64, ifindex: u32) -> bool {
     // `ep` originated the flow iff it sends in the original direction or receives a reply.
     let ep_is_originator = ep_is_src == orig;
     let ok = if ep_is_originator {
@@ -178,22 +179,31 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
             } else {
                 (p.src, p.sport)
             };
-            let allowed = allows(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
-            if allowed {
+            let j = judge(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
+            if c.src_rev == 0 {
+                // Its first judgment of the flow (not a revision's re-judgment): an event.
+                flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j);
+            }
+            if j.allowed {
                 c.src_rev = ep.revision;
             }
-            allowed
+            j.allowed
         }
     } else if c.dst_rev == ep.revision {
         true
     } else {
         // The destination's ingress from the originator, again.
         let (remote, port) = if orig { (p.src, p.dport) } else { (p.dst, p.sport) };
-        let allowed = allows(ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
-        if allowed {
+        let j = judge(ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
+        if c.dst_rev == 0 {
+            // The destination's first judgment of a flow its peer's hook started (a local
+            // source): a new flow for this endpoint, so an event.
+            flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j);
+        }
+        if j.allowed {
             c.dst_rev = ep.revision;
         }
-        allowed
+        j.allowed
     };
     if ok {
         // Write the shared entry only when something changes: every write moves its cache
@@ -217,7 +227,7 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
 /// Writes the packet's flow key into `s.key` and looks it up: `Some(verdict)` if the flow
 /// is tracked and fresh. Returns whether the packet's source is the key's `lo` end too.
 #[inline(always)]
-fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (bool, Option<bool>) {
+fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifindex: u32) -> (bool, Option<bool>) {
     let p = &s.packet;
     let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
@@ -234,7 +244,7 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64) -> (b
         return (src_is_lo, None);
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
-    (src_is_lo, Some(established(c, &s.key, p, ep, ep_is_src, orig, now)))
+    (src_is_lo, Some(established(c, &s.key, p, ep, ep_is_src, orig, now, ifindex)))
 }
 
 /// Tracks the flow in `s.key`.
@@ -276,9 +286,11 @@ fn is_service(addr: &Addr) -> bool {
 /// A local source's egress toward the post-DNAT destination, for a flow whose judgment
 /// waited for translation (`PENDING`). The revision it was approved under, or `None`.
 #[inline(always)]
-fn judge_deferred(s: &mut Scratch, src: &EndpointValue) -> Option<u32> {
+fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32) -> Option<u32> {
     let p = &s.packet;
-    if !allows(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports) {
+    let j = judge(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
+    flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j);
+    if !j.allowed {
         return None;
     }
     let pk = pending_key(p);
@@ -312,14 +324,15 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let len = ctx.len();
+    let ifindex = ifindex(ctx);
     // Anti-spoofing: the source must be this veth's pod.
-    let Some(ep) = endpoint_on(ifindex(ctx), &s.packet.src) else { return Ok(DROP) };
+    let Some(ep) = endpoint_on(ifindex, &s.packet.src) else { return Ok(DROP) };
     if s.packet.l4 == L4::Error && s.packet.related_tracked {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
     let now = now();
-    let (src_is_lo, known) = tracked(s, &ep, true, now);
+    let (src_is_lo, known) = tracked(s, &ep, true, now, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_EGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -333,7 +346,9 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
-    if !allows(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports) {
+    let j = judge(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
+    flow::emit(p, &ep, ifindex, DIRECTION_EGRESS, &j);
+    if !j.allowed {
         count(&ep, DIRECTION_EGRESS, false, len);
         return Ok(DROP);
     }
@@ -360,14 +375,15 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let len = ctx.len();
+    let ifindex = ifindex(ctx);
     // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
-    let Some(ep) = endpoint_on(ifindex(ctx), &s.packet.dst) else { return Ok(PASS) };
+    let Some(ep) = endpoint_on(ifindex, &s.packet.dst) else { return Ok(PASS) };
     if s.packet.l4 == L4::Error && s.packet.related_tracked {
         count(&ep, DIRECTION_INGRESS, true, len);
         return Ok(PASS);
     }
     let now = now();
-    let (src_is_lo, known) = tracked(s, &ep, false, now);
+    let (src_is_lo, known) = tracked(s, &ep, false, now, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_INGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -376,7 +392,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // judgment deferred to here, where the backend is known.
     let mut src_rev = CT_NOT_LOCAL;
     if let Some(src) = endpoint(&s.packet.src) {
-        match judge_deferred(s, &src) {
+        match judge_deferred(s, &src, ifindex) {
             Some(rev) => src_rev = rev,
             None => {
                 count(&src, DIRECTION_EGRESS, false, len);
@@ -385,7 +401,9 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         }
     }
     let p = &s.packet;
-    if !allows(&ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports) {
+    let j = judge(&ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports);
+    flow::emit(p, &ep, ifindex, DIRECTION_INGRESS, &j);
+    if !j.allowed {
         count(&ep, DIRECTION_INGRESS, false, len);
         return Ok(DROP);
     }
@@ -412,14 +430,15 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     };
     let now = now();
-    let (src_is_lo, known) = tracked(s, &ep, true, now);
+    let ifindex = ifindex(ctx);
+    let (src_is_lo, known) = tracked(s, &ep, true, now, ifindex);
     if let Some(ok) = known {
         if !ok {
             count(&ep, DIRECTION_EGRESS, false, ctx.len());
         }
         return Ok(if ok { PASS } else { DROP });
     }
-    match judge_deferred(s, &ep) {
+    match judge_deferred(s, &ep, ifindex) {
         Some(rev) => {
             if s.packet.l4 != L4::Echo || s.packet.echo_request {
                 track(s, src_is_lo, rev, CT_NOT_LOCAL, 0, now);

@@ -45,6 +45,8 @@ pub struct Packet {
     pub related_tracked: bool,
     /// For `L4::Echo`: the packet is a request (else a reply).
     pub echo_request: bool,
+    /// ICMP and ICMPv6: type << 8 | code (for flow events).
+    pub icmp: u16,
 }
 
 const ETH_P_IP: u16 = 0x0800;
@@ -125,6 +127,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet, quoted: &mut CtKey) -> Result<bool
     put(&mut p.dport, 0);
     put(&mut p.related_tracked, false);
     put(&mut p.echo_request, false);
+    put(&mut p.icmp, 0);
     match ethertype {
         ETH_P_IP => parse_v4(ctx, l3, p, quoted).map(|_| true),
         ETH_P_IPV6 => parse_v6(ctx, l3, p, quoted).map(|_| true),
@@ -212,6 +215,7 @@ fn parse_l4(ctx: &TcContext, l4: usize, p: &mut Packet, v6: bool, quoted: &mut C
         }
         PROTO_ICMP if !v6 => {
             let h: [u8; 8] = load(ctx, l4)?;
+            p.icmp = (h[0] as u16) << 8 | h[1] as u16;
             match h[0] {
                 8 | 0 => {
                     p.l4 = L4::Echo;
@@ -229,6 +233,7 @@ fn parse_l4(ctx: &TcContext, l4: usize, p: &mut Packet, v6: bool, quoted: &mut C
         }
         PROTO_ICMPV6 if v6 => {
             let h: [u8; 8] = load(ctx, l4)?;
+            p.icmp = (h[0] as u16) << 8 | h[1] as u16;
             match h[0] {
                 128 | 129 => {
                     p.l4 = L4::Echo;

@@ -6,39 +6,58 @@ use policy_ebpf::*;
 
 use super::{COUNTERS, PEERS, PORTS};
 
+/// A table's answer for one new flow, and what in the table gave it (for flow events).
+#[derive(Clone, Copy)]
+pub struct Judgment {
+    pub allowed: bool,
+    /// `FLOW_DECIDED_*`.
+    pub decided: u8,
+    /// The matched `PEERS` entry's port set, with `FLOW_DECIDED_PORTS`/`_PORT_DENIED`.
+    pub port_set: u32,
+}
+
+#[inline(always)]
+fn judgment(allowed: bool, decided: u8, port_set: u32) -> Judgment {
+    Judgment { allowed, decided, port_set }
+}
+
 /// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
 /// `direction`, for `protocol`/`port` (`has_ports` false: a protocol without ports,
-/// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot).
+/// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot),
+/// and what in the table decided.
 #[inline(always)]
-pub fn allows(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool) -> bool {
+pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool) -> Judgment {
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
-        return false;
+        return judgment(false, FLOW_DECIDED_FAIL_CLOSED, 0);
     }
     let isolated = if direction == DIRECTION_INGRESS { ENDPOINT_INGRESS_ISOLATED } else { ENDPOINT_EGRESS_ISOLATED };
     if ep.flags & isolated == 0 {
-        return true;
+        return judgment(true, FLOW_DECIDED_NOT_ISOLATED, 0);
     }
     let key = Key::new(PEER_KEY_FIXED_BITS + 128, PeerKey { endpoint: ep.id, direction, addr: *remote });
     let (port_set, flags) = match PEERS.get(&key) {
         Some(v) => (v.port_set, v.flags),
-        None => return false,
+        None => return judgment(false, FLOW_DECIDED_NO_PEER, 0),
     };
     if flags & PEER_ALL != 0 {
-        return true;
+        return judgment(true, FLOW_DECIDED_PEER_ALL, 0);
     }
-    if !has_ports {
+    let allowed = if !has_ports {
         // Protocols without ports share one slot of the port set (see
         // `PORT_PROTOCOL_OTHER`): allowed only where a compiled decision says so.
-        let key = Key::new(PORT_KEY_FIXED_BITS + PORT_BLOCK_BITS, PortKey { port_set, protocol: PORT_PROTOCOL_OTHER, _pad: 0, port: [0, 0] });
-        return matches!(PORTS.get(&key), Some(bits) if *bits & 1 != 0);
-    }
-    // The port's block (its top bits) is the key; the value is the block's bitmap.
-    let block = port & !((PORT_BLOCK_SIZE - 1) as u16);
-    let key = Key::new(PORT_KEY_FIXED_BITS + PORT_BLOCK_BITS, PortKey { port_set, protocol, _pad: 0, port: block.to_be_bytes() });
-    match PORTS.get(&key) {
-        Some(bits) => (*bits >> (port as u32 & (PORT_BLOCK_SIZE - 1))) & 1 != 0,
-        None => false,
-    }
+        let key =
+            Key::new(PORT_KEY_FIXED_BITS + PORT_BLOCK_BITS, PortKey { port_set, protocol: PORT_PROTOCOL_OTHER, _pad: 0, port: [0, 0] });
+        matches!(PORTS.get(&key), Some(bits) if *bits & 1 != 0)
+    } else {
+        // The port's block (its top bits) is the key; the value is the block's bitmap.
+        let block = port & !((PORT_BLOCK_SIZE - 1) as u16);
+        let key = Key::new(PORT_KEY_FIXED_BITS + PORT_BLOCK_BITS, PortKey { port_set, protocol, _pad: 0, port: block.to_be_bytes() });
+        match PORTS.get(&key) {
+            Some(bits) => (*bits >> (port as u32 & (PORT_BLOCK_SIZE - 1))) & 1 != 0,
+            None => false,
+        }
+    };
+    judgment(allowed, if allowed { FLOW_DECIDED_PORTS } else { FLOW_DECIDED_PORT_DENIED }, port_set)
 }
 
 /// Adds a packet to the endpoint's per-CPU counters.

@@ -1,0 +1,537 @@
+//! Flow events on real traffic: `policy-agent run --manifests` in an emulated node, real
+//! connections between pods, and what the agent reports of them in its flow log
+//! (`--flow-log FILE`), on its observe socket (`policy-agent observe`) and in its metrics.
+//! Needs root and BPF; fails, never skips, without them.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use conformance::agent_process::{AgentProcess, agent_binary};
+use conformance::cluster::{PodSpec, namespace_manifest, pod_address};
+use conformance::netns::unique;
+use conformance::topology::{NodeNet, PodNet, Topology};
+use conformance::traffic::{Servers, probe, serve};
+use policy_model::{Family, Protocol};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-1";
+
+struct Cluster {
+    node: NodeNet,
+    pods: BTreeMap<String, (PodSpec, PodNet, Servers)>,
+    dir: tempfile::TempDir,
+    /// The flow log and the observe socket.
+    work: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(pods: &[&str]) -> Cluster {
+        let node = NodeNet::create_with(
+            &unique("pfn"),
+            NODE,
+            &["10.250.0.1".parse().unwrap(), "fd10:250::1".parse().unwrap()],
+            Topology::Routed,
+            0,
+        )
+        .expect("node (root needed)");
+        let mut c = Cluster { node, pods: BTreeMap::new(), dir: tempfile::tempdir().unwrap(), work: tempfile::tempdir().unwrap() };
+        for ns in ["x", "y"] {
+            c.write(&format!("ns-{ns}.yaml"), namespace_manifest(ns, &BTreeMap::new()));
+        }
+        c.write(
+            "node.yaml",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.250.0.1"}, {"type": "InternalIP", "address": "fd10:250::1"}]}}),
+        );
+        for (i, key) in pods.iter().enumerate() {
+            let (ns, name) = key.split_once('/').unwrap();
+            let ips = vec![pod_address(Family::Ipv4, 0, i), pod_address(Family::Ipv6, 0, i)];
+            let net = c.node.add_pod(&unique("pfp"), &format!("pf{i}"), &ips).unwrap();
+            let servers = serve(&net.ns, &[80, 81]).unwrap();
+            let spec = PodSpec {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: [("pod".to_string(), name.to_string())].into(),
+                node: NODE.into(),
+                ips,
+            };
+            c.write_pod(&spec);
+            c.pods.insert(key.to_string(), (spec, net, servers));
+        }
+        c
+    }
+
+    fn write(&self, name: &str, v: Value) {
+        std::fs::write(self.dir.path().join(name), serde_yaml_ng::to_string(&v).unwrap()).unwrap();
+    }
+
+    fn pod_file(key: &str) -> String {
+        format!("pod-{}.yaml", key.replace('/', "-"))
+    }
+
+    fn write_pod(&self, spec: &PodSpec) {
+        self.write(&Cluster::pod_file(&spec.key()), spec.manifest());
+    }
+
+    fn flow_log(&self) -> PathBuf {
+        self.work.path().join("flows.jsonl")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.work.path().join("observe.sock")
+    }
+
+    fn start(&self, extra: &[&str]) -> AgentProcess {
+        let log = self.flow_log();
+        let sock = self.socket();
+        let mut args = vec!["--flow-log", log.to_str().unwrap(), "--observe-socket", sock.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut agent = AgentProcess::start(&self.node.ns, NODE, self.dir.path(), &args).expect("agent");
+        agent.wait_ready(Duration::from_secs(20)).unwrap();
+        agent
+    }
+
+    fn net(&self, key: &str) -> &PodNet {
+        &self.pods[key].1
+    }
+
+    fn ip(&self, key: &str) -> IpAddr {
+        self.pods[key].0.ips[0]
+    }
+
+    /// Probes TCP `port` from `from` to `to` until it gives `want` (10 s at most).
+    fn until(&self, from: &str, to: &str, port: u16, want: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dst = SocketAddr::new(self.ip(to), port);
+        loop {
+            if probe(&self.net(from).ns, Protocol::Tcp, dst, Duration::from_millis(300)).unwrap() == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{from} -> {to}:{port} never became {}", if want { "allowed" } else { "blocked" });
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn policy(name: &str, ns: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// One TCP connection attempt that sends exactly one SYN: a 300 ms timeout is below TCP's
+/// first retransmission (1 s), and the socket is closed after it.
+fn one_syn(c: &Cluster, from: &str, dst: SocketAddr) -> bool {
+    c.net(from).ns.run(move || TcpStream::connect_timeout(&dst, Duration::from_millis(300)).is_ok()).unwrap()
+}
+
+/// The flow log's lines, parsed.
+fn log_flows(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a flow log line is not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits until `pred` holds for at least `n` flows of the log (10 s at most), then 1.5 s
+/// more (a duplicate would have time to show), and returns those flows.
+fn wait_flows(path: &Path, n: usize, what: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: Vec<Value> = log_flows(path).into_iter().filter(|f| pred(f)).collect();
+        if found.len() >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {n} flows in the log after 10 s:\n{}",
+            found.len(),
+            std::fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    log_flows(path).into_iter().filter(|f| pred(f)).collect()
+}
+
+fn to_port(f: &Value, ip: IpAddr, port: u16) -> bool {
+    f["destination"]["ip"] == ip.to_string() && f["destination"]["port"] == port
+}
+
+fn observe(c: &Cluster, args: &[&str]) -> String {
+    let out =
+        std::process::Command::new(agent_binary().unwrap()).arg("observe").arg("--socket").arg(c.socket()).args(args).output().unwrap();
+    assert!(out.status.success(), "observe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn has_policy(f: &Value, ns: &str, name: &str, role: &str, rule: Option<u64>) -> bool {
+    f["policies"].as_array().unwrap().iter().any(|p| {
+        p["kind"] == "NetworkPolicy"
+            && p["namespace"] == ns
+            && p["name"] == name
+            && p["role"] == role
+            && rule.is_none_or(|r| p["rule"] == r)
+    })
+}
+
+/// x/b admits x/a on TCP 81 only. A connection from x/a to port 8080 and one from y/c to
+/// port 8081 are denied: each is exactly one event (one SYN), naming both pods, the
+/// isolating policy and why, in the flow log and in `observe` (JSON and text); `observe`
+/// filters, and ends quietly when its reader goes away.
+#[test]
+fn a_denied_connection_is_one_event_naming_both_pods_and_the_policy() {
+    let c = Cluster::new(&["x/a", "x/b", "y/c"]);
+    c.write(
+        "np.yaml",
+        policy(
+            "b-ingress",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"port": 81, "protocol": "TCP"}]}]}),
+        ),
+    );
+    let agent = c.start(&[]);
+    c.until("x/a", "x/b", 80, false);
+    c.until("x/a", "x/b", 81, true);
+    let (a, b, cc) = (c.ip("x/a"), c.ip("x/b"), c.ip("y/c"));
+
+    assert!(!one_syn(&c, "x/a", SocketAddr::new(b, 8080)), "x/a -> x/b:8080 is denied");
+    assert!(!one_syn(&c, "y/c", SocketAddr::new(b, 8081)), "y/c -> x/b:8081 is denied");
+    let log = c.flow_log();
+    let ab = wait_flows(&log, 1, "x/a -> x/b:8080", |f| to_port(f, b, 8080));
+    assert_eq!(ab.len(), 1, "one denied connection (one SYN), one event: {ab:#?}");
+    let f = &ab[0];
+    assert_eq!(f["verdict"], "denied");
+    assert_eq!(f["direction"], "ingress");
+    assert_eq!(f["subject"], "x/b");
+    assert_eq!(f["node"], NODE);
+    assert_eq!(f["protocol"], "TCP");
+    assert_eq!(
+        (f["source"]["kind"].as_str(), f["source"]["namespace"].as_str(), f["source"]["pod"].as_str()),
+        (Some("pod"), Some("x"), Some("a"))
+    );
+    assert_eq!(f["source"]["ip"], a.to_string());
+    assert_eq!((f["destination"]["namespace"].as_str(), f["destination"]["pod"].as_str()), (Some("x"), Some("b")));
+    assert_eq!(f["decided_by"], "port_not_allowed", "x/a is a peer of x/b's rule, on another port: {f:#}");
+    assert!(has_policy(f, "x", "b-ingress", "isolates", None), "the isolating policy is named: {f:#}");
+    assert!(has_policy(f, "x", "b-ingress", "allows", Some(0)), "the rule for this peer is named: {f:#}");
+    assert_eq!(f["tables_exact"], true);
+    assert!(f["time"].as_str().unwrap().ends_with('Z'));
+
+    let cb = wait_flows(&log, 1, "y/c -> x/b:8081", |f| to_port(f, b, 8081));
+    assert_eq!(cb.len(), 1, "{cb:#?}");
+    let f = &cb[0];
+    assert_eq!(
+        (f["source"]["namespace"].as_str(), f["source"]["pod"].as_str(), f["source"]["ip"].as_str()),
+        (Some("y"), Some("c"), Some(cc.to_string().as_str()))
+    );
+    assert_eq!(f["decided_by"], "no_rule");
+    assert!(has_policy(f, "x", "b-ingress", "isolates", None), "{f:#}");
+    assert!(f["reason"].as_str().unwrap().contains("isolated by x/b-ingress; no rule allows this peer"), "{f:#}");
+
+    // The allowed probes made no events (denied flows only, by default).
+    assert!(log_flows(&log).iter().all(|f| f["verdict"] == "denied"), "only denied flows are reported by default");
+
+    // observe -o json: the same flows, filtered.
+    let json_lines: Vec<Value> = observe(&c, &["-o", "json", "--pod", "y/c"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(json_lines.iter().any(|f| to_port(f, b, 8081)), "observe --pod y/c shows y/c's flow: {json_lines:#?}");
+    assert!(json_lines.iter().all(|f| f["source"]["pod"] == "c" || f["destination"]["pod"] == "c"), "--pod filters: {json_lines:#?}");
+    let ab_observed: Vec<Value> = observe(&c, &["-o", "json", "--verdict", "denied"])
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|f| to_port(f, b, 8080))
+        .collect();
+    assert_eq!(ab_observed, ab, "observe and the flow log carry the same flow");
+    assert_eq!(observe(&c, &["--verdict", "allowed"]), "", "no allowed flows were reported");
+    let last = observe(&c, &["-o", "json", "--last", "1"]);
+    assert_eq!(last.lines().count(), 1, "{last}");
+    let text = observe(&c, &["--namespace", "y"]);
+    let line = text.lines().find(|l| l.contains(":8081")).unwrap_or_else(|| panic!("observe text: {text}"));
+    assert!(
+        line.contains("y/c:")
+            && line.contains("-> x/b:8081 TCP  DENIED  (ingress of x/b: isolated by x/b-ingress; no rule allows this peer)"),
+        "{line}"
+    );
+
+    // `observe --follow | head -1`: the reader goes away; observe ends without a panic
+    // once it has something more to write.
+    let mut child = std::process::Command::new(agent_binary().unwrap())
+        .args(["observe", "--follow", "-o", "json", "--socket"])
+        .arg(c.socket())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut first).unwrap();
+    drop(stdout);
+    for port in 9100..9103 {
+        let _ = one_syn(&c, "y/c", SocketAddr::new(b, port));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "observe --follow did not end after its reader went away");
+        let _ = one_syn(&c, "y/c", SocketAddr::new(b, 9200));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success() && !stderr.contains("panicked"), "observe | head: {status:?} {stderr}");
+    assert!(first.starts_with('{'), "{first}");
+    assert!(!agent.log_text().contains("ERROR"), "{}", agent.log_text());
+}
+
+/// With `--flow-events all`: a connection that goes on for a hundred exchanges is reported
+/// once per judging side (x/a's egress, not isolated; x/b's ingress, allowed by a named
+/// rule), never for its later packets.
+#[test]
+fn established_flows_emit_nothing_after_their_first_judgment() {
+    let c = Cluster::new(&["x/a", "x/b"]);
+    c.write(
+        "np.yaml",
+        policy(
+            "b-ingress",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"port": 9000, "protocol": "TCP"}]}]}),
+        ),
+    );
+    let server = c
+        .net("x/b")
+        .ns
+        .spawn(|| {
+            let l = TcpListener::bind(("0.0.0.0", 9000)).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _agent = c.start(&["--flow-events", "all"]);
+    c.until("x/a", "x/b", 80, false);
+    let b = c.ip("x/b");
+    let exchanged = c
+        .net("x/a")
+        .ns
+        .run(move || {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::new(b, 9000), Duration::from_secs(2)).expect("x/a -> x/b:9000 is allowed");
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut n = 0;
+            for i in 0..100u8 {
+                let mut buf = [0u8; 1];
+                s.write_all(&[i]).unwrap();
+                s.read_exact(&mut buf).unwrap();
+                assert_eq!(buf[0], i);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+        .unwrap();
+    assert_eq!(exchanged, 100);
+    server.join().unwrap();
+    let flows = wait_flows(&c.flow_log(), 2, "x/a -> x/b:9000", |f| to_port(f, b, 9000));
+    assert_eq!(flows.len(), 2, "one event per judging side, none for the 200 packets after: {flows:#?}");
+    let egress = flows.iter().find(|f| f["direction"] == "egress").expect("x/a's egress event");
+    assert_eq!(
+        (egress["subject"].as_str(), egress["verdict"].as_str(), egress["decided_by"].as_str()),
+        (Some("x/a"), Some("allowed"), Some("not_isolated"))
+    );
+    let ingress = flows.iter().find(|f| f["direction"] == "ingress").expect("x/b's ingress event");
+    assert_eq!(
+        (ingress["subject"].as_str(), ingress["verdict"].as_str(), ingress["decided_by"].as_str()),
+        (Some("x/b"), Some("allowed"), Some("rule"))
+    );
+    assert!(has_policy(ingress, "x", "b-ingress", "allows", Some(0)), "the allowing rule is named: {ingress:#}");
+    assert_eq!((ingress["source"]["pod"].as_str(), ingress["destination"]["pod"].as_str()), (Some("a"), Some("b")));
+}
+
+/// A pod's address is reused by a new pod (another namespace and name, the same network
+/// namespace and veth): flows before the change name the old pod, flows after it the new.
+#[test]
+fn a_reused_pod_address_names_the_pod_that_held_it() {
+    let c = Cluster::new(&["x/a", "x/b"]);
+    c.write("np.yaml", policy("b-deny", "x", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]})));
+    let agent = c.start(&[]);
+    c.until("x/a", "x/b", 80, false);
+    let b = c.ip("x/b");
+    assert!(!one_syn(&c, "x/a", SocketAddr::new(b, 7000)));
+    let before = wait_flows(&c.flow_log(), 1, "the old pod's flow", |f| to_port(f, b, 7000));
+    assert_eq!((before[0]["source"]["namespace"].as_str(), before[0]["source"]["pod"].as_str()), (Some("x"), Some("a")), "{before:#?}");
+
+    // x/a goes; y/new comes with its addresses.
+    std::fs::remove_file(c.dir.path().join(Cluster::pod_file("x/a"))).unwrap();
+    let dump = |pod: &str| -> bool {
+        let out = std::process::Command::new(agent_binary().unwrap())
+            .args(["dump", "-o", "json", "--pin-dir"])
+            .arg(&agent.pin_dir)
+            .arg("--state-file")
+            .arg(&agent.state_file)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["endpoints"].as_array().is_some_and(|e| e.iter().any(|e| e["pod"] == pod))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dump("x/a") {
+        assert!(Instant::now() < deadline, "x/a was not removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut reused = c.pods["x/a"].0.clone();
+    reused.namespace = "y".into();
+    reused.name = "new".into();
+    reused.labels = [("pod".to_string(), "new".to_string())].into();
+    c.write_pod(&reused);
+    while !dump("y/new") {
+        assert!(Instant::now() < deadline, "y/new was not enforced");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!one_syn(&c, "x/a", SocketAddr::new(b, 7001)));
+    let after = wait_flows(&c.flow_log(), 1, "the new pod's flow", |f| to_port(f, b, 7001));
+    assert_eq!(after.len(), 1, "{after:#?}");
+    assert_eq!((after[0]["source"]["namespace"].as_str(), after[0]["source"]["pod"].as_str()), (Some("y"), Some("new")), "{after:#?}");
+    assert_eq!(after[0]["source"]["ip"], before[0]["source"]["ip"], "the same address");
+    // The earlier flow still names the pod of its time.
+    let old = log_flows(&c.flow_log()).into_iter().find(|f| to_port(f, b, 7000)).unwrap();
+    assert_eq!(old["source"]["pod"], "a");
+}
+
+/// The online CPUs (what the agent splits the rate over), from `0-3,6`-style ranges.
+fn online_cpus() -> u64 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("/sys/devices/system/cpu/online");
+    text.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.split(|c| c == ' ' || c == '{').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}")) as u64
+}
+
+/// A flood of 3,000 denied UDP datagrams (each judged anew: a denied flow is never
+/// tracked) with the node's rate at 100 events/s: the events written stay within the
+/// rate limit, every judgment is either an event or counted as suppressed (or ring-full),
+/// the log holds exactly the events written, and allowed traffic passes meanwhile.
+#[test]
+fn a_flood_of_denied_flows_stays_within_the_rate_limit_and_is_counted() {
+    let c = Cluster::new(&["x/a", "x/b", "y/c"]);
+    c.write(
+        "np.yaml",
+        policy(
+            "b-ingress",
+            "x",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"port": 80, "protocol": "TCP"}]}]}),
+        ),
+    );
+    let agent = c.start(&["--flow-event-rate", "100", "--metrics-addr", "127.0.0.1:9464"]);
+    c.until("x/a", "x/b", 80, true);
+    c.until("y/c", "x/b", 80, false);
+    let metrics = || -> String {
+        c.node
+            .ns
+            .run(|| {
+                let mut s = TcpStream::connect("127.0.0.1:9464").unwrap();
+                write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+            .unwrap()
+    };
+    // The counters are read from the kernel once a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let m0 = metrics();
+    let (e0, s0, r0) = (
+        metric(&m0, "policy_agent_flow_events_total"),
+        metric(&m0, "policy_agent_flow_events_suppressed_total"),
+        metric(&m0, "policy_agent_flow_events_ring_full_total"),
+    );
+
+    let b = c.ip("x/b");
+    const FLOOD: usize = 3000;
+    let allowed_probes = {
+        let a = c.net("x/a").ns.handle();
+        std::thread::spawn(move || {
+            let mut results = Vec::new();
+            for _ in 0..10 {
+                results.push(conformance::traffic::probe_in(&a, Protocol::Tcp, SocketAddr::new(b, 80), Duration::from_secs(1)).unwrap());
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            results
+        })
+    };
+    let started = Instant::now();
+    let sent = c
+        .net("y/c")
+        .ns
+        .run(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let mut sent = 0;
+            for i in 0..FLOOD {
+                if s.send_to(&(i as u32).to_be_bytes(), SocketAddr::new(b, 9999)).is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        })
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(sent, FLOOD);
+    let probes = allowed_probes.join().unwrap();
+    assert!(probes.iter().all(|ok| *ok), "allowed traffic passes during the flood: {probes:?}");
+
+    std::thread::sleep(Duration::from_millis(2500));
+    let m1 = metrics();
+    let (e1, s1, r1) = (
+        metric(&m1, "policy_agent_flow_events_total"),
+        metric(&m1, "policy_agent_flow_events_suppressed_total"),
+        metric(&m1, "policy_agent_flow_events_ring_full_total"),
+    );
+    let (emitted, suppressed, ring_full) = (e1 - e0, s1 - s0, r1 - r0);
+    let cpus = online_cpus();
+    // 100/s over the node's CPUs, each with a burst of 0.1 s of its share (+1).
+    let cost = cpus as f64 / 100.0;
+    let bound = ((elapsed / cost).ceil() as u64 + (0.1 / cost) as u64 + 2) * cpus;
+    eprintln!(
+        "flood of {FLOOD} in {elapsed:.3} s on {cpus} CPUs: {emitted} events, {suppressed} suppressed, {ring_full} ring-full (bound {bound})"
+    );
+    assert_eq!(emitted + suppressed + ring_full, FLOOD as u64, "every judgment of the flood is an event or counted");
+    assert!(emitted >= 1 && emitted <= bound, "{emitted} events for a rate of 100/s over {elapsed:.3} s (bound {bound})");
+    assert!(suppressed >= FLOOD as u64 - bound, "{suppressed} suppressed");
+    let logged = log_flows(&c.flow_log()).into_iter().filter(|f| to_port(f, b, 9999)).count() as u64;
+    assert_eq!(logged, emitted, "the log holds every event written");
+    let verdicts = metric(
+        &m1.lines()
+            .filter(|l| {
+                l.contains("namespace=\"x\"")
+                    && l.contains("pod=\"b\"")
+                    && l.contains("verdict=\"denied\"")
+                    && l.contains("direction=\"ingress\"")
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        "policy_agent_flow_verdicts_total",
+    );
+    assert!(verdicts >= emitted, "policy_agent_flow_verdicts_total counts x/b's denied flows: {verdicts}");
+    assert!(!agent.log_text().contains("ERROR"), "{}", agent.log_text());
+}
