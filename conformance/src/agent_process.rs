@@ -93,6 +93,9 @@ impl AgentProcess {
         extra: &[&str],
         opts: AgentOptions,
     ) -> Result<AgentProcess, String> {
+        // This build serves flows on a socket (default under /run, shared by every agent
+        // on a machine): each test agent gets its own. An older build has no such flag.
+        let this_build = opts.binary.is_none();
         let bin = match opts.binary {
             Some(b) => b,
             None => agent_binary()?,
@@ -121,6 +124,11 @@ impl AgentProcess {
             .arg("--state-file")
             .arg(&state_file)
             .args(extra)
+            .args(if this_build && !extra.iter().any(|a| a.starts_with("--observe-socket")) {
+                vec![std::ffi::OsString::from("--observe-socket"), work.join("observe.sock").into_os_string()]
+            } else {
+                Vec::new()
+            })
             .envs(opts.env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
