@@ -102,6 +102,47 @@ fn bench(cr: &mut Criterion) {
         })
     });
     g.finish();
+    bench_cluster_policies(cr);
+}
+
+/// The same cluster with 100 ClusterNetworkPolicies in both tiers.
+fn bench_cluster_policies(cr: &mut Criterion) {
+    let tiered = || {
+        let mut changes = cluster();
+        changes.extend(workload().cluster_policies(0).into_iter().map(|p| Change::UpsertClusterPolicy(Box::new(p))));
+        changes
+    };
+    let full = || {
+        let mut c = NodeCompiler::new(workload().node);
+        let r = c.apply(tiered());
+        assert_eq!(r.added.len(), 100);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        c
+    };
+    let mut g = cr.benchmark_group("with 100 cluster policies");
+    g.sample_size(10);
+    g.bench_function("full compile (10k pods, 2k policies, 100 CNPs, 100 local)", |b| b.iter(|| black_box(full())));
+    let mut c = full();
+    let mut flip = false;
+    g.bench_function("cluster policy change", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let p = workload().cluster_policies(u16::from(flip)).swap_remove(0);
+            let r = c.apply([Change::UpsertClusterPolicy(Box::new(p))]);
+            assert!(r.recompiled >= 1);
+            black_box(r)
+        })
+    });
+    let mut flip = false;
+    g.bench_function("pod label change", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let app = if flip { "app-7" } else { "app-1" };
+            let r = c.apply([Change::UpsertPod(workload().pod(3, 11, Some(app)))]);
+            black_box(r)
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, bench);

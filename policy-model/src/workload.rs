@@ -139,6 +139,54 @@ impl Workload {
     }
 }
 
+/// ClusterNetworkPolicies in the bench cluster ([`Workload::cluster_policies`]).
+pub const CLUSTER_POLICIES: usize = 100;
+
+impl Workload {
+    /// 100 ClusterNetworkPolicies of the shapes a cluster admin writes, half in each tier,
+    /// with distinct priorities; `variant` changes policy 0's port (for a change bench):
+    /// - Admin: deny the metadata address and a blocked range to every pod (`networks`);
+    ///   let monitoring (ns-000) scrape every namespace of a team (namespace subject,
+    ///   pod peers, named port); pass a team's api pods' traffic to the namespace owners
+    ///   (pod subject, Pass);
+    /// - Baseline: default-deny ingress from other teams (namespace subject), allow DNS
+    ///   egress to ns-001 (range of ports), deny egress to the private ranges.
+    pub fn cluster_policies(&self, variant: u16) -> Vec<crate::cnp::ClusterNetworkPolicy> {
+        (0..CLUSTER_POLICIES).map(|k| self.cluster_policy(k, variant)).collect()
+    }
+
+    fn cluster_policy(&self, k: usize, variant: u16) -> crate::cnp::ClusterNetworkPolicy {
+        let team = format!("t{}", k % 10);
+        let team_ns = json!({"matchLabels": {"team": team}});
+        let (tier, spec) = match k % 6 {
+            0 => ("Admin", json!({"subject": {"namespaces": {}}, "egress": [
+                {"name": "no-metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32", "fd00:ec2::254/128"]}]},
+                {"name": "no-blocked", "action": "Deny", "to": [{"networks": [format!("203.0.{}.0/24", k % 256)]}],
+                 "protocols": [{"tcp": {"destinationPort": {"number": 443 + if k == 0 { variant } else { 0 }}}}]}]})),
+            1 => ("Admin", json!({"subject": {"namespaces": team_ns}, "ingress": [
+                {"name": "monitoring", "action": "Accept", "from": [{"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-000"}}, "podSelector": {"matchLabels": {"tier": "web"}}}}],
+                 "protocols": [{"destinationNamedPort": "metrics"}]}]})),
+            2 => ("Admin", json!({"subject": {"pods": {"namespaceSelector": team_ns, "podSelector": {"matchLabels": {"tier": "api"}}}}, "ingress": [
+                {"name": "to-owners", "action": "Pass", "from": [{"namespaces": {"matchLabels": {"team": team}}}]},
+                {"name": "no-dev", "action": "Deny", "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}]}]})),
+            3 => ("Baseline", json!({"subject": {"namespaces": team_ns}, "ingress": [
+                {"name": "same-team", "action": "Accept", "from": [{"namespaces": {"matchLabels": {"team": team}}}]},
+                {"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}]})),
+            4 => ("Baseline", json!({"subject": {"namespaces": team_ns}, "egress": [
+                {"name": "dns", "action": "Accept", "to": [{"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-001"}}, "podSelector": {}}}],
+                 "protocols": [{"udp": {"destinationPort": {"range": {"start": 53, "end": 54}}}}, {"tcp": {"destinationPort": {"number": 53}}}]}]})),
+            _ => ("Baseline", json!({"subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"tier": "db"}}}}, "egress": [
+                {"name": "no-private", "action": "Deny", "to": [{"networks": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]}]}]})),
+        };
+        let mut spec = spec;
+        spec["tier"] = json!(tier);
+        spec["priority"] = json!(k * 10);
+        serde_json::from_value(json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": format!("cnp-{k:03}")}, "spec": spec}))
+        .expect("a well-formed ClusterNetworkPolicy")
+    }
+}
+
 fn np(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
     serde_json::from_value(
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec}),
