@@ -159,6 +159,11 @@ impl AgentProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Where this build's agent serves flows to `policy-agent observe`.
+    pub fn observe_socket(&self) -> PathBuf {
+        self.work.join("observe.sock")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -118,6 +118,15 @@ fn main() -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
+
+    // The blocked probes above, as the datapath reported them: who, to whom, which policy.
+    println!("\n=== policy-agent observe --verdict denied --last 8\n");
+    let out = std::process::Command::new(agent_binary().map_err(anyhow::Error::msg)?)
+        .args(["observe", "--verdict", "denied", "--last", "8", "--socket"])
+        .arg(agent.observe_socket())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     agent.stop();
     if disagreements > 0 {
         bail!("the datapath disagreed with the model");
