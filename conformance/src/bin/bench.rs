@@ -63,6 +63,37 @@ struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// With policy-agent, also two ClusterNetworkPolicies on the path (see
+    /// `cluster_policies`): the tiers compile into the same tables, and this shows it.
+    #[arg(long)]
+    cluster_policies: bool,
+}
+
+/// An Admin policy whose first rule passes the client to the NetworkPolicy tier (the
+/// rules before it deny addresses the bench never uses), and a Baseline default-deny
+/// below the NetworkPolicies: every verdict `check` expects stays the same.
+fn cluster_policies() -> Vec<Change> {
+    let cnp = |name: &str, spec: Value| {
+        let v = json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name}, "spec": spec});
+        Change::UpsertClusterPolicy(Box::new(serde_json::from_value(v).expect("a well-formed ClusterNetworkPolicy")))
+    };
+    vec![
+        cnp(
+            "bench-admin",
+            json!({"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                "ingress": [
+                    {"name": "no-test-net", "action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bench": "none"}}}}]},
+                    {"name": "client-to-owners", "action": "Pass", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "client"}}}}]}],
+                "egress": [
+                    {"name": "no-metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]},
+                    {"name": "server-to-owners", "action": "Pass", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "server"}}}}]}]}),
+        ),
+        cnp(
+            "bench-baseline",
+            json!({"tier": "Baseline", "priority": 10, "subject": {"namespaces": {}},
+                "ingress": [{"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}]}),
+        ),
+    ]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -246,7 +277,11 @@ impl Bench {
             Mechanism::None => {}
             Mechanism::Agent => {
                 self.rig.start_agent()?;
-                self.rig.apply(self.policies[&n].network_policies())?;
+                let mut changes = self.policies[&n].network_policies();
+                if self.args.cluster_policies {
+                    changes.extend(cluster_policies());
+                }
+                self.rig.apply(changes)?;
             }
             Mechanism::Iptables => {
                 let file = self.rules_file(n, "ipt")?;
@@ -265,8 +300,11 @@ impl Bench {
         match mechanism {
             Mechanism::None => {}
             Mechanism::Agent => {
-                let delete = ["bench-server", "bench-client"].map(|n| Change::DeletePolicy(ObjectKey::new(NAMESPACE, n)));
-                self.rig.apply(delete.into())?;
+                let mut delete: Vec<Change> = ["bench-server", "bench-client"].map(|n| Change::DeletePolicy(ObjectKey::new(NAMESPACE, n))).into();
+                if self.args.cluster_policies {
+                    delete.extend(["bench-admin", "bench-baseline"].map(|n| Change::DeleteClusterPolicy(n.to_string())));
+                }
+                self.rig.apply(delete)?;
                 self.rig.detach();
                 self.rig.compact_history();
             }
