@@ -174,6 +174,19 @@ impl NodeCompiler {
         if self.state.cluster_policies().next().is_some() {
             match &change {
                 Change::UpsertPolicy(_) | Change::DeletePolicy(_) | Change::UpsertClusterPolicy(_) | Change::DeleteClusterPolicy(_) => {}
+                // Pods come and go all the time: only one whose change a cluster policy's
+                // peers can see reaches their subjects (every local subject recompiled for
+                // every pod change cost seconds with 100 policies and 10,000 pods).
+                Change::UpsertPod(pod) => {
+                    if self.pod_change_reaches_cluster_peers(self.state.pod(&pod.key), Some(pod)) {
+                        dirty.extend(self.cluster_policy_users.iter().cloned());
+                    }
+                }
+                Change::DeletePod(key) => {
+                    if self.pod_change_reaches_cluster_peers(self.state.pod(key), None) {
+                        dirty.extend(self.cluster_policy_users.iter().cloned());
+                    }
+                }
                 other => {
                     dirty.extend(self.cluster_policy_users.iter().cloned());
                     if let Change::UpsertNamespace(Namespace { name, .. }) | Change::DeleteNamespace(name) = other {
@@ -291,6 +304,58 @@ impl NodeCompiler {
                 }
             }
         }
+    }
+
+    /// Whether a pod's change (`old` → `new`, as the state holds them before it) can change
+    /// what a ClusterNetworkPolicy's pod or namespace peer covers: which peers match it,
+    /// the addresses of a pod some peer matches (or of another pod at those addresses,
+    /// whose ownership may move), or the named ports of a matched pod. A local subject's
+    /// own change recompiles it anyway (`mark_pod`); `networks` peers are addresses,
+    /// whoever holds them; node and namespace changes still reach every subject.
+    fn pod_change_reaches_cluster_peers(&self, old: Option<&Pod>, new: Option<&Pod>) -> bool {
+        let old_bits = old.map(|p| self.cluster_peer_matches(p)).unwrap_or_default();
+        let new_bits = new.map(|p| self.cluster_peer_matches(p)).unwrap_or_default();
+        let old_any = old_bits.iter().any(|b| *b);
+        let new_any = new_bits.iter().any(|b| *b);
+        if old_any != new_any || (new_any && old_bits != new_bits) {
+            return true;
+        }
+        let old_ips = old.map(|p| p.ips.as_slice()).unwrap_or(&[]);
+        let new_ips = new.map(|p| p.ips.as_slice()).unwrap_or(&[]);
+        if old_ips != new_ips {
+            if old_any || new_any {
+                return true;
+            }
+            let other_holder_matched = old_ips
+                .iter()
+                .chain(new_ips)
+                .filter_map(|ip| self.state.pod_at(*ip))
+                .any(|h| Some(h) != old && self.cluster_peer_matches(h).iter().any(|b| *b));
+            return other_holder_matched;
+        }
+        new_any && old.map(|p| &p.named_ports) != new.map(|p| &p.named_ports)
+    }
+
+    /// For every pod or namespace peer of every ClusterNetworkPolicy, in order: whether it
+    /// matches `pod`.
+    fn cluster_peer_matches(&self, pod: &Pod) -> Vec<bool> {
+        use crate::cnp::ClusterPeer;
+        let everything = crate::labels::Selector::everything();
+        let mut bits = Vec::new();
+        for policy in self.state.cluster_policies() {
+            for rule in policy.ingress.iter().chain(&policy.egress) {
+                for peer in &rule.peers {
+                    match peer {
+                        ClusterPeer::Namespaces(ns) => bits.push(crate::cnp::eval::pod_peer_matches(&self.state, ns, &everything, pod)),
+                        ClusterPeer::Pods { namespaces, pods } => {
+                            bits.push(crate::cnp::eval::pod_peer_matches(&self.state, namespaces, pods, pod))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        bits
     }
 
     /// Whether `change` upserts an object exactly as the state holds it already. A relist
