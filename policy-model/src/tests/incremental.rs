@@ -9,8 +9,8 @@ fn k(s: &str) -> ObjectKey {
     ObjectKey::parse(s).unwrap()
 }
 
-fn setup() -> NodeCompiler {
-    let mut c = NodeCompiler::new("n1");
+/// Namespaces x and y, pods a and b in each (x's on n1, y's on n2).
+fn cluster() -> Vec<Change> {
     let mut changes = vec![Change::UpsertNamespace(mk_ns("x", &[])), Change::UpsertNamespace(mk_ns("y", &[]))];
     let mut n = 1;
     for ns in ["x", "y"] {
@@ -23,7 +23,12 @@ fn setup() -> NodeCompiler {
             n += 1;
         }
     }
-    let r = c.apply(changes);
+    changes
+}
+
+fn setup() -> NodeCompiler {
+    let mut c = NodeCompiler::new("n1");
+    let r = c.apply(cluster());
     assert_eq!(r.added, vec![k("x/a"), k("x/b")], "only n1's pods are endpoints");
     c
 }
@@ -141,18 +146,7 @@ fn relist_of_unchanged_objects_recompiles_nothing() {
         "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}]}],
         "egress": [{"ports": [{"port": "http"}]}]}),
     )]);
-    let mut relist = vec![Change::UpsertNamespace(mk_ns("x", &[])), Change::UpsertNamespace(mk_ns("y", &[]))];
-    let mut n = 1;
-    for ns in ["x", "y"] {
-        for pod in ["a", "b"] {
-            let mut p = mk_pod(ns, pod, &[("pod", pod)], &[&format!("10.244.0.{n}")]);
-            if ns == "y" {
-                p.node = Some("n2".into());
-            }
-            relist.push(Change::UpsertPod(p));
-            n += 1;
-        }
-    }
+    let mut relist = cluster();
     relist.push(Change::UpsertNode(Node { name: "n1".into(), addresses: vec![] }));
     c.apply([relist.last().unwrap().clone()]);
     relist.push(policy(
