@@ -82,6 +82,16 @@ fn bench(cr: &mut Criterion) {
     let mut c = full_compile();
     // A pod in ns-003 that app-to-app and same-namespace peers of the local pod there see.
     let mut flip = false;
+    g.bench_function("cluster policy change, one team's (10 local subjects)", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let p = workload().cluster_policies(u16::from(flip)).swap_remove(3);
+            let r = c.apply([Change::UpsertClusterPolicy(Box::new(p))]);
+            assert_eq!(r.recompiled, 10);
+            black_box(r)
+        })
+    });
+    let mut flip = false;
     g.bench_function("pod label change", |b| {
         b.iter(|| {
             flip = !flip;
@@ -124,12 +134,22 @@ fn bench_cluster_policies(cr: &mut Criterion) {
     g.bench_function("full compile (10k pods, 2k policies, 100 CNPs, 100 local)", |b| b.iter(|| black_box(full())));
     let mut c = full();
     let mut flip = false;
-    g.bench_function("cluster policy change", |b| {
+    g.bench_function("cluster policy change, every pod's (100 local subjects)", |b| {
         b.iter(|| {
             flip = !flip;
             let p = workload().cluster_policies(u16::from(flip)).swap_remove(0);
             let r = c.apply([Change::UpsertClusterPolicy(Box::new(p))]);
             assert!(r.recompiled >= 1);
+            black_box(r)
+        })
+    });
+    let mut flip = false;
+    g.bench_function("cluster policy change, one team's (10 local subjects)", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let p = workload().cluster_policies(u16::from(flip)).swap_remove(3);
+            let r = c.apply([Change::UpsertClusterPolicy(Box::new(p))]);
+            assert_eq!(r.recompiled, 10);
             black_box(r)
         })
     });

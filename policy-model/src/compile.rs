@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::cnp::TierCache;
 use crate::ip::{Family, Prefix};
 use crate::objects::Pod;
 use crate::policy::{Direction, Peer, PortSpec};
@@ -40,11 +41,17 @@ pub(crate) struct Grant {
 /// Compiles both tables of `pod` (which should be a non-hostNetwork pod of this node).
 /// `node_addresses` are the addresses of the pod's node, from which ingress always passes.
 pub fn compile_endpoint(state: &ClusterState, pod: &Pod, node_addresses: &BTreeSet<IpAddr>) -> EndpointTables {
+    compile_endpoint_with(state, pod, node_addresses, &mut TierCache::default())
+}
+
+/// [`compile_endpoint`] for one of many endpoints compiled from the same `state`: `cache`
+/// keeps what the ClusterNetworkPolicy rules match, for the next endpoint.
+pub fn compile_endpoint_with(state: &ClusterState, pod: &Pod, node_addresses: &BTreeSet<IpAddr>, cache: &mut TierCache) -> EndpointTables {
     EndpointTables {
         pod: pod.key.clone(),
         addresses: state.owned_ips(pod).collect(),
-        ingress: compile_direction(state, pod, Direction::Ingress, node_addresses),
-        egress: compile_direction(state, pod, Direction::Egress, node_addresses),
+        ingress: compile_direction(state, pod, Direction::Ingress, node_addresses, cache),
+        egress: compile_direction(state, pod, Direction::Egress, node_addresses, cache),
     }
 }
 
@@ -55,10 +62,10 @@ pub fn compile_pod(state: &ClusterState, pod: &Pod) -> EndpointTables {
     compile_endpoint(state, pod, &node_addresses)
 }
 
-fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>) -> PeerTable {
+fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>, cache: &mut TierCache) -> PeerTable {
     // A pod a ClusterNetworkPolicy applies to gets tiered tables (crate::cnp::compile);
     // without one, NetworkPolicy alone decides, exactly as before.
-    if let Some(table) = crate::cnp::compile::tiered_direction(state, pod, direction, node_addresses) {
+    if let Some(table) = crate::cnp::compile::tiered_direction(state, pod, direction, node_addresses, cache) {
         return table;
     }
     let policies: Vec<_> = state.isolating_policies(pod, direction).collect();

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::cnp::{ClusterNetworkPolicy, ClusterPolicy};
-use crate::compile::compile_endpoint;
+use crate::cnp::TierCache;
+use crate::compile::compile_endpoint_with;
 use crate::labels::Labels;
 use crate::error::InvalidObject;
 use crate::objects::{Namespace, Node, ObjectKey, Pod};
@@ -109,6 +110,8 @@ pub struct NodeCompiler {
     /// pod, namespace or node, so they are recompiled when any of those changes (coarse,
     /// see `apply_one`).
     cluster_policy_users: BTreeSet<ObjectKey>,
+    /// What each ClusterNetworkPolicy rule matches, kept across batches (see [`TierCache`]).
+    tier_cache: TierCache,
 }
 
 impl NodeCompiler {
@@ -122,6 +125,7 @@ impl NodeCompiler {
             next_id: 1,
             rejected: BTreeMap::new(),
             cluster_policy_users: BTreeSet::new(),
+            tier_cache: TierCache::default(),
         }
     }
 
@@ -196,6 +200,7 @@ impl NodeCompiler {
                 }
             }
         }
+        self.forget_cached_rules(&change);
         match change {
             Change::UpsertClusterPolicy(cnp) => match ClusterPolicy::from_manifest(&cnp) {
                 // Unchanged (a relist), and not rejected meanwhile: nothing to mark.
@@ -306,6 +311,20 @@ impl NodeCompiler {
         }
     }
 
+    /// Before `change` reaches the state: drop the cached rule grants it can change.
+    fn forget_cached_rules(&mut self, change: &Change) {
+        let cache = &mut self.tier_cache;
+        match change {
+            Change::UpsertPolicy(_) | Change::DeletePolicy(_) => {}
+            Change::UpsertClusterPolicy(cnp) => cache.forget_policy(cnp.metadata.name.as_deref().unwrap_or_default()),
+            Change::DeleteClusterPolicy(name) => cache.forget_policy(name),
+            Change::UpsertNamespace(_) | Change::DeleteNamespace(_) => cache.forget_pod_peers(),
+            Change::UpsertNode(_) | Change::DeleteNode(_) | Change::UpsertNodeLabels { .. } => cache.forget_node_peers(),
+            Change::UpsertPod(pod) => cache.forget_pod(&self.state, self.state.pod(&pod.key), Some(pod)),
+            Change::DeletePod(key) => cache.forget_pod(&self.state, self.state.pod(key), None),
+        }
+    }
+
     /// Whether a pod's change (`old` → `new`, as the state holds them before it) can change
     /// what a ClusterNetworkPolicy's pod or namespace peer covers: which peers match it,
     /// the addresses of a pod some peer matches (or of another pod at those addresses,
@@ -313,6 +332,13 @@ impl NodeCompiler {
     /// own change recompiles it anyway (`mark_pod`); `networks` peers are addresses,
     /// whoever holds them; node and namespace changes still reach every subject.
     fn pod_change_reaches_cluster_peers(&self, old: Option<&Pod>, new: Option<&Pod>) -> bool {
+        // A hostNetwork pod's addresses are its node's, and a pod at a node's address
+        // takes it from the node: both change what a nodes peer covers.
+        let versions = || old.into_iter().chain(new);
+        let near_nodes = versions().any(|p| p.host_network || p.ips.iter().any(|ip| self.state.node_holds(*ip)));
+        if near_nodes && self.has_node_peers() {
+            return true;
+        }
         let old_bits = old.map(|p| self.cluster_peer_matches(p)).unwrap_or_default();
         let new_bits = new.map(|p| self.cluster_peer_matches(p)).unwrap_or_default();
         let old_any = old_bits.iter().any(|b| *b);
@@ -326,14 +352,21 @@ impl NodeCompiler {
             if old_any || new_any {
                 return true;
             }
+            // Every holder, not only the owner: one behind the owner takes over when the
+            // owner goes.
             let other_holder_matched = old_ips
                 .iter()
                 .chain(new_ips)
-                .filter_map(|ip| self.state.pod_at(*ip))
-                .any(|h| Some(h) != old && self.cluster_peer_matches(h).iter().any(|b| *b));
+                .flat_map(|ip| self.state.pod_holders(*ip))
+                .any(|h| old.is_none_or(|o| o.key != h.key) && self.cluster_peer_matches(h).iter().any(|b| *b));
             return other_holder_matched;
         }
         new_any && old.map(|p| &p.named_ports) != new.map(|p| &p.named_ports)
+    }
+
+    fn has_node_peers(&self) -> bool {
+        use crate::cnp::ClusterPeer;
+        self.state.cluster_policies().any(|p| p.ingress.iter().chain(&p.egress).any(|r| r.peers.iter().any(|x| matches!(x, ClusterPeer::Nodes(_)))))
     }
 
     /// For every pod or namespace peer of every ClusterNetworkPolicy, in order: whether it
@@ -495,7 +528,7 @@ impl NodeCompiler {
                 }
                 Some(pod) => {
                     report.recompiled += 1;
-                    let tables = compile_endpoint(&self.state, &pod, &node_addresses);
+                    let tables = compile_endpoint_with(&self.state, &pod, &node_addresses, &mut self.tier_cache);
                     if Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(&self.state, &pod, *d)) {
                         self.cluster_policy_users.insert(key.clone());
                     } else {

@@ -27,8 +27,8 @@ pub mod workload;
 #[cfg(test)]
 mod tests;
 
-pub use cnp::{ClusterNetworkPolicy, ClusterPolicy, TierVerdict};
-pub use compile::{compile_endpoint, compile_pod};
+pub use cnp::{ClusterNetworkPolicy, ClusterPolicy, TierCache, TierVerdict};
+pub use compile::{compile_endpoint, compile_endpoint_with, compile_pod};
 pub use error::{FieldError, InvalidObject};
 pub use incremental::{Change, ChangeReport, Endpoint, NodeCompiler};
 pub use ip::{Family, Prefix};

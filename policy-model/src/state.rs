@@ -81,6 +81,14 @@ impl<T: Ord> SortedVec<T> {
     fn is_empty(&self) -> bool {
         matches!(self, SortedVec::Empty)
     }
+
+    fn as_slice(&self) -> &[T] {
+        match self {
+            SortedVec::Empty => &[],
+            SortedVec::One(x) => std::slice::from_ref(x),
+            SortedVec::Many(all) => all,
+        }
+    }
 }
 
 impl<T: Ord> FromIterator<T> for SortedVec<T> {
@@ -193,6 +201,17 @@ impl ClusterState {
         }
     }
 
+    /// Every non-hostNetwork pod holding `addr`, the owner first: ownership moves among
+    /// them as they come and go.
+    pub fn pod_holders(&self, addr: IpAddr) -> impl Iterator<Item = &Pod> {
+        self.addresses.get(&addr).map(|h| h.pods.as_slice()).unwrap_or(&[]).iter().filter_map(|k| self.pods.get(k))
+    }
+
+    /// Whether a node (a Node's address, or a hostNetwork pod's) holds `addr`.
+    pub fn node_holds(&self, addr: IpAddr) -> bool {
+        self.addresses.get(&addr).is_some_and(|h| !h.nodes.is_empty())
+    }
+
     /// The pod that owns `addr`, if any.
     pub fn pod_at(&self, addr: IpAddr) -> Option<&Pod> {
         match self.owner(addr) {
@@ -203,7 +222,10 @@ impl ClusterState {
 
     /// The addresses `pod` is reachable at as a peer: the ones it owns.
     pub fn owned_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
-        pod.ips.iter().copied().filter(move |ip| self.pod_at(*ip).is_some_and(|p| p.key == pod.key))
+        // The first holder owns an address (`owner`). Holders are exactly the pods in
+        // `self.pods` (upsert_pod/remove_pod), so comparing keys is enough, and interned
+        // keys compare by pointer: this runs once per peer pod address in a compile.
+        pod.ips.iter().copied().filter(move |ip| self.addresses.get(ip).and_then(|h| h.pods.first()).is_some_and(|k| *k == pod.key))
     }
 
     /// The addresses traffic from node `name` comes from: the Node's addresses and its

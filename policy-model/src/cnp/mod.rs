@@ -12,6 +12,8 @@
 //! [`ClusterPolicy::warnings`]: `domainNames` peers (no DNS here) and peers that set no
 //! field this version knows.
 
+mod build;
+mod cache;
 pub(crate) mod compile;
 pub mod eval;
 pub mod model;
@@ -20,6 +22,7 @@ pub mod validate;
 
 use k8s_openapi::api::core::v1 as core;
 
+pub use cache::TierCache;
 pub use eval::{DecidedBy, TierVerdict, decide};
 pub use model::{Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, ClusterRuleRef, FailClosed, Subject, Tier};
 pub use types::ClusterNetworkPolicy;

@@ -82,6 +82,46 @@ fn node_labels_recompile_the_users_of_node_peers() {
     assert!(!c.endpoint(&k("x/a")).unwrap().tables.egress.allows("10.250.0.2".parse().unwrap(), crate::IpProtocol::TCP, 5432));
 }
 
+/// A hostNetwork pod's address is its node's: a nodes peer covers it as soon as the pod
+/// appears, with the compiler's rule cache warm.
+#[test]
+fn a_host_network_pod_reaches_the_users_of_node_peers() {
+    let mut c = setup();
+    c.apply([Change::UpsertNodeLabels { node: "n2".into(), labels: labels(&[("role", "db")]) }]);
+    c.apply([upsert("nodes", json!({"tier": "Admin", "priority": 1,
+        "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+        "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "db"}}}]}]}))]);
+    let ip = "10.250.0.9".parse().unwrap();
+    assert!(c.endpoint(&k("x/a")).unwrap().tables.egress.allows(ip, crate::IpProtocol::TCP, 5432));
+    let mut host = crate::tests::mk_pod("y", "agent", &[], &["10.250.0.9"]);
+    host.node = Some("n2".into());
+    host.host_network = true;
+    let r = c.apply([Change::UpsertPod(host)]);
+    assert_eq!(r.changed, vec![k("x/a"), k("x/b")]);
+    assert!(!c.endpoint(&k("x/a")).unwrap().tables.egress.allows(ip, crate::IpProtocol::TCP, 5432));
+    check_against_full(&c, None).unwrap();
+}
+
+/// A pod behind another at the same address becomes its owner when the first goes: a
+/// rule matching it must cover the address from then on.
+#[test]
+fn ownership_moving_to_a_matched_pod_reaches_cluster_policy_subjects() {
+    let mut c = setup();
+    c.apply([upsert("deny", json!({"tier": "Admin", "priority": 1,
+        "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+        "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "bad"}}}}]}]}))]);
+    // y/a holds 10.244.0.3; y/z (a later key, so not the owner) is matched and shares it.
+    let mut z = crate::tests::mk_pod("y", "z", &[("app", "bad")], &["10.244.0.3"]);
+    z.node = Some("n2".into());
+    c.apply([Change::UpsertPod(z)]);
+    let ip = "10.244.0.3".parse().unwrap();
+    assert!(c.endpoint(&k("x/a")).unwrap().tables.ingress.allows(ip, crate::IpProtocol::TCP, 80));
+    let r = c.apply([Change::DeletePod(k("y/a"))]);
+    assert!(r.changed.contains(&k("x/a")), "{r:?}");
+    assert!(!c.endpoint(&k("x/a")).unwrap().tables.ingress.allows(ip, crate::IpProtocol::TCP, 80));
+    check_against_full(&c, None).unwrap();
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Pod(usize, PodSpec),
