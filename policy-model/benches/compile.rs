@@ -129,6 +129,15 @@ fn bench_cluster_policies(cr: &mut Criterion) {
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         c
     };
+    let before = LIVE.load(Ordering::Relaxed);
+    let compiled = full();
+    let after = LIVE.load(Ordering::Relaxed);
+    let entries: usize = compiled.endpoints().map(|e| e.tables.entry_count()).sum();
+    println!(
+        "with 100 cluster policies: compiled state ({entries} entries, rule cache included): {:.1} MiB",
+        (after - before) as f64 / (1024.0 * 1024.0)
+    );
+    drop(compiled);
     let mut g = cr.benchmark_group("with 100 cluster policies");
     g.sample_size(10);
     g.bench_function("full compile (10k pods, 2k policies, 100 CNPs, 100 local)", |b| b.iter(|| black_box(full())));
@@ -160,6 +169,39 @@ fn bench_cluster_policies(cr: &mut Criterion) {
             let app = if flip { "app-7" } else { "app-1" };
             let r = c.apply([Change::UpsertPod(workload().pod(3, 11, Some(app)))]);
             black_box(r)
+        })
+    });
+    g.finish();
+
+    // Without NetworkPolicies the Baseline tier decides, and its default-deny peers cover
+    // every pod: each subject's table gets an entry per pod.
+    let baseline_decides = || {
+        let mut c = NodeCompiler::new(workload().node);
+        let mut changes: Vec<Change> = cluster().into_iter().filter(|c| !matches!(c, Change::UpsertPolicy(_))).collect();
+        changes.extend(workload().cluster_policies(0).into_iter().map(|p| Change::UpsertClusterPolicy(Box::new(p))));
+        c.apply(changes);
+        c
+    };
+    let mut g = cr.benchmark_group("with 100 cluster policies and no NetworkPolicy");
+    g.sample_size(10);
+    g.bench_function("full compile", |b| b.iter(|| black_box(baseline_decides())));
+    let mut c = baseline_decides();
+    let entries: usize = c.endpoints().map(|e| e.tables.entry_count()).sum();
+    println!("with 100 cluster policies and no NetworkPolicy: {entries} entries");
+    let mut flip = false;
+    g.bench_function("cluster policy change, one team's (10 local subjects)", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let p = workload().cluster_policies(u16::from(flip)).swap_remove(3);
+            black_box(c.apply([Change::UpsertClusterPolicy(Box::new(p))]))
+        })
+    });
+    let mut flip = false;
+    g.bench_function("pod label change", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let app = if flip { "app-7" } else { "app-1" };
+            black_box(c.apply([Change::UpsertPod(workload().pod(3, 11, Some(app)))]))
         })
     });
     g.finish();

@@ -40,9 +40,12 @@ pub(crate) fn tiered_direction(
     let mut isolated_by = Vec::new();
     let mut cached: Vec<(RuleKey, usize, Arc<[RuleGrant]>)> = Vec::new();
     let mut own: Vec<(usize, Vec<RuleGrant>)> = Vec::new();
-    let mut add_tier = |tier: Tier, layers: &mut Vec<Layer>, isolated_by: &mut Vec<_>| {
+    let mut add_tier = |tier: Tier, decides: bool, layers: &mut Vec<Layer>, isolated_by: &mut Vec<_>| {
         for policy in tier_policies(state, pod, direction, tier) {
             isolated_by.push(policy.key());
+            if !decides {
+                continue;
+            }
             for (i, rule) in policy.rules(direction).iter().enumerate() {
                 let layer = layers.len();
                 layers.push(Layer::Rule { action: rule.effective_action(), rule: RuleRef::cluster_rule(ClusterRuleRef::new(policy, direction, i)) });
@@ -53,14 +56,17 @@ pub(crate) fn tiered_direction(
             }
         }
     };
-    add_tier(Tier::Admin, &mut layers, &mut isolated_by);
+    add_tier(Tier::Admin, true, &mut layers, &mut isolated_by);
     let np_policies: Vec<_> = state.isolating_policies(pod, direction).collect();
     let np_layer = layers.len();
     layers.push(Layer::NetworkPolicy { isolated: !np_policies.is_empty() });
     let mut np_rules = Vec::new();
     let np_grants = policy_grants(state, pod, direction, &np_policies, &mut np_rules);
     isolated_by.extend(np_policies.iter().map(|p| p.key.clone()));
-    add_tier(Tier::Baseline, &mut layers, &mut isolated_by);
+    // NetworkPolicies that isolate the pod decide everything the Admin tier leaves: the
+    // Baseline rules then decide nothing, and their grants (often every pod of the
+    // cluster) need no walk.
+    add_tier(Tier::Baseline, np_policies.is_empty(), &mut layers, &mut isolated_by);
 
     let exempt = exempt_grants(state, pod, direction, node_addresses);
     let mut local: Vec<LocalGrant> = Vec::with_capacity(exempt.len() + np_grants.len());
