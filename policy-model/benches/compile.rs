@@ -82,16 +82,6 @@ fn bench(cr: &mut Criterion) {
     let mut c = full_compile();
     // A pod in ns-003 that app-to-app and same-namespace peers of the local pod there see.
     let mut flip = false;
-    g.bench_function("cluster policy change, one team's (10 local subjects)", |b| {
-        b.iter(|| {
-            flip = !flip;
-            let p = workload().cluster_policies(u16::from(flip)).swap_remove(3);
-            let r = c.apply([Change::UpsertClusterPolicy(Box::new(p))]);
-            assert_eq!(r.recompiled, 10);
-            black_box(r)
-        })
-    });
-    let mut flip = false;
     g.bench_function("pod label change", |b| {
         b.iter(|| {
             flip = !flip;
@@ -117,18 +107,7 @@ fn bench(cr: &mut Criterion) {
 
 /// The same cluster with 100 ClusterNetworkPolicies in both tiers.
 fn bench_cluster_policies(cr: &mut Criterion) {
-    let tiered = || {
-        let mut changes = cluster();
-        changes.extend(workload().cluster_policies(0).into_iter().map(|p| Change::UpsertClusterPolicy(Box::new(p))));
-        changes
-    };
-    let full = || {
-        let mut c = NodeCompiler::new(workload().node);
-        let r = c.apply(tiered());
-        assert_eq!(r.added.len(), 100);
-        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
-        c
-    };
+    let full = || tiered(true);
     let before = LIVE.load(Ordering::Relaxed);
     let compiled = full();
     let after = LIVE.load(Ordering::Relaxed);
@@ -148,10 +127,39 @@ fn bench_cluster_policies(cr: &mut Criterion) {
             flip = !flip;
             let p = workload().cluster_policies(u16::from(flip)).swap_remove(0);
             let r = c.apply([Change::UpsertClusterPolicy(Box::new(p))]);
-            assert!(r.recompiled >= 1);
+            assert_eq!(r.recompiled, 100);
             black_box(r)
         })
     });
+    changes_of_one_team_and_one_pod(&mut g, &mut c);
+    g.finish();
+
+    // Without NetworkPolicies the Baseline tier decides, and its default-deny peers cover
+    // every pod: each subject's table gets an entry per pod.
+    let mut g = cr.benchmark_group("with 100 cluster policies and no NetworkPolicy");
+    g.sample_size(10);
+    g.bench_function("full compile", |b| b.iter(|| black_box(tiered(false))));
+    let mut c = tiered(false);
+    let entries: usize = c.endpoints().map(|e| e.tables.entry_count()).sum();
+    println!("with 100 cluster policies and no NetworkPolicy: {entries} entries");
+    changes_of_one_team_and_one_pod(&mut g, &mut c);
+    g.finish();
+}
+
+/// The cluster with the 100 ClusterNetworkPolicies, compiled; with or without its
+/// NetworkPolicies.
+fn tiered(network_policies: bool) -> NodeCompiler {
+    let mut c = NodeCompiler::new(workload().node);
+    let mut changes: Vec<Change> = cluster().into_iter().filter(|c| network_policies || !matches!(c, Change::UpsertPolicy(_))).collect();
+    changes.extend(workload().cluster_policies(0).into_iter().map(|p| Change::UpsertClusterPolicy(Box::new(p))));
+    let r = c.apply(changes);
+    assert_eq!(r.added.len(), 100);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    c
+}
+
+/// A change to one team's cluster policy (10 local subjects), then to one pod's labels.
+fn changes_of_one_team_and_one_pod(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, c: &mut NodeCompiler) {
     let mut flip = false;
     g.bench_function("cluster policy change, one team's (10 local subjects)", |b| {
         b.iter(|| {
@@ -167,44 +175,9 @@ fn bench_cluster_policies(cr: &mut Criterion) {
         b.iter(|| {
             flip = !flip;
             let app = if flip { "app-7" } else { "app-1" };
-            let r = c.apply([Change::UpsertPod(workload().pod(3, 11, Some(app)))]);
-            black_box(r)
-        })
-    });
-    g.finish();
-
-    // Without NetworkPolicies the Baseline tier decides, and its default-deny peers cover
-    // every pod: each subject's table gets an entry per pod.
-    let baseline_decides = || {
-        let mut c = NodeCompiler::new(workload().node);
-        let mut changes: Vec<Change> = cluster().into_iter().filter(|c| !matches!(c, Change::UpsertPolicy(_))).collect();
-        changes.extend(workload().cluster_policies(0).into_iter().map(|p| Change::UpsertClusterPolicy(Box::new(p))));
-        c.apply(changes);
-        c
-    };
-    let mut g = cr.benchmark_group("with 100 cluster policies and no NetworkPolicy");
-    g.sample_size(10);
-    g.bench_function("full compile", |b| b.iter(|| black_box(baseline_decides())));
-    let mut c = baseline_decides();
-    let entries: usize = c.endpoints().map(|e| e.tables.entry_count()).sum();
-    println!("with 100 cluster policies and no NetworkPolicy: {entries} entries");
-    let mut flip = false;
-    g.bench_function("cluster policy change, one team's (10 local subjects)", |b| {
-        b.iter(|| {
-            flip = !flip;
-            let p = workload().cluster_policies(u16::from(flip)).swap_remove(3);
-            black_box(c.apply([Change::UpsertClusterPolicy(Box::new(p))]))
-        })
-    });
-    let mut flip = false;
-    g.bench_function("pod label change", |b| {
-        b.iter(|| {
-            flip = !flip;
-            let app = if flip { "app-7" } else { "app-1" };
             black_box(c.apply([Change::UpsertPod(workload().pod(3, 11, Some(app)))]))
         })
     });
-    g.finish();
 }
 
 criterion_group!(benches, bench);
