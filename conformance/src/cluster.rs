@@ -96,6 +96,24 @@ pub fn node_manifest(name: &str, addresses: &[IpAddr]) -> Value {
            "status": {"addresses": addresses}})
 }
 
+/// The host-network pod upstream's CNP suite runs on node `index` (centaur-1, centaur-2 in
+/// namespace network-policy-conformance-forbidden-forest), holding the node's addresses.
+/// The harness serves its ports in the node's own namespace (`to: nodes` probes); the
+/// manifest lets the agent see the pod too, as it would in a cluster: hostNetwork pods
+/// are neither subjects nor pod peers, and their addresses are their node's.
+pub fn host_network_pod_manifest(index: usize, addresses: &[IpAddr]) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": format!("centaur-{}", index + 1), "namespace": HOST_NETWORK_NAMESPACE, "labels": {"app": "centaur"}},
+        "spec": {"nodeName": node_name(index), "hostNetwork": true, "containers": [{"name": "agnhost", "image": "agnhost"}]},
+        "status": {"phase": "Running", "podIPs": addresses.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
+    })
+}
+
+/// The namespace of the host-network pods (upstream's).
+pub const HOST_NETWORK_NAMESPACE: &str = "network-policy-conformance-forbidden-forest";
+
 pub fn namespace_manifest(name: &str, labels: &BTreeMap<String, String>) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }

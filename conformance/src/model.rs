@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::case::{Case, Expect, ProbeTarget, Reachability, Step};
 use crate::cluster::{
-    Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, namespace_manifest, node_addresses, node_manifest, node_name,
+    Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, host_network_pod_manifest, namespace_manifest, node_addresses, node_manifest, node_name,
 };
 
 /// The outcome of one probe.
@@ -134,8 +134,10 @@ impl ModelCluster {
         for (ns, labels) in &self.namespace_labels {
             m.add_value("namespaces", serde_yaml_ng::to_value(namespace_manifest(ns, labels)).expect("json to yaml"));
         }
-        for (name, addresses) in &self.nodes {
+        for (i, (name, addresses)) in self.nodes.iter().enumerate() {
             m.add_value(&format!("node {name}"), serde_yaml_ng::to_value(node_manifest(name, addresses)).expect("json to yaml"));
+            let host = host_network_pod_manifest(i, addresses);
+            m.add_value(&format!("host-network pod on {name}"), serde_yaml_ng::to_value(host).expect("json to yaml"));
         }
         for p in &self.pods {
             m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest()).expect("json to yaml"));

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::agent_process::AgentProcess;
 use crate::case::{Case, Expect, ProbeTarget, Reachability};
 use crate::cluster::{
-    Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, namespace_manifest, node_addresses, node_manifest,
+    Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, host_network_pod_manifest, namespace_manifest, node_addresses, node_manifest,
 };
 use crate::model::{CaseOutcome, ProbeOutcome, delete_key, is_cluster_policy, namespaces_of, policy_key};
 use crate::netns::unique;
@@ -109,8 +109,9 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     for (ns, labels) in &ns_labels {
         write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
     }
-    for node in &nodes {
+    for (i, node) in nodes.iter().enumerate() {
         write(dir.path(), &format!("node-{}.yaml", node.name), &node_manifest(&node.name, &node.addresses))?;
+        write(dir.path(), &format!("host-pod-{}.yaml", node.name), &host_network_pod_manifest(i, &node.addresses))?;
     }
     // One agent per node. Each detects its node devices: with two nodes, the uplink gets the
     // post-DNAT egress check of Service traffic leaving the node.
