@@ -52,6 +52,7 @@ pub fn compile_endpoint_with(state: &ClusterState, pod: &Pod, node_addresses: &B
         addresses: state.owned_ips(pod).collect(),
         ingress: compile_direction(state, pod, Direction::Ingress, node_addresses, cache),
         egress: compile_direction(state, pod, Direction::Egress, node_addresses, cache),
+        audit: Default::default(),
     }
 }
 
@@ -62,7 +63,13 @@ pub fn compile_pod(state: &ClusterState, pod: &Pod) -> EndpointTables {
     compile_endpoint(state, pod, &node_addresses)
 }
 
-fn compile_direction(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>, cache: &mut TierCache) -> PeerTable {
+pub(crate) fn compile_direction(
+    state: &ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    node_addresses: &BTreeSet<IpAddr>,
+    cache: &mut TierCache,
+) -> PeerTable {
     // A pod a ClusterNetworkPolicy applies to gets tiered tables (crate::cnp::compile);
     // without one, NetworkPolicy alone decides, exactly as before.
     if let Some(table) = crate::cnp::compile::tiered_direction(state, pod, direction, node_addresses, cache) {

@@ -86,6 +86,10 @@ pub struct ChangeReport {
     /// ClusterNetworkPolicies accepted in this batch with peers that fail closed (for logs
     /// and Events).
     pub cluster_policy_warnings: Vec<ClusterPolicyWarning>,
+    /// NetworkPolicies and Namespaces upserted in this batch whose
+    /// `policy-agent.io/enforcement` annotation is neither `audit` nor `enforce`: their
+    /// policies are enforced (fail closed).
+    pub annotation_errors: Vec<InvalidObject>,
 }
 
 impl ChangeReport {
@@ -234,9 +238,12 @@ impl NodeCompiler {
             Change::UpsertNamespace(ns) => {
                 let old = self.state.namespace_labels(&ns.name).into_owned();
                 self.mark_namespace_peers(&ns.name, &old, &ns.labels, dirty);
+                report.annotation_errors.extend(ns.enforcement.error("Namespace", &ObjectKey::new("", &ns.name)));
+                self.mark_namespace_audit(&ns.name, ns.enforcement.is_audit(), dirty);
                 self.state.upsert_namespace(ns);
             }
             Change::DeleteNamespace(name) => {
+                self.mark_namespace_audit(&name, false, dirty);
                 let old = self.state.namespace_labels(&name).into_owned();
                 // Pods of a deleted namespace are deleted on their own; until then they keep
                 // the labels every namespace has.
@@ -274,6 +281,7 @@ impl NodeCompiler {
                 Ok(policy) if self.state.policy(&policy.key) == Some(&policy) && !self.rejected.contains_key(&policy.key) => {}
                 Ok(policy) => {
                     self.rejected.remove(&policy.key);
+                    report.annotation_errors.extend(policy.enforcement.error("NetworkPolicy", &policy.key));
                     if let Some(old) = self.state.policy(&policy.key).cloned() {
                         self.mark_policy_targets(&old, dirty);
                     }
@@ -406,6 +414,28 @@ impl NodeCompiler {
         }
     }
 
+    /// A namespace's audit annotation changes to `audit`: its local pods' tables (and
+    /// audit tables) may change, since its policies only select its own pods.
+    fn mark_namespace_audit(&self, namespace: &str, audit: bool, dirty: &mut BTreeSet<ObjectKey>) {
+        let was = self.state.namespace(namespace).is_some_and(|ns| ns.enforcement.is_audit());
+        if was != audit {
+            dirty.extend(self.state.pods_in(namespace).filter(|p| self.is_local(p)).map(|p| p.key.clone()));
+        }
+    }
+
+    /// Sets whether the node audits every policy (NetworkPolicies and
+    /// ClusterNetworkPolicies; [`crate::audit`]) and recompiles what that changes.
+    pub fn set_audit_all(&mut self, on: bool) -> ChangeReport {
+        let mut report = ChangeReport::default();
+        if self.state.audit_all() == on {
+            return report;
+        }
+        self.state.set_audit_all(on);
+        let dirty: BTreeSet<ObjectKey> = self.endpoints.keys().cloned().collect();
+        self.recompile(dirty, &mut report);
+        report
+    }
+
     /// Local pods a ClusterNetworkPolicy selects.
     fn mark_cluster_policy_subjects(&self, policy: &ClusterPolicy, dirty: &mut BTreeSet<ObjectKey>) {
         for pod in self.state.pods() {
@@ -528,8 +558,14 @@ impl NodeCompiler {
                 }
                 Some(pod) => {
                     report.recompiled += 1;
-                    let tables = compile_endpoint_with(&self.state, &pod, &node_addresses, &mut self.tier_cache);
-                    if Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(&self.state, &pod, *d)) {
+                    let mut tables = compile_endpoint_with(&self.state, &pod, &node_addresses, &mut self.tier_cache);
+                    // The cache holds what rules match, whatever the view.
+                    tables.audit = crate::audit::compile_audit(&mut self.state, &pod, &node_addresses, &tables, &mut self.tier_cache);
+                    // Audited cluster policies too: their peers' changes reach the audit tables.
+                    let cluster_user = self
+                        .state
+                        .with_view(crate::audit::View::Audit, |s| Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(s, &pod, *d)));
+                    if cluster_user {
                         self.cluster_policy_users.insert(key.clone());
                     } else {
                         self.cluster_policy_users.remove(&key);

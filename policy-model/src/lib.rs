@@ -8,6 +8,7 @@
 //!   [`NodeCompiler`] keeps every local pod's tables current as the cluster changes.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cnp;
 pub mod compile;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod workload;
 #[cfg(test)]
 mod tests;
 
+pub use audit::{ENFORCEMENT_ANNOTATION, Enforcement, View};
 pub use cnp::{ClusterNetworkPolicy, ClusterPolicy, TierCache, TierVerdict};
 pub use compile::{compile_endpoint, compile_endpoint_with, compile_pod};
 pub use error::{FieldError, InvalidObject};
@@ -37,5 +39,5 @@ pub use objects::{NAMESPACE_NAME_LABEL, NamedPort, Namespace, Node, ObjectKey, P
 pub use policy::{Direction, Policy};
 pub use ports::{IpProtocol, PortRange, PortSet, Protocol};
 pub use state::{AddressOwner, ClusterState};
-pub use table::{EndpointId, EndpointTables, Origin, PeerEntry, PeerTable};
+pub use table::{AuditTable, AuditTables, EndpointId, EndpointTables, Origin, PeerEntry, PeerTable};
 pub use verdict::{Decision, Flow, RuleMatch, RuleRef, Verdict, rule_matches_for, verdict};

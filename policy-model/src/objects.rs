@@ -51,6 +51,9 @@ impl fmt::Display for ObjectKey {
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,
+    /// Its `policy-agent.io/enforcement` annotation: `audit` audits every NetworkPolicy of
+    /// the namespace ([`crate::audit`]).
+    pub enforcement: crate::audit::Enforcement,
 }
 
 impl Namespace {
@@ -59,7 +62,7 @@ impl Namespace {
     pub fn new(name: impl Into<String>, mut labels: Labels) -> Namespace {
         let name = name.into();
         labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-        Namespace { name, labels }
+        Namespace { name, labels, enforcement: crate::audit::Enforcement::Enforce }
     }
 
     pub fn from_k8s(ns: &core::Namespace) -> Result<Namespace, InvalidObject> {
@@ -71,7 +74,9 @@ impl Namespace {
                 errors: vec![FieldError::new("metadata.name", "Required value")],
             });
         }
-        Ok(Namespace::new(name, ns.metadata.labels.as_ref().map(Labels::from).unwrap_or_default()))
+        let mut out = Namespace::new(name, ns.metadata.labels.as_ref().map(Labels::from).unwrap_or_default());
+        out.enforcement = crate::audit::Enforcement::from_annotations(ns.metadata.annotations.as_ref());
+        Ok(out)
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Policy {
     /// an allowance. `Some(vec![])` isolates and allows nothing.
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
+    /// Its `policy-agent.io/enforcement` annotation ([`crate::audit`]).
+    pub enforcement: crate::audit::Enforcement,
 }
 
 impl Policy {
@@ -187,6 +189,9 @@ impl Policy {
             pod_selector,
             ingress: isolates_ingress.then_some(ingress_rules),
             egress: isolates_egress.then_some(egress_rules),
+            // An invalid value is not a validation error: the policy is enforced (fail
+            // closed) and the value reported (`Enforcement::error`).
+            enforcement: crate::audit::Enforcement::from_annotations(np.metadata.annotations.as_ref()),
         })
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use crate::audit::View;
 use crate::cnp::ClusterPolicy;
 use crate::labels::Labels;
 use crate::objects::{NAMESPACE_NAME_LABEL, Namespace, Node, ObjectKey, Pod};
@@ -125,6 +126,10 @@ pub struct ClusterState {
     /// Node labels, kept apart from [`Node`] (which other code builds literally); read by
     /// ClusterNetworkPolicy `nodes` peers.
     node_labels: BTreeMap<String, Labels>,
+    /// The node audits every policy (`--enforcement audit`; [`crate::audit`]).
+    audit_all: bool,
+    /// Which policies evaluation and compilation see ([`crate::audit::View`]).
+    view: View,
 }
 
 impl ClusterState {
@@ -244,9 +249,57 @@ impl ClusterState {
         !pod.host_network && policy.key.namespace == pod.key.namespace && policy.pod_selector.matches(&pod.labels)
     }
 
-    /// Policies that isolate `pod` in `direction`, in key order.
+    /// Policies that isolate `pod` in `direction`, in key order (in the enforced view,
+    /// audited ones are left out).
     pub fn isolating_policies<'a>(&'a self, pod: &'a Pod, direction: Direction) -> impl Iterator<Item = &'a Policy> + 'a {
-        self.policies_in(&pod.key.namespace).filter(move |p| p.rules(direction).is_some() && self.selects(p, pod))
+        self.policies_in(&pod.key.namespace)
+            .filter(move |p| p.rules(direction).is_some() && self.selects(p, pod) && (self.view == View::Audit || !self.is_audited(p)))
+    }
+
+    // ---- audit mode (crate::audit) ----
+
+    /// Whether `policy` is audited: by its annotation, its namespace's, or the node's.
+    pub fn is_audited(&self, policy: &Policy) -> bool {
+        self.audit_all
+            || policy.enforcement.is_audit()
+            || self.namespaces.get(&*policy.key.namespace).is_some_and(|ns| ns.enforcement.is_audit())
+    }
+
+    /// Whether the node audits every policy.
+    pub fn audit_all(&self) -> bool {
+        self.audit_all
+    }
+
+    pub fn set_audit_all(&mut self, on: bool) {
+        self.audit_all = on;
+    }
+
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    pub fn set_view(&mut self, view: View) {
+        self.view = view;
+    }
+
+    /// Runs `f` on the state in `view`, then restores the view it was in.
+    pub fn with_view<R>(&mut self, view: View, f: impl FnOnce(&ClusterState) -> R) -> R {
+        let before = std::mem::replace(&mut self.view, view);
+        let out = f(self);
+        self.view = before;
+        out
+    }
+
+    /// The ClusterNetworkPolicies evaluation sees: all of them, except in the enforced
+    /// view of a node that audits every policy (none then).
+    pub fn judging_cluster_policies(&self) -> impl Iterator<Item = &ClusterPolicy> {
+        let hidden = self.audit_all && self.view == View::Enforced;
+        self.cluster_policies.values().filter(move |_| !hidden)
+    }
+
+    /// Whether any policy is audited (then the audit view may differ from the enforced one).
+    pub fn has_audited(&self) -> bool {
+        (self.audit_all && !self.cluster_policies.is_empty()) || self.policies.values().any(|p| self.is_audited(p))
     }
 
     /// Whether a pod peer (`Peer::Pods`) of a policy in `policy_ns` matches `pod`.

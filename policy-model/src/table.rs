@@ -131,15 +131,88 @@ pub struct EndpointTables {
     pub ingress: PeerTable,
     /// Judges traffic leaving the pod, by destination address.
     pub egress: PeerTable,
+    /// The tables with audited policies enforcing, where they differ ([`crate::audit`]).
+    #[serde(skip_serializing_if = "AuditTables::is_empty")]
+    pub audit: AuditTables,
 }
 
 impl EndpointTables {
     pub fn same_datapath(&self, other: &EndpointTables) -> bool {
-        self.addresses == other.addresses && self.ingress.same_datapath(&other.ingress) && self.egress.same_datapath(&other.egress)
+        self.addresses == other.addresses
+            && self.ingress.same_datapath(&other.ingress)
+            && self.egress.same_datapath(&other.egress)
+            && self.audit.same_datapath(&other.audit)
     }
 
-    /// Total entries in both directions.
+    /// Total entries in both directions (audit tables included).
     pub fn entry_count(&self) -> usize {
-        self.ingress.entries.len() + self.egress.entries.len()
+        self.ingress.entries.len() + self.egress.entries.len() + self.audit.entry_count()
+    }
+
+    /// The enforced table of one direction.
+    pub fn table(&self, direction: crate::policy::Direction) -> &PeerTable {
+        match direction {
+            crate::policy::Direction::Ingress => &self.ingress,
+            crate::policy::Direction::Egress => &self.egress,
+        }
+    }
+
+    /// The table of one direction with audited policies enforcing: its audit table, or
+    /// the enforced one where audited policies change nothing.
+    pub fn audit_view(&self, direction: crate::policy::Direction) -> &PeerTable {
+        self.audit.get(direction).map_or(self.table(direction), |a| &a.table)
+    }
+}
+
+/// One direction's table with audited policies enforcing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditTable {
+    /// The audited policies that apply to the pod in this direction (what an audit event
+    /// names).
+    pub audited: Vec<ObjectKey>,
+    pub table: PeerTable,
+}
+
+/// A pod's audit tables: per direction, present only where an audited policy applies and
+/// the table differs from the enforced one (and is isolated: one that allows everything
+/// never reports anything).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AuditTables {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<AuditTable>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<AuditTable>,
+}
+
+impl AuditTables {
+    pub fn is_empty(&self) -> bool {
+        self.ingress.is_none() && self.egress.is_none()
+    }
+
+    pub fn get(&self, direction: crate::policy::Direction) -> Option<&AuditTable> {
+        match direction {
+            crate::policy::Direction::Ingress => self.ingress.as_ref(),
+            crate::policy::Direction::Egress => self.egress.as_ref(),
+        }
+    }
+
+    pub fn get_mut(&mut self, direction: crate::policy::Direction) -> &mut Option<AuditTable> {
+        match direction {
+            crate::policy::Direction::Ingress => &mut self.ingress,
+            crate::policy::Direction::Egress => &mut self.egress,
+        }
+    }
+
+    pub fn same_datapath(&self, other: &AuditTables) -> bool {
+        let same = |a: &Option<AuditTable>, b: &Option<AuditTable>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.table.same_datapath(&b.table),
+            _ => false,
+        };
+        same(&self.ingress, &other.ingress) && same(&self.egress, &other.egress)
+    }
+
+    pub fn entry_count(&self) -> usize {
+        [&self.ingress, &self.egress].iter().filter_map(|t| t.as_ref()).map(|t| t.table.entries.len()).sum()
     }
 }

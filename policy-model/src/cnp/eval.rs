@@ -68,10 +68,11 @@ pub fn selects(state: &ClusterState, policy: &ClusterPolicy, pod: &Pod) -> bool 
     }
 }
 
-/// The policies of `tier` that apply to `pod` in `direction`, in precedence order.
+/// The policies of `tier` that apply to `pod` in `direction`, in precedence order (as the
+/// state's view sees them: see [`ClusterState::judging_cluster_policies`]).
 pub fn tier_policies<'a>(state: &'a ClusterState, pod: &Pod, direction: Direction, tier: Tier) -> Vec<&'a ClusterPolicy> {
     let mut v: Vec<&ClusterPolicy> = state
-        .cluster_policies()
+        .judging_cluster_policies()
         .filter(|p| p.tier == tier && !p.rules(direction).is_empty() && selects(state, p, pod))
         .collect();
     v.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
@@ -80,7 +81,7 @@ pub fn tier_policies<'a>(state: &'a ClusterState, pod: &Pod, direction: Directio
 
 /// Whether any ClusterNetworkPolicy applies to `pod` in `direction`.
 pub fn applies(state: &ClusterState, pod: &Pod, direction: Direction) -> bool {
-    state.cluster_policies().any(|p| !p.rules(direction).is_empty() && selects(state, p, pod))
+    state.judging_cluster_policies().any(|p| !p.rules(direction).is_empty() && selects(state, p, pod))
 }
 
 /// Whether a pod peer (namespaces / pods) matches `pod`.

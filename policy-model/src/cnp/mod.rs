@@ -48,4 +48,4 @@ pub fn priority_ties(state: &crate::ClusterState) -> Vec<(Tier, u16, Vec<String>
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,5 +1,6 @@
 //! Tests of the model: builders shared by the unit and property tests.
 
+mod audit;
 mod incremental;
 pub(crate) mod props;
 mod semantics;

@@ -2,7 +2,7 @@
 //! the upstream API text), and property tests against the reference evaluator.
 
 mod incremental;
-mod props;
+pub(crate) mod props;
 mod semantics;
 mod validation;
 

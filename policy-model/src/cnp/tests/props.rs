@@ -87,7 +87,7 @@ fn rule(egress: bool) -> impl Strategy<Value = Value> {
     })
 }
 
-pub(super) fn cnp_spec() -> impl Strategy<Value = Value> {
+pub(crate) fn cnp_spec() -> impl Strategy<Value = Value> {
     let subject = prop_oneof![Just(json!({"namespaces": {}})), selector().prop_map(|s| json!({"namespaces": s})), namespaced_pod().prop_map(|p| json!({"pods": p}))];
     let tier = prop::sample::select(vec!["Admin", "Baseline"]);
     (tier, 0..3i64, subject, prop::collection::vec(rule(false), 0..4), prop::collection::vec(rule(true), 0..4)).prop_map(
