@@ -28,7 +28,12 @@
 ///   rate limit and counters), both pinned with the generation's maps. Every other map
 ///   and type is layout 3's, so connection tracking and pending judgments are shared with
 ///   layout 3 programs during a migration.
-pub const LAYOUT_VERSION: u32 = 4;
+/// - 5: audit mode: endpoint flags `ENDPOINT_AUDIT_INGRESS`/`_EGRESS`, audit tables in
+///   `PEERS` under directions `DIRECTION_AUDIT_*`, and `FLOW_VERDICT_AUDIT`. Types and maps
+///   are layout 4's: connection tracking and pending judgments are shared with layout 4
+///   programs during a migration (which makes a new generation: layout 4 programs would
+///   ignore the audit flags, and a layout 4 agent would not know the audit entries).
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
 pub const LAYOUTS: &[(u32, &str)] = &[
@@ -36,6 +41,7 @@ pub const LAYOUTS: &[(u32, &str)] = &[
     (2, include_str!("../layouts/v2.txt")),
     (3, include_str!("../layouts/v3.txt")),
     (4, include_str!("../layouts/v4.txt")),
+    (5, include_str!("../layouts/v5.txt")),
 ];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
@@ -140,10 +146,15 @@ mod tests {
             ENDPOINT_INGRESS_ISOLATED,
             ENDPOINT_EGRESS_ISOLATED,
             ENDPOINT_FAIL_CLOSED,
+            ENDPOINT_AUDIT_INGRESS,
+            ENDPOINT_AUDIT_EGRESS,
             IFACE_HAS_V4,
             IFACE_HAS_V6,
             DIRECTION_INGRESS,
             DIRECTION_EGRESS,
+            DIRECTION_AUDIT,
+            DIRECTION_AUDIT_INGRESS,
+            DIRECTION_AUDIT_EGRESS,
             PEER_KEY_FIXED_BITS,
             PEER_ALL,
             NO_PORT_SET,
@@ -157,6 +168,7 @@ mod tests {
             CT_TCP_RESET,
             FLOW_VERDICT_ALLOWED,
             FLOW_VERDICT_DENIED,
+            FLOW_VERDICT_AUDIT,
             FLOW_DECIDED_NOT_ISOLATED,
             FLOW_DECIDED_PEER_ALL,
             FLOW_DECIDED_PORTS,

@@ -98,6 +98,12 @@ pub const ENDPOINT_EGRESS_ISOLATED: u32 = 2;
 /// `IFACES` slot it denies all traffic through that interface, whatever its addresses (a
 /// new pod's veth held until the agent knows the pod).
 pub const ENDPOINT_FAIL_CLOSED: u32 = 4;
+/// Audit mode: the endpoint has an audit table (its verdict with audited policies
+/// enforcing) for ingress / egress, in `PEERS` under `DIRECTION_AUDIT_INGRESS` /
+/// `DIRECTION_AUDIT_EGRESS`. A new flow its enforced table allows is looked up there too,
+/// and reported with `FLOW_VERDICT_AUDIT` if that table denies it. Nothing else reads it.
+pub const ENDPOINT_AUDIT_INGRESS: u32 = 8;
+pub const ENDPOINT_AUDIT_EGRESS: u32 = 16;
 
 /// `IFACES` value, at index = the pod's host-side ifindex: the hot path's endpoint lookup
 /// (an array, which the verifier inlines), by the interface the packet is on. One write
@@ -122,6 +128,11 @@ pub const IFACE_HAS_V6: u32 = 1 << 17;
 /// Directions, inside `PeerKey`s and for the `COUNTERS` index.
 pub const DIRECTION_INGRESS: u32 = 0;
 pub const DIRECTION_EGRESS: u32 = 1;
+/// `PeerKey` directions of the audit tables (`ENDPOINT_AUDIT_*`): a direction plus
+/// `DIRECTION_AUDIT`. Never a `COUNTERS` index nor a `FlowEvent::direction`.
+pub const DIRECTION_AUDIT: u32 = 2;
+pub const DIRECTION_AUDIT_INGRESS: u32 = DIRECTION_INGRESS | DIRECTION_AUDIT;
+pub const DIRECTION_AUDIT_EGRESS: u32 = DIRECTION_EGRESS | DIRECTION_AUDIT;
 
 /// `PEERS` LPM key data: (endpoint, direction) always match in full, then the address
 /// prefix. The key carries no revision: the agent changes a table in place, entry by
@@ -293,6 +304,10 @@ pub struct FlowEvent {
 
 pub const FLOW_VERDICT_ALLOWED: u8 = 1;
 pub const FLOW_VERDICT_DENIED: u8 = 2;
+/// Allowed by the enforced table, denied by the endpoint's audit table: the flow passed,
+/// and audited policies would have denied it. `decided` and `port_set` are the audit
+/// table's. On with denied events (`PA_FLOW_DENIED`).
+pub const FLOW_VERDICT_AUDIT: u8 = 3;
 
 /// Allowed: the endpoint is not isolated in that direction.
 pub const FLOW_DECIDED_NOT_ISOLATED: u8 = 1;

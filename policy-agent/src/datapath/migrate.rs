@@ -386,28 +386,29 @@ mod tests {
         assert_eq!(maps_dir_in_force(tmp.path()).unwrap(), tmp.path().join(&ours));
     }
 
-    /// Layout 4 added the flow event maps and changed nothing else: maps of layout 3 are
-    /// migrated (a new generation), with connection tracking and pending judgments shared.
+    /// Maps of an older layout (3, 4) are migrated (a new generation), with connection
+    /// tracking and pending judgments shared: layout 4 added the flow event maps, layout 5
+    /// audit mode (flags, directions and a verdict: constants only).
     #[test]
-    fn layout_3_maps_are_migrated_sharing_connection_tracking() {
-        assert_eq!(LAYOUT_VERSION, 4);
-        let tmp = tempfile::tempdir().unwrap();
-        let v3 = dir_name(3, &sizes(), 5);
-        mk(tmp.path(), &["links", &v3]);
-        match plan(tmp.path(), &sizes()).unwrap() {
-            Plan::Migrate { new, old } => {
-                assert_eq!(old.iter().map(|g| g.layout).collect::<Vec<_>>(), vec![Some(3)]);
-                assert_eq!(new, tmp.path().join(dir_name(4, &sizes(), 6)));
+    fn older_layouts_are_migrated_sharing_connection_tracking() {
+        assert_eq!(LAYOUT_VERSION, 5);
+        for old in [3, 4] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = dir_name(old, &sizes(), 5);
+            mk(tmp.path(), &["links", &dir]);
+            match plan(tmp.path(), &sizes()).unwrap() {
+                Plan::Migrate { new, old: found } => {
+                    assert_eq!(found.iter().map(|g| g.layout).collect::<Vec<_>>(), vec![Some(old)]);
+                    assert_eq!(new, tmp.path().join(dir_name(LAYOUT_VERSION, &sizes(), 6)));
+                }
+                p => panic!("layout {old} maps must be migrated, not {p:?}"),
             }
-            p => panic!("layout 3 maps must be migrated, not {p:?}"),
+            assert!(conntrack_compatible(Some(old)) && pending_compatible(Some(old)), "layout {old}");
         }
-        assert!(conntrack_compatible(Some(3)) && pending_compatible(Some(3)));
         assert!(!policy_ebpf::layout::same_items(3, 4, &[map_names::FLOWS]), "v3 has no flow events");
-        assert!(policy_ebpf::layout::same_items(
-            3,
-            4,
-            &["PeerKey", "PeerValue", "PortKey", "EndpointValue", "IfaceValue", map_names::PEERS]
-        ));
+        let tables = ["PeerKey", "PeerValue", "PortKey", "EndpointValue", "IfaceValue", "FlowEvent", map_names::PEERS, map_names::FLOWS];
+        assert!(policy_ebpf::layout::same_items(4, 5, &tables), "layout 5 changes no type nor map");
+        assert!(!policy_ebpf::layout::same_items(4, 5, &["FLOW_VERDICT_AUDIT"]), "v4 has no audit verdict");
     }
 
     #[test]

@@ -4,10 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use policy_ebpf::{
-    DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointValue, IfaceValue, PEER_ALL,
-    PORT_BLOCK_BITS, PORT_PROTOCOL_OTHER, PeerValue, PortBits,
-};
+use policy_ebpf::{ENDPOINT_FAIL_CLOSED, EndpointValue, IfaceValue, PEER_ALL, PORT_BLOCK_BITS, PORT_PROTOCOL_OTHER, PeerValue, PortBits};
 
 use super::encode::{PeerSlot, PortEntry, encode_addr, has_ports};
 use super::loader::MapSizes;
@@ -36,13 +33,13 @@ impl ModelMaps {
         ModelMaps { sizes, ..ModelMaps::default() }
     }
 
-    /// The kernel's verdict (`verdict::allows`) for endpoint `ep` in `direction`.
+    /// The kernel's verdict (`verdict::judge`) for endpoint `ep` in `direction` (an audit
+    /// table's for `DIRECTION_AUDIT_*`).
     pub fn allows(&self, ep: &EndpointValue, direction: u32, remote: IpAddr, protocol: u8, port: u16) -> bool {
         if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
             return false;
         }
-        let isolated = if direction == DIRECTION_INGRESS { ENDPOINT_INGRESS_ISOLATED } else { ENDPOINT_EGRESS_ISOLATED };
-        if ep.flags & isolated == 0 {
+        if ep.flags & super::sync::isolation_bit(direction) == 0 {
             return true;
         }
         let remote = encode_addr(remote);

@@ -62,10 +62,11 @@ use std::time::Instant;
 use aya::maps::MapError;
 use aya::maps::lpm_trie::Key;
 use policy_ebpf::{
-    Addr, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointKey,
-    EndpointValue, IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PeerKey, PeerValue, PortBits, PortKey,
+    Addr, DIRECTION_AUDIT_EGRESS, DIRECTION_AUDIT_INGRESS, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_AUDIT_EGRESS,
+    ENDPOINT_AUDIT_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointKey, EndpointValue,
+    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PeerKey, PeerValue, PortBits, PortKey,
 };
-use policy_model::{EndpointTables, ObjectKey, Prefix};
+use policy_model::{EndpointTables, ObjectKey, PeerTable, Prefix};
 
 use super::encode::{Allow, PeerSlot, PortEntry, encode_addr, encode_prefix, peer_entries, port_set_entries};
 use super::loader::{Datapath, MapSizes};
@@ -448,8 +449,30 @@ fn keyed(addr: IpAddr) -> EndpointKey {
     EndpointKey { addr: encode_addr(addr) }
 }
 
-fn isolation_bit(direction: u32) -> u32 {
-    if direction == DIRECTION_INGRESS { ENDPOINT_INGRESS_ISOLATED } else { ENDPOINT_EGRESS_ISOLATED }
+/// The endpoint flag under which the kernel reads `direction`'s table (an audit table's
+/// flag for `DIRECTION_AUDIT_*`).
+pub(crate) fn isolation_bit(direction: u32) -> u32 {
+    match direction {
+        DIRECTION_INGRESS => ENDPOINT_INGRESS_ISOLATED,
+        DIRECTION_EGRESS => ENDPOINT_EGRESS_ISOLATED,
+        DIRECTION_AUDIT_INGRESS => ENDPOINT_AUDIT_INGRESS,
+        _ => ENDPOINT_AUDIT_EGRESS,
+    }
+}
+
+/// Every `PEERS` direction of an endpoint: its two tables, then its two audit tables.
+const DIRECTIONS: [u32; 4] = [DIRECTION_INGRESS, DIRECTION_EGRESS, DIRECTION_AUDIT_INGRESS, DIRECTION_AUDIT_EGRESS];
+
+/// An endpoint's tables with their `PEERS` directions: the enforced ones, then the audit
+/// tables it has.
+fn directed_tables(tables: &EndpointTables) -> impl Iterator<Item = (&PeerTable, u32)> {
+    [(Some(&tables.ingress), DIRECTION_INGRESS), (Some(&tables.egress), DIRECTION_EGRESS)]
+        .into_iter()
+        .chain([
+            (tables.audit.ingress.as_ref().map(|a| &a.table), DIRECTION_AUDIT_INGRESS),
+            (tables.audit.egress.as_ref().map(|a| &a.table), DIRECTION_AUDIT_EGRESS),
+        ])
+        .filter_map(|(t, d)| t.map(|t| (t, d)))
 }
 
 /// Whether the kernel reads `direction`'s table of an endpoint with these flags.
@@ -469,22 +492,22 @@ fn next_revision(r: u32) -> u32 {
 fn plan_ops(listed: bool, flags: u32, cur: &HashMap<PeerSlot, PeerValue>, want: &Desired, identity_changed: bool) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut sets = BTreeSet::new();
-    let mut puts: [Vec<(PeerSlot, PeerValue)>; 2] = [Vec::new(), Vec::new()];
+    let mut puts: [Vec<(PeerSlot, PeerValue)>; 4] = Default::default();
     for (slot, v) in &want.peers {
         if cur.get(slot) != Some(v) {
             if v.flags & PEER_ALL == 0 && v.port_set != NO_PORT_SET {
                 sets.insert(v.port_set);
             }
-            puts[slot.direction as usize & 1].push((*slot, *v));
+            puts[slot.direction as usize & 3].push((*slot, *v));
         }
     }
-    let mut dels: [Vec<PeerSlot>; 2] = [Vec::new(), Vec::new()];
+    let mut dels: [Vec<PeerSlot>; 4] = Default::default();
     for slot in cur.keys() {
         if !want.peers.contains_key(slot) {
-            dels[slot.direction as usize & 1].push(*slot);
+            dels[slot.direction as usize & 3].push(*slot);
         }
     }
-    for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+    for d in DIRECTIONS {
         let i = d as usize;
         // Longest prefix first; ties in a fixed order (they are disjoint).
         puts[i].sort_by(|a, b| b.0.len.cmp(&a.0.len).then(a.0.cmp(&b.0)));
@@ -492,7 +515,7 @@ fn plan_ops(listed: bool, flags: u32, cur: &HashMap<PeerSlot, PeerValue>, want: 
     }
     ops.extend(sets.into_iter().map(Op::EnsureSet));
     let mut visible_before = false;
-    for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+    for d in DIRECTIONS {
         let i = d as usize;
         if visible(listed, flags, d) {
             visible_before |= !puts[i].is_empty();
@@ -507,7 +530,7 @@ fn plan_ops(listed: bool, flags: u32, cur: &HashMap<PeerSlot, PeerValue>, want: 
         ops.push(Op::Endpoint { flags: want.flags });
     }
     let mut visible_after = false;
-    for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+    for d in DIRECTIONS {
         let i = d as usize;
         visible_after |= visible(true, want.flags, d) && !dels[i].is_empty();
         ops.extend(dels[i].iter().map(|s| Op::Del(*s)));
@@ -666,7 +689,7 @@ impl MapSync {
     fn desired(&mut self, tables: &EndpointTables) -> Desired {
         let mut flags = 0;
         let mut peers = HashMap::new();
-        for (table, dir) in [(&tables.ingress, DIRECTION_INGRESS), (&tables.egress, DIRECTION_EGRESS)] {
+        for (table, dir) in directed_tables(tables) {
             if !table.isolated {
                 continue;
             }
@@ -756,7 +779,7 @@ impl MapSync {
     /// policy among an entry's rules, plus, for `PORTS`, its port sets' entries).
     fn contributors(tables: &EndpointTables, ports: bool) -> Vec<ObjectKey> {
         let mut weight: HashMap<&ObjectKey, usize> = HashMap::new();
-        for t in [&tables.ingress, &tables.egress] {
+        for (t, _) in directed_tables(tables) {
             let set_sizes: Vec<usize> = t.port_sets.iter().map(|s| if s.is_all() { 0 } else { port_set_entries(s).len() }).collect();
             for e in &t.entries {
                 let mut seen = BTreeSet::new();
@@ -803,9 +826,8 @@ impl MapSync {
         let own = ep.peers.len();
         let needed_peers = tables.entry_count() + 2;
         let (map, needed, capacity, available, ports) = if !ports_ok {
-            let needed: usize = [&tables.ingress, &tables.egress]
-                .iter()
-                .flat_map(|t| t.port_sets.iter())
+            let needed: usize = directed_tables(&tables)
+                .flat_map(|(t, _)| t.port_sets.iter())
                 .filter(|s| !s.is_all())
                 .map(|s| port_set_entries(s).len())
                 .sum();
@@ -1190,7 +1212,20 @@ mod tests {
     }
 
     fn tables(pod: &ObjectKey, addr: IpAddr, rng: &mut Rng) -> EndpointTables {
-        EndpointTables { pod: pod.clone(), addresses: vec![addr], ingress: random_table(rng), egress: random_table(rng) }
+        let mut t = EndpointTables {
+            pod: pod.clone(),
+            addresses: vec![addr],
+            ingress: random_table(rng),
+            egress: random_table(rng),
+            audit: Default::default(),
+        };
+        // Audit tables, sometimes (the kernel reads them in their own directions).
+        for d in policy_model::Direction::BOTH {
+            if rng.below(3) == 0 {
+                *t.audit.get_mut(d) = Some(policy_model::AuditTable { audited: Vec::new(), table: random_table(rng) });
+            }
+        }
+        t
     }
 
     /// Addresses to probe: each prefix's first and last address, and a few others.
@@ -1216,7 +1251,11 @@ mod tests {
     /// What the model's tables say, per (direction, address): a vector over protocols/ports.
     fn expected(t: &EndpointTables, addrs: &[IpAddr]) -> Answers {
         let mut out = Vec::new();
-        for table in [&t.ingress, &t.egress] {
+        let audit = |d| t.audit.get(d).map(|a| &a.table);
+        let none = PeerTable::not_isolated();
+        let audit_in = audit(policy_model::Direction::Ingress).unwrap_or(&none);
+        let audit_eg = audit(policy_model::Direction::Egress).unwrap_or(&none);
+        for table in [&t.ingress, &t.egress, audit_in, audit_eg] {
             for a in addrs {
                 let mut v = Vec::new();
                 for proto in [Protocol::Tcp, Protocol::Udp] {
@@ -1234,7 +1273,7 @@ mod tests {
     fn observed(maps: &ModelMaps, ep_addr: IpAddr, addrs: &[IpAddr]) -> Option<(u32, Answers)> {
         let ep = maps.endpoint(ep_addr)?;
         let mut out = Vec::new();
-        for dir in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+        for dir in DIRECTIONS {
             for a in addrs {
                 let mut v = Vec::new();
                 for proto in [Protocol::Tcp, Protocol::Udp] {

@@ -14,7 +14,7 @@ use aya_ebpf::maps::{PerCpuArray, RingBuf};
 use policy_ebpf::*;
 
 use super::packet::{L4, PROTO_ICMP, PROTO_ICMPV6, Packet};
-use super::verdict::Judgment;
+use super::verdict::{Judgment, judge};
 
 #[map(name = "PA_FLOWS")]
 static FLOWS: RingBuf = RingBuf::pinned(FLOW_RING_BYTES, 0);
@@ -32,10 +32,23 @@ static PA_FLOW_COST_NS: Global<u64> = Global::new(1_000_000);
 static PA_FLOW_BURST_NS: Global<u64> = Global::new(100_000_000);
 
 /// Reports the judgment `j` of `p`'s new flow by endpoint `ep` (its `direction`), on
-/// interface `ifindex`, if that kind of event is on and the rate limit allows.
+/// interface `ifindex`, if that kind of event is on and the rate limit allows. `remote`
+/// and `port` are what `j` looked up: a flow `j` allows is looked up in the endpoint's
+/// audit table too when it has one (`ENDPOINT_AUDIT_*`), and reported as
+/// `FLOW_VERDICT_AUDIT` if that table denies it (with denied events: `PA_FLOW_DENIED`).
 #[inline(always)]
-pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Judgment) {
+pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Judgment, remote: &Addr, port: u16) {
     if j.allowed {
+        let audit = if direction == DIRECTION_INGRESS { ENDPOINT_AUDIT_INGRESS } else { ENDPOINT_AUDIT_EGRESS };
+        if ep.flags & audit != 0 {
+            let a = judge(ep, direction | DIRECTION_AUDIT, remote, p.protocol, port, p.l4 == L4::Ports);
+            if !a.allowed {
+                if PA_FLOW_DENIED.load() != 0 {
+                    write(p, ep, ifindex, direction, FLOW_VERDICT_AUDIT, &a);
+                }
+                return;
+            }
+        }
         let every = PA_FLOW_ALLOWED_EVERY.load();
         if every == 0 {
             return;
@@ -44,9 +57,15 @@ pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Ju
         if every > 1 && unsafe { bpf_get_prandom_u32() } % every != 0 {
             return;
         }
-    } else if PA_FLOW_DENIED.load() == 0 {
-        return;
+        write(p, ep, ifindex, direction, FLOW_VERDICT_ALLOWED, j);
+    } else if PA_FLOW_DENIED.load() != 0 {
+        write(p, ep, ifindex, direction, FLOW_VERDICT_DENIED, j);
     }
+}
+
+/// Writes one event, within the CPU's rate limit.
+#[inline(always)]
+fn write(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, verdict: u8, j: &Judgment) {
     let Some(stats) = FLOW_STATS.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's slot: no other CPU writes it, and programs do not nest on a CPU.
     let stats = unsafe { &mut *stats };
@@ -84,7 +103,7 @@ pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Ju
         (*e).dport = dport;
         (*e).protocol = p.protocol;
         (*e).direction = direction as u8;
-        (*e).verdict = if j.allowed { FLOW_VERDICT_ALLOWED } else { FLOW_VERDICT_DENIED };
+        (*e).verdict = verdict;
         (*e).decided = j.decided;
     }
     entry.submit(0);

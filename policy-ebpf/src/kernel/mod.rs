@@ -182,7 +182,7 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
             let j = judge(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
             if c.src_rev == 0 {
                 // Its first judgment of the flow (not a revision's re-judgment): an event.
-                flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j);
+                flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &remote, port);
             }
             if j.allowed {
                 c.src_rev = ep.revision;
@@ -198,7 +198,7 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
         if c.dst_rev == 0 {
             // The destination's first judgment of a flow its peer's hook started (a local
             // source): a new flow for this endpoint, so an event.
-            flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j);
+            flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &remote, port);
         }
         if j.allowed {
             c.dst_rev = ep.revision;
@@ -289,7 +289,7 @@ fn is_service(addr: &Addr) -> bool {
 fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32) -> Option<u32> {
     let p = &s.packet;
     let j = judge(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
-    flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j);
+    flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport);
     if !j.allowed {
         return None;
     }
@@ -347,7 +347,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let j = judge(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
-    flow::emit(p, &ep, ifindex, DIRECTION_EGRESS, &j);
+    flow::emit(p, &ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport);
     if !j.allowed {
         count(&ep, DIRECTION_EGRESS, false, len);
         return Ok(DROP);
@@ -402,7 +402,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     }
     let p = &s.packet;
     let j = judge(&ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports);
-    flow::emit(p, &ep, ifindex, DIRECTION_INGRESS, &j);
+    flow::emit(p, &ep, ifindex, DIRECTION_INGRESS, &j, &p.src, p.dport);
     if !j.allowed {
         count(&ep, DIRECTION_INGRESS, false, len);
         return Ok(DROP);

@@ -22,7 +22,8 @@ fn judgment(allowed: bool, decided: u8, port_set: u32) -> Judgment {
 }
 
 /// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
-/// `direction`, for `protocol`/`port` (`has_ports` false: a protocol without ports,
+/// `direction` (`DIRECTION_AUDIT_*`: its audit table, which a clear `ENDPOINT_AUDIT_*`
+/// flag makes allow everything), for `protocol`/`port` (`has_ports` false: a protocol without ports,
 /// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot),
 /// and what in the table decided.
 #[inline(always)]
@@ -30,7 +31,13 @@ pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, po
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
         return judgment(false, FLOW_DECIDED_FAIL_CLOSED, 0);
     }
-    let isolated = if direction == DIRECTION_INGRESS { ENDPOINT_INGRESS_ISOLATED } else { ENDPOINT_EGRESS_ISOLATED };
+    // `direction` is a constant at every call: the compiler keeps one branch.
+    let isolated = match direction {
+        DIRECTION_INGRESS => ENDPOINT_INGRESS_ISOLATED,
+        DIRECTION_EGRESS => ENDPOINT_EGRESS_ISOLATED,
+        DIRECTION_AUDIT_INGRESS => ENDPOINT_AUDIT_INGRESS,
+        _ => ENDPOINT_AUDIT_EGRESS,
+    };
     if ep.flags & isolated == 0 {
         return judgment(true, FLOW_DECIDED_NOT_ISOLATED, 0);
     }
