@@ -3,10 +3,12 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use std::collections::BTreeSet;
+
 use policy_model::cnp::DecidedBy;
 use policy_model::{
-    AddressOwner, TierVerdict, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod, RuleMatch, RuleRef, Verdict,
-    rule_matches_for, verdict,
+    AddressOwner, ClusterState, Decision, Direction, Family, Flow, IpProtocol, ObjectKey, Pod, RuleMatch, RuleRef, TierVerdict, Verdict,
+    View, rule_matches_for, verdict,
 };
 use serde::Serialize;
 
@@ -63,6 +65,23 @@ pub struct Explanation {
     /// Whether ClusterNetworkPolicies exist: the text then walks the tiers.
     #[serde(skip)]
     pub tiered: bool,
+    /// When some policy is audited (`policy-agent.io/enforcement: audit`, or the node's
+    /// `--enforcement audit`): the verdict with the audited policies enforcing. `allowed`
+    /// and `flows` above are what is enforced (as if audited policies did not exist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditExplanation>,
+}
+
+/// The verdict with audited policies enforcing.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditExplanation {
+    pub allowed: bool,
+    /// The audited policies of the sides whose verdict they change (empty: they change
+    /// nothing for this flow).
+    pub changed_by: Vec<ObjectKey>,
+    /// Every audited policy that applies to either side.
+    pub audited: Vec<ObjectKey>,
+    pub flows: Vec<FlowExplanation>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +138,52 @@ fn checks(state: &ClusterState, subject: Option<&Pod>, direction: Direction, flo
 }
 
 pub fn explain(state: &ClusterState, from: &Party, to: &Party, protocol: IpProtocol, port: u16) -> Result<Explanation, ExplainError> {
+    let flows = explain_flows(state, from, to, protocol, port)?;
+    let audit = state.has_audited().then(|| {
+        let mut audit_view = state.clone();
+        audit_view.set_view(View::Audit);
+        let audit_flows = explain_flows(&audit_view, from, to, protocol, port).expect("the same addresses as the enforced view");
+        let (mut changed_by, mut audited) = (BTreeSet::new(), BTreeSet::new());
+        for (f, a) in flows.iter().zip(&audit_flows) {
+            for (addr, direction, before, after) in [
+                (f.src, Direction::Egress, &f.verdict.egress_tiers, &a.verdict.egress_tiers),
+                (f.dst, Direction::Ingress, &f.verdict.ingress_tiers, &a.verdict.ingress_tiers),
+            ] {
+                let Some(pod) = audit_view.pod_at(addr).filter(|p| !p.host_network) else { continue };
+                let keys = policy_model::audit::audited_for(&audit_view, pod, direction);
+                if before.allowed != after.allowed {
+                    changed_by.extend(keys.iter().cloned());
+                }
+                audited.extend(keys);
+            }
+        }
+        AuditExplanation {
+            allowed: audit_flows.iter().all(|f| f.verdict.allowed),
+            changed_by: changed_by.into_iter().collect(),
+            audited: audited.into_iter().collect(),
+            flows: audit_flows,
+        }
+    });
+    Ok(Explanation {
+        from: label(from),
+        to: label(to),
+        port,
+        protocol: protocol.to_string(),
+        allowed: flows.iter().all(|f| f.verdict.allowed),
+        flows,
+        tiered: state.cluster_policies().next().is_some(),
+        audit,
+    })
+}
+
+/// Each address family's flow, explained in the state's view.
+fn explain_flows(
+    state: &ClusterState,
+    from: &Party,
+    to: &Party,
+    protocol: IpProtocol,
+    port: u16,
+) -> Result<Vec<FlowExplanation>, ExplainError> {
     let srcs = addresses(state, from)?;
     let dsts = addresses(state, to)?;
     let mut flows = Vec::new();
@@ -144,15 +209,7 @@ pub fn explain(state: &ClusterState, from: &Party, to: &Party, protocol: IpProto
     if flows.is_empty() {
         return Err(ExplainError::NoCommonFamily { from: label(from), to: label(to) });
     }
-    Ok(Explanation {
-        from: label(from),
-        to: label(to),
-        port,
-        protocol: protocol.to_string(),
-        allowed: flows.iter().all(|f| f.verdict.allowed),
-        flows,
-        tiered: state.cluster_policies().next().is_some(),
-    })
+    Ok(flows)
 }
 
 fn side(out: &mut String, title: &str, decision: &Decision, rules: &[RuleCheck], direction: Direction) {
@@ -230,10 +287,41 @@ fn tiers(out: &mut String, title: &str, t: &TierVerdict) {
 }
 
 impl Explanation {
-    /// Families that reach the same verdict for the same reasons are shown once.
+    /// Families that reach the same verdict for the same reasons are shown once. With
+    /// audited policies, the verdict they would give follows.
     pub fn render_text(&self) -> String {
+        let mut out = self.render_flows(&self.flows);
+        let Some(a) = &self.audit else { return out };
+        let names = |keys: &[ObjectKey]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+        let verdict = |allowed: bool| if allowed { "ALLOWED" } else { "BLOCKED" };
+        if a.changed_by.is_empty() {
+            if !a.audited.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "audit: the audited policies ({}) change nothing here: {} either way",
+                    names(&a.audited),
+                    verdict(a.allowed)
+                );
+            }
+            return out;
+        }
+        let _ = writeln!(
+            out,
+            "AUDIT: enforced, this is {}; with the audited policies enforcing it would be {} (changed by audited {})",
+            verdict(self.allowed),
+            verdict(a.allowed),
+            names(&a.changed_by)
+        );
+        let _ = writeln!(out, "with the audited policies enforcing:");
+        for line in self.render_flows(&a.flows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+        out
+    }
+
+    fn render_flows(&self, all: &[FlowExplanation]) -> String {
         let mut groups: Vec<(Vec<&FlowExplanation>, String)> = Vec::new();
-        for f in &self.flows {
+        for f in all {
             let mut body = String::new();
             if self.tiered {
                 tiers(&mut body, &format!("egress of {}", f.src_is), &f.verdict.egress_tiers);
@@ -309,12 +397,43 @@ status: {podIPs: [{ip: 10.244.0.11}]}
     fn tiers_are_shown_with_provenance() {
         let t = text(&format!("{}{}", cnp("pass", "Admin", 5, "Pass"), cnp("deny", "Baseline", 9, "Deny")));
         assert!(t.contains("BLOCKED"), "{t}");
-        assert!(t.contains("ingress of pod x/a tiers: BLOCKED by Baseline tier ClusterNetworkPolicy deny (priority 9), rule #0 \"r-deny\": Deny"), "{t}");
+        assert!(
+            t.contains(
+                "ingress of pod x/a tiers: BLOCKED by Baseline tier ClusterNetworkPolicy deny (priority 9), rule #0 \"r-deny\": Deny"
+            ),
+            "{t}"
+        );
         assert!(t.contains("passed on by Admin tier ClusterNetworkPolicy pass (priority 5), rule #0 \"r-pass\""), "{t}");
         assert!(!t.contains("WARNING"), "{t}");
         let t = text(&format!("{}{}", cnp("one", "Admin", 5, "Accept"), cnp("two", "Admin", 5, "Deny")));
         assert!(t.contains("WARNING: two share this tier and priority"), "{t}");
         // Without ClusterNetworkPolicies the text is as before: no tier lines.
         assert!(!text("").contains("tiers:"));
+    }
+
+    fn deny_all(name: &str, annotation: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: x{annotation}}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress]}}\n"
+        )
+    }
+
+    /// Both verdicts: the enforced one (as if audited policies did not exist) and the one
+    /// with them enforcing, naming the audited policy that changes it.
+    #[test]
+    fn audited_policies_are_shown_beside_the_enforced_verdict() {
+        let t = text(&deny_all("deny", ", annotations: {policy-agent.io/enforcement: audit}"));
+        assert!(t.starts_with("y/b -> x/a TCP/80 (ipv4): ALLOWED"), "{t}");
+        assert!(
+            t.contains(
+                "AUDIT: enforced, this is ALLOWED; with the audited policies enforcing it would be BLOCKED (changed by audited x/deny)"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("  ingress of pod x/a: BLOCKED (isolated, and no rule allows this)"), "{t}");
+        // Enforced: no audit section.
+        assert!(!text(&deny_all("deny", "")).contains("audit"), "{}", text(&deny_all("deny", "")));
+        // An audited policy that changes nothing here (an enforced one denies already).
+        let t = text(&format!("{}{}", deny_all("deny", ""), deny_all("also", ", annotations: {policy-agent.io/enforcement: audit}")));
+        assert!(t.contains("BLOCKED") && t.contains("audit: the audited policies (x/also) change nothing here: BLOCKED either way"), "{t}");
     }
 }

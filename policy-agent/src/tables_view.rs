@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use policy_model::{Endpoint, ObjectKey, Origin, PeerTable, PortSet, Prefix, RuleRef};
+use policy_model::{Direction, Endpoint, ObjectKey, Origin, PeerTable, PortSet, Prefix, RuleRef};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +30,18 @@ pub struct EndpointView {
     pub addresses: Vec<IpAddr>,
     pub ingress: DirectionView,
     pub egress: DirectionView,
+    /// Audit tables: per direction where audited policies change the table, the table
+    /// with them enforcing (never enforced; new flows it denies are reported as `audit`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<AuditView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditView {
+    pub direction: Direction,
+    /// The audited policies that apply in this direction.
+    pub audited: Vec<ObjectKey>,
+    pub table: DirectionView,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +75,12 @@ pub fn endpoint_view(ep: &Endpoint) -> EndpointView {
         addresses: ep.tables.addresses.clone(),
         ingress: direction(&ep.tables.ingress),
         egress: direction(&ep.tables.egress),
+        audit: Direction::BOTH
+            .iter()
+            .filter_map(|d| {
+                ep.tables.audit.get(*d).map(|a| AuditView { direction: *d, audited: a.audited.clone(), table: direction(&a.table) })
+            })
+            .collect(),
     }
 }
 
@@ -141,6 +159,14 @@ impl NodeView {
             );
             render_direction(&mut out, "ingress", &ep.ingress);
             render_direction(&mut out, "egress", &ep.egress);
+            for a in &ep.audit {
+                let names: Vec<String> = a.audited.iter().map(|k| k.to_string()).collect();
+                render_direction(
+                    &mut out,
+                    &format!("{} AUDIT (not enforced; with audited {} enforcing)", a.direction, names.join(", ")),
+                    &a.table,
+                );
+            }
         }
         out
     }

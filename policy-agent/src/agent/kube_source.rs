@@ -505,9 +505,39 @@ pub mod slim {
     pub const CLUSTER_POLICY_GROUP: &str = "policy.networking.k8s.io";
     pub const CLUSTER_POLICY_VERSION: &str = "v1alpha2";
 
-    /// `metadata` with name, namespace, uid, resourceVersion and labels only.
+    /// `metadata` with name, namespace, uid, resourceVersion, labels and, of the
+    /// annotations, only `policy-agent.io/enforcement` (audit mode).
     #[derive(Debug, Clone, Default, PartialEq)]
     pub struct Meta(pub ObjectMeta);
+
+    /// Annotations, of which only [`policy_model::ENFORCEMENT_ANNOTATION`] is kept: the
+    /// others (kubectl's last-applied-configuration doubles a policy) are skipped unread.
+    struct EnforcementOnly(Option<BTreeMap<String, String>>);
+
+    impl<'de> Deserialize<'de> for EnforcementOnly {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<EnforcementOnly, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = EnforcementOnly;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a map of annotations")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<EnforcementOnly, A::Error> {
+                    let mut out = None;
+                    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                        if key == policy_model::ENFORCEMENT_ANNOTATION {
+                            let value: String = map.next_value()?;
+                            out = Some(BTreeMap::from([(key.into_owned(), value)]));
+                        } else {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    Ok(EnforcementOnly(out))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
 
     impl<'de> Deserialize<'de> for Meta {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Meta, D::Error> {
@@ -519,6 +549,7 @@ pub mod slim {
                 uid: Option<String>,
                 resource_version: Option<String>,
                 labels: Option<BTreeMap<String, String>>,
+                annotations: Option<EnforcementOnly>,
             }
             let f = Fields::deserialize(d)?;
             Ok(Meta(ObjectMeta {
@@ -527,6 +558,7 @@ pub mod slim {
                 uid: f.uid,
                 resource_version: f.resource_version,
                 labels: f.labels,
+                annotations: f.annotations.and_then(|a| a.0),
                 ..ObjectMeta::default()
             }))
         }
@@ -776,5 +808,27 @@ pub mod slim {
                 ..Default::default()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::slim::{SlimNamespace, SlimNetworkPolicy};
+
+    /// Of the annotations, only the enforcement one is decoded (audit mode).
+    #[test]
+    fn only_the_enforcement_annotation_is_kept() {
+        let ns: SlimNamespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "x", "annotations": {
+            "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}", "policy-agent.io/enforcement": "audit"}}}))
+        .unwrap();
+        let want = BTreeMap::from([("policy-agent.io/enforcement".to_string(), "audit".to_string())]);
+        assert_eq!(ns.metadata.0.annotations.as_ref(), Some(&want));
+        assert!(policy_model::Namespace::from_k8s(&ns.to_k8s()).unwrap().enforcement.is_audit());
+        let np: SlimNetworkPolicy = serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "x",
+            "annotations": {"other": "1"}}, "spec": {"podSelector": {}}}))
+        .unwrap();
+        assert_eq!(np.metadata.0.annotations, None);
     }
 }

@@ -24,7 +24,8 @@ pub struct TrafficLabels {
 
 /// Flow verdicts per local pod: `namespace`, `pod` (the pod whose policies judged),
 /// `direction` and `verdict`. Bounded: only this node's pods (label sets of pods that
-/// leave are removed), two directions, two verdicts; peers are not labels.
+/// leave are removed), two directions, three verdicts (`allowed`, `denied`, `audit`);
+/// peers are not labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct FlowLabels {
     pub namespace: String,

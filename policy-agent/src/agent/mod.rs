@@ -66,6 +66,9 @@ pub struct AgentConfig {
     pub max_hold: Duration,
     /// Flow events, the flow log and the observe socket.
     pub flows: crate::flows::FlowOptions,
+    /// `--enforcement audit`: every policy of the node (NetworkPolicies and
+    /// ClusterNetworkPolicies) is audited: evaluated and reported, never enforced.
+    pub audit_all: bool,
 }
 
 /// Runs until `shutdown` resolves. The pins stay: enforcement goes on without the agent,
@@ -157,10 +160,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         shared,
         observers,
         flows: Some(flows),
+        audit_all: cfg.audit_all,
     };
     let step_metrics = parts.shared.clone();
     let mut reconciler = Reconciler::new(parts, initial_veths);
-    info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), "agent started");
+    info!(node = %cfg.node, pin_dir = %cfg.pin_dir.display(), enforcement = if cfg.audit_all { "audit" } else { "enforce" }, "agent started");
 
     let mut tick = tokio::time::interval(cfg.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

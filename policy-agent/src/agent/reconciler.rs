@@ -43,6 +43,25 @@ fn cluster_policy_reference(name: &str) -> ObjectReference {
     }
 }
 
+/// The object an annotation error is about, for an Event: a NetworkPolicy or a Namespace.
+fn annotated_reference(e: &policy_model::InvalidObject) -> ObjectReference {
+    if e.kind == "Namespace" {
+        return ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Namespace".into()),
+            name: Some(e.key.name.to_string()),
+            ..Default::default()
+        };
+    }
+    ObjectReference {
+        api_version: Some("networking.k8s.io/v1".into()),
+        kind: Some(e.kind.to_string()),
+        namespace: Some(e.key.namespace.to_string()),
+        name: Some(e.key.name.to_string()),
+        ..Default::default()
+    }
+}
+
 /// For this long after a new veth is held, the pods awaiting an interface are looked up
 /// every tick (after that, once a second: a veth that belongs to no pod costs little).
 const FAST_RESOLVE_AFTER_HOLD: Duration = Duration::from_secs(5);
@@ -101,6 +120,8 @@ pub struct Parts {
     pub observers: Vec<Box<dyn SyncObserver>>,
     /// Flow naming: told of every batch of changes (address owners).
     pub flows: Option<crate::flows::Flows>,
+    /// `--enforcement audit`: every policy of the node is audited (`policy_model::audit`).
+    pub audit_all: bool,
 }
 
 impl Reconciler {
@@ -109,8 +130,11 @@ impl Reconciler {
     pub fn new(p: Parts, initial_veths: BTreeSet<u32>) -> Reconciler {
         let fresh_node = p.enforcer.datapath.attached().iter().all(|(_, point)| *point == AttachPoint::NodeEgress);
         let exempt = if fresh_node { initial_veths } else { BTreeSet::new() };
+        let mut compiler = NodeCompiler::new(p.node.clone());
+        // Nothing compiled yet: this only sets the switch.
+        compiler.set_audit_all(p.audit_all);
         Reconciler {
-            compiler: NodeCompiler::new(p.node.clone()),
+            compiler,
             deferred: p.service_cidrs.iter().copied().collect(),
             node: p.node,
             service_cidrs: p.service_cidrs,
@@ -198,6 +222,12 @@ impl Reconciler {
         let report = self.compiler.apply(batch.changes);
         for r in &report.rejected {
             warn!(object = %format!("{} {}", r.kind, r.key), error = %r, "invalid object skipped");
+        }
+        for e in &report.annotation_errors {
+            // Reported with each version that still has it: a relist of an unchanged
+            // object sends nothing to the compiler.
+            warn!(object = %format!("{} {}", e.kind, e.key), error = %e, "invalid enforcement annotation: its policies are enforced");
+            source.report(&annotated_reference(e), "InvalidAnnotation", &e.to_string());
         }
         for w in &report.cluster_policy_warnings {
             let text = w.to_string();

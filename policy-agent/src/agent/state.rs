@@ -32,6 +32,10 @@ pub struct EndpointState {
     pub fail_closed: Option<String>,
     pub ingress: DirectionState,
     pub egress: DirectionState,
+    /// Audited policies that apply to the pod and change its tables (audit mode: not
+    /// enforced; new flows they would deny are reported with verdict `audit`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audited: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +81,13 @@ impl EndpointState {
             fail_closed: None,
             ingress: DirectionState::from_view(&v.ingress),
             egress: DirectionState::from_view(&v.egress),
+            audited: v
+                .audit
+                .iter()
+                .flat_map(|a| a.audited.iter().map(|k| k.to_string()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         }
     }
 }

@@ -218,6 +218,10 @@ impl Dump {
             }
             table(&mut out, "ingress", &e.state.ingress);
             table(&mut out, "egress", &e.state.egress);
+            if !e.state.audited.is_empty() {
+                let _ =
+                    writeln!(out, "  audited (not enforced; flows they would deny are reported as audit): {}", e.state.audited.join(", "));
+            }
             if !e.recent_denied.is_empty() {
                 let _ = writeln!(out, "  recent denied flows:");
                 for f in &e.recent_denied {

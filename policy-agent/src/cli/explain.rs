@@ -28,10 +28,14 @@ pub struct Args {
     pub protocol: IpProtocol,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// As `run --enforcement`: `audit` explains for a node that audits every policy.
+    #[arg(long, value_enum, default_value_t)]
+    pub enforcement: super::run::NodeEnforcement,
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
-    let (state, errors) = load(&args.manifests)?;
+    let (mut state, errors) = load(&args.manifests)?;
+    state.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     if args.protocol.has_ports() && args.port == 0 {
         return Err(CliError::Usage(format!("--port is required for {}", args.protocol)));
     }

@@ -26,7 +26,8 @@ pub struct Args {
     /// Flows with an end in this namespace.
     #[arg(long)]
     pub namespace: Option<String>,
-    #[arg(long, value_parser = ["allowed", "denied"])]
+    /// Only flows with this verdict (`audit`: allowed, and audited policies would deny).
+    #[arg(long, value_parser = ["allowed", "denied", "audit"])]
     pub verdict: Option<String>,
     /// Only flows of the last DURATION (`30s`, `5m`, `2h`).
     #[arg(long, value_parser = parse_duration)]

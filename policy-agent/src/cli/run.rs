@@ -18,6 +18,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--enforcement`: what the node does with its policies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeEnforcement {
+    /// Enforce every policy, except those annotated `policy-agent.io/enforcement: audit`
+    /// (or in a Namespace so annotated).
+    #[default]
+    Enforce,
+    /// Enforce nothing: every NetworkPolicy and ClusterNetworkPolicy is audited (flows they
+    /// would deny pass, and are reported with verdict `audit`).
+    Audit,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Enforce from this directory of Kubernetes YAML (re-read when it changes) instead of
@@ -88,6 +100,12 @@ pub struct Args {
     /// Flows kept in memory for `observe`.
     #[arg(long, default_value_t = crate::flows::DEFAULT_RING)]
     pub flow_ring: usize,
+    /// `audit`: this node enforces no policy (NetworkPolicies and ClusterNetworkPolicies);
+    /// flows they would deny pass and are reported with verdict `audit`. `enforce`
+    /// (default): policies annotated `policy-agent.io/enforcement: audit`, or in a
+    /// Namespace so annotated, are audited; the rest are enforced.
+    #[arg(long, value_enum, default_value_t)]
+    pub enforcement: NodeEnforcement,
 }
 
 /// One malloc arena for the whole process. glibc gives each thread that allocates its own
@@ -151,6 +169,7 @@ pub fn run_agent(args: Args) -> Result<ExitCode, CliError> {
             socket: (args.observe_socket.as_os_str() != "none").then_some(args.observe_socket),
             ring: args.flow_ring,
         },
+        audit_all: args.enforcement == NodeEnforcement::Audit,
     };
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| CliError::Usage(e.to_string()))?;

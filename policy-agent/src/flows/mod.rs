@@ -61,7 +61,7 @@ pub struct Filter {
     /// Either end is this pod (`namespace/name`).
     #[serde(default)]
     pub pod: Option<String>,
-    /// `allowed` or `denied`.
+    /// `allowed`, `denied` or `audit`.
     #[serde(default)]
     pub verdict: Option<String>,
 }

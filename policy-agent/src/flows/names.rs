@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use policy_ebpf::{
     DIRECTION_INGRESS, FLOW_DECIDED_FAIL_CLOSED, FLOW_DECIDED_NO_PEER, FLOW_DECIDED_NOT_ISOLATED, FLOW_DECIDED_PEER_ALL,
-    FLOW_DECIDED_PORT_DENIED, FLOW_DECIDED_PORTS, FLOW_VERDICT_ALLOWED, FlowEvent,
+    FLOW_DECIDED_PORT_DENIED, FLOW_DECIDED_PORTS, FLOW_VERDICT_ALLOWED, FLOW_VERDICT_AUDIT, FlowEvent,
 };
-use policy_model::{AddressOwner, ClusterState, EndpointTables, IpProtocol, ObjectKey, RuleRef};
+use policy_model::{AddressOwner, ClusterState, Direction, EndpointTables, IpProtocol, ObjectKey, RuleRef};
 
 use super::record::{End, Flow, Icmp, Interface, PolicyRef, rfc3339};
 use crate::datapath::decode_addr;
@@ -201,6 +201,10 @@ impl Names {
         let ingress = ev.direction as u32 == DIRECTION_INGRESS;
         let direction = if ingress { "ingress" } else { "egress" };
         let allowed = ev.verdict == FLOW_VERDICT_ALLOWED;
+        // Audit: the flow passed; the audit table (audited policies enforcing) denied it,
+        // and `decided`/`port_set` are that table's.
+        let audit = ev.verdict == FLOW_VERDICT_AUDIT;
+        let dir = if ingress { Direction::Ingress } else { Direction::Egress };
         let remote = if ingress { src } else { dst };
         let found = self.tables_at(ev.endpoint, ev.revision);
         let subject = match found {
@@ -213,21 +217,11 @@ impl Names {
                 }
             }
         };
-        let table = found.map(|(t, _)| if ingress { &t.ingress } else { &t.egress });
+        let audit_table = found.and_then(|(t, _)| t.audit.get(dir));
+        let table = if audit { audit_table.map(|a| &a.table) } else { found.map(|(t, _)| t.table(dir)) };
         let isolators = |out: &mut Vec<PolicyRef>| {
             if let Some(t) = table {
-                for k in &t.isolated_by {
-                    out.push(PolicyRef {
-                        kind: "NetworkPolicy".into(),
-                        namespace: Some(k.namespace.to_string()),
-                        name: k.name.to_string(),
-                        role: "isolates".into(),
-                        rule: None,
-                        tier: None,
-                        priority: None,
-                        rule_name: None,
-                    });
-                }
+                out.extend(t.isolated_by.iter().map(|k| policy_ref(k, "isolates")));
             }
         };
         let entry_rules = |out: &mut Vec<PolicyRef>| {
@@ -267,11 +261,28 @@ impl Names {
             FLOW_DECIDED_FAIL_CLOSED => ("fail_closed", "the pod is fail-closed (its tables could not be written)".to_string()),
             _ => ("unknown", format!("decision code {}", ev.decided)),
         };
+        let reason = if audit {
+            // The audited policies first: what an operator looks for in audit mode.
+            let audited: Vec<PolicyRef> =
+                audit_table.map(|a| a.audited.iter().map(|k| policy_ref(k, "audited")).collect()).unwrap_or_default();
+            let named: Vec<String> = audited.iter().map(PolicyRef::label).collect();
+            policies.splice(0..0, audited);
+            format!("allowed; audited {} would deny it: {reason}", or_unknown(&named))
+        } else {
+            reason
+        };
         Flow {
             time: rfc3339(unix_ns),
             time_unix_ns: unix_ns,
             node: self.node.clone(),
-            verdict: if allowed { "allowed" } else { "denied" }.into(),
+            verdict: if audit {
+                "audit"
+            } else if allowed {
+                "allowed"
+            } else {
+                "denied"
+            }
+            .into(),
             direction: direction.into(),
             subject,
             source: self.end(src, sport, ev.time_ns),
@@ -290,6 +301,21 @@ impl Names {
 
 fn or_unknown(names: &[String]) -> String {
     if names.is_empty() { "its policies".to_string() } else { names.join(", ") }
+}
+
+/// A policy by its key (a ClusterNetworkPolicy's has no namespace), in a role.
+fn policy_ref(k: &ObjectKey, role: &str) -> PolicyRef {
+    let cluster = k.namespace.is_empty();
+    PolicyRef {
+        kind: if cluster { "ClusterNetworkPolicy" } else { "NetworkPolicy" }.into(),
+        namespace: (!cluster).then(|| k.namespace.to_string()),
+        name: k.name.to_string(),
+        role: role.into(),
+        rule: None,
+        tier: None,
+        priority: None,
+        rule_name: None,
+    }
 }
 
 fn rule_ref(r: &RuleRef) -> PolicyRef {
@@ -339,6 +365,61 @@ mod tests {
         // Before anything was known: the first owner.
         assert_eq!(n.owner_at(ip, 50), pod("x", "old").as_ref());
         assert_eq!(n.owner_at("10.9.9.9".parse().unwrap(), 150), None);
+    }
+
+    /// An audit event (the enforced table allowed, the audit table denied) is named with
+    /// the audit table: verdict `audit`, the audited policy first, and why it would deny.
+    #[test]
+    fn an_audit_event_names_the_audited_policy() {
+        let mut m = crate::manifests::Manifests::default();
+        m.add_yaml(
+            "t",
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {nodeName: n1, containers: []}
+status: {podIPs: [{ip: 10.244.0.10}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {nodeName: n1, containers: []}
+status: {podIPs: [{ip: 10.244.0.11}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x, annotations: {policy-agent.io/enforcement: audit}}
+spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}
+"#,
+        );
+        let (mut state, errors) = m.state();
+        assert!(errors.is_empty(), "{errors:?}");
+        let b = state.pod(&ObjectKey::new("x", "b")).unwrap().clone();
+        let tables = policy_model::audit::compile_pod_with_audit(&mut state, &b);
+        let mut n = Names::new("n1");
+        n.update_addresses(&state, 0);
+        n.update_endpoint(7, 3, &tables);
+        let ev = FlowEvent {
+            time_ns: 10,
+            src: crate::datapath::encode_addr("10.244.0.10".parse().unwrap()),
+            dst: crate::datapath::encode_addr("10.244.0.11".parse().unwrap()),
+            endpoint: 7,
+            revision: 3,
+            sport: 40000,
+            dport: 80,
+            protocol: 6,
+            direction: DIRECTION_INGRESS as u8,
+            verdict: FLOW_VERDICT_AUDIT,
+            decided: FLOW_DECIDED_NO_PEER,
+            ..FlowEvent::default()
+        };
+        let f = n.name(&ev, 0);
+        assert_eq!((f.verdict.as_str(), f.subject.as_str(), f.decided_by.as_str()), ("audit", "x/b", "no_rule"));
+        assert_eq!(f.policies[0].label(), "x/deny");
+        assert_eq!(f.policies[0].role, "audited");
+        assert_eq!(f.reason, "allowed; audited x/deny would deny it: isolated by x/deny; no rule allows this peer");
+        assert!(f.text().contains("AUDIT  (ingress of x/b: allowed; audited x/deny would deny it"), "{}", f.text());
     }
 
     #[test]

@@ -11,7 +11,8 @@ pub struct Flow {
     /// The same, as nanoseconds since the Unix epoch (for `--since`).
     pub time_unix_ns: u64,
     pub node: String,
-    /// `allowed` or `denied`.
+    /// `allowed`, `denied`, or `audit` (allowed, and audited policies would have denied
+    /// it: they come first in `policies`, with role `audited`).
     pub verdict: String,
     /// `ingress` or `egress`, of the local pod that judged (`subject`).
     pub direction: String,
@@ -99,7 +100,8 @@ pub struct PolicyRef {
     pub name: String,
     /// `isolates` (a NetworkPolicy that selects the subject in this direction: with no
     /// rule allowing the flow, that is why it is denied), `allows` (a rule that allows
-    /// this peer), or a ClusterNetworkPolicy rule's action (`accept`, `deny`, `pass`).
+    /// this peer), a ClusterNetworkPolicy rule's action (`accept`, `deny`, `pass`), or
+    /// `audited` (an audited policy that applies: verdict `audit`).
     pub role: String,
     /// The rule's index in the policy's rules of this direction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
