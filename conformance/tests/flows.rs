@@ -535,3 +535,182 @@ fn a_flood_of_denied_flows_stays_within_the_rate_limit_and_is_counted() {
     assert!(verdicts >= emitted, "policy_agent_flow_verdicts_total counts x/b's denied flows: {verdicts}");
     assert!(!agent.log_text().contains("ERROR"), "{}", agent.log_text());
 }
+
+// ---- audit mode (issue 14 item 4) ----
+
+/// A policy annotated `policy-agent.io/enforcement: audit`.
+fn audited(mut p: Value) -> Value {
+    p["metadata"]["annotations"] = json!({"policy-agent.io/enforcement": "audit"});
+    p
+}
+
+fn deny_ingress(name: &str, ns: &str, pod: &str) -> Value {
+    policy(name, ns, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": ["Ingress"]}))
+}
+
+fn deny_egress(name: &str, ns: &str, pod: &str) -> Value {
+    policy(name, ns, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": ["Egress"]}))
+}
+
+fn flows_with(path: &Path, verdict: &str) -> Vec<Value> {
+    log_flows(path).into_iter().filter(|f| f["verdict"] == verdict).collect()
+}
+
+/// An audited default-deny on x/b lets x/a's connections through; each is reported once
+/// (its later packets emit nothing) with verdict `audit`, the audited policy named, in the
+/// flow log, `observe --verdict audit` and the metrics. Removing the annotation enforces
+/// it: the next connection is denied (verdict `denied`).
+#[test]
+fn an_audited_default_deny_lets_traffic_through_and_reports_it_as_audit() {
+    let c = Cluster::new(&["x/a", "x/b"]);
+    c.write("np.yaml", audited(deny_ingress("deny", "x", "b")));
+    let agent = c.start(&["--metrics-addr", "127.0.0.1:9465"]);
+    c.until("x/a", "x/b", 80, true);
+    let b = c.ip("x/b");
+    assert!(one_syn(&c, "x/a", SocketAddr::new(b, 81)), "x/a -> x/b:81 passes");
+    let log = c.flow_log();
+    let f81 = wait_flows(&log, 1, "the audited flow to :81", |f| to_port(f, b, 81));
+    assert_eq!(f81.len(), 1, "one connection, one event: {f81:#?}");
+    let f = &f81[0];
+    assert_eq!(
+        (f["verdict"].as_str(), f["direction"].as_str(), f["subject"].as_str()),
+        (Some("audit"), Some("ingress"), Some("x/b")),
+        "{f:#}"
+    );
+    assert_eq!((f["source"]["pod"].as_str(), f["destination"]["pod"].as_str()), (Some("a"), Some("b")));
+    assert!(has_policy(f, "x", "deny", "audited", None), "the audited policy is named: {f:#}");
+    assert_eq!(f["decided_by"], "no_rule", "{f:#}");
+    assert!(f["reason"].as_str().unwrap().starts_with("allowed; audited x/deny would deny it"), "{f:#}");
+    assert!(flows_with(&log, "denied").is_empty(), "nothing is denied: {:#?}", log_flows(&log));
+
+    let observed: Vec<Value> =
+        observe(&c, &["-o", "json", "--verdict", "audit"]).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(observed.iter().any(|o| o == f), "observe --verdict audit shows it: {observed:#?}");
+    assert!(observed.iter().all(|o| o["verdict"] == "audit"));
+    let text = observe(&c, &["--verdict", "audit", "--last", "1"]);
+    assert!(text.contains("AUDIT  (ingress of x/b: allowed; audited x/deny would deny it"), "{text}");
+    let metrics = c
+        .node
+        .ns
+        .run(|| {
+            let mut s = TcpStream::connect("127.0.0.1:9465").unwrap();
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("policy_agent_flow_verdicts_total{") && l.contains("verdict=\"audit\"") && l.contains("pod=\"b\"")),
+        "the metrics count audit verdicts"
+    );
+
+    // Enforced once the annotation goes.
+    c.write("np.yaml", deny_ingress("deny", "x", "b"));
+    c.until("x/a", "x/b", 80, false);
+    assert!(!one_syn(&c, "x/a", SocketAddr::new(b, 82)));
+    let denied = wait_flows(&log, 1, "the denied flow to :82", |f| to_port(f, b, 82));
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(denied[0]["verdict"], "denied");
+    assert!(
+        has_policy(&denied[0], "x", "deny", "isolates", None) && !has_policy(&denied[0], "x", "deny", "audited", None),
+        "{:#}",
+        denied[0]
+    );
+    assert!(!agent.log_text().contains("ERROR"), "{}", agent.log_text());
+}
+
+/// A Namespace annotated `audit` audits every policy in it (x/a's egress and x/b's ingress
+/// here: one audit event each), while in another namespace an enforced policy beside an
+/// audited one that would allow more still denies what it denies (verdict `denied`, naming
+/// the enforced policy), and what it allows raises no audit event. An invalid annotation
+/// value is reported, naming the object and the annotation, and the policy is enforced.
+#[test]
+fn a_namespace_annotation_audits_its_policies_and_enforced_policies_still_deny() {
+    let c = Cluster::new(&["x/a", "x/b", "y/c", "y/d"]);
+    let mut ns = namespace_manifest("x", &BTreeMap::new());
+    ns["metadata"]["annotations"] = json!({"policy-agent.io/enforcement": "audit"});
+    c.write("ns-x.yaml", ns);
+    c.write("np-x-in.yaml", deny_ingress("deny-in", "x", "b"));
+    c.write("np-x-out.yaml", deny_egress("deny-out", "x", "a"));
+    c.write(
+        "np-y-audited.yaml",
+        audited(policy(
+            "allow-7200",
+            "y",
+            json!({"podSelector": {"matchLabels": {"pod": "c"}}, "ingress": [{"ports": [{"port": 7200, "protocol": "TCP"}]}]}),
+        )),
+    );
+    c.write(
+        "np-y-enforced.yaml",
+        policy(
+            "only-81",
+            "y",
+            json!({"podSelector": {"matchLabels": {"pod": "c"}}, "ingress": [{"ports": [{"port": 81, "protocol": "TCP"}]}]}),
+        ),
+    );
+    let mut bad = deny_ingress("bad", "y", "d");
+    bad["metadata"]["annotations"] = json!({"policy-agent.io/enforcement": "Audit"});
+    c.write("np-y-bad.yaml", bad);
+    let _extra = (serve(&c.net("x/b").ns, &[7100]).unwrap(), serve(&c.net("y/c").ns, &[7200]).unwrap());
+    let agent = c.start(&[]);
+    c.until("x/a", "x/b", 80, true);
+    c.until("x/b", "y/c", 80, false);
+    c.until("x/b", "y/c", 81, true);
+    c.until("x/b", "y/d", 80, false);
+    let (b, cc) = (c.ip("x/b"), c.ip("y/c"));
+    let log = c.flow_log();
+
+    assert!(one_syn(&c, "x/a", SocketAddr::new(b, 7100)), "the namespace's policies are audited");
+    let ab = wait_flows(&log, 2, "x/a -> x/b:7100, both sides", |f| to_port(f, b, 7100));
+    assert_eq!(ab.len(), 2, "one audit event per side: {ab:#?}");
+    let egress = ab.iter().find(|f| f["direction"] == "egress").expect("x/a's egress");
+    assert_eq!((egress["verdict"].as_str(), egress["subject"].as_str()), (Some("audit"), Some("x/a")), "{egress:#}");
+    assert!(has_policy(egress, "x", "deny-out", "audited", None), "{egress:#}");
+    let ingress = ab.iter().find(|f| f["direction"] == "ingress").expect("x/b's ingress");
+    assert_eq!((ingress["verdict"].as_str(), ingress["subject"].as_str()), (Some("audit"), Some("x/b")), "{ingress:#}");
+    assert!(has_policy(ingress, "x", "deny-in", "audited", None), "{ingress:#}");
+
+    // y/c: the enforced policy denies :7200 (denied, not audit, though the audited policy
+    // would allow it) and allows :81 (no event).
+    assert!(!one_syn(&c, "x/b", SocketAddr::new(cc, 7200)));
+    assert!(one_syn(&c, "x/b", SocketAddr::new(cc, 81)));
+    let denied = wait_flows(&log, 1, "x/b -> y/c:7200", |f| to_port(f, cc, 7200));
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    let d = &denied[0];
+    assert_eq!((d["verdict"].as_str(), d["subject"].as_str()), (Some("denied"), Some("y/c")), "{d:#}");
+    assert!(has_policy(d, "y", "only-81", "isolates", None), "the enforced policy is named: {d:#}");
+    assert!(!has_policy(d, "y", "allow-7200", "isolates", None) && !has_policy(d, "y", "allow-7200", "audited", None), "{d:#}");
+    assert!(
+        log_flows(&log).iter().all(|f| !to_port(f, cc, 81) || f["verdict"] != "audit"),
+        "no audit event where the audited policy changes nothing"
+    );
+
+    let text = agent.log_text();
+    assert!(
+        text.contains(
+            "NetworkPolicy y/bad is invalid: metadata.annotations[policy-agent.io/enforcement]: Unsupported value: \\\"Audit\\\""
+        ) || text
+            .contains("NetworkPolicy y/bad is invalid: metadata.annotations[policy-agent.io/enforcement]: Unsupported value: \"Audit\""),
+        "the invalid value is reported, naming the object and the annotation:\n{text}"
+    );
+}
+
+/// `--enforcement audit`: the whole node enforces nothing; what its (unannotated) policies
+/// would deny passes and is reported as `audit`.
+#[test]
+fn the_node_switch_audits_every_policy() {
+    let c = Cluster::new(&["x/a", "x/b"]);
+    c.write("np.yaml", deny_ingress("deny", "x", "b"));
+    let _extra = serve(&c.net("x/b").ns, &[7300]).unwrap();
+    let _agent = c.start(&["--enforcement", "audit"]);
+    c.until("x/a", "x/b", 80, true);
+    let b = c.ip("x/b");
+    assert!(one_syn(&c, "x/a", SocketAddr::new(b, 7300)));
+    let f = wait_flows(&c.flow_log(), 1, "x/a -> x/b:7300", |f| to_port(f, b, 7300));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0]["verdict"], "audit");
+    assert!(has_policy(&f[0], "x", "deny", "audited", None), "{:#}", f[0]);
+}
