@@ -588,6 +588,7 @@ fn an_audited_default_deny_lets_traffic_through_and_reports_it_as_audit() {
     assert!(observed.iter().any(|o| o == f), "observe --verdict audit shows it: {observed:#?}");
     assert!(observed.iter().all(|o| o["verdict"] == "audit"));
     let text = observe(&c, &["--verdict", "audit", "--last", "1"]);
+    eprintln!("observe --verdict audit --last 1:\n{text}");
     assert!(text.contains("AUDIT  (ingress of x/b: allowed; audited x/deny would deny it"), "{text}");
     let metrics = c
         .node
