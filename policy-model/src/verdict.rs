@@ -102,7 +102,8 @@ pub struct Verdict {
     pub ingress_tiers: TierVerdict,
 }
 
-/// Judges `flow` against the cluster state.
+/// Judges `flow` against the cluster state, in its view ([`crate::audit::View`]: by
+/// default the enforced one, in which audited policies do not exist).
 pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
     let src = state.owner(flow.src);
     let dst = state.owner(flow.dst);
