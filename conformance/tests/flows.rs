@@ -604,8 +604,11 @@ fn an_audited_default_deny_lets_traffic_through_and_reports_it_as_audit() {
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("policy_agent_flow_verdicts_total{") && l.contains("verdict=\"audit\"") && l.contains("pod=\"b\"")),
-        "the metrics count audit verdicts"
+            .any(|l| l.starts_with("policy_agent_flow_verdicts_total{")
+                && l.contains("verdict=\"audit\"")
+                && l.contains("pod=\"b\"")
+                && l.contains("policy=\"x/deny\"")),
+        "the metrics count audit verdicts, under the audited policy"
     );
 
     // Enforced once the annotation goes.

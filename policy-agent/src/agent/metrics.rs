@@ -23,16 +23,23 @@ pub struct TrafficLabels {
 }
 
 /// Flow verdicts per local pod: `namespace`, `pod` (the pod whose policies judged),
-/// `direction` and `verdict`. Bounded: only this node's pods (label sets of pods that
-/// leave are removed), two directions, three verdicts (`allowed`, `denied`, `audit`);
-/// peers are not labels.
+/// `direction`, `verdict`, and `policy`: the policy that decided (`ns/name`, or
+/// `cnp/name` for a ClusterNetworkPolicy; empty when none did, e.g. a pod no policy
+/// isolates). Bounded: only this node's pods (label sets of pods that leave are removed),
+/// two directions, three verdicts (`allowed`, `denied`, `audit`), and at most
+/// [`POLICIES_PER_SERIES`] policies per pod, direction and verdict (the rest count under
+/// `policy="other"`); peers are not labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct FlowLabels {
     pub namespace: String,
     pub pod: String,
     pub direction: String,
     pub verdict: String,
+    pub policy: String,
 }
+
+/// At most this many `policy` values per pod, direction and verdict in `flow_verdicts`.
+pub const POLICIES_PER_SERIES: usize = 16;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
@@ -185,19 +192,37 @@ impl Shared {
         let m = self.metrics.lock().expect("metrics lock");
         let mut seen = self.flow_label_sets.lock().unwrap_or_else(|p| p.into_inner());
         for f in flows {
-            let (namespace, pod) = f.subject.split_once('/').unwrap_or(("", f.subject.as_str()));
-            let labels = FlowLabels {
-                namespace: namespace.to_string(),
-                pod: pod.to_string(),
-                direction: f.direction.clone(),
-                verdict: f.verdict.clone(),
-            };
+            let labels = flow_labels(f, &seen);
             m.flow_verdicts.get_or_create(&labels).inc();
             if !seen.contains(&labels) {
                 seen.insert(labels);
             }
         }
     }
+}
+
+/// The label set `f` counts under, given the sets in use (`seen`): its deciding policy is
+/// the first it names (the flow record lists the decider first).
+fn flow_labels(f: &crate::flows::Flow, seen: &std::collections::BTreeSet<FlowLabels>) -> FlowLabels {
+    let (namespace, pod) = f.subject.split_once('/').unwrap_or(("", f.subject.as_str()));
+    let policy = f.policies.first().map(|p| match &p.namespace {
+        Some(ns) => format!("{ns}/{}", p.name),
+        None => format!("cnp/{}", p.name),
+    });
+    let mut labels = FlowLabels {
+        namespace: namespace.to_string(),
+        pod: pod.to_string(),
+        direction: f.direction.clone(),
+        verdict: f.verdict.clone(),
+        policy: policy.unwrap_or_default(),
+    };
+    if !seen.contains(&labels) {
+        let same_series = |l: &&FlowLabels| l.namespace == labels.namespace && l.pod == labels.pod && l.direction == labels.direction && l.verdict == labels.verdict;
+        if seen.iter().filter(same_series).count() >= POLICIES_PER_SERIES {
+            labels.policy = "other".to_string();
+        }
+    }
+    labels
 }
 
 impl Default for Shared {
@@ -236,4 +261,51 @@ pub async fn serve(addr: SocketAddr, shared: Shared) -> std::io::Result<()> {
         Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(shared);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(policy: Option<(&str, &str)>) -> crate::flows::Flow {
+        let policies = match policy {
+            Some((ns, name)) => serde_json::json!([{"kind": "NetworkPolicy", "namespace": ns, "name": name, "role": "isolates"}]),
+            None => serde_json::json!([]),
+        };
+        let end = serde_json::json!({"kind": "world", "ip": "192.0.2.1"});
+        serde_json::from_value(serde_json::json!({
+            "time": "2026-11-30T12:00:00.000000Z", "time_unix_ns": 0, "node": "n1", "verdict": "denied",
+            "direction": "ingress", "subject": "x/b", "source": end, "destination": end, "protocol": "TCP",
+            "interface": {"index": 7}, "decided_by": "no_rule", "reason": "", "policies": policies,
+            "revision": 1, "tables_exact": true,
+        }))
+        .expect("a flow record")
+    }
+
+    fn text(shared: &Shared) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &shared.metrics.lock().unwrap().registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn flow_verdicts_name_the_deciding_policy_and_stay_bounded() {
+        let shared = Shared::new();
+        shared.count_flows(&[flow(Some(("x", "deny"))), flow(Some(("x", "deny"))), flow(None)]);
+        let t = text(&shared);
+        let line = |policy: &str| {
+            t.lines()
+                .find(|l| l.starts_with("policy_agent_flow_verdicts_total{") && l.contains(&format!("policy=\"{policy}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        };
+        assert_eq!(line("x/deny").as_deref(), Some("2"), "{t}");
+        assert_eq!(line("").as_deref(), Some("1"), "{t}");
+        // Many policies for one pod: the ones past the cap share one series.
+        let many: Vec<_> = (0..POLICIES_PER_SERIES + 5).map(|i| format!("p{i}")).collect();
+        shared.count_flows(&many.iter().map(|n| flow(Some(("x", n)))).collect::<Vec<_>>());
+        let t = text(&shared);
+        let series = t.lines().filter(|l| l.starts_with("policy_agent_flow_verdicts_total{")).count();
+        assert_eq!(series, POLICIES_PER_SERIES + 1, "{t}");
+        assert!(t.lines().any(|l| l.contains("policy=\"other\"") && l.ends_with(" 7")), "{t}");
+    }
 }
