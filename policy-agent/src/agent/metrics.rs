@@ -272,14 +272,7 @@ mod tests {
             Some((ns, name)) => serde_json::json!([{"kind": "NetworkPolicy", "namespace": ns, "name": name, "role": "isolates"}]),
             None => serde_json::json!([]),
         };
-        let end = serde_json::json!({"kind": "world", "ip": "192.0.2.1"});
-        serde_json::from_value(serde_json::json!({
-            "time": "2026-11-30T12:00:00.000000Z", "time_unix_ns": 0, "node": "n1", "verdict": "denied",
-            "direction": "ingress", "subject": "x/b", "source": end, "destination": end, "protocol": "TCP",
-            "interface": {"index": 7}, "decided_by": "no_rule", "reason": "", "policies": policies,
-            "revision": 1, "tables_exact": true,
-        }))
-        .expect("a flow record")
+        crate::flows::record::sample("x/b", policies)
     }
 
     fn text(shared: &Shared) -> String {

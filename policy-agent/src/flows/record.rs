@@ -179,3 +179,17 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
     }
 }
+
+/// A flow record for tests: `subject`'s ingress, denied, from a world address, naming
+/// `policies` (JSON [`PolicyRef`]s).
+#[cfg(test)]
+pub(crate) fn sample(subject: &str, policies: serde_json::Value) -> Flow {
+    let end = serde_json::json!({"kind": "world", "ip": "192.0.2.1"});
+    serde_json::from_value(serde_json::json!({
+        "time": "2026-11-30T12:00:00.000000Z", "time_unix_ns": 0, "node": "n1", "verdict": "denied",
+        "direction": "ingress", "subject": subject, "source": end, "destination": end, "protocol": "TCP",
+        "interface": {"index": 7}, "decided_by": "no_rule", "reason": "", "policies": policies,
+        "revision": 1, "tables_exact": true,
+    }))
+    .expect("a flow record")
+}
