@@ -380,23 +380,8 @@ impl NodeCompiler {
     /// For every pod or namespace peer of every ClusterNetworkPolicy, in order: whether it
     /// matches `pod`.
     fn cluster_peer_matches(&self, pod: &Pod) -> Vec<bool> {
-        use crate::cnp::ClusterPeer;
-        let everything = crate::labels::Selector::everything();
-        let mut bits = Vec::new();
-        for policy in self.state.cluster_policies() {
-            for rule in policy.ingress.iter().chain(&policy.egress) {
-                for peer in &rule.peers {
-                    match peer {
-                        ClusterPeer::Namespaces(ns) => bits.push(crate::cnp::eval::pod_peer_matches(&self.state, ns, &everything, pod)),
-                        ClusterPeer::Pods { namespaces, pods } => {
-                            bits.push(crate::cnp::eval::pod_peer_matches(&self.state, namespaces, pods, pod))
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        bits
+        let rules = self.state.cluster_policies().flat_map(|p| p.ingress.iter().chain(&p.egress));
+        rules.flat_map(|rule| crate::cnp::pod_peer_bits(&self.state, rule, pod)).collect()
     }
 
     /// Whether `change` upserts an object exactly as the state holds it already. A relist

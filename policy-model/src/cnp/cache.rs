@@ -161,7 +161,7 @@ impl TierCache {
 }
 
 /// For each pod or namespace peer of `rule`, whether it matches `pod`.
-fn pod_peer_bits(state: &ClusterState, rule: &ClusterRule, pod: &Pod) -> Vec<bool> {
+pub(crate) fn pod_peer_bits(state: &ClusterState, rule: &ClusterRule, pod: &Pod) -> Vec<bool> {
     let everything = crate::labels::Selector::everything();
     rule.peers
         .iter()

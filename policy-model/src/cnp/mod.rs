@@ -23,6 +23,7 @@ pub mod validate;
 use k8s_openapi::api::core::v1 as core;
 
 pub use cache::TierCache;
+pub(crate) use cache::pod_peer_bits;
 pub use eval::{DecidedBy, TierVerdict, decide};
 pub use model::{Action, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule, ClusterRuleRef, FailClosed, Subject, Tier};
 pub use types::ClusterNetworkPolicy;
