@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod fuzz;
 pub mod model;
 pub mod netns;
+pub mod programs;
 pub mod rig;
 pub mod runner;
 pub mod topology;

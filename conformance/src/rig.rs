@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use policy_agent::datapath::{Budget, Enforcer, MapSizes, PodInterface, SyncReport};
+use policy_agent::datapath::{Budget, Enforcer, FlowConfig, MapSizes, PodInterface, SyncReport};
 use policy_ebpf::{Counters, CtKey, CtValue};
 use policy_model::{Change, Namespace, Node, NodeCompiler, ObjectKey, Pod, Prefix, Protocol};
 
@@ -60,6 +60,9 @@ pub struct Rig {
     agent: Option<(mpsc::Sender<Command>, JoinHandle<()>)>,
     interfaces: BTreeMap<ObjectKey, PodInterface>,
     sizes: MapSizes,
+    /// The flow events the agent's programs report; `None`: as `POLICY_AGENT_FLOW_EVENTS`
+    /// says (see `Enforcer::new`).
+    flows: Option<FlowConfig>,
     /// Everything applied so far, to replay into a restarted agent.
     history: Vec<Change>,
 }
@@ -80,11 +83,16 @@ pub fn test_sizes() -> MapSizes {
 fn agent_loop(
     pin_dir: PathBuf,
     sizes: MapSizes,
+    flows: Option<FlowConfig>,
     interfaces: BTreeMap<ObjectKey, PodInterface>,
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
-    let mut enforcer = match Enforcer::new(&pin_dir, sizes) {
+    let enforcer = match flows {
+        Some(flows) => Enforcer::with_flows(&pin_dir, sizes, flows),
+        None => Enforcer::new(&pin_dir, sizes),
+    };
+    let mut enforcer = match enforcer {
         Ok(e) => {
             let _ = ready.send(Ok(()));
             e
@@ -177,7 +185,7 @@ impl Rig {
             rig_pods.insert(pod.key.clone(), RigPod { net, _servers: servers });
         }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("pa-test-")));
-        let mut rig = Rig { node, pods: rig_pods, pin_dir, agent: None, interfaces, sizes, history: Vec::new() };
+        let mut rig = Rig { node, pods: rig_pods, pin_dir, agent: None, interfaces, sizes, flows: None, history: Vec::new() };
         rig.start_agent()?;
         let mut changes: Vec<Change> = Vec::new();
         let mut namespaces: Vec<String> = pods.iter().map(|p| p.key.namespace.to_string()).collect();
@@ -196,8 +204,8 @@ impl Rig {
         let (ready_tx, ready_rx) = mpsc::channel();
         let pin = self.pin_dir.clone();
         let ifs = self.interfaces.clone();
-        let sizes = self.sizes;
-        let h = self.node.ns.spawn(move || agent_loop(pin, sizes, ifs, rx, ready_tx))?;
+        let (sizes, flows) = (self.sizes, self.flows);
+        let h = self.node.ns.spawn(move || agent_loop(pin, sizes, flows, ifs, rx, ready_tx))?;
         ready_rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)?;
         self.agent = Some((tx, h));
         if !self.history.is_empty() {
@@ -205,6 +213,11 @@ impl Rig {
             self.send_apply(replay)?;
         }
         Ok(())
+    }
+
+    /// The flow events of the agents started from now on (see [`Rig::start_agent`]).
+    pub fn set_flow_events(&mut self, flows: FlowConfig) {
+        self.flows = Some(flows);
     }
 
     /// Stops the agent as a crash or an upgrade would: pins stay, enforcement goes on.

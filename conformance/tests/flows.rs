@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use conformance::agent_process::{AgentProcess, agent_binary};
+use conformance::agent_process::{AgentOptions, AgentProcess, agent_binary};
 use conformance::cluster::{PodSpec, namespace_manifest, pod_address};
 use conformance::netns::unique;
 use conformance::topology::{NodeNet, PodNet, Topology};
@@ -85,11 +85,15 @@ impl Cluster {
     }
 
     fn start(&self, extra: &[&str]) -> AgentProcess {
+        self.start_with(extra, AgentOptions::default())
+    }
+
+    fn start_with(&self, extra: &[&str], opts: AgentOptions) -> AgentProcess {
         let log = self.flow_log();
         let sock = self.socket();
         let mut args = vec!["--flow-log", log.to_str().unwrap(), "--observe-socket", sock.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut agent = AgentProcess::start(&self.node.ns, NODE, self.dir.path(), &args).expect("agent");
+        let mut agent = AgentProcess::start_with(&self.node.ns, NODE, &[self.dir.path()], Some(20), &args, opts).expect("agent");
         agent.wait_ready(Duration::from_secs(20)).unwrap();
         agent
     }
@@ -717,4 +721,61 @@ fn the_node_switch_audits_every_policy() {
     assert_eq!(f.len(), 1, "{f:#?}");
     assert_eq!(f[0]["verdict"], "audit");
     assert!(has_policy(&f[0], "x", "deny", "audited", None), "{:#}", f[0]);
+}
+
+/// A pod whose tables do not fit (here: more peers than `--max-peer-entries`) is
+/// fail-closed: the new flows it drops are reported, in both directions, as decided by
+/// that. And `--flow-events sampled:N` reports about one allowed flow in N, while denied
+/// ones are all still reported.
+#[test]
+fn a_fail_closed_pod_reports_what_it_drops_and_sampling_reports_one_allowed_flow_in_n() {
+    let c = Cluster::new(&["x/a", "x/b", "y/c"]);
+    // 100 peers of x/b's ingress: more than the 64 entries the peer table is given.
+    let peers: Vec<Value> = (0..100).map(|i| json!({"ipBlock": {"cidr": format!("10.99.{i}.0/24")}})).collect();
+    c.write(
+        "np.yaml",
+        policy("b-big", "x", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"], "ingress": [{"from": peers}]})),
+    );
+    let _agent = c.start_with(&["--flow-events", "sampled:10"], AgentOptions { sizes: Some((64, 16384)), ..Default::default() });
+    c.until("x/a", "x/b", 80, false);
+    let (a, b, cc) = (c.ip("x/a"), c.ip("x/b"), c.ip("y/c"));
+    let log = c.flow_log();
+
+    assert!(!one_syn(&c, "x/a", SocketAddr::new(b, 8080)), "x/a -> x/b:8080 is dropped: x/b is fail-closed");
+    let f = wait_flows(&log, 1, "x/a -> x/b:8080", |f| to_port(f, b, 8080));
+    assert_eq!(f.len(), 1, "one SYN, one event: {f:#?}");
+    let f = &f[0];
+    assert_eq!((f["verdict"].as_str(), f["direction"].as_str(), f["subject"].as_str()), (Some("denied"), Some("ingress"), Some("x/b")), "{f:#}");
+    assert_eq!(f["decided_by"], "fail_closed", "{f:#}");
+    assert!(f["reason"].as_str().unwrap().contains("fail-closed"), "{f:#}");
+
+    // Its egress too: nothing leaves it.
+    assert!(!one_syn(&c, "x/b", SocketAddr::new(a, 8081)), "x/b -> x/a:8081 is dropped");
+    let f = wait_flows(&log, 1, "x/b -> x/a:8081", |f| to_port(f, a, 8081));
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!((f[0]["verdict"].as_str(), f[0]["direction"].as_str(), f[0]["decided_by"].as_str()), (Some("denied"), Some("egress"), Some("fail_closed")));
+
+    // x/a -> y/c: nothing isolates either; one allowed connection in 10 is reported, by
+    // each end's hook (x/a's egress, y/c's ingress). 300 connections, 5 ms apart (well
+    // within the rate limit): 600 judgments, so about 60 events (sd 7). One in 100 would
+    // give about 6, all would give 600: the bounds are 5 standard deviations.
+    let connections = 300;
+    let dst = SocketAddr::new(cc, 80);
+    let ok = c.net("x/a").ns.run(move || {
+        (0..connections)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(5));
+                TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok()
+            })
+            .count()
+    });
+    assert_eq!(ok.unwrap(), connections, "x/a -> y/c is allowed");
+    std::thread::sleep(Duration::from_secs(2));
+    let allowed: Vec<Value> = log_flows(&log).into_iter().filter(|f| f["verdict"] == "allowed" && to_port(f, cc, 80)).collect();
+    assert!(
+        (20..=110).contains(&allowed.len()),
+        "sampled:10 over {connections} connections judged by two hooks: about 60 allowed events, got {}",
+        allowed.len()
+    );
+    assert!(allowed.iter().all(|f| f["decided_by"] == "not_isolated"), "{allowed:#?}");
 }

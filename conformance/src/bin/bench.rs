@@ -29,7 +29,8 @@ use conformance::bench_rules::{BULK_PORT, BenchPolicy, NAMESPACE, NFT_TABLE, RR_
 use conformance::netns::{NetnsHandle, unique};
 use conformance::rig::{NODE, Rig};
 use conformance::traffic::{serve_load, serve_sink};
-use policy_agent::datapath::MapSizes;
+use conformance::programs::{PROGRAMS, RunStats, enable_stats};
+use policy_agent::datapath::{FlowConfig, MapSizes};
 use policy_model::{Change, ObjectKey, Pod, Protocol};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -67,6 +68,19 @@ struct Args {
     /// `cluster_policies`): the tiers compile into the same tables, and this shows it.
     #[arg(long)]
     cluster_policies: bool,
+    /// The mechanisms to measure (of none, policy-agent, iptables, nftables). `none` is
+    /// always measured: every ratio is against it.
+    #[arg(long, value_delimiter = ',', default_value = "none,policy-agent,iptables,nftables")]
+    mechanisms: Vec<String>,
+    /// policy-agent once per flow-event setting (none, denied, sampled:N, all), so the
+    /// cost of the events reads side by side. The default is the agent's default.
+    #[arg(long, value_delimiter = ',', default_value = "denied")]
+    flow_events: Vec<String>,
+    /// Also the cost of each of the agent's programs per run, from the kernel's BPF
+    /// statistics, for each kind of traffic. The statistics cost a little per run
+    /// themselves, so every configuration pays them in such a run.
+    #[arg(long)]
+    program_stats: bool,
 }
 
 /// An Admin policy whose first rule passes the client to the NetworkPolicy tier (the
@@ -99,32 +113,41 @@ fn cluster_policies() -> Vec<Change> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Mechanism {
     None,
-    Agent,
+    /// policy-agent with the flow events of `Bench::flow_events[i]`.
+    Agent(usize),
     Iptables,
     Nftables,
 }
 
 impl Mechanism {
-    const ALL: [Mechanism; 4] = [Mechanism::None, Mechanism::Agent, Mechanism::Iptables, Mechanism::Nftables];
-
-    fn name(self) -> &'static str {
-        match self {
-            Mechanism::None => "none",
-            Mechanism::Agent => "policy-agent",
-            Mechanism::Iptables => "iptables",
-            Mechanism::Nftables => "nftables",
+    /// The configurations `args` asks for, in the order of a round.
+    fn chosen(args: &Args) -> Result<Vec<Mechanism>> {
+        let mut out = vec![Mechanism::None];
+        for m in &args.mechanisms {
+            match m.as_str() {
+                "none" => {}
+                "policy-agent" => out.extend((0..args.flow_events.len()).map(Mechanism::Agent)),
+                "iptables" => out.push(Mechanism::Iptables),
+                "nftables" => out.push(Mechanism::Nftables),
+                other => bail!("--mechanisms: {other:?} is none of none, policy-agent, iptables, nftables"),
+            }
         }
+        out.dedup();
+        Ok(out)
     }
 }
 
 /// One configuration's figures in one round (or their medians).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 struct Figures {
     tcp_connections_per_s: f64,
     udp_rr_per_s: f64,
     bulk_gbit_per_s: f64,
     connect_p50_us: f64,
     connect_p99_us: f64,
+    /// With `--program-stats`: per program and traffic, (runs per operation, ns per run).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    programs: BTreeMap<String, (f64, f64)>,
 }
 
 /// (JSON key, table title, how to read it from figures).
@@ -254,9 +277,25 @@ struct Bench {
     rr: SocketAddr,
     bulk: SocketAddr,
     policies: BTreeMap<usize, BenchPolicy>,
+    /// The configurations of a round, in order.
+    mechanisms: Vec<Mechanism>,
+    /// `--flow-events`, parsed: `Mechanism::Agent(i)` runs with the i-th.
+    flow_events: Vec<(String, FlowConfig)>,
+    /// Held while BPF statistics are wanted (`--program-stats`).
+    _stats: Option<std::os::fd::OwnedFd>,
 }
 
 impl Bench {
+    fn name(&self, m: Mechanism) -> String {
+        match m {
+            Mechanism::None => "none".into(),
+            Mechanism::Agent(_) if self.flow_events.len() == 1 => "policy-agent".into(),
+            Mechanism::Agent(i) => format!("agent/{}", self.flow_events[i].0),
+            Mechanism::Iptables => "iptables".into(),
+            Mechanism::Nftables => "nftables".into(),
+        }
+    }
+
     fn node_exec(&self, program: &str, args: &[&str]) -> Result<String> {
         Ok(self.rig.node.ns.exec(program, args)?)
     }
@@ -275,7 +314,8 @@ impl Bench {
         let t = Instant::now();
         match mechanism {
             Mechanism::None => {}
-            Mechanism::Agent => {
+            Mechanism::Agent(i) => {
+                self.rig.set_flow_events(self.flow_events[i].1);
                 self.rig.start_agent()?;
                 let mut changes = self.policies[&n].network_policies();
                 if self.args.cluster_policies {
@@ -299,7 +339,7 @@ impl Bench {
     fn deactivate(&mut self, mechanism: Mechanism) -> Result<()> {
         match mechanism {
             Mechanism::None => {}
-            Mechanism::Agent => {
+            Mechanism::Agent(_) => {
                 let mut delete: Vec<Change> = ["bench-server", "bench-client"].map(|n| Change::DeletePolicy(ObjectKey::new(NAMESPACE, n))).into();
                 if self.args.cluster_policies {
                     delete.extend(["bench-admin", "bench-baseline"].map(|n| Change::DeleteClusterPolicy(n.to_string())));
@@ -321,10 +361,10 @@ impl Bench {
             }
         }
         let nft = self.node_exec("nft", &["list", "ruleset"])?;
-        ensure!(nft.trim().is_empty(), "nftables rules left in the node's namespace after {}:\n{nft}", mechanism.name());
+        ensure!(nft.trim().is_empty(), "nftables rules left in the node's namespace after {}:\n{nft}", self.name(mechanism));
         let ipt = self.node_exec(&format!("{}-save", self.args.iptables), &[])?;
-        ensure!(!ipt.lines().any(|l| l.starts_with("-A ")), "iptables rules left after {}:\n{ipt}", mechanism.name());
-        ensure!(!self.rig.pin_dir.exists(), "agent pins left after {}", mechanism.name());
+        ensure!(!ipt.lines().any(|l| l.starts_with("-A ")), "iptables rules left after {}:\n{ipt}", self.name(mechanism));
+        ensure!(!self.rig.pin_dir.exists(), "agent pins left after {}", self.name(mechanism));
         Ok(())
     }
 
@@ -349,7 +389,7 @@ impl Bench {
             if got != expected {
                 bail!(
                     "{} with {n} rules does not enforce the policy: {what} (port {port}) is {}",
-                    mechanism.name(),
+                    self.name(mechanism),
                     if got { "allowed, expected blocked" } else { "blocked, expected allowed" }
                 );
             }
@@ -357,23 +397,40 @@ impl Bench {
         Ok(())
     }
 
-    fn measure(&self) -> Result<Figures> {
+    fn measure(&self, mechanism: Mechanism) -> Result<Figures> {
         let a = &self.args;
+        // Per-program costs: only where there are programs, and only when asked for.
+        let stats = self._stats.is_some() && matches!(mechanism, Mechanism::Agent(_));
+        let mut programs = BTreeMap::new();
+        let mut cost = |traffic: &str, before: Option<RunStats>, ops: f64| {
+            let Some(before) = before else { return };
+            for (name, (runs, ns)) in RunStats::snapshot().since(&before) {
+                programs.insert(format!("{name} {traffic}"), (runs as f64 / ops.max(1.0), ns));
+            }
+        };
+        let snap = || stats.then(RunStats::snapshot);
+        let before = snap();
         let tcp_connections_per_s = rate(&self.client, a.clients, a.seconds, ("TCP connect", tcp_connect), self.rr)?;
+        cost("tcp", before, tcp_connections_per_s * a.seconds);
+        let before = snap();
         let udp_rr_per_s = rate(&self.client, a.clients, a.seconds, ("UDP request/response", udp_rr), self.rr)?;
+        cost("udp", before, udp_rr_per_s * a.seconds);
+        let before = snap();
         let bulk_gbit_per_s = bulk(&self.client, self.bulk, a.bulk_seconds)?;
+        // Per 64 KiB written: the size of a full segment with offloads.
+        cost("bulk", before, bulk_gbit_per_s * 1e9 / 8.0 * a.bulk_seconds / 65536.0);
         let (connect_p50_us, connect_p99_us) = connect_latency(&self.client, self.rr, a.latency_seconds)?;
-        Ok(Figures { tcp_connections_per_s, udp_rr_per_s, bulk_gbit_per_s, connect_p50_us, connect_p99_us })
+        Ok(Figures { tcp_connections_per_s, udp_rr_per_s, bulk_gbit_per_s, connect_p50_us, connect_p99_us, programs })
     }
 
     fn run_one(&mut self, round: usize, mechanism: Mechanism, n: usize) -> Result<Figures> {
         let load = self.activate(mechanism, n)?;
         self.check(mechanism, n)?;
-        let f = self.measure()?;
+        let f = self.measure(mechanism)?;
         eprintln!(
             "round {}: {:<12} {:>6} rules (loaded in {:>5.2} s): {:>8.0} conn/s {:>8.0} UDP rr/s {:>6.2} Gbit/s connect p50 {:>5.0} µs p99 {:>6.0} µs",
             round + 1,
-            mechanism.name(),
+            self.name(mechanism),
             n.to_string(),
             load.as_secs_f64(),
             f.tcp_connections_per_s,
@@ -414,6 +471,13 @@ fn main() -> Result<()> {
     let server = IpAddr::V4(server_ip.parse::<Ipv4Addr>()?);
     let dir = std::env::temp_dir().join(unique("pa-bench-"));
     std::fs::create_dir_all(&dir)?;
+    let mechanisms = Mechanism::chosen(&args)?;
+    let flow_events = args
+        .flow_events
+        .iter()
+        .map(|f| FlowConfig::parse(f).map(|c| (f.clone(), c)).map_err(|e| anyhow::anyhow!("--flow-events: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let stats = if args.program_stats { Some(enable_stats()?) } else { None };
     let mut bench = Bench {
         rr: SocketAddr::new(server, RR_PORT),
         bulk: SocketAddr::new(server, BULK_PORT),
@@ -422,6 +486,9 @@ fn main() -> Result<()> {
         dir: dir.clone(),
         client,
         policies,
+        mechanisms,
+        flow_events,
+        _stats: stats,
     };
     let result = run(&mut bench);
     let _ = std::fs::remove_dir_all(&dir);
@@ -438,8 +505,9 @@ fn run(bench: &mut Bench) -> Result<()> {
             // the next measurements' port allocation, so whatever always went first (the
             // baseline did) would look faster than it is. Rotate the order from round to
             // round, so that no configuration always follows another.
-            let mut order = Mechanism::ALL;
-            order.rotate_left(round % Mechanism::ALL.len());
+            let mut order = bench.mechanisms.clone();
+            let len = order.len();
+            order.rotate_left(round % len);
             for m in order {
                 let f = bench.run_one(round, m, n)?;
                 samples.entry((m, n)).or_default().push(f);
@@ -456,6 +524,14 @@ fn run(bench: &mut Bench) -> Result<()> {
                 bulk_gbit_per_s: m(|f| f.bulk_gbit_per_s),
                 connect_p50_us: m(|f| f.connect_p50_us),
                 connect_p99_us: m(|f| f.connect_p99_us),
+                programs: v[0]
+                    .programs
+                    .keys()
+                    .map(|k| {
+                        let get = |i: usize| median(v.iter().filter_map(|f| f.programs.get(k)).map(|p| if i == 0 { p.0 } else { p.1 }).collect());
+                        (k.clone(), (get(0), get(1)))
+                    })
+                    .collect(),
             };
             (*k, f)
         })
@@ -470,7 +546,10 @@ fn report(
     medians: &BTreeMap<(Mechanism, usize), Figures>,
 ) -> Result<()> {
     let a = &bench.args;
-    let fig = |m: Mechanism, n: usize| medians[&(m, n)];
+    let fig = |m: Mechanism, n: usize| &medians[&(m, n)];
+    let ms = &bench.mechanisms;
+    let has = |m: Mechanism| ms.contains(&m);
+    let agents: Vec<Mechanism> = ms.iter().copied().filter(|m| matches!(m, Mechanism::Agent(_))).collect();
     println!("\nDatapath between two pods on an emulated node; rules per side (server ingress and client egress), matching rule last;");
     println!(
         "{} clients for the rates; medians of {} interleaved rounds; iptables: {}. Ratios are quotients (a:b = a / b; for latency, < 1 is better).",
@@ -478,36 +557,71 @@ fn report(
     );
     for (_, title, get) in METRICS {
         println!("\n{title}");
-        println!(
-            "{:>7} {:>10} {:>13} {:>10} {:>10} | {:>10} {:>10} {:>10} | {:>9} {:>9}",
-            "rules", "none", "policy-agent", "iptables", "nftables", "agent:none", "agent:ipt", "agent:nft", "ipt:none", "nft:none"
-        );
+        let mut head = format!("{:>7}", "rules");
+        for &m in ms {
+            head += &format!(" {:>14}", bench.name(m));
+        }
+        head += " |";
+        for &m in ms.iter().filter(|m| **m != Mechanism::None) {
+            head += &format!(" {:>14}", format!("{}:none", bench.name(m)));
+        }
+        if has(Mechanism::Iptables) || has(Mechanism::Nftables) {
+            head += " |";
+            for &ag in &agents {
+                for other in [Mechanism::Iptables, Mechanism::Nftables].into_iter().filter(|m| has(*m)) {
+                    head += &format!(" {:>14}", format!("{}:{}", bench.name(ag), &bench.name(other)[..3]));
+                }
+            }
+        }
+        println!("{head}");
         for &n in rules {
-            let v = |m| get(&fig(m, n));
-            let (agent, ipt, nft, base) = (v(Mechanism::Agent), v(Mechanism::Iptables), v(Mechanism::Nftables), v(Mechanism::None));
+            let v = |m| get(fig(m, n));
+            let base = v(Mechanism::None);
             let prec = if base < 100.0 { 2 } else { 0 };
-            println!(
-                "{n:>7} {base:>10.prec$} {agent:>13.prec$} {ipt:>10.prec$} {nft:>10.prec$} | {:>10.3} {:>10.3} {:>10.3} | {:>9.3} {:>9.3}",
-                agent / base,
-                agent / ipt,
-                agent / nft,
-                ipt / base,
-                nft / base,
-            );
+            let mut line = format!("{n:>7}");
+            for &m in ms {
+                line += &format!(" {:>14.prec$}", v(m));
+            }
+            line += " |";
+            for &m in ms.iter().filter(|m| **m != Mechanism::None) {
+                line += &format!(" {:>14.3}", v(m) / base);
+            }
+            if has(Mechanism::Iptables) || has(Mechanism::Nftables) {
+                line += " |";
+                for &ag in &agents {
+                    for other in [Mechanism::Iptables, Mechanism::Nftables].into_iter().filter(|m| has(*m)) {
+                        line += &format!(" {:>14.3}", v(ag) / v(other));
+                    }
+                }
+            }
+            println!("{line}");
         }
     }
+    if a.program_stats {
+        report_program_stats(bench, rules, medians, &agents);
+    }
 
-    // The targets, at 10,000 rules (or the largest count measured).
+    // The issues' targets, at 10,000 rules (or the largest count measured).
     let top = *rules.iter().max().expect("a rule count");
-    let conn = |m| fig(m, top).tcp_connections_per_s;
-    let targets = [
-        ("connections/s ≥ 0.95 × no enforcement", conn(Mechanism::Agent) / conn(Mechanism::None), 0.95),
-        ("connections/s ≥ 10 × iptables", conn(Mechanism::Agent) / conn(Mechanism::Iptables), 10.0),
-        ("connections/s ≥ nftables", conn(Mechanism::Agent) / conn(Mechanism::Nftables), 1.0),
-    ];
+    let ratio = |f: fn(&Figures) -> f64, m: Mechanism, other: Mechanism| f(fig(m, top)) / f(fig(other, top));
+    let conn: fn(&Figures) -> f64 = |f| f.tcp_connections_per_s;
+    let mut targets = Vec::new();
+    for &ag in &agents {
+        let name = bench.name(ag);
+        targets.push((format!("{name}: connections/s ≥ 0.97 × no enforcement"), ratio(conn, ag, Mechanism::None), 0.97, true));
+        targets.push((format!("{name}: UDP request/response ≥ 0.97 × none"), ratio(|f| f.udp_rr_per_s, ag, Mechanism::None), 0.97, true));
+        targets.push((format!("{name}: connect p50 ≤ 1.05 × none"), ratio(|f| f.connect_p50_us, ag, Mechanism::None), 1.05, false));
+        if has(Mechanism::Iptables) {
+            targets.push((format!("{name}: connections/s ≥ 10 × iptables"), ratio(conn, ag, Mechanism::Iptables), 10.0, true));
+        }
+        if has(Mechanism::Nftables) {
+            targets.push((format!("{name}: connections/s ≥ nftables"), ratio(conn, ag, Mechanism::Nftables), 1.0, true));
+        }
+    }
     println!("\nTargets at {top} rules:");
-    for (what, got, need) in targets {
-        println!("  {:<40} {got:>8.3} (≥ {need}) {}", what, if got >= need { "MET" } else { "NOT MET" });
+    for (what, got, need, at_least) in &targets {
+        let met = if *at_least { got >= need } else { got <= need };
+        println!("  {:<56} {got:>8.3} ({} {need}) {}", what, if *at_least { "≥" } else { "≤" }, if met { "MET" } else { "NOT MET" });
     }
 
     if let Some(path) = &a.json {
@@ -517,13 +631,29 @@ fn report(
     Ok(())
 }
 
+/// The cost of each program per run (kernel BPF statistics), per kind of traffic.
+fn report_program_stats(bench: &Bench, rules: &[usize], medians: &BTreeMap<(Mechanism, usize), Figures>, agents: &[Mechanism]) {
+    println!("\nPer-program cost from BPF statistics: ns per run (runs per TCP connection, per UDP request/response, per 64 KiB of bulk)");
+    println!("{:>7} {:>16} {:>12} {:>18} {:>18} {:>18}", "rules", "configuration", "program", "tcp", "udp", "bulk");
+    for &n in rules {
+        for &ag in agents {
+            for prog in PROGRAMS {
+                let cell = |traffic: &str| {
+                    medians[&(ag, n)].programs.get(&format!("{prog} {traffic}")).map_or("-".to_string(), |(runs, ns)| format!("{ns:.0} ({runs:.1})"))
+                };
+                println!("{n:>7} {:>16} {prog:>12} {:>18} {:>18} {:>18}", bench.name(ag), cell("tcp"), cell("udp"), cell("bulk"));
+            }
+        }
+    }
+}
+
 fn write_json(
     path: &Path,
     bench: &Bench,
     rules: &[usize],
     samples: &BTreeMap<(Mechanism, usize), Vec<Figures>>,
     medians: &BTreeMap<(Mechanism, usize), Figures>,
-    targets: &[(&str, f64, f64)],
+    targets: &[(String, f64, f64, bool)],
     top: usize,
 ) -> Result<()> {
     let a = &bench.args;
@@ -534,23 +664,28 @@ fn write_json(
     let mut results = Vec::new();
     for &n in rules {
         // "none" at n rules: the baseline measured alongside that rule count.
-        let none = medians[&(Mechanism::None, n)];
-        for m in Mechanism::ALL {
-            let f = medians[&(m, n)];
+        let none = &medians[&(Mechanism::None, n)];
+        for &m in &bench.mechanisms {
+            let f = &medians[&(m, n)];
+            let vs = |other: Mechanism| medians.get(&(other, n)).map(|o| ratios(f, o));
             results.push(json!({
-                "mechanism": m.name(),
+                "mechanism": bench.name(m),
+                "flow_events": match m { Mechanism::Agent(i) => Some(&bench.flow_events[i].0), _ => None },
                 "rules": n,
-                "median": as_map(&f),
-                "ratio_vs_none": ratios(&f, &none),
-                "ratio_vs_iptables": ratios(&f, &medians[&(Mechanism::Iptables, n)]),
-                "ratio_vs_nftables": ratios(&f, &medians[&(Mechanism::Nftables, n)]),
+                "median": as_map(f),
+                "programs": f.programs,
+                "ratio_vs_none": ratios(f, none),
+                "ratio_vs_iptables": vs(Mechanism::Iptables),
+                "ratio_vs_nftables": vs(Mechanism::Nftables),
                 "rounds": samples[&(m, n)],
             }));
         }
     }
     let targets: Vec<Value> = targets
         .iter()
-        .map(|(what, got, need)| json!({"target": what, "rules": top, "ratio": got, "required": need, "met": got >= need}))
+        .map(|(what, got, need, at_least)| {
+            json!({"target": what, "rules": top, "ratio": got, "required": need, "met": if *at_least { got >= need } else { got <= need }})
+        })
         .collect();
     let doc = json!({
         "settings": {

@@ -231,7 +231,23 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifind
     let p = &s.packet;
     let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
-        // Nothing passes a fail-closed endpoint, tracked or not.
+        // Nothing passes a fail-closed endpoint, tracked or not. A flow this endpoint has
+        // not judged yet (untracked, or tracked by its peer's hook only) is new to it, so
+        // it is reported; one it approved before is being cut, as a revision's re-judgment
+        // cuts one: no event.
+        let judged = match ct_entry(&s.key) {
+            Some(ct) => {
+                // SAFETY: see below; only read.
+                let c = unsafe { &*ct };
+                let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
+                let side = if ep_is_src == orig { c.src_rev } else { c.dst_rev };
+                !expired(c, p.protocol, now) && side != 0
+            }
+            None => false,
+        };
+        if !judged {
+            fail_closed_event(p, ep, ep_is_src, ifindex);
+        }
         return (src_is_lo, Some(false));
     }
     let Some(ct) = ct_entry(&s.key) else {
@@ -245,6 +261,19 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifind
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
     (src_is_lo, Some(established(c, &s.key, p, ep, ep_is_src, orig, now, ifindex)))
+}
+
+/// The flow event of a new flow that fail-closed endpoint `ep` drops: judged as the
+/// programs judge a new flow, by the sender's egress or the receiver's ingress.
+#[inline(never)]
+fn fail_closed_event(p: &Packet, ep: &EndpointValue, ep_is_src: bool, ifindex: u32) {
+    if ep_is_src {
+        let j = judge(ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
+        flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport);
+    } else {
+        let j = judge(ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports);
+        flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &p.src, p.dport);
+    }
 }
 
 /// Tracks the flow in `s.key`.
