@@ -82,9 +82,17 @@ pub struct TestProgram {
 }
 
 impl TestProgram {
-    /// The (first) loaded program called `name`.
+    /// The loaded program called `name`: there must be one only (another agent's, e.g.
+    /// pinned by a bench that was killed, would run on its own maps instead).
     pub fn find(name: &'static str) -> Result<TestProgram, ProgramsError> {
-        let (_, info) = ours().find(|(n, _)| *n == name).ok_or(ProgramsError::Missing(name))?;
+        let mut found: Vec<ProgramInfo> = ours().filter(|(n, _)| *n == name).map(|(_, i)| i).collect();
+        if found.len() > 1 {
+            return Err(ProgramsError::Program {
+                name,
+                error: format!("{} copies are loaded: another agent's programs (look for stale pins under /sys/fs/bpf)", found.len()),
+            });
+        }
+        let info = found.pop().ok_or(ProgramsError::Missing(name))?;
         let prog = SchedClassifier::from_program_info(info, Cow::Borrowed(name))
             .map_err(|e| ProgramsError::Program { name, error: e.to_string() })?;
         Ok(TestProgram { name, prog })

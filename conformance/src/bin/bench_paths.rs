@@ -59,6 +59,7 @@ const INTRUDER: (&str, [u8; 4]) = ("x/intruder", [10, 244, 0, 12]);
 const PASS: i32 = -1;
 const DROP: i32 = 2;
 
+const TCP_RST: u8 = 0x04;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
@@ -140,10 +141,14 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
     let (egress, ingress) = (TestProgram::find(POD_EGRESS)?, TestProgram::find(POD_INGRESS)?);
     let (c, s, i) = (CLIENT.1, SERVER.1, INTRUDER.1);
     let mut out = Vec::new();
-    let mut put = |path, program, ns| out.push(Figure { path, program, ns });
+    let mut put = |path, program, ns: Result<f64>| -> Result<()> {
+        let ns = ns.with_context(|| format!("path {path:?}"))?;
+        out.push(Figure { path, program, ns });
+        Ok(())
+    };
 
-    put("parse only (ARP)", POD_EGRESS, repeated(&egress, &arp(), v.client, PASS, args)?);
-    put("spoofed source (parse + endpoint)", POD_EGRESS, repeated(&egress, &tcp([10, 244, 0, 99], s, 40000, RR_PORT, TCP_SYN), v.client, DROP, args)?);
+    put("parse only (ARP)", POD_EGRESS, repeated(&egress, &arp(), v.client, PASS, args))?;
+    put("spoofed source (parse + endpoint)", POD_EGRESS, repeated(&egress, &tcp([10, 244, 0, 99], s, 40000, RR_PORT, TCP_SYN), v.client, DROP, args))?;
 
     // An established client → server flow: its first packet seen by both hooks, as on the
     // wire (the sender's egress tracks it, the receiver's ingress approves its side).
@@ -151,24 +156,29 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
     ensure!(egress.run(&syn, v.client, 1)?.0 == PASS, "the client's SYN is dropped at its egress");
     ensure!(ingress.run(&syn, v.server, 1)?.0 == PASS, "the client's SYN is dropped at the server's ingress");
     let ack = tcp(c, s, 40000, RR_PORT, TCP_ACK);
-    put("established: sender's egress", POD_EGRESS, repeated(&egress, &ack, v.client, PASS, args)?);
-    put("established: receiver's ingress", POD_INGRESS, repeated(&ingress, &ack, v.server, PASS, args)?);
+    put("established: sender's egress", POD_EGRESS, repeated(&egress, &ack, v.client, PASS, args))?;
+    put("established: receiver's ingress", POD_INGRESS, repeated(&ingress, &ack, v.server, PASS, args))?;
     let reply = tcp(s, c, RR_PORT, 40000, TCP_ACK);
-    put("reply: server's egress", POD_EGRESS, repeated(&egress, &reply, v.server, PASS, args)?);
-    put("reply: client's ingress", POD_INGRESS, repeated(&ingress, &reply, v.client, PASS, args)?);
+    put("reply: server's egress", POD_EGRESS, repeated(&egress, &reply, v.server, PASS, args))?;
+    put("reply: client's ingress", POD_INGRESS, repeated(&ingress, &reply, v.client, PASS, args))?;
 
     // intruder → client: nothing isolates the intruder, nor the client's ingress.
     let syn = tcp(i, c, 40001, 80, TCP_SYN);
     ensure!(egress.run(&syn, v.intruder, 1)?.0 == PASS, "intruder → client dropped at the intruder's egress");
     ensure!(ingress.run(&syn, v.client, 1)?.0 == PASS, "intruder → client dropped at the client's ingress");
     let ack = tcp(i, c, 40001, 80, TCP_ACK);
-    put("not isolated, established: egress", POD_EGRESS, repeated(&egress, &ack, v.intruder, PASS, args)?);
-    put("not isolated, established: ingress", POD_INGRESS, repeated(&ingress, &ack, v.client, PASS, args)?);
+    put("not isolated, established: egress", POD_EGRESS, repeated(&egress, &ack, v.intruder, PASS, args))?;
+    put("not isolated, established: ingress", POD_INGRESS, repeated(&ingress, &ack, v.client, PASS, args))?;
 
     // New flows, one run each (a repeated run would find the flow tracked): the mean of
     // single runs also carries one clock read each.
-    let (mut e_ns, mut i_ns) = (0f64, 0f64);
+    let (mut e_ns, mut i_ns, mut rst_ns) = (0f64, 0f64, 0f64);
     for k in 0..args.new_flows {
+        // The same judgment without the insert: a reset never starts a flow.
+        let rst = tcp(c, s, 1024 + k, RR_PORT, TCP_RST);
+        let (ret, d) = egress.run(&rst, v.client, 1)?;
+        ensure!(ret == PASS, "reset {k} dropped at the client's egress");
+        rst_ns += d.as_nanos() as f64;
         let syn = tcp(c, s, 1024 + k, RR_PORT, TCP_SYN);
         let (ret, d) = egress.run(&syn, v.client, 1)?;
         ensure!(ret == PASS, "new flow {k} dropped at the client's egress");
@@ -177,14 +187,15 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
         ensure!(ret == PASS, "new flow {k} dropped at the server's ingress");
         i_ns += d.as_nanos() as f64;
     }
-    put("new flow, allowed: sender's egress", POD_EGRESS, e_ns / args.new_flows.max(1) as f64);
-    put("new flow, allowed: receiver's ingress", POD_INGRESS, i_ns / args.new_flows.max(1) as f64);
+    put("new flow, allowed, no insert (RST): egress", POD_EGRESS, Ok(rst_ns / args.new_flows.max(1) as f64))?;
+    put("new flow, allowed: sender's egress", POD_EGRESS, Ok(e_ns / args.new_flows.max(1) as f64))?;
+    put("new flow, allowed: receiver's ingress", POD_INGRESS, Ok(i_ns / args.new_flows.max(1) as f64))?;
 
     // Denied flows are never tracked: every run judges them anew.
-    put("new flow, denied: egress", POD_EGRESS, repeated(&egress, &tcp(c, s, 40002, 80, TCP_SYN), v.client, DROP, args)?);
+    put("new flow, denied: egress", POD_EGRESS, repeated(&egress, &tcp(c, s, 40002, 80, TCP_SYN), v.client, DROP, args))?;
     let syn = tcp(i, s, 40003, RR_PORT, TCP_SYN);
     ensure!(egress.run(&syn, v.intruder, 1)?.0 == PASS, "intruder → server dropped at the intruder's egress");
-    put("new flow, denied: receiver's ingress", POD_INGRESS, repeated(&ingress, &syn, v.server, DROP, args)?);
+    put("new flow, denied: receiver's ingress", POD_INGRESS, repeated(&ingress, &syn, v.server, DROP, args))?;
     Ok(out)
 }
 
