@@ -724,3 +724,94 @@ fn icmp_left_to_the_default_allow_by_a_cluster_policy_passes() {
         assert!(!ping(&rig.pod("x/a").net.ns.handle(), rig.ip("x/b", v4), t).unwrap(), "the NetworkPolicy tier decides: no ICMP");
     }
 }
+
+/// An echo server on TCP `port` in `ns`, for connections that stay open: each connection
+/// gets its bytes back, one at a time, until it closes. `received` counts the bytes that
+/// reached it.
+fn echo_server(
+    ns: &conformance::netns::Netns,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = ns
+        .spawn(move || {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let received = received.clone();
+                        std::thread::spawn(move || {
+                            let _ = c.set_nonblocking(false);
+                            let mut b = [0u8; 1];
+                            while matches!(c.read(&mut b), Ok(1)) {
+                                received.fetch_add(1, Ordering::Relaxed);
+                                if c.write_all(&b).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    h
+}
+
+/// One byte out and back on an open connection, within 600 ms (lost packets are
+/// retransmitted in 200 ms or more: one loss is tolerated, a flow that is cut is not).
+fn exchange(c: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    let _ = c.set_read_timeout(Some(Duration::from_millis(600)));
+    let mut b = [0u8; 1];
+    c.write_all(b"x").is_ok() && matches!(c.read(&mut b), Ok(1))
+}
+
+/// Open connections between two pods of the node, across policy changes: one that a new
+/// policy denies stops at its next packet (the receiver judges it again under its new
+/// revision, even though the sender's hook, which still approves it, ran just before on
+/// the same CPU): not even its data reaches the server. One that the new policy still
+/// allows keeps working.
+#[test]
+fn an_open_connection_stops_when_a_policy_denies_it_and_keeps_working_while_allowed() {
+    let mut rig = three_pods();
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let server = echo_server(&rig.pod("x/b").net.ns, 9000, stop.clone(), received.clone());
+    let dst = std::net::SocketAddr::new(rig.ip("x/b", true), 9000);
+    let connect = |rig: &Rig, from: &str| {
+        rig.pod(from).net.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap()
+    };
+    let (mut from_xa, mut from_ya) = (connect(&rig, "x/a"), connect(&rig, "y/a"));
+    for _ in 0..20 {
+        assert!(exchange(&mut from_xa) && exchange(&mut from_ya), "no policy: both connections work");
+    }
+    // x/b now admits x/a only (its ingress gets a new revision).
+    rig.apply(vec![policy("x", "b-from-xa", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"protocol": "TCP", "port": 9000}]}]}))])
+    .unwrap();
+    for i in 0..20 {
+        assert!(exchange(&mut from_xa), "x/a -> x/b is still allowed: its open connection keeps working (exchange {i})");
+    }
+    let before = received.load(Ordering::Relaxed);
+    assert!(!exchange(&mut from_ya), "y/a -> x/b is now denied: its open connection stops");
+    assert_eq!(received.load(Ordering::Relaxed), before, "y/a's byte (and its retransmissions) never reached x/b");
+    // Another revision that still admits x/a (and now y/a on another port only).
+    rig.apply(vec![policy("x", "b-from-xa", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"protocol": "TCP", "port": 9000}]},
+                    {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"protocol": "TCP", "port": 81}]}]}))])
+    .unwrap();
+    for i in 0..20 {
+        assert!(exchange(&mut from_xa), "x/a -> x/b is allowed under the next revision too (exchange {i})");
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop((from_xa, from_ya));
+    let _ = server.join();
+}

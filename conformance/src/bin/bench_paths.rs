@@ -138,6 +138,11 @@ fn repeated(prog: &TestProgram, frame: &[u8], ifindex: u32, expect: i32, args: &
 }
 
 fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
+    // One CPU for the whole run: per-CPU state (the hand-off between hooks) is what a
+    // packet crossing two hooks sees.
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)?;
     let (egress, ingress) = (TestProgram::find(POD_EGRESS)?, TestProgram::find(POD_INGRESS)?);
     let (c, s, i) = (CLIENT.1, SERVER.1, INTRUDER.1);
     let mut out = Vec::new();
@@ -158,6 +163,26 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
     let ack = tcp(c, s, 40000, RR_PORT, TCP_ACK);
     put("established: sender's egress", POD_EGRESS, repeated(&egress, &ack, v.client, PASS, args))?;
     put("established: receiver's ingress", POD_INGRESS, repeated(&ingress, &ack, v.server, PASS, args))?;
+    // As on the wire: the receiver's hook runs right after the sender's, on the same CPU
+    // (the thread is pinned), one packet at a time; against the receiver's hook alone,
+    // one packet at a time (both carry the cost of a single run's setup).
+    let (mut after, mut alone) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        let (mut a, mut b) = (0f64, 0f64);
+        for _ in 0..args.new_flows {
+            ensure!(egress.run(&ack, v.client, 1)?.0 == PASS, "the established ACK dropped at the client's egress");
+            let (ret, d) = ingress.run(&ack, v.server, 1)?;
+            ensure!(ret == PASS, "the established ACK dropped at the server's ingress");
+            a += d.as_nanos() as f64;
+            let (ret, d) = ingress.run(&ack, v.server, 1)?;
+            ensure!(ret == PASS, "the established ACK dropped at the server's ingress");
+            b += d.as_nanos() as f64;
+        }
+        after.push(a / args.new_flows as f64);
+        alone.push(b / args.new_flows as f64);
+    }
+    put("one run: receiver's ingress after sender's", POD_INGRESS, Ok(least(after)))?;
+    put("one run: receiver's ingress alone", POD_INGRESS, Ok(least(alone)))?;
     let reply = tcp(s, c, RR_PORT, 40000, TCP_ACK);
     put("reply: server's egress", POD_EGRESS, repeated(&egress, &reply, v.server, PASS, args))?;
     put("reply: client's ingress", POD_INGRESS, repeated(&ingress, &reply, v.client, PASS, args))?;

@@ -23,7 +23,7 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use policy_ebpf::*;
 
-use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, ct_key, parse, put, zero_addr, zero_bytes};
+use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, TCP_SYN, ct_key, parse, put, zero_addr, zero_bytes};
 use verdict::{count, judge};
 
 #[map(name = "PA_ENDPOINTS")]
@@ -65,6 +65,30 @@ pub struct Scratch {
     /// An ICMP error's quoted flow; the pre-DNAT flow of a deferred judgment.
     other: CtKey,
     value: CtValue,
+    /// Left by the sender's hook for the receiver's (see `Handoff`).
+    handoff: Handoff,
+}
+
+/// What the sender's hook (`pod_egress`) found of an established flow, for the receiver's
+/// hook (`pod_ingress` of another local pod) to use instead of a second lookup of the
+/// same entry. A packet between two pods of the node crosses both hooks on one CPU, one
+/// right after the other (veth receive, forwarding and the other veth's transmit run in
+/// one softirq), and programs do not nest on a CPU, so what the receiver finds here was
+/// written moments before, by this CPU. It is used only if it is about the same flow (the
+/// whole key), from the same clock tick, and shows the receiver's side approved under its
+/// current revision: an approval only ends with a revision change, which the receiver
+/// reads afresh. Anything else (a packet that opens or closes a flow, another flow, a
+/// record already used) takes the lookup.
+#[repr(C)]
+pub struct Handoff {
+    key: CtKey,
+    src_rev: u32,
+    dst_rev: u32,
+    /// The entry's `CT_*` flags.
+    flags: u16,
+    _pad: [u8; 6],
+    /// `now()` when written; 0: used or never written.
+    now: u64,
 }
 
 #[map(name = "PA_SCRATCH")]
@@ -97,6 +121,14 @@ fn endpoint(addr: &Addr) -> Option<EndpointValue> {
     // SAFETY: the value is copied out at once; a concurrent update may at worst give a
     // torn read of a value the agent is replacing, which the revision check then rejects.
     unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) }.copied()
+}
+
+#[inline(always)]
+fn same_key(a: &CtKey, b: &CtKey) -> bool {
+    // SAFETY: `CtKey` is 40 bytes with 8-byte alignment (`#[repr(C)]`, padding zeroed by
+    // `ct_key`), so it reads as five u64s.
+    let (x, y) = unsafe { (&*(a as *const CtKey as *const [u64; 5]), &*(b as *const CtKey as *const [u64; 5])) };
+    x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4]
 }
 
 #[inline(always)]
@@ -250,6 +282,9 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifind
         }
         return (src_is_lo, Some(false));
     }
+    if !ep_is_src && handed_off(&mut s.handoff, &s.key, p, ep, src_is_lo, now) {
+        return (src_is_lo, Some(true));
+    }
     let Some(ct) = ct_entry(&s.key) else {
         return (src_is_lo, None);
     };
@@ -260,7 +295,31 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifind
         return (src_is_lo, None);
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
-    (src_is_lo, Some(established(c, &s.key, p, ep, ep_is_src, orig, now, ifindex)))
+    let ok = established(c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
+    if ok && ep_is_src {
+        let h = &mut s.handoff;
+        h.key = s.key;
+        h.src_rev = c.src_rev;
+        h.dst_rev = c.dst_rev;
+        h.flags = c.flags;
+        h.now = now;
+    }
+    (src_is_lo, Some(ok))
+}
+
+/// Whether the sender's hook, just before on this CPU, found this packet's flow approved
+/// by receiving endpoint `ep` under its current revision (see `Handoff`). Consumes the
+/// record when it matches.
+#[inline(always)]
+fn handed_off(h: &mut Handoff, key: &CtKey, p: &Packet, ep: &EndpointValue, src_is_lo: bool, now: u64) -> bool {
+    if h.now != now || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || !same_key(&h.key, key) {
+        return false;
+    }
+    h.now = 0;
+    // The receiver originated the flow iff this packet is a reply.
+    let orig = (h.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
+    let approved = if orig { h.dst_rev } else { h.src_rev };
+    approved == ep.revision
 }
 
 /// The flow event of a new flow that fail-closed endpoint `ep` drops: judged as the
