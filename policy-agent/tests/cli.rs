@@ -214,3 +214,31 @@ fn unreadable_directory_exits_2() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cannot read manifests from /nonexistent/dir"));
 }
+
+/// `--enforcement audit` on the offline commands, as on `run`: the enforced tables and
+/// verdicts allow everything, and `compile` shows the audit table that holds the policy.
+#[test]
+fn the_offline_commands_take_the_node_enforcement() {
+    let d = dir_with(&[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY)]);
+    let o = agent(&["compile", "--node", "n1", "--enforcement", "audit", "-o", "json"], d.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let ep = &v["endpoints"][0];
+    assert_eq!(ep["ingress"]["isolated"], false, "audited: nothing is enforced");
+    let audit = ep["audit"].as_array().unwrap();
+    assert_eq!(audit.len(), 1, "{ep:#}");
+    assert_eq!(audit[0]["audited"][0], serde_json::json!({"namespace": "x", "name": "from-blue"}), "{ep:#}");
+    assert_eq!(audit[0]["table"]["isolated"], true);
+
+    // x/a admits only team=blue on 8080: enforced, y/b -> x/a:80 is blocked; audited, allowed.
+    let b_to_a = |extra: &[&str]| {
+        let mut args = vec!["matrix", "--port", "80/TCP", "-o", "json"];
+        args.extend_from_slice(extra);
+        let o = agent(&args, d.path());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["results"].as_array().unwrap().iter().find(|r| r["from"] == "y/b" && r["to"] == "x/a" && r["family"] == "ipv4").unwrap()["allowed"].clone()
+    };
+    assert_eq!(b_to_a(&[]), false, "enforced: x/a admits only 8080");
+    assert_eq!(b_to_a(&["--enforcement", "audit"]), true, "audited: nothing is enforced");
+}

@@ -20,6 +20,10 @@ pub struct Args {
     pub node: String,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// As `run --enforcement`: `audit` compiles for a node that audits every policy (the
+    /// enforced tables allow everything; the audit tables hold the policies).
+    #[arg(long, value_enum, default_value_t)]
+    pub enforcement: super::run::NodeEnforcement,
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
@@ -29,6 +33,7 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
         eprintln!("error: {e}");
     }
     let mut compiler = NodeCompiler::new(args.node.clone());
+    compiler.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     compiler.apply(changes);
     let view = NodeView { node: args.node, endpoints: compiler.endpoints().map(endpoint_view).collect() };
     match args.output {

@@ -17,10 +17,15 @@ pub struct Args {
     pub ports: Vec<Probe>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// As `run --enforcement`: `audit` gives the verdicts of a node that audits every
+    /// policy (what it enforces: everything is allowed).
+    #[arg(long, value_enum, default_value_t)]
+    pub enforcement: super::run::NodeEnforcement,
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
-    let (state, errors) = load(&args.manifests)?;
+    let (mut state, errors) = load(&args.manifests)?;
+    state.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     let probes = if args.ports.is_empty() { default_probes() } else { args.ports };
     let m = compute(&state, &probes, None);
     match args.output {
