@@ -50,10 +50,49 @@ pub struct Step {
 pub struct ProbeSpec {
     pub port: u16,
     pub protocol: Protocol,
+    /// Who connects (the rows): the case's pods (default), or `outside`.
+    #[serde(default, skip_serializing_if = "ProbeSource::is_pods")]
+    pub from: ProbeSource,
     /// What the columns are: the case's pods (default), or `nodes`.
     #[serde(default, skip_serializing_if = "ProbeTarget::is_pods")]
     pub to: ProbeTarget,
     pub expect: String,
+}
+
+/// The clients a probe connects from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeSource {
+    /// The case's pods: one row each, in order.
+    #[default]
+    Pods,
+    /// Two clients beyond the nodes, rows [`OUTSIDE_CLIENTS`] (addresses
+    /// [`outside_address`], also as placeholders `${ip:outside-a}`...). Each reaches
+    /// every pod (the columns) through its Service's NodePort on the pod's own node, as
+    /// kube-proxy serves `externalTrafficPolicy: Cluster`: DNAT to the pod, and masquerade
+    /// to the node's own address (what MASQUERADE picks where host veths hold no
+    /// address). The API leaves policy after SNAT undefined; this agent judges the
+    /// client by its own address, and these cases expect that. TCP only.
+    Outside,
+}
+
+impl ProbeSource {
+    pub fn is_pods(&self) -> bool {
+        *self == ProbeSource::Pods
+    }
+}
+
+/// The rows of a `from: outside` probe.
+pub const OUTSIDE_CLIENTS: [&str; 2] = ["outside-a", "outside-b"];
+
+/// The address of outside client `name` in `family` (documentation ranges, which only
+/// ever exist inside the test's namespaces).
+pub fn outside_address(name: &str, family: policy_model::Family) -> Option<std::net::IpAddr> {
+    let i = OUTSIDE_CLIENTS.iter().position(|c| *c == name)?;
+    Some(match family {
+        policy_model::Family::Ipv4 => std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 10 + i as u8)),
+        policy_model::Family::Ipv6 => std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10 + i as u16)),
+    })
 }
 
 /// The servers a probe reaches.
@@ -159,11 +198,15 @@ impl Case {
         for (i, step) in self.steps.iter().enumerate() {
             for (j, probe) in step.probes.iter().enumerate() {
                 let r = Reachability::parse(&probe.expect).map_err(|e| format!("steps[{i}].probes[{j}].expect: {e}"))?;
-                if r.pods != pods {
-                    return Err(format!(
-                        "steps[{i}].probes[{j}].expect: rows {:?} do not list the case's pods {:?} in order",
-                        r.pods, pods
-                    ));
+                let rows: Vec<String> = match probe.from {
+                    ProbeSource::Pods => pods.clone(),
+                    ProbeSource::Outside => OUTSIDE_CLIENTS.iter().map(|c| c.to_string()).collect(),
+                };
+                if r.pods != rows {
+                    return Err(format!("steps[{i}].probes[{j}].expect: rows {:?}, expected {:?} in order", r.pods, rows));
+                }
+                if probe.from == ProbeSource::Outside && (probe.to != ProbeTarget::Pods || probe.protocol != Protocol::Tcp) {
+                    return Err(format!("steps[{i}].probes[{j}]: `from: outside` probes the case's pods over TCP"));
                 }
                 let columns = match probe.to {
                     ProbeTarget::Pods => pods.clone(),
@@ -180,7 +223,8 @@ impl Case {
 
 impl Reachability {
     /// Parses the text form: a header `- p1 p2 ...`, then one row per client: the same
-    /// pods in the same order, or (header `- nodes`) any pods, one cell each.
+    /// pods in the same order, or (header `- nodes`, or rows of [`OUTSIDE_CLIENTS`]) any
+    /// clients, one cell per column each.
     pub fn parse(text: &str) -> Result<Reachability, String> {
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         let header: Vec<&str> = lines.next().ok_or("empty matrix")?.split_whitespace().collect();
@@ -188,7 +232,9 @@ impl Reachability {
             return Err("the header must start with `-`".into());
         }
         let targets: Vec<String> = header[1..].iter().map(|s| s.to_string()).collect();
-        let square = targets != [NODES_COLUMN];
+        let mut lines = lines.peekable();
+        let outside = lines.peek().is_some_and(|l| OUTSIDE_CLIENTS.iter().any(|c| l.split_whitespace().next() == Some(*c)));
+        let square = targets != [NODES_COLUMN] && !outside;
         let mut pods = Vec::new();
         let mut cells = Vec::new();
         for (i, line) in lines.enumerate() {
@@ -258,6 +304,20 @@ mod tests {
         assert_eq!(r.cells, [[Expect::Connected], [Expect::Blocked]]);
         // Written back, read again: the same case.
         assert_eq!(Case::parse("t", &case.to_yaml()).unwrap(), case);
+    }
+
+    #[test]
+    fn an_outside_probe_has_the_outside_clients_as_rows_and_tcp_only() {
+        let case = "name: o\npods: [x/a, y/b]\nsteps:\n- probes:\n  - port: 80\n    protocol: TCP\n    from: outside\n    expect: |\n      - x/a y/b\n      outside-a . X\n      outside-b X X\n";
+        let c = Case::parse("t", case).unwrap();
+        assert_eq!(c.steps[0].probes[0].from, ProbeSource::Outside);
+        let r = Reachability::parse(&c.steps[0].probes[0].expect).unwrap();
+        assert_eq!(r.pods, OUTSIDE_CLIENTS);
+        assert_eq!(r.cells, [[Expect::Connected, Expect::Blocked], [Expect::Blocked, Expect::Blocked]]);
+        assert_eq!(Case::parse("t", &c.to_yaml()).unwrap(), c);
+        assert!(Case::parse("t", &case.replace("protocol: TCP", "protocol: UDP")).unwrap_err().to_string().contains("over TCP"));
+        assert!(Case::parse("t", &case.replace("    from: outside\n", "")).unwrap_err().to_string().contains("rows"));
+        assert!(Case::parse("t", &case.replace("outside-b X X", "outside-c X X")).is_err());
     }
 
     #[test]

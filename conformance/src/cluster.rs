@@ -187,8 +187,17 @@ fn expand_one(inner: &str, pods: &[PodSpec], family: Family) -> Result<String, S
         "ip" | "host" => (rest, None),
         other => return Err(format!("unknown placeholder kind {other:?}")),
     };
-    let pod = pods.iter().find(|p| p.key() == pod_key).ok_or_else(|| format!("no pod {pod_key} in this case"))?;
-    let ip = pod.ip(family).ok_or_else(|| format!("{pod_key} has no {family} address"))?;
+    // The outside clients (`from: outside` probes) and the nodes (`node-0`, `node-1`) have
+    // addresses too.
+    let node = pod_key.strip_prefix("node-").and_then(|i| i.parse::<usize>().ok()).filter(|i| *i < 2);
+    let ip = if let Some(ip) = crate::case::outside_address(pod_key, family) {
+        ip
+    } else if let Some(i) = node {
+        node_addresses(i).into_iter().find(|a| Family::of(*a) == family).expect("nodes have both families")
+    } else {
+        let pod = pods.iter().find(|p| p.key() == pod_key).ok_or_else(|| format!("no pod {pod_key} in this case"))?;
+        pod.ip(family).ok_or_else(|| format!("{pod_key} has no {family} address"))?
+    };
     Ok(match (kind, len) {
         ("ip", _) => ip.to_string(),
         ("host", _) => Prefix::host(ip).to_string(),

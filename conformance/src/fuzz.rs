@@ -113,6 +113,7 @@ pub fn write_case(out: &Path, seed: u64, index: u64, opts: RunOptions, case: &Ca
     let topology = match opts.topology {
         crate::topology::Topology::Routed => "routed",
         crate::topology::Topology::Bridge => "bridge",
+        crate::topology::Topology::ProxyArp => "proxy-arp",
     };
     let mut layout = format!("--family {family} --topology {topology} --nodes {}", opts.nodes);
     if case.name.starts_with("fuzz-cnp-") {
@@ -336,8 +337,16 @@ impl Generator {
                 probes.push(p);
             }
         }
-        step.probes =
-            probes.into_iter().map(|(port, protocol)| ProbeSpec { port, protocol, to: ProbeTarget::Pods, expect: String::new() }).collect();
+        step.probes = probes
+            .into_iter()
+            .map(|(port, protocol)| ProbeSpec {
+                port,
+                protocol,
+                from: crate::case::ProbeSource::Pods,
+                to: ProbeTarget::Pods,
+                expect: String::new(),
+            })
+            .collect();
         step
     }
 
@@ -443,7 +452,9 @@ impl Generator {
         };
         match self.weighted(kinds) {
             0 => json!({"namespaces": self.broad_selector(&NS_LABELS, 50)}),
-            1 => json!({"pods": {"namespaceSelector": self.broad_selector(&NS_LABELS, 50), "podSelector": self.broad_selector(&POD_LABELS, 60)}}),
+            1 => {
+                json!({"pods": {"namespaceSelector": self.broad_selector(&NS_LABELS, 50), "podSelector": self.broad_selector(&POD_LABELS, 60)}})
+            }
             _ => {
                 // A CIDR only (`except` is NetworkPolicy's); one per peer, since two
                 // placeholders may expand to the same block, which the schema refuses.

@@ -9,9 +9,10 @@ use policy_agent::matrix::{Probe, compute};
 use policy_model::{Family, Flow, IpProtocol, ObjectKey, compile_pod, verdict};
 use serde_json::Value;
 
-use crate::case::{Case, Expect, ProbeTarget, Reachability, Step};
+use crate::case::{Case, Expect, ProbeSource, ProbeTarget, Reachability, Step};
 use crate::cluster::{
-    Families, NAMESPACES, PodSpec, expand_placeholders, make_pods, host_network_pod_manifest, namespace_manifest, node_addresses, node_manifest, node_name,
+    Families, NAMESPACES, PodSpec, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest, node_addresses,
+    node_manifest, node_name,
 };
 
 /// The outcome of one probe.
@@ -181,11 +182,7 @@ pub fn is_cluster_policy(v: &Value) -> bool {
 /// What a `delete` entry names: `ns/name` a NetworkPolicy, a bare name (no `/`) a
 /// ClusterNetworkPolicy.
 pub fn delete_key(entry: &str) -> Option<ObjectKey> {
-    if entry.contains('/') {
-        ObjectKey::parse(entry)
-    } else {
-        (!entry.is_empty()).then(|| ObjectKey::new("", entry))
-    }
+    if entry.contains('/') { ObjectKey::parse(entry) } else { (!entry.is_empty()).then(|| ObjectKey::new("", entry)) }
 }
 
 fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Option<String>>) {
@@ -216,6 +213,12 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).expect("validated when the case was loaded");
             let probe = Probe { port: spec.port, protocol: spec.protocol };
+            if spec.from == ProbeSource::Outside {
+                let (observed, wrong, errors) = outside_probe(&state, &expected, probe, families.probe_family());
+                outcome.errors.extend(errors.iter().map(|e| format!("step {}: internal: {e}", si + 1)));
+                outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
+                continue;
+            }
             if spec.to == ProbeTarget::Nodes {
                 let (observed, wrong, errors) = node_probe(&cluster, &state, &expected, probe, families.probe_family());
                 outcome.errors.extend(errors.iter().map(|e| format!("step {}: internal: {e}", si + 1)));
@@ -248,6 +251,52 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         }
     }
     outcome
+}
+
+/// A `from: outside` probe at model level: each outside client to each pod's address of
+/// `family` on the probe's port, judged by the reference evaluator with the client as the
+/// source (the agent traces a NodePort client through kube-proxy's masquerade) and by the
+/// pod's compiled ingress table, for a forwarded packet.
+fn outside_probe(
+    state: &policy_model::ClusterState,
+    expected: &Reachability,
+    probe: Probe,
+    family: Family,
+) -> (Reachability, Vec<(String, String)>, Vec<String>) {
+    let mut observed = Reachability::unchecked(expected.pods.clone(), expected.targets.clone());
+    let mut wrong = Vec::new();
+    let mut errors = Vec::new();
+    for (i, from) in expected.pods.iter().enumerate() {
+        let Some(src) = crate::case::outside_address(from, family) else {
+            errors.push(format!("no outside client {from}"));
+            continue;
+        };
+        for (j, to) in expected.targets.iter().enumerate() {
+            let want = expected.cells[i][j];
+            if want == Expect::Unchecked {
+                continue;
+            }
+            let Some(pod) = ObjectKey::parse(to).and_then(|k| state.pods().find(|p| p.key == k)) else {
+                errors.push(format!("no pod {to}"));
+                continue;
+            };
+            let Some(dst) = state.owned_ips(pod).find(|a| Family::of(*a) == family) else {
+                errors.push(format!("{to} has no {family} address"));
+                continue;
+            };
+            let flow = Flow { src, dst, protocol: IpProtocol::from(probe.protocol), port: probe.port };
+            let allowed = policy_model::verdict_forwarded(state, &flow).allowed;
+            if compile_pod(state, pod).ingress.allows_from(src, flow.protocol, flow.port, false) != allowed {
+                errors.push(format!("{from} -> {to} {probe}: the reference and the compiled ingress table disagree"));
+            }
+            let got = if allowed { Expect::Connected } else { Expect::Blocked };
+            observed.cells[i][j] = got;
+            if got != want {
+                wrong.push((from.clone(), to.clone()));
+            }
+        }
+    }
+    (observed, wrong, errors)
 }
 
 /// A `to: nodes` probe at model level: each row's pod to every node's address of `family`,

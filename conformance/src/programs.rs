@@ -14,7 +14,8 @@ use aya::programs::{ProgramInfo, SchedClassifier, TestRun, TestRunOptions, loade
 use policy_ebpf::program_names;
 
 /// The agent's programs, in the order the benches print them.
-pub const PROGRAMS: [&str; 3] = [program_names::POD_EGRESS, program_names::POD_INGRESS, program_names::NODE_EGRESS];
+pub const PROGRAMS: [&str; 4] =
+    [program_names::POD_EGRESS, program_names::POD_INGRESS, program_names::NODE_EGRESS, program_names::NODE_INGRESS];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramsError {

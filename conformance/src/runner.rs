@@ -4,6 +4,11 @@
 //! DNAT in every node), the real `policy-agent run --manifests` in every node, and the
 //! case's steps written as manifests. Probes connect for real, polled until the matrix
 //! matches the expectation or a deadline passes, as upstream does.
+//!
+//! Each Service is also a NodePort (see [`node_port`]). A case with `from: outside` probes
+//! gets an outside network: a namespace linked to every node, whose two clients reach each
+//! pod through the NodePort of the pod's own node, with kube-proxy's DNAT and its
+//! masquerade to the node's address (`externalTrafficPolicy: Cluster`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,12 +20,13 @@ use policy_model::{Family, ObjectKey};
 use serde_json::{Value, json};
 
 use crate::agent_process::AgentProcess;
-use crate::case::{Case, Expect, ProbeTarget, Reachability};
+use crate::case::{Case, Expect, OUTSIDE_CLIENTS, ProbeSource, ProbeTarget, Reachability, outside_address};
 use crate::cluster::{
-    Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, make_pods, host_network_pod_manifest, namespace_manifest, node_addresses, node_manifest,
+    Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest,
+    node_addresses, node_manifest,
 };
 use crate::model::{CaseOutcome, ProbeOutcome, delete_key, is_cluster_policy, namespaces_of, policy_key};
-use crate::netns::unique;
+use crate::netns::{Netns, NetnsHandle, unique};
 use crate::topology::{NodeNet, PodNet, Topology};
 use crate::traffic::{ProbeEnd, Servers, probe_end_in, probe_in, serve};
 
@@ -56,12 +62,94 @@ struct LivePod {
     net: PodNet,
     _servers: Servers,
     vip: IpAddr,
+    /// Its place among the case's pods (its NodePorts: [`node_port`]).
+    index: usize,
 }
 
 fn vip(family: Family, index: usize) -> IpAddr {
     match family {
         Family::Ipv4 => format!("10.96.0.{}", 10 + index).parse().unwrap(),
         Family::Ipv6 => format!("fd10:96::{:x}", 10 + index).parse().unwrap(),
+    }
+}
+
+/// The NodePort of pod `index`'s Service for `port` (80 or 81), the same for every protocol.
+pub fn node_port(index: usize, port: u16) -> u16 {
+    30000 + 2 * index as u16 + (port - SERVED_PORTS[0])
+}
+
+/// The outside network of `from: outside` probes: one namespace, linked to every node by a
+/// veth (`out0` on the node: a node device, so the agent's programs are on it), holding
+/// the outside clients' addresses.
+struct Outside {
+    ns: Netns,
+}
+
+impl Outside {
+    /// The node side of node `i`'s link: where the outside reaches its NodePorts.
+    fn node_side(i: usize, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => format!("203.0.113.{}", 4 * i + 1).parse().unwrap(),
+            Family::Ipv6 => format!("2001:db8:1:{i}::1").parse().unwrap(),
+        }
+    }
+
+    fn outside_side(i: usize, family: Family) -> IpAddr {
+        match family {
+            Family::Ipv4 => format!("203.0.113.{}", 4 * i + 2).parse().unwrap(),
+            Family::Ipv6 => format!("2001:db8:1:{i}::2").parse().unwrap(),
+        }
+    }
+
+    fn create(nodes: &[NodeNet]) -> Result<Outside, String> {
+        let e = |e: crate::netns::NetnsError| e.to_string();
+        let ns = Netns::create(&unique("cfo")).map_err(e)?;
+        ns.ip(&["link", "set", "lo", "up"]).map_err(e)?;
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for c in OUTSIDE_CLIENTS {
+                let a = outside_address(c, family).expect("outside client");
+                let (fam, len) = if family == Family::Ipv4 { ("-4", 32) } else { ("-6", 128) };
+                ns.ip(&[fam, "addr", "add", &format!("{a}/{len}"), "dev", "lo"]).map_err(e)?;
+            }
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            let far = format!("n{i}");
+            node.ns.ip(&["link", "add", "out0", "type", "veth", "peer", "name", &far, "netns", ns.name()]).map_err(e)?;
+            for (family, fam, len) in [(Family::Ipv4, "-4", 30), (Family::Ipv6, "-6", 64)] {
+                let (near_addr, far_addr) = (Outside::node_side(i, family), Outside::outside_side(i, family));
+                let mut add = vec![fam, "addr", "add"];
+                let near = format!("{near_addr}/{len}");
+                let far_cidr = format!("{far_addr}/{len}");
+                add.extend([near.as_str(), "dev", "out0"]);
+                if family == Family::Ipv6 {
+                    add.push("nodad");
+                }
+                node.ns.ip(&add).map_err(e)?;
+                let mut add = vec![fam, "addr", "add", far_cidr.as_str(), "dev", far.as_str()];
+                if family == Family::Ipv6 {
+                    add.push("nodad");
+                }
+                ns.ip(&add).map_err(e)?;
+            }
+            node.ns.ip(&["link", "set", "out0", "up"]).map_err(e)?;
+            ns.ip(&["link", "set", &far, "up"]).map_err(e)?;
+            for (family, fam, clients) in [(Family::Ipv4, "-4", "198.51.100.0/24"), (Family::Ipv6, "-6", "2001:db8:100::/64")] {
+                let via = Outside::outside_side(i, family).to_string();
+                node.ns.ip(&[fam, "route", "add", clients, "via", &via, "dev", "out0"]).map_err(e)?;
+                // kube-proxy's masquerade of NodePort traffic (KUBE-POSTROUTING): the
+                // address the kernel picks for the pod's veth. With the link-local gateway
+                // on it (routed), 169.254.1.1; with none (proxy-ARP), the node's own; on a
+                // bridge, the bridge's.
+                let tool = if family == Family::Ipv4 { "iptables" } else { "ip6tables" };
+                node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", clients, "!", "-o", "out0", "-j", "MASQUERADE"]).map_err(e)?;
+            }
+        }
+        Ok(Outside { ns })
+    }
+
+    /// kube-proxy's NodePort rule on node `i` (`node`) for one pod port.
+    fn dnat(node: &NodeNet, i: usize, node_port: u16, backend: IpAddr, port: u16) -> Result<(), String> {
+        node.dnat(Outside::node_side(i, Family::of(backend)), node_port, backend, port, "tcp").map_err(|e| e.to_string())
     }
 }
 
@@ -83,10 +171,16 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     // host-network pods (centaur) serve for its `nodes` peer tests.
     let _node_servers: Vec<Servers> =
         nodes.iter().map(|n| serve(&n.ns, &SERVED_PORTS).map_err(|e| format!("servers on {}: {e}", n.name))).collect::<Result<_, _>>()?;
+    let outside = if case.steps.iter().flat_map(|s| &s.probes).any(|p| p.from == ProbeSource::Outside) {
+        Some(Outside::create(&nodes)?)
+    } else {
+        None
+    };
     let dir = tempfile_dir()?;
     let names = case.pod_names();
     let mut pods: BTreeMap<String, LivePod> = BTreeMap::new();
-    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces_of(&names).into_iter().map(|n| (n, BTreeMap::new())).collect();
+    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> =
+        namespaces_of(&names).into_iter().map(|n| (n, BTreeMap::new())).collect();
     for (i, spec) in make_pods(&names, opts.families, node_count).into_iter().enumerate() {
         let home = nodes.iter().find(|n| n.name == spec.node).ok_or(format!("pod {} on unknown node {}", spec.key(), spec.node))?;
         let net = home.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
@@ -101,10 +195,16 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
                 }
             }
         }
+        if outside.is_some() {
+            let home_index = nodes.iter().position(|n| n.name == spec.node).expect("found above");
+            for port in SERVED_PORTS {
+                Outside::dnat(home, home_index, node_port(i, port), backend, port)?;
+            }
+        }
         let key = spec.key();
         write(dir.path(), &format!("pod-{}-{}.yaml", spec.namespace, spec.name), &spec.manifest())?;
-        write(dir.path(), &format!("svc-{}-{}.yaml", spec.namespace, spec.name), &service(&spec, vip, backend))?;
-        pods.insert(key, LivePod { spec, net, _servers: servers, vip });
+        write(dir.path(), &format!("svc-{}-{}.yaml", spec.namespace, spec.name), &service(&spec, i, vip, backend))?;
+        pods.insert(key, LivePod { spec, net, _servers: servers, vip, index: i });
     }
     for (ns, labels) in &ns_labels {
         write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
@@ -131,7 +231,8 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
             let mut v = manifest.clone();
             expand_placeholders(&mut v, &specs, opts.families.primary()).map_err(|e| e.to_string())?;
             let key = policy_key(&v)?;
-            let file = if is_cluster_policy(&v) { format!("cnp-{}.yaml", key.name) } else { format!("np-{}-{}.yaml", key.namespace, key.name) };
+            let file =
+                if is_cluster_policy(&v) { format!("cnp-{}.yaml", key.name) } else { format!("np-{}-{}.yaml", key.namespace, key.name) };
             write(dir.path(), &file, &v)?;
             policies.insert(key, file);
         }
@@ -163,24 +264,47 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).map_err(|e| e.to_string())?;
             let probe = Probe { port: spec.port, protocol: spec.protocol };
-            // The addresses behind each column: a pod's, or every node's.
-            let columns: Vec<Vec<IpAddr>> = match spec.to {
-                ProbeTarget::Pods => expected
+            // The addresses behind each column: a pod's (its Service's, or its NodePort on
+            // its node, from outside), or every node's.
+            let columns: Vec<Vec<SocketAddr>> = match (spec.from, spec.to) {
+                (ProbeSource::Outside, _) => expected
                     .targets
                     .iter()
                     .map(|t| {
                         let to = &pods[t];
-                        vec![match opts.probe_to {
-                            ProbeTo::Service => to.vip,
-                            ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
-                        }]
+                        let home = nodes.iter().position(|n| n.name == to.spec.node).expect("the pod's node");
+                        vec![SocketAddr::new(Outside::node_side(home, family), node_port(to.index, probe.port))]
                     })
                     .collect(),
-                ProbeTarget::Nodes => {
-                    vec![nodes.iter().filter_map(|n| n.addresses.iter().copied().find(|a| Family::of(*a) == family)).collect()]
-                }
+                (_, ProbeTarget::Pods) => expected
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let to = &pods[t];
+                        let addr = match opts.probe_to {
+                            ProbeTo::Service => to.vip,
+                            ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
+                        };
+                        vec![SocketAddr::new(addr, probe.port)]
+                    })
+                    .collect(),
+                (_, ProbeTarget::Nodes) => vec![
+                    nodes
+                        .iter()
+                        .filter_map(|n| n.addresses.iter().copied().find(|a| Family::of(*a) == family))
+                        .map(|a| SocketAddr::new(a, probe.port))
+                        .collect(),
+                ],
             };
-            let observed = poll_matrix(&pods, &expected, &columns, probe, opts, case.blocked_must_drop)?;
+            // The clients behind each row: a pod, or an outside client (from its address).
+            let rows: Vec<(NetnsHandle, Option<IpAddr>)> = match (spec.from, &outside) {
+                (ProbeSource::Outside, Some(o)) => {
+                    expected.pods.iter().map(|c| (o.ns.handle(), Some(outside_address(c, family).expect("validated rows")))).collect()
+                }
+                (ProbeSource::Outside, None) => unreachable!("made when a probe needs it"),
+                (ProbeSource::Pods, _) => expected.pods.iter().map(|p| (pods[p].net.ns.handle(), None)).collect(),
+            };
+            let observed = poll_matrix(&rows, &expected, &columns, probe, opts, case.blocked_must_drop)?;
             let wrong = differences(&expected, &observed);
             outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
         }
@@ -194,16 +318,16 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     Ok(outcome)
 }
 
-fn service(spec: &PodSpec, vip: IpAddr, backend: IpAddr) -> Value {
+fn service(spec: &PodSpec, index: usize, vip: IpAddr, backend: IpAddr) -> Value {
     let mut ports = Vec::new();
     for proto in PROTOCOLS {
         for port in SERVED_PORTS {
-            ports.push(json!({"name": format!("service-port-{}-{port}", proto.to_lowercase()), "port": port, "targetPort": port, "protocol": proto}));
+            ports.push(json!({"name": format!("service-port-{}-{port}", proto.to_lowercase()), "port": port, "targetPort": port, "protocol": proto, "nodePort": node_port(index, port)}));
         }
     }
     json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("s-{}-{}", spec.namespace, spec.name), "namespace": spec.namespace},
-         "spec": {"clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()], "selector": {"pod": spec.name}, "ports": ports}},
+         "spec": {"type": "NodePort", "externalTrafficPolicy": "Cluster", "clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()], "selector": {"pod": spec.name}, "ports": ports}},
         {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "metadata": {"name": format!("s-{}-{}-1", spec.namespace, spec.name), "namespace": spec.namespace, "labels": {"kubernetes.io/service-name": format!("s-{}-{}", spec.namespace, spec.name)}},
          "addressType": if backend.is_ipv4() { "IPv4" } else { "IPv6" }, "endpoints": [{"addresses": [backend.to_string()]}]}]})
@@ -223,12 +347,13 @@ fn differences(expected: &Reachability, observed: &Reachability) -> Vec<(String,
 }
 
 /// Probes every checked cell at once; again (only the cells still wrong) until they all
-/// match or the deadline passes. `columns[j]` holds the addresses column `j` stands for: a
-/// cell is observed as expected only when every one of them behaves so.
+/// match or the deadline passes. `rows[i]` is row `i`'s client (its namespace, and the
+/// source address it binds, if any: TCP only); `columns[j]` holds the addresses column `j`
+/// stands for: a cell is observed as expected only when every one of them behaves so.
 fn poll_matrix(
-    pods: &BTreeMap<String, LivePod>,
+    rows: &[(NetnsHandle, Option<IpAddr>)],
     expected: &Reachability,
-    columns: &[Vec<IpAddr>],
+    columns: &[Vec<SocketAddr>],
     probe: Probe,
     opts: RunOptions,
     must_drop: bool,
@@ -246,15 +371,16 @@ fn poll_matrix(
             .iter()
             .flat_map(|&(i, j)| columns[j].iter().map(move |&dst| (i, j, dst)))
             .map(|(i, j, dst)| {
-                let from = &pods[&expected.pods[i]];
-                let ns = from.net.ns.handle();
+                let (ns, src) = rows[i].clone();
                 (
                     i,
                     j,
                     std::thread::spawn(move || {
-                        let dst = SocketAddr::new(dst, probe.port);
                         let timeout = Duration::from_millis(700);
-                        if must_drop {
+                        if let Some(src) = src {
+                            crate::traffic::probe_tcp_from_in(&ns, src, dst, timeout)
+                                .map(|ok| if ok { ProbeEnd::Connected } else { ProbeEnd::Dropped })
+                        } else if must_drop {
                             probe_end_in(&ns, probe.protocol, dst, timeout)
                         } else {
                             // Any failure counts as blocked (NetworkPolicy tests).

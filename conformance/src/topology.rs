@@ -1,7 +1,10 @@
 //! An emulated node: a network namespace holding the node's addresses, with pods in
-//! namespaces of their own joined by veth pairs, in one of two layouts:
-//! - routed (Calico-like): a /32 or /128 route per pod to its host-side veth, a link-local
-//!   gateway in the pod;
+//! namespaces of their own joined by veth pairs, in one of three layouts:
+//! - routed: a /32 or /128 route per pod to its host-side veth, which holds the pods'
+//!   link-local gateway (169.254.1.1, fe80::1);
+//! - proxy-ARP (Calico's): the same routes, but the host-side veth holds no IPv4 address
+//!   (its MAC is the pods' gateway, ee:ee:ee:ee:ee:ee, a permanent neighbour entry in the
+//!   pod): the node's masquerade then picks a node address for traffic into a pod;
 //! - bridged (the bridge CNI, kubenet): the host-side veths are ports of a bridge that holds
 //!   the gateway of the node's pod subnets; pods are on-link with each other, and bridged
 //!   traffic goes through netfilter (`br_netfilter`) as kube-proxy requires.
@@ -21,7 +24,12 @@ pub const GATEWAY_V6: &str = "fe80::1";
 pub enum Topology {
     Routed,
     Bridge,
+    /// Routed, with no IPv4 address on the host-side veths.
+    ProxyArp,
 }
+
+/// The MAC of every host-side veth in the proxy-ARP layout (Calico's).
+pub const PROXY_ARP_MAC: &str = "ee:ee:ee:ee:ee:ee";
 
 /// The bridge of a bridged node.
 pub const BRIDGE: &str = "cbr0";
@@ -156,7 +164,7 @@ impl NodeNet {
     /// A pod namespace `pod_ns` with `ips`, joined by veth `host_veth` (≤ 15 characters).
     pub fn add_pod(&self, pod_ns: &str, host_veth: &str, ips: &[IpAddr]) -> Result<PodNet, NetnsError> {
         match self.topology {
-            Topology::Routed => self.add_routed_pod(pod_ns, host_veth, ips),
+            Topology::Routed | Topology::ProxyArp => self.add_routed_pod(pod_ns, host_veth, ips),
             Topology::Bridge => self.add_bridged_pod(pod_ns, host_veth, ips),
         }
     }
@@ -182,7 +190,12 @@ impl NodeNet {
     fn add_routed_pod(&self, pod_ns: &str, host_veth: &str, ips: &[IpAddr]) -> Result<PodNet, NetnsError> {
         let pod = Netns::create(pod_ns)?;
         self.ns.ip(&["link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod_ns])?;
-        self.ns.ip(&["-4", "addr", "add", &format!("{GATEWAY_V4}/32"), "dev", host_veth])?;
+        let proxy_arp = self.topology == Topology::ProxyArp;
+        if proxy_arp {
+            self.ns.ip(&["link", "set", "dev", host_veth, "address", PROXY_ARP_MAC])?;
+        } else {
+            self.ns.ip(&["-4", "addr", "add", &format!("{GATEWAY_V4}/32"), "dev", host_veth])?;
+        }
         self.ns.ip(&["-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", host_veth, "nodad"])?;
         self.ns.ip(&["link", "set", host_veth, "up"])?;
         pod.ip(&["link", "set", "eth0", "up"])?;
@@ -202,6 +215,10 @@ impl NodeNet {
             self.ns.ip(&route)?;
         }
         if ips.iter().any(IpAddr::is_ipv4) {
+            if proxy_arp {
+                // What proxy ARP would answer, fixed: the gateway is the host veth's MAC.
+                pod.ip(&["-4", "neigh", "add", GATEWAY_V4, "lladdr", PROXY_ARP_MAC, "dev", "eth0", "nud", "permanent"])?;
+            }
             pod.ip(&["-4", "route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
             pod.ip(&["-4", "route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
         }

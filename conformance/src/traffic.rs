@@ -183,7 +183,10 @@ pub enum ProbeEnd {
 pub fn probe_end_in(ns: &NetnsHandle, protocol: Protocol, dst: SocketAddr, timeout: Duration) -> Result<ProbeEnd, NetnsError> {
     use std::io::ErrorKind;
     let refused = |e: &std::io::Error| {
-        matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable)
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset | ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
+        )
     };
     ns.run(move || match protocol {
         Protocol::Tcp => match TcpStream::connect_timeout(&dst, timeout) {
@@ -214,12 +217,23 @@ pub fn probe_end_in(ns: &NetnsHandle, protocol: Protocol, dst: SocketAddr, timeo
                 _ => ProbeEnd::Dropped,
             }
         }
-        Protocol::Sctp => if probe_sctp(dst, timeout) { ProbeEnd::Connected } else { ProbeEnd::Dropped },
+        Protocol::Sctp => {
+            if probe_sctp(dst, timeout) {
+                ProbeEnd::Connected
+            } else {
+                ProbeEnd::Dropped
+            }
+        }
     })
 }
 
 /// A TCP probe from a chosen source address (which must be on an interface of `ns`).
 pub fn probe_tcp_from(ns: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
+    ns.run(move || probe_tcp(Some(src), dst, timeout))
+}
+
+/// [`probe_tcp_from`] through a handle (for threads that do not own the namespace).
+pub fn probe_tcp_from_in(ns: &NetnsHandle, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool, NetnsError> {
     ns.run(move || probe_tcp(Some(src), dst, timeout))
 }
 

@@ -316,6 +316,11 @@ struct External {
 }
 
 fn external(rig: &Rig) -> External {
+    external_with(rig, true)
+}
+
+/// [`external`]; `attach`: the agent's programs go on `up0` (a node device it knows).
+fn external_with(rig: &Rig, attach: bool) -> External {
     let ns = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
     rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ns.name()]).unwrap();
     rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
@@ -327,7 +332,9 @@ fn external(rig: &Rig) -> External {
     for tool in ["iptables", "ip6tables"] {
         rig.node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-o", "up0", "-j", "MASQUERADE"]).unwrap();
     }
-    rig.attach_node_devices(&["up0"]).unwrap();
+    if attach {
+        rig.attach_node_devices(&["up0"]).unwrap();
+    }
     let servers = conformance::traffic::serve(&ns, &[80, 81]).unwrap();
     External { _ns: ns, _servers: servers }
 }
@@ -794,8 +801,12 @@ fn an_open_connection_stops_when_a_policy_denies_it_and_keeps_working_while_allo
         assert!(exchange(&mut from_xa) && exchange(&mut from_ya), "no policy: both connections work");
     }
     // x/b now admits x/a only (its ingress gets a new revision).
-    rig.apply(vec![policy("x", "b-from-xa", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"protocol": "TCP", "port": 9000}]}]}))])
+    rig.apply(vec![policy(
+        "x",
+        "b-from-xa",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}], "ports": [{"protocol": "TCP", "port": 9000}]}]}),
+    )])
     .unwrap();
     for i in 0..20 {
         assert!(exchange(&mut from_xa), "x/a -> x/b is still allowed: its open connection keeps working (exchange {i})");
@@ -814,4 +825,86 @@ fn an_open_connection_stops_when_a_policy_denies_it_and_keeps_working_while_allo
     stop.store(true, Ordering::Relaxed);
     drop((from_xa, from_ya));
     let _ = server.join();
+}
+
+/// kube-proxy's NodePort for x/b:80 on the node's `up0` address: DNAT in PREROUTING, and
+/// the masquerade of `externalTrafficPolicy: Cluster`. `snat_to_node` makes the masquerade
+/// address the node's own (10.250.0.1, fd10:250::1), as MASQUERADE picks it when the host
+/// veth holds no address (proxy-ARP CNIs); otherwise MASQUERADE picks the veth's
+/// link-local gateway, as in the harness's layout.
+fn node_port(rig: &Rig, snat_to_node: bool) {
+    for (tool, node_up, backend, node) in [
+        ("iptables", "198.51.100.1", format!("{}:80", rig.ip("x/b", true)), "10.250.0.1"),
+        ("ip6tables", "2001:db8:100::1", format!("[{}]:80", rig.ip("x/b", false)), "fd10:250::1"),
+    ] {
+        let dnat =
+            ["-t", "nat", "-A", "PREROUTING", "-d", node_up, "-p", "tcp", "--dport", "30080", "-j", "DNAT", "--to-destination", &backend];
+        rig.node.ns.exec(tool, &dnat).unwrap();
+        let client_net = if tool == "iptables" { "198.51.100.0/24" } else { "2001:db8:100::/64" };
+        let mut masq = vec!["-t", "nat", "-I", "POSTROUTING", "-s", client_net, "!", "-o", "up0"];
+        if snat_to_node {
+            masq.extend(["-j", "SNAT", "--to-source", node]);
+        } else {
+            masq.extend(["-j", "MASQUERADE"]);
+        }
+        rig.node.ns.exec(tool, &masq).unwrap();
+    }
+}
+
+/// A TCP probe from the external namespace, from `src`, to the NodePort (IPv4 unless `v6`).
+fn probe_node_port(ext: &External, src: &str, v6: bool) -> bool {
+    let node = if v6 { "[2001:db8:100::1]:30080" } else { "198.51.100.1:30080" };
+    conformance::traffic::probe_tcp_from(&ext._ns, src.parse().unwrap(), node.parse().unwrap(), Duration::from_millis(400)).expect("probe")
+}
+
+/// Issue 12's bypass: a NodePort client masqueraded to the node's own address must not get
+/// the node's exemption ("ingress from the node always passes"), and whatever address the
+/// masquerade picks, the client is judged by its own address. `traced: false`: the client
+/// arrives by a device without the agent's programs, so it cannot be traced back; it is
+/// then judged by the masquerade address, which is no exemption either.
+#[test]
+fn a_node_port_client_is_judged_by_its_own_address_not_the_masquerade() {
+    for (snat_to_node, traced) in [(true, true), (false, true), (true, false)] {
+        let mut rig = ns_rig();
+        let ext = external_with(&rig, traced);
+        ext._ns.ip(&["-4", "addr", "add", "198.51.100.11/24", "dev", "eth0"]).unwrap();
+        ext._ns.ip(&["-6", "addr", "add", "2001:db8:100::11/64", "dev", "eth0", "nodad"]).unwrap();
+        node_port(&rig, snat_to_node);
+        let clients = [("198.51.100.10", false), ("198.51.100.11", false), ("2001:db8:100::10", true), ("2001:db8:100::11", true)];
+        for (c, v6) in clients {
+            assert!(probe_node_port(&ext, c, v6), "no policy: {c} reaches the NodePort (snat to node: {snat_to_node})");
+        }
+        rig.apply(vec![policy("x", "deny", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}))]).unwrap();
+        for (c, v6) in clients {
+            assert!(
+                !probe_node_port(&ext, c, v6),
+                "default-deny: {c} is blocked over the NodePort (snat to node: {snat_to_node}, traced: {traced})"
+            );
+        }
+        for v4 in [true, false] {
+            assert!(rig.probe_from_node(rig.ip("x/b", v4), 80), "the node itself still reaches x/b");
+        }
+        // An allow-list of one client: that client passes, the other does not.
+        rig.apply(vec![policy(
+            "x",
+            "deny",
+            json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": "198.51.100.0/24", "except": ["198.51.100.11/32"]}},
+                                  {"ipBlock": {"cidr": "2001:db8:100::/64", "except": ["2001:db8:100::11/128"]}}]}]}),
+        )])
+        .unwrap();
+        for (c, v6) in clients {
+            let allowed = c.ends_with("10") && traced;
+            assert_eq!(probe_node_port(&ext, c, v6), allowed, "{c} over the NodePort (snat to node: {snat_to_node}, traced: {traced})");
+        }
+        // An allow-list of the node's addresses opens nothing to outside clients that can
+        // be traced (an untraced one has only the masquerade address to be judged by).
+        rig.apply(vec![policy("x", "deny", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.250.0.0/24"}}, {"ipBlock": {"cidr": "fd10:250::/64"}}, {"ipBlock": {"cidr": "169.254.0.0/16"}}]}]}))])
+        .unwrap();
+        for (c, v6) in clients {
+            let allowed = !traced && snat_to_node;
+            assert_eq!(probe_node_port(&ext, c, v6), allowed, "{c} is not the node (snat to node: {snat_to_node}, traced: {traced})");
+        }
+    }
 }

@@ -176,6 +176,55 @@ pub fn explain(state: &ClusterState, from: &Party, to: &Party, protocol: IpProto
     })
 }
 
+/// `explain --node-port`: the client's flow to each backend of a NodePort, judged by the
+/// client's own address as the datapath judges it (see [`crate::node_port`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct NodePortExplanation {
+    pub from: String,
+    #[serde(flatten)]
+    pub node_port: crate::node_port::NodePort,
+    /// Every backend allows the client (kube-proxy may pick any of them).
+    pub allowed: bool,
+    /// One per backend, in the order of `backends`.
+    pub explanations: Vec<Explanation>,
+}
+
+pub fn explain_node_port(
+    state: &ClusterState,
+    from: &Party,
+    node_port: crate::node_port::NodePort,
+    protocol: IpProtocol,
+) -> Result<NodePortExplanation, ExplainError> {
+    let mut explanations = Vec::new();
+    for b in &node_port.backends {
+        explanations.push(explain(state, from, &Party::Pod(b.pod.clone()), protocol, b.port)?);
+    }
+    Ok(NodePortExplanation { from: label(from), allowed: explanations.iter().all(|e| e.allowed), node_port, explanations })
+}
+
+impl NodePortExplanation {
+    pub fn render_text(&self) -> String {
+        let np = &self.node_port;
+        let allowed = self.explanations.iter().filter(|e| e.allowed).count();
+        let verdict = match allowed {
+            0 => "BLOCKED".to_string(),
+            n if n == self.explanations.len() => "ALLOWED".to_string(),
+            n => format!("ALLOWED to {n} of {} backends", self.explanations.len()),
+        };
+        let mut out = format!(
+            "{} -> NodePort {}/{} of Service {} (port {}): {verdict}\n  judged by the client's own address, as the datapath judges it: kube-proxy's masquerade does not change the verdict\n",
+            self.from, np.node_port, np.protocol, np.service, np.port
+        );
+        for (b, e) in np.backends.iter().zip(&self.explanations) {
+            let _ = writeln!(out, "  via NodePort {} of Service {} to backend {} port {}:", np.node_port, np.service, b.pod, b.port);
+            for line in e.render_text().lines() {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
+        out
+    }
+}
+
 /// Each address family's flow, explained in the state's view.
 fn explain_flows(
     state: &ClusterState,

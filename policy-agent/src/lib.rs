@@ -10,5 +10,6 @@ pub mod explain;
 pub mod flows;
 pub mod manifests;
 pub mod matrix;
+pub mod node_port;
 pub mod tables_view;
 pub mod text;

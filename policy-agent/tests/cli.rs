@@ -242,3 +242,54 @@ fn the_offline_commands_take_the_node_enforcement() {
     assert_eq!(b_to_a(&[]), false, "enforced: x/a admits only 8080");
     assert_eq!(b_to_a(&["--enforcement", "audit"]), true, "audited: nothing is enforced");
 }
+
+/// `explain --node-port` judges each backend by the client's own address, with the policy
+/// of the datapath test `a_node_port_client_is_judged_by_its_own_address_not_the_masquerade`
+/// (same verdicts: 198.51.100.10 allowed, .11 excepted, the node itself exempt).
+#[test]
+fn explain_judges_a_node_port_client_by_its_own_address() {
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 10.250.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}
+status: {podIPs: [{ip: 10.244.0.11}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec: {type: NodePort, selector: {pod: b}, ports: [{port: 8080, targetPort: http, nodePort: 30080}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{ipBlock: {cidr: 198.51.100.0/24, except: [198.51.100.11/32]}}]}]
+"#;
+    let d = dir_with(&[("objects.yaml", OBJECTS)]);
+    let explain = |from: &str| {
+        let o = agent(&["explain", "--from", from, "--node-port", "30080", "-o", "json"], d.path());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["service"], serde_json::json!({"namespace": "x", "name": "web"}), "{v:#}");
+        assert_eq!(v["backends"], serde_json::json!([{"pod": {"namespace": "x", "name": "b"}, "port": 80}]), "{v:#}");
+        v["allowed"].as_bool().unwrap()
+    };
+    assert!(explain("198.51.100.10"), "an allowed client");
+    assert!(!explain("198.51.100.11"), "the excepted client");
+    assert!(explain("10.250.0.1"), "the node itself");
+    let o = agent(&["explain", "--from", "198.51.100.11", "--node-port", "30080"], d.path());
+    let text = stdout(&o);
+    assert!(text.contains("198.51.100.11 -> NodePort 30080/TCP of Service x/web (port 8080): BLOCKED"), "{text}");
+    assert!(text.contains("via NodePort 30080 of Service x/web to backend x/b port 80:"), "{text}");
+    let o = agent(&["explain", "--from", "198.51.100.11", "--node-port", "30081"], d.path());
+    assert_eq!(o.status.code(), Some(2), "no such NodePort: a usage error");
+    assert!(stderr(&o).contains("no Service in the manifests has nodePort 30081/TCP"), "{}", stderr(&o));
+}

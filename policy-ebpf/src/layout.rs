@@ -33,7 +33,13 @@
 ///   are layout 4's: connection tracking and pending judgments are shared with layout 4
 ///   programs during a migration (which makes a new generation: layout 4 programs would
 ///   ignore the audit flags, and a layout 4 agent would not know the audit entries).
-pub const LAYOUT_VERSION: u32 = 5;
+/// - 6: the node exemption for the node's own stack only: `PEERS` entries of the node's
+///   addresses carry `PEER_OWN_NODE` beside the policies' answer (layout 5 entries of
+///   them allow everything); connection tracking flags `CT_FROM_NODE` and
+///   `CT_CLIENT_IN_NAT` (a NodePort client in `nat_addr`). Types and maps are layout 5's:
+///   connection tracking and pending judgments are shared with layout 5 programs during a
+///   migration, which ignore the two new flags (a flow they judge is judged as before).
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
 pub const LAYOUTS: &[(u32, &str)] = &[
@@ -42,6 +48,7 @@ pub const LAYOUTS: &[(u32, &str)] = &[
     (3, include_str!("../layouts/v3.txt")),
     (4, include_str!("../layouts/v4.txt")),
     (5, include_str!("../layouts/v5.txt")),
+    (6, include_str!("../layouts/v6.txt")),
 ];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
@@ -157,6 +164,7 @@ mod tests {
             DIRECTION_AUDIT_EGRESS,
             PEER_KEY_FIXED_BITS,
             PEER_ALL,
+            PEER_OWN_NODE,
             NO_PORT_SET,
             PORT_KEY_FIXED_BITS,
             PORT_BLOCK_BITS,
@@ -166,6 +174,8 @@ mod tests {
             CT_VIA_SERVICE,
             CT_TCP_CLOSING,
             CT_TCP_RESET,
+            CT_FROM_NODE,
+            CT_CLIENT_IN_NAT,
             FLOW_VERDICT_ALLOWED,
             FLOW_VERDICT_DENIED,
             FLOW_VERDICT_AUDIT,

@@ -66,6 +66,10 @@ pub mod program_names {
     /// tc egress of every other device: post-translation egress checks of Service traffic
     /// that leaves the node.
     pub const NODE_EGRESS: &str = "node_egress";
+    /// tc ingress of the same devices: records each arriving packet's addresses before
+    /// the node translates them (NodePort, LoadBalancer), so that `pod_ingress` judges the
+    /// real client.
+    pub const NODE_INGRESS: &str = "node_ingress";
 }
 
 /// `ENDPOINTS` key: a local pod's address.
@@ -161,6 +165,14 @@ pub struct PeerValue {
 /// Every protocol and port (ICMP too).
 pub const PEER_ALL: u32 = 1;
 
+/// The prefix is an address of the endpoint's node (ingress tables only). A packet the
+/// node's own stack sent (it still carries its socket: kubelet probes, host processes,
+/// host-network pods) passes; any other packet from it (forwarded: a client kube-proxy
+/// masqueraded to the node's address) gets the entry's port set or `PEER_ALL`, which hold
+/// what the policies give the address. The API exempts the node, not whoever the node
+/// forwards.
+pub const PEER_OWN_NODE: u32 = 2;
+
 /// A port set id that has no `PORTS` entries: an entry with it (and no `PEER_ALL`) allows
 /// nothing.
 pub const NO_PORT_SET: u32 = 0;
@@ -249,6 +261,13 @@ pub const CT_VIA_SERVICE: u16 = 2;
 pub const CT_TCP_CLOSING: u16 = 4;
 /// A RST was seen: the entry expires at once (after the other hooks on the path saw it).
 pub const CT_TCP_RESET: u16 = 8;
+/// The flow's first packet came from the node's own stack (it had a socket) to a local
+/// pod: a re-judgment of its ingress keeps the node exemption (`PEER_OWN_NODE`).
+pub const CT_FROM_NODE: u16 = 16;
+/// An inbound flow the node translated (NodePort, LoadBalancer, externalIPs): `nat_addr`
+/// and `nat_port` hold the client's address and port from before translation (recorded
+/// by `node_ingress`), by which the destination's ingress is judged.
+pub const CT_CLIENT_IN_NAT: u16 = 32;
 
 /// `PENDING` key: the originator of a Service flow whose egress is judged after DNAT.
 /// The source address, port and protocol survive DNAT, so the later hook finds it.

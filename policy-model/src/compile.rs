@@ -72,39 +72,79 @@ pub(crate) fn compile_direction(
 ) -> PeerTable {
     // A pod a ClusterNetworkPolicy applies to gets tiered tables (crate::cnp::compile);
     // without one, NetworkPolicy alone decides, exactly as before.
-    if let Some(table) = crate::cnp::compile::tiered_direction(state, pod, direction, node_addresses, cache) {
-        return table;
+    let mut table = match crate::cnp::compile::tiered_direction(state, pod, direction, cache) {
+        Some(table) => table,
+        None => {
+            let policies: Vec<_> = state.isolating_policies(pod, direction).collect();
+            if policies.is_empty() {
+                return PeerTable::not_isolated();
+            }
+            let mut rules: Vec<RuleRef> = Vec::new();
+            let mut grants = exempt_grants(state, pod);
+            grants.extend(policy_grants(state, pod, direction, &policies, &mut rules));
+            let (entries, port_sets) = build_lpm(&grants, &rules);
+            PeerTable { isolated: true, isolated_by: policies.iter().map(|p| p.key.clone()).collect(), entries, port_sets }
+        }
+    };
+    if direction == Direction::Ingress {
+        mark_own_node(&mut table, pod.node.as_deref().unwrap_or_default(), node_addresses);
     }
-    let policies: Vec<_> = state.isolating_policies(pod, direction).collect();
-    if policies.is_empty() {
-        return PeerTable::not_isolated();
-    }
-    let mut rules: Vec<RuleRef> = Vec::new();
-    let mut grants = exempt_grants(state, pod, direction, node_addresses);
-    grants.extend(policy_grants(state, pod, direction, &policies, &mut rules));
-    let (entries, port_sets) = build_lpm(&grants, &rules);
-    PeerTable { isolated: true, isolated_by: policies.iter().map(|p| p.key.clone()).collect(), entries, port_sets }
+    table
 }
 
-/// What no policy can block: the pod's own addresses, and for ingress its node's.
-pub(crate) fn exempt_grants(state: &ClusterState, pod: &Pod, direction: Direction, node_addresses: &BTreeSet<IpAddr>) -> Vec<Grant> {
-    let mut grants = Vec::new();
-    for ip in state.owned_ips(pod) {
-        grants.push(Grant { cidr: Prefix::host(ip), except: vec![], ports: PortSet::all(), origin: Origin::OwnAddress, rule: None });
+/// What no policy can block: the pod's own addresses.
+pub(crate) fn exempt_grants(state: &ClusterState, pod: &Pod) -> Vec<Grant> {
+    state
+        .owned_ips(pod)
+        .map(|ip| Grant { cidr: Prefix::host(ip), except: vec![], ports: PortSet::all(), origin: Origin::OwnAddress, rule: None })
+        .collect()
+}
+
+/// Ingress from the pod's own node always passes (the API's rule, for kubelet probes), but
+/// only for what the node itself sends. A packet the node forwards can carry a node
+/// address too: kube-proxy masquerades NodePort clients to it. Such a packet must get what
+/// the policies give that address, or any outside client would walk through a
+/// default-deny over a NodePort. So each node address gets an exact entry holding the
+/// policies' answer (what its longest match gave before), flagged
+/// [`PeerEntry::own_node`]: the datapath adds the exemption only for packets the node's
+/// own stack sent, and the evaluator only for flows that are not
+/// [forwarded](crate::verdict_forwarded).
+pub(crate) fn mark_own_node(table: &mut PeerTable, node: &str, node_addresses: &BTreeSet<IpAddr>) {
+    if !table.isolated {
+        return;
     }
-    if direction == Direction::Ingress {
-        let node = pod.node.clone().unwrap_or_default();
-        for ip in node_addresses {
-            grants.push(Grant {
-                cidr: Prefix::host(*ip),
-                except: vec![],
-                ports: PortSet::all(),
-                origin: Origin::Node { name: node.clone() },
-                rule: None,
-            });
+    for ip in node_addresses {
+        let host = Prefix::host(*ip);
+        let origin = Origin::Node { name: node.to_string() };
+        let with_node =
+            |others: &[Origin]| Origin::shared(&std::iter::once(origin.clone()).chain(others.iter().cloned()).collect::<Vec<_>>());
+        match table.entries.binary_search_by(|e| e.prefix.cmp(&host)) {
+            Ok(i) => {
+                let e = &mut table.entries[i];
+                e.own_node = true;
+                e.stands_for = with_node(&e.stands_for);
+            }
+            Err(i) => {
+                let entry = match table.lookup(*ip) {
+                    Some(e) => PeerEntry {
+                        prefix: host,
+                        port_set: e.port_set,
+                        stands_for: with_node(&e.stands_for),
+                        rules: e.rules.clone(),
+                        own_node: true,
+                    },
+                    None => PeerEntry {
+                        prefix: host,
+                        port_set: table.port_set_id(&PortSet::empty()),
+                        stands_for: with_node(&[]),
+                        rules: Vec::new().into(),
+                        own_node: true,
+                    },
+                };
+                table.entries.insert(i, entry);
+            }
         }
     }
-    grants
 }
 
 /// The allowances of the NetworkPolicies isolating `pod` in `direction`; `rules` receives
@@ -300,8 +340,15 @@ fn build_lpm(grants: &[Grant], rules: &[RuleRef]) -> (Vec<PeerEntry>, Vec<PortSe
             rule_ids.extend(blocks.iter().filter_map(|b| grants[*b].rule));
             rule_ids.sort_unstable();
             rule_ids.dedup();
-            let rules = rule_lists.entry(rule_ids).or_insert_with_key(|ids| ids.iter().map(|r| rules[*r as usize].clone()).collect()).clone();
-            entries.push(PeerEntry { prefix: *prefix, port_set: id, stands_for: Origin::shared(&stands_for.into_iter().collect::<Vec<_>>()), rules });
+            let rules =
+                rule_lists.entry(rule_ids).or_insert_with_key(|ids| ids.iter().map(|r| rules[*r as usize].clone()).collect()).clone();
+            entries.push(PeerEntry {
+                prefix: *prefix,
+                port_set: id,
+                stands_for: Origin::shared(&stands_for.into_iter().collect::<Vec<_>>()),
+                rules,
+                own_node: false,
+            });
         }
         plain_rules.sort_unstable();
         plain_rules.dedup();

@@ -40,4 +40,4 @@ pub use policy::{Direction, Policy};
 pub use ports::{IpProtocol, PortRange, PortSet, Protocol};
 pub use state::{AddressOwner, ClusterState};
 pub use table::{AuditTable, AuditTables, EndpointId, EndpointTables, Origin, PeerEntry, PeerTable};
-pub use verdict::{Decision, Flow, RuleMatch, RuleRef, Verdict, rule_matches_for, verdict};
+pub use verdict::{Decision, Flow, RuleMatch, RuleRef, Verdict, rule_matches_for, verdict, verdict_forwarded};

@@ -79,6 +79,11 @@ pub struct PeerEntry {
     /// The rules whose allowances make up the port set. Shared by the entries of a table
     /// with the same rules (most of them): a table can hold tens of thousands of entries.
     pub rules: Arc<[RuleRef]>,
+    /// An address of the endpoint's node (ingress tables only). What the node's own stack
+    /// sends from it always passes; `port_set` is what the policies give it otherwise
+    /// (a forwarded packet masqueraded to it). See `crate::compile::mark_own_node`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own_node: bool,
 }
 
 /// One direction of one endpoint.
@@ -108,16 +113,39 @@ impl PeerTable {
         &self.port_sets[entry.port_set as usize]
     }
 
-    /// What the datapath decides for traffic with `remote` on the other side.
+    /// What the datapath decides for traffic with `remote` on the other side that the
+    /// node's stack sent, if `remote` is a node address (what the node sends itself).
     pub fn allows(&self, remote: IpAddr, protocol: IpProtocol, port: u16) -> bool {
-        !self.isolated || self.lookup(remote).is_some_and(|e| self.port_set(e).contains(protocol, port))
+        self.allows_from(remote, protocol, port, true)
+    }
+
+    /// What the datapath decides for traffic with `remote` on the other side; `node_stack`:
+    /// the node's own stack sent it (false: forwarded, e.g. masqueraded to a node
+    /// address), which decides whether an [`PeerEntry::own_node`] entry exempts it.
+    pub fn allows_from(&self, remote: IpAddr, protocol: IpProtocol, port: u16, node_stack: bool) -> bool {
+        !self.isolated || self.lookup(remote).is_some_and(|e| (e.own_node && node_stack) || self.port_set(e).contains(protocol, port))
+    }
+
+    /// The id of `set` in this table's port sets, added if missing.
+    pub fn port_set_id(&mut self, set: &PortSet) -> PortSetId {
+        match self.port_sets.iter().position(|s| s == set) {
+            Some(i) => i as PortSetId,
+            None => {
+                self.port_sets.push(set.clone());
+                (self.port_sets.len() - 1) as PortSetId
+            }
+        }
     }
 
     /// Equal for the datapath (provenance aside): same isolation and same prefix → ports.
     pub fn same_datapath(&self, other: &PeerTable) -> bool {
         self.isolated == other.isolated
             && self.entries.len() == other.entries.len()
-            && self.entries.iter().zip(&other.entries).all(|(a, b)| a.prefix == b.prefix && self.port_set(a) == other.port_set(b))
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| a.prefix == b.prefix && a.own_node == b.own_node && self.port_set(a) == other.port_set(b))
     }
 }
 

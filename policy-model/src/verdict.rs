@@ -103,8 +103,23 @@ pub struct Verdict {
 }
 
 /// Judges `flow` against the cluster state, in its view ([`crate::audit::View`]: by
-/// default the enforced one, in which audited policies do not exist).
+/// default the enforced one, in which audited policies do not exist). A flow from an
+/// address of the destination's node is one the node's own stack sent (kubelet probes,
+/// host processes, host-network pods): it always passes ingress.
 pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
+    verdict_at(state, flow, false)
+}
+
+/// [`verdict`] for a flow the node forwarded: its source address is the one it arrived
+/// with (a masqueraded client's is the node's address). Such a flow gets no node
+/// exemption: the API exempts what the node sends ("traffic from the node where the pod
+/// runs is always allowed", for kubelet probes), and an outside client that only looks
+/// like the node after kube-proxy's masquerade is judged by the policies like any address.
+pub fn verdict_forwarded(state: &ClusterState, flow: &Flow) -> Verdict {
+    verdict_at(state, flow, true)
+}
+
+fn verdict_at(state: &ClusterState, flow: &Flow, forwarded: bool) -> Verdict {
     let src = state.owner(flow.src);
     let dst = state.owner(flow.dst);
     let dst_pod = match dst {
@@ -131,7 +146,7 @@ pub fn verdict(state: &ClusterState, flow: &Flow) -> Verdict {
     };
     let ingress = match dst_pod {
         Some(pod) => match src {
-            AddressOwner::Node(n) if pod.node.as_deref() == Some(n) => Decision::FromOwnNode { node: n.to_string() },
+            AddressOwner::Node(n) if pod.node.as_deref() == Some(n) && !forwarded => Decision::FromOwnNode { node: n.to_string() },
             _ => decide(state, pod, Direction::Ingress, flow),
         },
         None => Decision::NotAPod,

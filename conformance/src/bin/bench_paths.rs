@@ -9,7 +9,9 @@
 //! - established flows and their replies, on each end's hook;
 //! - a pod that no policy isolates;
 //! - new flows, allowed (each run a fresh flow: parse, endpoint, conntrack miss, both
-//!   table lookups, the insert) and denied (a flow event each, within the rate limit).
+//!   table lookups, the insert) and denied (a flow event each, within the rate limit);
+//! - a node device's `node_ingress`: an arriving SYN (noted for NodePort clients) and an
+//!   established packet.
 //!
 //! Each path's verdict is checked, so a figure is never that of another path. The
 //! verifier's instruction counts come last. Run as root:
@@ -25,7 +27,7 @@ use conformance::bench_rules::{BenchPolicy, RR_PORT};
 use conformance::programs::{TestProgram, instruction_counts};
 use conformance::rig::{NODE, Rig};
 use policy_agent::datapath::{FlowConfig, MapSizes};
-use policy_ebpf::program_names::{POD_EGRESS, POD_INGRESS};
+use policy_ebpf::program_names::{NODE_INGRESS, POD_EGRESS, POD_INGRESS};
 use policy_model::{Change, ObjectKey, Pod};
 use serde_json::json;
 
@@ -153,7 +155,11 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
     };
 
     put("parse only (ARP)", POD_EGRESS, repeated(&egress, &arp(), v.client, PASS, args))?;
-    put("spoofed source (parse + endpoint)", POD_EGRESS, repeated(&egress, &tcp([10, 244, 0, 99], s, 40000, RR_PORT, TCP_SYN), v.client, DROP, args))?;
+    put(
+        "spoofed source (parse + endpoint)",
+        POD_EGRESS,
+        repeated(&egress, &tcp([10, 244, 0, 99], s, 40000, RR_PORT, TCP_SYN), v.client, DROP, args),
+    )?;
 
     // An established client → server flow: its first packet seen by both hooks, as on the
     // wire (the sender's egress tracks it, the receiver's ingress approves its side).
@@ -221,6 +227,18 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
     let syn = tcp(i, s, 40003, RR_PORT, TCP_SYN);
     ensure!(egress.run(&syn, v.intruder, 1)?.0 == PASS, "intruder → server dropped at the intruder's egress");
     put("new flow, denied: receiver's ingress", POD_INGRESS, repeated(&ingress, &syn, v.server, DROP, args))?;
+
+    // A node device's arrivals: a SYN is noted (parse, a 40-byte record, the skb's tag);
+    // an established packet is only parsed.
+    let node_in = TestProgram::find(NODE_INGRESS)?;
+    let outside = [198, 51, 100, 10];
+    let node = [10, 250, 0, 1];
+    put(
+        "node device: arriving SYN (noted)",
+        NODE_INGRESS,
+        repeated(&node_in, &tcp(outside, node, 40004, 30080, TCP_SYN), v.client, PASS, args),
+    )?;
+    put("node device: arriving ACK", NODE_INGRESS, repeated(&node_in, &tcp(outside, node, 40004, 30080, TCP_ACK), v.client, PASS, args))?;
     Ok(out)
 }
 
@@ -246,7 +264,10 @@ fn main() -> Result<()> {
     };
     rig.detach();
 
-    println!("\nPer-path cost (BPF_PROG_TEST_RUN, mean ns per run, least of {} × {} runs), {} rules per side, flow events: {}", args.rounds, args.runs, args.rules, args.flow_events);
+    println!(
+        "\nPer-path cost (BPF_PROG_TEST_RUN, mean ns per run, least of {} × {} runs), {} rules per side, flow events: {}",
+        args.rounds, args.runs, args.rules, args.flow_events
+    );
     println!("{:<40} {:>12} {:>10}", "path", "program", "ns/run");
     for f in &figures {
         println!("{:<40} {:>12} {:>10.1}", f.path, f.program, f.ns);

@@ -1,8 +1,10 @@
 //! The agent's main job on an emulated node, no cluster needed: the pods of
 //! `examples/cluster` in network namespaces (each serving its container ports), the example
 //! policies of `deploy/examples`, the real `policy-agent run` enforcing them, the
-//! reachability observed with real connections (next to what the model says), then
-//! `policy-agent dump`.
+//! reachability observed with real connections (next to what the model says), a NodePort
+//! reached from outside through kube-proxy-style DNAT and masquerade (each client judged
+//! by its own address, next to `policy-agent explain --node-port`), then `policy-agent
+//! dump` and `observe`.
 //!
 //! Run as root from the repository: `bash scripts/demo.sh`.
 
@@ -108,6 +110,8 @@ fn main() -> Result<()> {
         }
     );
 
+    disagreements += node_port(&node_net, &[&cluster, &policies])?;
+
     println!("\n=== policy-agent dump\n");
     let out = std::process::Command::new(agent_binary().map_err(anyhow::Error::msg)?)
         .arg("dump")
@@ -132,4 +136,71 @@ fn main() -> Result<()> {
         bail!("the datapath disagreed with the model");
     }
     Ok(())
+}
+
+/// The NodePort of Service shop/frontend (examples/cluster), reached from an outside
+/// network: kube-proxy's DNAT to the frontend and, for `externalTrafficPolicy: Cluster`,
+/// its masquerade to the node's address (as with a CNI whose host veths hold no address).
+/// Each client is judged by its own address: what `explain --node-port` says. Returns the
+/// number of disagreements.
+fn node_port(node: &NodeNet, manifests: &[&PathBuf]) -> Result<usize> {
+    println!("=== NodePort 30080 of Service shop/frontend, from outside (DNAT, masquerade to the node's 10.250.0.1)\n");
+    let ext = conformance::netns::Netns::create(&unique("demo-x"))?;
+    node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ext.name()])?;
+    node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"])?;
+    node.ns.ip(&["link", "set", "up0", "up"])?;
+    for a in ["198.51.100.10/24", "198.51.100.66/24"] {
+        ext.ip(&["-4", "addr", "add", a, "dev", "eth0"])?;
+    }
+    ext.ip(&["link", "set", "eth0", "up"])?;
+    node.ns.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "198.51.100.1",
+            "-p",
+            "tcp",
+            "--dport",
+            "30080",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.244.1.10:8080",
+        ],
+    )?;
+    node.ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "POSTROUTING", "-s", "198.51.100.0/24", "!", "-o", "up0", "-j", "SNAT", "--to-source", "10.250.0.1"],
+    )?;
+    // The agent finds the new node device on its next pass and puts its programs on it.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut disagreements = 0;
+    for client in ["198.51.100.10", "198.51.100.66"] {
+        let got = conformance::traffic::probe_tcp_from(&ext, client.parse()?, "198.51.100.1:30080".parse()?, Duration::from_millis(400))?;
+        let mut cmd = std::process::Command::new(agent_binary().map_err(anyhow::Error::msg)?);
+        cmd.args(["explain", "--from", client, "--node-port", "30080"]);
+        for m in manifests {
+            cmd.arg("--manifests").arg(m);
+        }
+        let out = cmd.output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let want = text.lines().next().is_some_and(|l| l.ends_with(": ALLOWED"));
+        if got != want {
+            disagreements += 1;
+        }
+        println!(
+            "  {client} -> 198.51.100.1:30080  observed: {}{}",
+            if got { "connected" } else { "blocked" },
+            if got != want { "  (* differs from explain)" } else { "" }
+        );
+        for line in text.lines().take(2) {
+            println!("    explain: {line}");
+        }
+    }
+    println!();
+    Ok(disagreements)
 }

@@ -128,7 +128,7 @@ impl Reconciler {
     /// `initial_veths`: the pod-candidate veths at start (exempt from holds when no
     /// earlier agent left links: see [`super::holds`]).
     pub fn new(p: Parts, initial_veths: BTreeSet<u32>) -> Reconciler {
-        let fresh_node = p.enforcer.datapath.attached().iter().all(|(_, point)| *point == AttachPoint::NodeEgress);
+        let fresh_node = p.enforcer.datapath.attached().iter().all(|(_, point)| point.is_node());
         let exempt = if fresh_node { initial_veths } else { BTreeSet::new() };
         let mut compiler = NodeCompiler::new(p.node.clone());
         // Nothing compiled yet: this only sets the switch.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use policy_model::IpProtocol;
 
 use super::{CliError, OutputFormat, exit_for, load};
-use crate::explain::{Party, explain};
+use crate::explain::{Party, explain, explain_node_port};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -18,11 +18,17 @@ pub struct Args {
     #[arg(long)]
     pub from: Party,
     /// The server: NAMESPACE/POD or an IP address.
-    #[arg(long)]
-    pub to: Party,
+    #[arg(long, required_unless_present = "node_port", conflicts_with = "node_port")]
+    pub to: Option<Party>,
     /// Destination port.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "node_port")]
     pub port: u16,
+    /// Instead of --to/--port: the client connects to this NodePort (of the Service
+    /// that has it for --protocol, from the manifests' Services). Each backend is judged
+    /// on its target port, by the client's own address, as the datapath does whatever
+    /// kube-proxy's masquerade does.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub node_port: Option<u16>,
     /// TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number.
     #[arg(long, default_value = "TCP")]
     pub protocol: IpProtocol,
@@ -36,10 +42,25 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let (mut state, errors) = load(&args.manifests)?;
     state.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
+    let Some(to) = &args.to else {
+        let node_port = args.node_port.expect("clap: --to or --node-port");
+        if !args.protocol.has_ports() {
+            return Err(CliError::Usage(format!("--node-port needs TCP, UDP or SCTP, not {}", args.protocol)));
+        }
+        // The Services are read again: the cluster state holds no Services.
+        let m = crate::manifests::Manifests::read_dirs(&args.manifests).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
+        let np = crate::node_port::resolve(&m, &state, node_port, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
+        let e = explain_node_port(&state, &args.from, np, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
+        match args.output {
+            OutputFormat::Text => super::emit(&e.render_text())?,
+            OutputFormat::Json => super::emit_json(&e)?,
+        }
+        return Ok(exit_for(&errors));
+    };
     if args.protocol.has_ports() && args.port == 0 {
         return Err(CliError::Usage(format!("--port is required for {}", args.protocol)));
     }
-    let e = explain(&state, &args.from, &args.to, args.protocol, args.port).map_err(|e| CliError::Usage(e.to_string()))?;
+    let e = explain(&state, &args.from, to, args.protocol, args.port).map_err(|e| CliError::Usage(e.to_string()))?;
     match args.output {
         OutputFormat::Text => super::emit(&e.render_text())?,
         OutputFormat::Json => super::emit_json(&e)?,

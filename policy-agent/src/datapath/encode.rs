@@ -75,10 +75,12 @@ fn ipv4_mapped_block() -> Prefix {
 /// IPv4-mapped addresses), and when an IPv6 prefix covers that block (`::/0`, `::/64`..)
 /// while no IPv4 `0.0.0.0/0` entry takes it, an entry that allows nothing is put there,
 /// so that an IPv4 address no IPv4 entry matches stops at it.
-pub fn peer_entries(t: &PeerTable, direction: u32) -> Vec<(PeerSlot, Allow)> {
+///
+/// The third field is [`policy_model::PeerEntry::own_node`] (`PEER_OWN_NODE`).
+pub fn peer_entries(t: &PeerTable, direction: u32) -> Vec<(PeerSlot, Allow, bool)> {
     let mapped = ipv4_mapped_block();
     let v6 = |p: &Prefix| p.family() == Family::Ipv6;
-    let mut out: Vec<(PeerSlot, Allow)> = t
+    let mut out: Vec<(PeerSlot, Allow, bool)> = t
         .entries
         .iter()
         .filter(|e| !(v6(&e.prefix) && mapped.contains(&e.prefix)))
@@ -92,14 +94,14 @@ pub fn peer_entries(t: &PeerTable, direction: u32) -> Vec<(PeerSlot, Allow)> {
             } else {
                 Allow::Ports(e.port_set as usize)
             };
-            (PeerSlot { direction, addr, len }, allow)
+            (PeerSlot { direction, addr, len }, allow, e.own_node)
         })
         .collect();
     let v6_covers_v4 = t.entries.iter().any(|e| v6(&e.prefix) && e.prefix.len() < mapped.len() && e.prefix.contains(&mapped));
     let v4_everything = t.entries.iter().any(|e| e.prefix.family() == Family::Ipv4 && e.prefix.len() == 0);
     if v6_covers_v4 && !v4_everything {
         let (addr, len) = encode_prefix(&mapped);
-        out.push((PeerSlot { direction, addr, len }, Allow::Nothing));
+        out.push((PeerSlot { direction, addr, len }, Allow::Nothing, false));
     }
     out
 }
@@ -222,14 +224,14 @@ mod tests {
     use crate::manifests::Manifests;
 
     /// The kernel's lookup over one direction's encoded entries: longest matching prefix,
-    /// then the port.
+    /// then the port (for a packet the node's stack sent, as the model's `allows`).
     fn encoded_allows(t: &PeerTable, direction: u32, remote: IpAddr, protocol: IpProtocol, port: u16) -> bool {
         let remote = encode_addr(remote);
-        let best = peer_entries(t, direction).into_iter().filter(|(slot, _)| slot.contains(&remote)).max_by_key(|(slot, _)| slot.len);
+        let best = peer_entries(t, direction).into_iter().filter(|(slot, _, _)| slot.contains(&remote)).max_by_key(|(slot, _, _)| slot.len);
         match best {
-            None | Some((_, Allow::Nothing)) => false,
-            Some((_, Allow::All)) => true,
-            Some((_, Allow::Ports(i))) => port_entries_allow(&port_set_entries(&t.port_sets[i]), protocol.0, port),
+            Some((_, _, true)) | Some((_, Allow::All, _)) => true,
+            None | Some((_, Allow::Nothing, _)) => false,
+            Some((_, Allow::Ports(i), _)) => port_entries_allow(&port_set_entries(&t.port_sets[i]), protocol.0, port),
         }
     }
 
@@ -356,7 +358,9 @@ spec:
             let mut icmp_allowed = 0;
             for (src, dst) in state.owned_ips(a).zip(state.owned_ips(b)) {
                 let icmp = if src.is_ipv4() { IpProtocol::ICMP } else { IpProtocol::ICMPV6 };
-                for (protocol, port) in [(IpProtocol::TCP, 80), (IpProtocol::UDP, 81), (IpProtocol::TCP, 81), (icmp, 0), (IpProtocol(47), 0)] {
+                for (protocol, port) in
+                    [(IpProtocol::TCP, 80), (IpProtocol::UDP, 81), (IpProtocol::TCP, 81), (icmp, 0), (IpProtocol(47), 0)]
+                {
                     let flow = Flow { src, dst, protocol, port };
                     let want = policy_model::verdict(&state, &flow).allowed;
                     let got = encoded_allows(&tables.egress, policy_ebpf::DIRECTION_EGRESS, dst, protocol, port);

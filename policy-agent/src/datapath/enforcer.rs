@@ -342,7 +342,7 @@ impl Enforcer {
                     let _ = self.datapath.detach(&interface, point);
                     continue;
                 };
-                if point != AttachPoint::NodeEgress && !self.attached.values().any(|i| i.ifindex == ifindex) {
+                if !point.is_node() && !self.attached.values().any(|i| i.ifindex == ifindex) {
                     self.sync.hold_interface(&mut self.datapath, ifindex);
                     self.held.insert(ifindex, interface.clone());
                 }
@@ -464,22 +464,24 @@ impl Enforcer {
     pub fn set_node_devices(&mut self, names: &BTreeSet<String>) -> Vec<DatapathError> {
         let mut errors = Vec::new();
         // Also what an earlier agent left pinned on devices no longer wanted.
-        let pinned = self.datapath.attached().into_iter().filter(|(_, p)| *p == AttachPoint::NodeEgress).map(|(n, _)| n);
+        let pinned = self.datapath.attached().into_iter().filter(|(_, p)| p.is_node()).map(|(n, _)| n);
         let current: BTreeSet<String> = self.node_devices.iter().cloned().chain(pinned).collect();
         for gone in current.difference(names).cloned().collect::<Vec<_>>() {
-            match self.detach(&gone, AttachPoint::NodeEgress) {
-                Ok(()) => {
-                    self.node_devices.remove(&gone);
-                }
-                Err(e) => errors.push(e),
+            let results = [AttachPoint::NodeEgress, AttachPoint::NodeIngress].map(|point| self.detach(&gone, point));
+            let ok = results.iter().all(Result::is_ok);
+            errors.extend(results.into_iter().filter_map(Result::err));
+            if ok {
+                self.node_devices.remove(&gone);
             }
         }
         for new in names.difference(&self.node_devices).cloned().collect::<Vec<_>>() {
-            match self.attach(&new, AttachPoint::NodeEgress) {
-                Ok(()) => {
-                    self.node_devices.insert(new);
-                }
-                Err(e) => errors.push(e),
+            // Both or neither: `node_ingress` notes arrivals for the judgments that
+            // `pod_ingress` makes, and `node_egress` judges what leaves.
+            let results = [AttachPoint::NodeEgress, AttachPoint::NodeIngress].map(|point| self.attach(&new, point));
+            let ok = results.iter().all(Result::is_ok);
+            errors.extend(results.into_iter().filter_map(Result::err));
+            if ok {
+                self.node_devices.insert(new);
             }
         }
         errors

@@ -112,6 +112,8 @@ pub enum AttachPoint {
     PodEgress,
     /// tc egress of any other device of the node.
     NodeEgress,
+    /// tc ingress of the same devices (notes where arriving packets came from).
+    NodeIngress,
 }
 
 impl AttachPoint {
@@ -120,14 +122,20 @@ impl AttachPoint {
             AttachPoint::PodIngress => program_names::POD_INGRESS,
             AttachPoint::PodEgress => program_names::POD_EGRESS,
             AttachPoint::NodeEgress => program_names::NODE_EGRESS,
+            AttachPoint::NodeIngress => program_names::NODE_INGRESS,
         }
     }
 
     fn tc(self) -> TcAttachType {
         match self {
-            AttachPoint::PodEgress => TcAttachType::Ingress,
+            AttachPoint::PodEgress | AttachPoint::NodeIngress => TcAttachType::Ingress,
             AttachPoint::PodIngress | AttachPoint::NodeEgress => TcAttachType::Egress,
         }
+    }
+
+    /// A node device's program (not a pod veth's).
+    pub fn is_node(self) -> bool {
+        matches!(self, AttachPoint::NodeEgress | AttachPoint::NodeIngress)
     }
 
     fn pin_name(self) -> &'static str {
@@ -135,6 +143,7 @@ impl AttachPoint {
             AttachPoint::PodIngress => "pod-ingress",
             AttachPoint::PodEgress => "pod-egress",
             AttachPoint::NodeEgress => "node-egress",
+            AttachPoint::NodeIngress => "node-ingress",
         }
     }
 }
@@ -244,7 +253,7 @@ impl Datapath {
                 })?;
             }
         }
-        for name in [program_names::POD_INGRESS, program_names::POD_EGRESS, program_names::NODE_EGRESS] {
+        for name in [program_names::POD_INGRESS, program_names::POD_EGRESS, program_names::NODE_EGRESS, program_names::NODE_INGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Program { name, source: aya::programs::ProgramError::UnexpectedProgramType })?
@@ -341,7 +350,7 @@ impl Datapath {
         };
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            for point in [AttachPoint::PodIngress, AttachPoint::PodEgress, AttachPoint::NodeEgress] {
+            for point in [AttachPoint::PodIngress, AttachPoint::PodEgress, AttachPoint::NodeEgress, AttachPoint::NodeIngress] {
                 if let Some(ifname) = name.strip_prefix(point.pin_name()).and_then(|r| r.strip_prefix('-')) {
                     out.push((ifname.to_string(), point));
                 }

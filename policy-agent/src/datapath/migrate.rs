@@ -391,8 +391,8 @@ mod tests {
     /// audit mode (flags, directions and a verdict: constants only).
     #[test]
     fn older_layouts_are_migrated_sharing_connection_tracking() {
-        assert_eq!(LAYOUT_VERSION, 5);
-        for old in [3, 4] {
+        assert_eq!(LAYOUT_VERSION, 6);
+        for old in [3, 4, 5] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = dir_name(old, &sizes(), 5);
             mk(tmp.path(), &["links", &dir]);
@@ -409,6 +409,8 @@ mod tests {
         let tables = ["PeerKey", "PeerValue", "PortKey", "EndpointValue", "IfaceValue", "FlowEvent", map_names::PEERS, map_names::FLOWS];
         assert!(policy_ebpf::layout::same_items(4, 5, &tables), "layout 5 changes no type nor map");
         assert!(!policy_ebpf::layout::same_items(4, 5, &["FLOW_VERDICT_AUDIT"]), "v4 has no audit verdict");
+        assert!(policy_ebpf::layout::same_items(5, 6, &tables), "layout 6 changes no type nor map");
+        assert!(!policy_ebpf::layout::same_items(5, 6, &["PEER_OWN_NODE"]), "v5 has no own-node entries");
     }
 
     #[test]

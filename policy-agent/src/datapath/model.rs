@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use policy_ebpf::{ENDPOINT_FAIL_CLOSED, EndpointValue, IfaceValue, PEER_ALL, PORT_BLOCK_BITS, PORT_PROTOCOL_OTHER, PeerValue, PortBits};
+use policy_ebpf::{
+    ENDPOINT_FAIL_CLOSED, EndpointValue, IfaceValue, PEER_ALL, PEER_OWN_NODE, PORT_BLOCK_BITS, PORT_PROTOCOL_OTHER, PeerValue, PortBits,
+};
 
 use super::encode::{PeerSlot, PortEntry, encode_addr, has_ports};
 use super::loader::MapSizes;
@@ -34,8 +36,15 @@ impl ModelMaps {
     }
 
     /// The kernel's verdict (`verdict::judge`) for endpoint `ep` in `direction` (an audit
-    /// table's for `DIRECTION_AUDIT_*`).
+    /// table's for `DIRECTION_AUDIT_*`), for a packet the node's stack sent if `remote` is
+    /// a node address.
     pub fn allows(&self, ep: &EndpointValue, direction: u32, remote: IpAddr, protocol: u8, port: u16) -> bool {
+        self.allows_from(ep, direction, remote, protocol, port, true)
+    }
+
+    /// [`Self::allows`]; `node_stack`: the node's own stack sent the packet (what a
+    /// `PEER_OWN_NODE` entry exempts).
+    pub fn allows_from(&self, ep: &EndpointValue, direction: u32, remote: IpAddr, protocol: u8, port: u16, node_stack: bool) -> bool {
         if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
             return false;
         }
@@ -49,7 +58,7 @@ impl ModelMaps {
             .filter(|((id, slot), _)| *id == ep.id && slot.direction == direction && slot.contains(&remote))
             .max_by_key(|((_, slot), _)| slot.len);
         let Some((_, v)) = best else { return false };
-        if v.flags & PEER_ALL != 0 {
+        if v.flags & PEER_ALL != 0 || (node_stack && v.flags & PEER_OWN_NODE != 0) {
             return true;
         }
         if !has_ports(protocol) {

@@ -64,7 +64,7 @@ use aya::maps::lpm_trie::Key;
 use policy_ebpf::{
     Addr, DIRECTION_AUDIT_EGRESS, DIRECTION_AUDIT_INGRESS, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_AUDIT_EGRESS,
     ENDPOINT_AUDIT_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointKey, EndpointValue,
-    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PeerKey, PeerValue, PortBits, PortKey,
+    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PEER_OWN_NODE, PeerKey, PeerValue, PortBits, PortKey,
 };
 use policy_model::{EndpointTables, ObjectKey, PeerTable, Prefix};
 
@@ -696,11 +696,12 @@ impl MapSync {
             flags |= isolation_bit(dir);
             let ids: Vec<Option<u32>> =
                 table.port_sets.iter().map(|s| (!s.is_all() && !s.is_empty()).then(|| self.sets.intern(port_set_entries(s)))).collect();
-            for (slot, allow) in peer_entries(table, dir) {
+            for (slot, allow, own_node) in peer_entries(table, dir) {
+                let node = if own_node { PEER_OWN_NODE } else { 0 };
                 let v = match allow {
-                    Allow::All => PeerValue { port_set: NO_PORT_SET, flags: PEER_ALL },
-                    Allow::Nothing => PeerValue { port_set: NO_PORT_SET, flags: 0 },
-                    Allow::Ports(i) => PeerValue { port_set: ids[i].unwrap_or(NO_PORT_SET), flags: 0 },
+                    Allow::All => PeerValue { port_set: NO_PORT_SET, flags: PEER_ALL | node },
+                    Allow::Nothing => PeerValue { port_set: NO_PORT_SET, flags: node },
+                    Allow::Ports(i) => PeerValue { port_set: ids[i].unwrap_or(NO_PORT_SET), flags: node },
                 };
                 peers.insert(slot, v);
             }
@@ -1205,7 +1206,8 @@ mod tests {
                     sets.len() - 1
                 }
             };
-            entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new().into(), rules: Vec::new().into() });
+            let own_node = len == 32 && rng.below(2) == 0;
+            entries.push(PeerEntry { prefix, port_set: index as u32, stands_for: Vec::new().into(), rules: Vec::new().into(), own_node });
         }
         entries.sort_by_key(|e| e.prefix);
         PeerTable { isolated: true, isolated_by: Vec::new(), entries, port_sets: sets }
@@ -1260,7 +1262,9 @@ mod tests {
                 let mut v = Vec::new();
                 for proto in [Protocol::Tcp, Protocol::Udp] {
                     for p in PORTS {
-                        v.push(table.allows(*a, IpProtocol::from(proto), p));
+                        for node_stack in [true, false] {
+                            v.push(table.allows_from(*a, IpProtocol::from(proto), p, node_stack));
+                        }
                     }
                 }
                 out.push(v);
@@ -1278,7 +1282,9 @@ mod tests {
                 let mut v = Vec::new();
                 for proto in [Protocol::Tcp, Protocol::Udp] {
                     for p in PORTS {
-                        v.push(maps.allows(&ep, dir, *a, proto.number(), p));
+                        for node_stack in [true, false] {
+                            v.push(maps.allows_from(&ep, dir, *a, proto.number(), p, node_stack));
+                        }
                     }
                 }
                 out.push(v);

@@ -37,14 +37,14 @@ static PA_FLOW_BURST_NS: Global<u64> = Global::new(100_000_000);
 /// audit table too when it has one (`ENDPOINT_AUDIT_*`), and reported as
 /// `FLOW_VERDICT_AUDIT` if that table denies it (with denied events: `PA_FLOW_DENIED`).
 #[inline(always)]
-pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Judgment, remote: &Addr, port: u16) {
+pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Judgment, remote: &Addr, port: u16, node_stack: bool) {
     if j.allowed {
         let audit = if direction == DIRECTION_INGRESS { ENDPOINT_AUDIT_INGRESS } else { ENDPOINT_AUDIT_EGRESS };
         if ep.flags & audit != 0 {
-            let a = judge(ep, direction | DIRECTION_AUDIT, remote, p.protocol, port, p.l4 == L4::Ports);
+            let a = judge(ep, direction | DIRECTION_AUDIT, remote, p.protocol, port, p.l4 == L4::Ports, node_stack);
             if !a.allowed {
                 if PA_FLOW_DENIED.load() != 0 {
-                    write(p, ep, ifindex, direction, FLOW_VERDICT_AUDIT, &a);
+                    write(p, ep, ifindex, direction, FLOW_VERDICT_AUDIT, &a, remote);
                 }
                 return;
             }
@@ -57,15 +57,15 @@ pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Ju
         if every > 1 && unsafe { bpf_get_prandom_u32() } % every != 0 {
             return;
         }
-        write(p, ep, ifindex, direction, FLOW_VERDICT_ALLOWED, j);
+        write(p, ep, ifindex, direction, FLOW_VERDICT_ALLOWED, j, remote);
     } else if PA_FLOW_DENIED.load() != 0 {
-        write(p, ep, ifindex, direction, FLOW_VERDICT_DENIED, j);
+        write(p, ep, ifindex, direction, FLOW_VERDICT_DENIED, j, remote);
     }
 }
 
 /// Writes one event, within the CPU's rate limit.
 #[inline(always)]
-fn write(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, verdict: u8, j: &Judgment) {
+fn write(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, verdict: u8, j: &Judgment, remote: &Addr) {
     let Some(stats) = FLOW_STATS.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's slot: no other CPU writes it, and programs do not nest on a CPU.
     let stats = unsafe { &mut *stats };
@@ -93,7 +93,13 @@ fn write(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, verdict: 
     // record is submitted, and nothing else sees it before then.
     unsafe {
         (*e).time_ns = now;
-        (*e).src = p.src;
+        // An ingress judgment by a client other than either address (one the node
+        // translated: `CT_CLIENT_IN_NAT`) reports that client as the source.
+        (*e).src = if direction == DIRECTION_INGRESS && !super::same_addr(remote, &p.src) && !super::same_addr(remote, &p.dst) {
+            *remote
+        } else {
+            p.src
+        };
         (*e).dst = p.dst;
         (*e).endpoint = ep.id;
         (*e).revision = ep.revision;

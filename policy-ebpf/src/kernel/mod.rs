@@ -6,6 +6,10 @@
 //!   local source whose judgment waited for DNAT.
 //! - `node_egress` (tc egress of the node's other devices): the post-DNAT egress judgment
 //!   of Service traffic from local pods that leaves the node.
+//! - `node_ingress` (tc ingress of the same devices): notes where each arriving packet
+//!   that may open a flow came from, before netfilter translates it, so that
+//!   `pod_ingress` judges a NodePort or LoadBalancer client by its own address, not the
+//!   node's that kube-proxy's masquerade gave it (see `Arrival`).
 //!
 //! Connection tracking records, per flow, under which revision each local end approved it,
 //! so replies pass, established packets skip the tables, and a policy change makes the
@@ -23,7 +27,7 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use policy_ebpf::*;
 
-use packet::{L4, PROTO_TCP, Packet, TCP_FIN, TCP_RST, TCP_SYN, ct_key, parse, put, zero_addr, zero_bytes};
+use packet::{L4, PROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ct_key, parse, put, zero_addr, zero_bytes};
 use verdict::{count, judge};
 
 #[map(name = "PA_ENDPOINTS")]
@@ -67,7 +71,36 @@ pub struct Scratch {
     value: CtValue,
     /// Left by the sender's hook for the receiver's (see `Handoff`).
     handoff: Handoff,
+    /// Left by `node_ingress` for `pod_ingress` (see `Arrival`).
+    arrival: Arrival,
 }
+
+/// Where a packet that arrived at the node came from, as `node_ingress` saw it before
+/// netfilter's DNAT (NodePort, LoadBalancer, externalIPs) and masquerade. The skb is one
+/// object from the node device's tc ingress to the pod veth's tc egress, and that path
+/// (receive, PREROUTING, forwarding, POSTROUTING, transmit) runs in one softirq on one
+/// CPU, so `pod_ingress` finds this record on its CPU moments later. `node_ingress` tags
+/// the skb (`tc_index`, which no qdisc of this kernel uses) with the record's `tag`, so a
+/// record is only ever used for the packet it describes: any other packet (another
+/// path, or one that came before) carries another tag, or none, and is judged by its
+/// own source.
+#[repr(C)]
+pub struct Arrival {
+    src: Addr,
+    sport: u16,
+    protocol: u8,
+    _pad: u8,
+    /// The tag written to the skb's `tc_index`: never 0.
+    tag: u32,
+    /// Counts records, for the next tag.
+    seq: u32,
+    _pad2: u32,
+    /// `now()` when written.
+    now: u64,
+}
+
+/// How old an `Arrival` may be when `pod_ingress` reads it (the same softirq: far less).
+const ARRIVAL_MAX_AGE_NS: u64 = 100_000_000;
 
 /// What the sender's hook (`pod_egress`) found of an established flow, for the receiver's
 /// hook (`pod_ingress` of another local pod) to use instead of a second lookup of the
@@ -132,7 +165,7 @@ fn same_key(a: &CtKey, b: &CtKey) -> bool {
 }
 
 #[inline(always)]
-fn same_addr(a: &Addr, b: &Addr) -> bool {
+pub(crate) fn same_addr(a: &Addr, b: &Addr) -> bool {
     // SAFETY: `Addr` is 16 bytes with 8-byte alignment, so it reads as two u64s.
     let (x, y) = unsafe { (*(a as *const Addr as *const [u64; 2]), *(b as *const Addr as *const [u64; 2])) };
     x[0] == y[0] && x[1] == y[1]
@@ -211,10 +244,10 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
             } else {
                 (p.src, p.sport)
             };
-            let j = judge(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
+            let j = judge(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports, false);
             if c.src_rev == 0 {
                 // Its first judgment of the flow (not a revision's re-judgment): an event.
-                flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &remote, port);
+                flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &remote, port, false);
             }
             if j.allowed {
                 c.src_rev = ep.revision;
@@ -224,13 +257,18 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
     } else if c.dst_rev == ep.revision {
         true
     } else {
-        // The destination's ingress from the originator, again.
-        let (remote, port) = if orig { (p.src, p.dport) } else { (p.dst, p.sport) };
-        let j = judge(ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports);
+        // The destination's ingress from the originator, again: by the client the node
+        // translated, if it did; with the node exemption if the node's stack sent it.
+        let (mut remote, port) = if orig { (p.src, p.dport) } else { (p.dst, p.sport) };
+        if c.flags & CT_CLIENT_IN_NAT != 0 {
+            remote = c.nat_addr;
+        }
+        let node_stack = c.flags & CT_FROM_NODE != 0;
+        let j = judge(ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports, node_stack);
         if c.dst_rev == 0 {
             // The destination's first judgment of a flow its peer's hook started (a local
             // source): a new flow for this endpoint, so an event.
-            flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &remote, port);
+            flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &remote, port, node_stack);
         }
         if j.allowed {
             c.dst_rev = ep.revision;
@@ -327,11 +365,11 @@ fn handed_off(h: &mut Handoff, key: &CtKey, p: &Packet, ep: &EndpointValue, src_
 #[inline(never)]
 fn fail_closed_event(p: &Packet, ep: &EndpointValue, ep_is_src: bool, ifindex: u32) {
     if ep_is_src {
-        let j = judge(ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
-        flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport);
+        let j = judge(ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
+        flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     } else {
-        let j = judge(ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports);
-        flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &p.src, p.dport);
+        let j = judge(ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports, false);
+        flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &p.src, p.dport, false);
     }
 }
 
@@ -346,8 +384,13 @@ fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u1
     put(&mut v.last_seen_ns, now);
     put(&mut v.src_rev, src_rev);
     put(&mut v.dst_rev, dst_rev);
-    zero_addr(&mut v.nat_addr);
-    put(&mut v.nat_port, 0);
+    if flags & CT_CLIENT_IN_NAT != 0 {
+        v.nat_addr = s.arrival.src;
+        put(&mut v.nat_port, s.arrival.sport);
+    } else {
+        zero_addr(&mut v.nat_addr);
+        put(&mut v.nat_port, 0);
+    }
     put(&mut v.flags, flags | if src_is_lo { CT_ORIG_IS_LO } else { 0 });
     put(&mut v._pad, 0);
     // A full LRU map evicts its oldest entry; a failure here only means the next packet
@@ -376,8 +419,8 @@ fn is_service(addr: &Addr) -> bool {
 #[inline(always)]
 fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32) -> Option<u32> {
     let p = &s.packet;
-    let j = judge(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
-    flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport);
+    let j = judge(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
+    flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     if !j.allowed {
         return None;
     }
@@ -434,8 +477,8 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
-    let j = judge(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports);
-    flow::emit(p, &ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport);
+    let j = judge(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
+    flow::emit(p, &ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     if !j.allowed {
         count(&ep, DIRECTION_EGRESS, false, len);
         return Ok(DROP);
@@ -479,6 +522,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // A new flow. A local source that sent it to a Service address had its egress
     // judgment deferred to here, where the backend is known.
     let mut src_rev = CT_NOT_LOCAL;
+    let mut flags = 0;
     if let Some(src) = endpoint(&s.packet.src) {
         match judge_deferred(s, &src, ifindex) {
             Some(rev) => src_rev = rev,
@@ -487,19 +531,84 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 return Ok(DROP);
             }
         }
+    } else if from_node_stack(ctx) {
+        // The node itself (kubelet, a host process, a host-network pod): its addresses
+        // pass (`PEER_OWN_NODE`).
+        flags = CT_FROM_NODE;
+    } else if arrived_here(ctx, &s.arrival, s.packet.protocol, now) {
+        // Translated on its way in (NodePort, LoadBalancer): judged by its client.
+        flags = CT_CLIENT_IN_NAT;
     }
     let p = &s.packet;
-    let j = judge(&ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports);
-    flow::emit(p, &ep, ifindex, DIRECTION_INGRESS, &j, &p.src, p.dport);
+    let remote = if flags & CT_CLIENT_IN_NAT != 0 { &s.arrival.src } else { &p.src };
+    let node_stack = flags & CT_FROM_NODE != 0;
+    let j = judge(&ep, DIRECTION_INGRESS, remote, p.protocol, p.dport, p.l4 == L4::Ports, node_stack);
+    flow::emit(p, &ep, ifindex, DIRECTION_INGRESS, &j, remote, p.dport, node_stack);
     if !j.allowed {
         count(&ep, DIRECTION_INGRESS, false, len);
         return Ok(DROP);
     }
     if p.l4 != L4::Echo || p.echo_request {
-        track(s, src_is_lo, src_rev, ep.revision, 0, now);
+        track(s, src_is_lo, src_rev, ep.revision, flags, now);
     }
     count(&ep, DIRECTION_INGRESS, true, len);
     Ok(PASS)
+}
+
+/// Whether the node's own stack sent the packet: at a pod veth's tc egress, only a packet
+/// of a local socket still holds it (a forwarded packet lost its sender's socket when it
+/// entered the node's IP layer). A local pod's packet on a bridge keeps its pod's
+/// socket, but its source is a pod address, never one that `PEER_OWN_NODE` marks (its
+/// anti-spoofing check saw to that).
+#[inline(always)]
+fn from_node_stack(ctx: &TcContext) -> bool {
+    // SAFETY: reading `sk` of the context's `__sk_buff`, as tc programs may; it is only
+    // compared with null, never dereferenced.
+    unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() }
+}
+
+/// Whether `a` is `node_ingress`'s record of this very packet (see `Arrival`).
+#[inline(always)]
+fn arrived_here(ctx: &TcContext, a: &Arrival, protocol: u8, now: u64) -> bool {
+    // SAFETY: reading a field of the context's `__sk_buff`, as tc programs may.
+    let tag = unsafe { (*ctx.skb.skb).tc_index };
+    tag != 0 && tag == a.tag && a.protocol == protocol && now.wrapping_sub(a.now) <= ARRIVAL_MAX_AGE_NS
+}
+
+#[classifier]
+pub fn node_ingress(ctx: TcContext) -> i32 {
+    // It only takes notes: every packet goes on.
+    let _ = try_node_ingress(&ctx);
+    PASS
+}
+
+fn try_node_ingress(ctx: &TcContext) -> Result<(), ()> {
+    let s = scratch()?;
+    if !parse(ctx, &mut s.packet, &mut s.other)? {
+        return Ok(());
+    }
+    let p = &s.packet;
+    // Only a packet that may open a flow: the rest are judged by their flow's entry.
+    let opens = match p.l4 {
+        L4::Ports => p.protocol != PROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        L4::Echo => p.echo_request,
+        L4::Other => true,
+        L4::Error | L4::Neighbor => false,
+    };
+    if !opens {
+        return Ok(());
+    }
+    let a = &mut s.arrival;
+    a.seq = a.seq.wrapping_add(1);
+    let tag = (a.seq & 0x7fff) | 0x8000;
+    a.src = p.src;
+    a.sport = p.sport;
+    a.protocol = p.protocol;
+    a.tag = tag;
+    a.now = now();
+    // SAFETY: tc programs may write `tc_index` of their `__sk_buff`.
+    unsafe { (*ctx.skb.skb).tc_index = tag };
+    Ok(())
 }
 
 #[classifier]

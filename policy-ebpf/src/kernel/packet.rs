@@ -15,6 +15,7 @@ pub const PROTO_SCTP: u8 = 132;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What the L4 part is, for the verdict.
 #[derive(Clone, Copy, PartialEq, Eq)]

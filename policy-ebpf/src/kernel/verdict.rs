@@ -25,9 +25,10 @@ fn judgment(allowed: bool, decided: u8, port_set: u32) -> Judgment {
 /// `direction` (`DIRECTION_AUDIT_*`: its audit table, which a clear `ENDPOINT_AUDIT_*`
 /// flag makes allow everything), for `protocol`/`port` (`has_ports` false: a protocol without ports,
 /// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot),
-/// and what in the table decided.
+/// and what in the table decided. `node_stack`: the node's own stack sent the packet,
+/// which a `PEER_OWN_NODE` entry exempts (false for every egress judgment).
 #[inline(always)]
-pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool) -> Judgment {
+pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool, node_stack: bool) -> Judgment {
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
         return judgment(false, FLOW_DECIDED_FAIL_CLOSED, 0);
     }
@@ -46,7 +47,7 @@ pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, po
         Some(v) => (v.port_set, v.flags),
         None => return judgment(false, FLOW_DECIDED_NO_PEER, 0),
     };
-    if flags & PEER_ALL != 0 {
+    if flags & PEER_ALL != 0 || (node_stack && flags & PEER_OWN_NODE != 0) {
         return judgment(true, FLOW_DECIDED_PEER_ALL, 0);
     }
     let allowed = if !has_ports {

@@ -1,7 +1,8 @@
 //! The walk that turns one endpoint's tiers into LPM entries.
 //!
 //! Every rule of every tier is a *layer* of grants (address set × ports), in evaluation
-//! order: the exemptions (own address, own node), the Admin rules, the NetworkPolicy tier,
+//! order: the exemption (own address; the own node's is added after, see
+//! `crate::compile::mark_own_node`), the Admin rules, the NetworkPolicy tier,
 //! the Baseline rules. The prefixes bounding a grant, walked in sorted order, are a
 //! pre-order walk of the prefix tree, as in `crate::compile`; the grants covering a tree
 //! node cover every address for which it is the longest match, so evaluating the layers
@@ -261,7 +262,7 @@ pub(super) fn build(inp: &Inputs) -> (Vec<PeerEntry>, Vec<PortSet>) {
         let (region, blocks) = region_at(inp, &here, parent, &no_blocks, &mut memo, &mut interned);
         if let Some((port_set, rules)) = &region.entry {
             let stands_for = stands_for(inp, &here, item.map(|m| &m.origins), &prefix);
-            entries.push(PeerEntry { prefix, port_set: *port_set, stands_for, rules: rules.clone() });
+            entries.push(PeerEntry { prefix, port_set: *port_set, stands_for, rules: rules.clone(), own_node: false });
         }
         stack.push(Frame { prefix, serial, region, blocks });
         serial += 1;
@@ -304,7 +305,11 @@ fn region_at(
             }
         }
     } else {
-        let mut starts: Vec<Start> = here.plain.iter().map(|g| (inp.local[*g].layer, std::ptr::from_ref(inp.local[*g].ports) as usize, inp.local[*g].np_rule)).collect();
+        let mut starts: Vec<Start> = here
+            .plain
+            .iter()
+            .map(|g| (inp.local[*g].layer, std::ptr::from_ref(inp.local[*g].ports) as usize, inp.local[*g].np_rule))
+            .collect();
         starts.sort_unstable();
         let key = (parent_serial, class, starts);
         match memo.with_local.get(&key) {
@@ -394,4 +399,3 @@ impl std::hash::Hasher for FxHasher {
 }
 
 type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
-

@@ -5,8 +5,7 @@
 //!
 //! This module gathers an endpoint's layers and grants; `build` walks them.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::build::{Inputs, Layer, LocalGrant, build};
@@ -24,13 +23,7 @@ use crate::verdict::RuleRef;
 
 /// The tiered table of `pod` for `direction`, or `None` when no ClusterNetworkPolicy
 /// applies (NetworkPolicy alone decides then).
-pub(crate) fn tiered_direction(
-    state: &ClusterState,
-    pod: &Pod,
-    direction: Direction,
-    node_addresses: &BTreeSet<IpAddr>,
-    cache: &mut TierCache,
-) -> Option<PeerTable> {
+pub(crate) fn tiered_direction(state: &ClusterState, pod: &Pod, direction: Direction, cache: &mut TierCache) -> Option<PeerTable> {
     if !applies(state, pod, direction) {
         return None;
     }
@@ -48,7 +41,10 @@ pub(crate) fn tiered_direction(
             }
             for (i, rule) in policy.rules(direction).iter().enumerate() {
                 let layer = layers.len();
-                layers.push(Layer::Rule { action: rule.effective_action(), rule: RuleRef::cluster_rule(ClusterRuleRef::new(policy, direction, i)) });
+                layers.push(Layer::Rule {
+                    action: rule.effective_action(),
+                    rule: RuleRef::cluster_rule(ClusterRuleRef::new(policy, direction, i)),
+                });
                 match rule_grants_of(cache, state, pod, direction, policy, i) {
                     Grants::Cached(key, grants) => cached.push((key, layer, grants)),
                     Grants::Own(grants) => own.push((layer, grants)),
@@ -68,7 +64,7 @@ pub(crate) fn tiered_direction(
     // cluster) need no walk.
     add_tier(Tier::Baseline, np_policies.is_empty(), &mut layers, &mut isolated_by);
 
-    let exempt = exempt_grants(state, pod, direction, node_addresses);
+    let exempt = exempt_grants(state, pod);
     let mut local: Vec<LocalGrant> = Vec::with_capacity(exempt.len() + np_grants.len());
     for (g, layer) in exempt.iter().map(|g| (g, 0)).chain(np_grants.iter().map(|g| (g, np_layer))) {
         local.push(LocalGrant { cidr: g.cidr, except: &g.except, ports: &g.ports, origin: &g.origin, layer, np_rule: g.rule });
@@ -95,7 +91,14 @@ enum Grants {
 
 /// The grants of rule `index` of `policy` in `direction`, from the cache when they do not
 /// depend on the subject pod.
-fn rule_grants_of(cache: &mut TierCache, state: &ClusterState, pod: &Pod, direction: Direction, policy: &ClusterPolicy, index: usize) -> Grants {
+fn rule_grants_of(
+    cache: &mut TierCache,
+    state: &ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    policy: &ClusterPolicy,
+    index: usize,
+) -> Grants {
     let rule = &policy.rules(direction)[index];
     let per_subject = direction == Direction::Ingress && rule.protocols.iter().flatten().any(|p| matches!(p, ClusterPort::Named(_)));
     if per_subject {
@@ -164,7 +167,11 @@ fn rule_grants(state: &ClusterState, pod: &Pod, direction: Direction, rule: &Clu
                     for name in state.node_names() {
                         if sel.matches(&state.node_labels(name)) {
                             for ip in state.node_addresses(name) {
-                                out.push(RuleGrant::new(Prefix::host(ip), uniform_shared.clone(), Origin::SelectedNode { name: name.to_string() }));
+                                out.push(RuleGrant::new(
+                                    Prefix::host(ip),
+                                    uniform_shared.clone(),
+                                    Origin::SelectedNode { name: name.to_string() },
+                                ));
                             }
                         }
                     }

@@ -104,8 +104,13 @@ impl World {
 /// What the datapath would decide from the compiled tables alone: the source endpoint's
 /// egress table (if the source is a pod) and the destination's ingress table.
 pub fn compiled_verdict(state: &ClusterState, flow: &Flow) -> bool {
+    compiled_verdict_from(state, flow, true)
+}
+
+/// [`compiled_verdict`]; `node_stack` false: a forwarded flow (`crate::verdict_forwarded`).
+pub fn compiled_verdict_from(state: &ClusterState, flow: &Flow, node_stack: bool) -> bool {
     let tables_of = |addr: IpAddr| state.pod_at(addr).map(|pod| compile_pod(state, pod));
     let egress_ok = tables_of(flow.src).is_none_or(|t| t.egress.allows(flow.dst, flow.protocol, flow.port));
-    let ingress_ok = tables_of(flow.dst).is_none_or(|t| t.ingress.allows(flow.src, flow.protocol, flow.port));
+    let ingress_ok = tables_of(flow.dst).is_none_or(|t| t.ingress.allows_from(flow.src, flow.protocol, flow.port, node_stack));
     egress_ok && ingress_ok
 }

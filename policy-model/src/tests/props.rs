@@ -296,6 +296,11 @@ pub(crate) fn check_flows(state: &ClusterState, picks: &[FlowPick]) -> Result<()
         let reference = verdict(state, &flow);
         let compiled = compiled_verdict(state, &flow);
         prop_assert_eq!(reference.allowed, compiled, "flow {:?}: reference {:?}", flow, reference);
+        // The same addresses on a packet the node forwarded (a client masqueraded to a
+        // node address): no node exemption.
+        let reference = crate::verdict_forwarded(state, &flow);
+        let compiled = crate::tests::compiled_verdict_from(state, &flow, false);
+        prop_assert_eq!(reference.allowed, compiled, "forwarded flow {:?}: reference {:?}", flow, reference);
     }
     Ok(())
 }
