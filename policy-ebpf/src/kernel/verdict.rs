@@ -50,6 +50,11 @@ pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, po
     if flags & PEER_ALL != 0 || (node_stack && flags & PEER_OWN_NODE != 0) {
         return judgment(true, FLOW_DECIDED_PEER_ALL, 0);
     }
+    if port_set == NO_PORT_SET {
+        // An entry that allows nothing (an except hole, a node address no rule admits):
+        // no rule allows this peer, whatever the port.
+        return judgment(false, FLOW_DECIDED_NO_PEER, 0);
+    }
     let allowed = if !has_ports {
         // Protocols without ports share one slot of the port set (see
         // `PORT_PROTOCOL_OTHER`): allowed only where a compiled decision says so.
