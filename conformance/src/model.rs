@@ -253,6 +253,13 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
     outcome
 }
 
+/// The pod named `key` (`ns/name`) and its own address of `family`.
+fn pod_address<'a>(state: &'a policy_model::ClusterState, key: &str, family: Family) -> Result<(&'a policy_model::Pod, std::net::IpAddr), String> {
+    let pod = ObjectKey::parse(key).and_then(|k| state.pods().find(|p| p.key == k)).ok_or_else(|| format!("no pod {key}"))?;
+    let addr = state.owned_ips(pod).find(|a| Family::of(*a) == family).ok_or_else(|| format!("{key} has no {family} address"))?;
+    Ok((pod, addr))
+}
+
 /// A `from: outside` probe at model level: each outside client to each pod's address of
 /// `family` on the probe's port, judged by the reference evaluator with the client as the
 /// source (the agent traces a NodePort client through kube-proxy's masquerade) and by the
@@ -276,13 +283,12 @@ fn outside_probe(
             if want == Expect::Unchecked {
                 continue;
             }
-            let Some(pod) = ObjectKey::parse(to).and_then(|k| state.pods().find(|p| p.key == k)) else {
-                errors.push(format!("no pod {to}"));
-                continue;
-            };
-            let Some(dst) = state.owned_ips(pod).find(|a| Family::of(*a) == family) else {
-                errors.push(format!("{to} has no {family} address"));
-                continue;
+            let (pod, dst) = match pod_address(state, to, family) {
+                Ok(found) => found,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
             };
             let flow = Flow { src, dst, protocol: IpProtocol::from(probe.protocol), port: probe.port };
             let allowed = policy_model::verdict_forwarded(state, &flow).allowed;
@@ -319,13 +325,12 @@ fn node_probe(
         if want == Expect::Unchecked {
             continue;
         }
-        let Some(pod) = ObjectKey::parse(from).and_then(|k| state.pods().find(|p| p.key == k)) else {
-            errors.push(format!("no pod {from}"));
-            continue;
-        };
-        let Some(src) = state.owned_ips(pod).find(|a| Family::of(*a) == family) else {
-            errors.push(format!("{from} has no {family} address"));
-            continue;
+        let (pod, src) = match pod_address(state, from, family) {
+            Ok(found) => found,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
         };
         let tables = compile_pod(state, pod);
         let mut cell = None;

@@ -187,13 +187,18 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         let servers = serve(&net.ns, &SERVED_PORTS).map_err(|e| e.to_string())?;
         let vip = vip(family, i);
         let backend = spec.ip(family).ok_or("pod without an address of the probe family")?;
-        // kube-proxy's DNAT, port = targetPort, in every node.
+        // kube-proxy's DNAT, port = targetPort, in every node, and its hairpin masquerade
+        // (KUBE-SEP marks traffic from the endpoint itself): a pod reaching itself through
+        // its Service would otherwise get its own address as source, which it drops.
         for node in &nodes {
             for proto in ["tcp", "udp", "sctp"] {
                 for port in SERVED_PORTS {
                     node.dnat(vip, port, backend, port, proto).map_err(|e| e.to_string())?;
                 }
             }
+            let tool = if backend.is_ipv4() { "iptables" } else { "ip6tables" };
+            let b = backend.to_string();
+            node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", &b, "-d", &b, "-j", "MASQUERADE"]).map_err(|e| e.to_string())?;
         }
         if outside.is_some() {
             let home_index = nodes.iter().position(|n| n.name == spec.node).expect("found above");

@@ -173,6 +173,9 @@ impl NodeNet {
         let pod = Netns::create(pod_ns)?;
         self.ns.ip(&["link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", pod_ns])?;
         self.ns.ip(&["link", "set", host_veth, "master", BRIDGE, "up"])?;
+        // Hairpin, as the bridge CNI's `hairpinMode` and kubenet set it: a pod's packet to
+        // its own Service comes back out of the port it came in by.
+        self.ns.ip(&["link", "set", host_veth, "type", "bridge_slave", "hairpin", "on"])?;
         pod.ip(&["link", "set", "eth0", "up"])?;
         for ip in ips {
             let len = if ip.is_ipv4() { 24 } else { 64 };

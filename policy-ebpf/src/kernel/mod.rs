@@ -415,16 +415,19 @@ fn is_service(addr: &Addr) -> bool {
 }
 
 /// A local source's egress toward the post-DNAT destination, for a flow whose judgment
-/// waited for translation (`PENDING`). The revision it was approved under, or `None`.
+/// waited for translation (`PENDING`, found by the source's address and port before any
+/// masquerade: `from`, `sport`). The revision it was approved under, or `None`.
 #[inline(always)]
-fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32) -> Option<u32> {
+fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32, from: &Addr, sport: u16) -> Option<u32> {
     let p = &s.packet;
     let j = judge(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
     flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     if !j.allowed {
         return None;
     }
-    let pk = pending_key(p);
+    let mut pk = pending_key(p);
+    pk.addr = *from;
+    pk.port = sport;
     // SAFETY: copied out at once.
     if let Some(pre) = unsafe { PENDING.get(&pk) } {
         s.other = *pre;
@@ -468,6 +471,9 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
     }
+    // A new flow: note where it starts, for `pod_ingress` after the node's NAT (a Service
+    // that kube-proxy also masquerades: hairpin, masqueradeAll; a NodePort of this node).
+    note_arrival(ctx, &mut s.arrival, &s.packet, now);
     let p = &s.packet;
     if p.l4 != L4::Error && is_service(&p.dst) {
         // Judged after DNAT, against the backend; remember where the flow started.
@@ -519,25 +525,31 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_INGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
     }
-    // A new flow. A local source that sent it to a Service address had its egress
-    // judgment deferred to here, where the backend is known.
-    let mut src_rev = CT_NOT_LOCAL;
+    // A new flow. Where it came from before the node translated it (see `Arrival`): a
+    // NodePort client, or a local pod that kube-proxy masqueraded.
     let mut flags = 0;
-    if let Some(src) = endpoint(&s.packet.src) {
-        match judge_deferred(s, &src, ifindex) {
+    let (mut origin, mut origin_port) = (s.packet.src, s.packet.sport);
+    if arrived_here(ctx, &s.arrival, s.packet.protocol, now)
+        && !(same_addr(&s.arrival.src, &s.packet.src) && s.arrival.sport == s.packet.sport)
+    {
+        flags = CT_CLIENT_IN_NAT;
+        (origin, origin_port) = (s.arrival.src, s.arrival.sport);
+    }
+    // A local source that sent it to a Service address had its egress judgment deferred
+    // to here, where the backend is known.
+    let mut src_rev = CT_NOT_LOCAL;
+    if let Some(src) = endpoint(&origin) {
+        match judge_deferred(s, &src, ifindex, &origin, origin_port) {
             Some(rev) => src_rev = rev,
             None => {
                 count(&src, DIRECTION_EGRESS, false, len);
                 return Ok(DROP);
             }
         }
-    } else if from_node_stack(ctx) {
+    } else if flags == 0 && from_node_stack(ctx) {
         // The node itself (kubelet, a host process, a host-network pod): its addresses
         // pass (`PEER_OWN_NODE`).
         flags = CT_FROM_NODE;
-    } else if arrived_here(ctx, &s.arrival, s.packet.protocol, now) {
-        // Translated on its way in (NodePort, LoadBalancer): judged by its client.
-        flags = CT_CLIENT_IN_NAT;
     }
     let p = &s.packet;
     let remote = if flags & CT_CLIENT_IN_NAT != 0 { &s.arrival.src } else { &p.src };
@@ -598,17 +610,23 @@ fn try_node_ingress(ctx: &TcContext) -> Result<(), ()> {
     if !opens {
         return Ok(());
     }
-    let a = &mut s.arrival;
+    note_arrival(ctx, &mut s.arrival, &s.packet, now());
+    Ok(())
+}
+
+/// Records where packet `p` (which may open a flow) comes from in `a`, and tags the skb
+/// with the record (see `Arrival`).
+#[inline(always)]
+fn note_arrival(ctx: &TcContext, a: &mut Arrival, p: &Packet, now: u64) {
     a.seq = a.seq.wrapping_add(1);
     let tag = (a.seq & 0x7fff) | 0x8000;
     a.src = p.src;
     a.sport = p.sport;
     a.protocol = p.protocol;
     a.tag = tag;
-    a.now = now();
+    a.now = now;
     // SAFETY: tc programs may write `tc_index` of their `__sk_buff`.
     unsafe { (*ctx.skb.skb).tc_index = tag };
-    Ok(())
 }
 
 #[classifier]
@@ -635,7 +653,8 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
         }
         return Ok(if ok { PASS } else { DROP });
     }
-    match judge_deferred(s, &ep, ifindex) {
+    let (from, sport) = (s.packet.src, s.packet.sport);
+    match judge_deferred(s, &ep, ifindex, &from, sport) {
         Some(rev) => {
             if s.packet.l4 != L4::Echo || s.packet.echo_request {
                 track(s, src_is_lo, rev, CT_NOT_LOCAL, 0, now);
