@@ -18,6 +18,9 @@ pub struct Case {
     /// ClusterNetworkPolicy suite demands; a refusal (RST, ICMP unreachable) fails it.
     #[serde(default, rename = "blockedMustDrop", skip_serializing_if = "std::ops::Not::not")]
     pub blocked_must_drop: bool,
+    /// Pods of `pods` that do not exist until a step's `takeOver` starts them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub later: Vec<String>,
     pub steps: Vec<Step>,
 }
 
@@ -41,6 +44,12 @@ pub struct Step {
     /// Labels merged into pods; `null` removes a label.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_pod: BTreeMap<String, BTreeMap<String, Option<String>>>,
+    /// `new: old`: pod `old` completes (phase Succeeded, as a Job's pod does; its sandbox
+    /// goes and its addresses are free), and pod `new` (one of the case's `later` pods)
+    /// starts on `old`'s node with `old`'s addresses, as a reused IP does. Applied before
+    /// the policies of the step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub take_over: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeSpec>,
 }
@@ -195,7 +204,22 @@ impl Case {
                 return Err(format!("pod {p:?}: expected x|y|z|w/NAME"));
             }
         }
+        for p in &self.later {
+            if !pods.contains(p) {
+                return Err(format!("later: {p} is not one of the case's pods"));
+            }
+        }
+        // Pods that do not exist at a step (not started yet, or completed): their rows and
+        // columns must be `-`.
+        let mut absent: Vec<String> = self.later.clone();
         for (i, step) in self.steps.iter().enumerate() {
+            for (new, old) in &step.take_over {
+                if !absent.contains(new) || absent.contains(old) || !pods.contains(old) {
+                    return Err(format!("steps[{i}].takeOver: {new} must be a `later` pod not yet started, {old} a running pod"));
+                }
+                absent.retain(|p| p != new);
+                absent.push(old.clone());
+            }
             for (j, probe) in step.probes.iter().enumerate() {
                 let r = Reachability::parse(&probe.expect).map_err(|e| format!("steps[{i}].probes[{j}].expect: {e}"))?;
                 let rows: Vec<String> = match probe.from {
@@ -214,6 +238,13 @@ impl Case {
                 };
                 if r.targets != columns {
                     return Err(format!("steps[{i}].probes[{j}].expect: header {:?}, expected {:?}", r.targets, columns));
+                }
+                for (row, from) in r.pods.iter().enumerate() {
+                    for (col, to) in r.targets.iter().enumerate() {
+                        if (absent.contains(from) || absent.contains(to)) && r.cells[row][col] != Expect::Unchecked {
+                            return Err(format!("steps[{i}].probes[{j}].expect: {from} -> {to}: a pod that does not run then has `-`"));
+                        }
+                    }
                 }
             }
         }
@@ -318,6 +349,22 @@ mod tests {
         assert!(Case::parse("t", &case.replace("protocol: TCP", "protocol: UDP")).unwrap_err().to_string().contains("over TCP"));
         assert!(Case::parse("t", &case.replace("    from: outside\n", "")).unwrap_err().to_string().contains("rows"));
         assert!(Case::parse("t", &case.replace("outside-b X X", "outside-c X X")).is_err());
+    }
+
+    #[test]
+    fn a_later_pod_runs_from_its_take_over_and_the_pod_it_replaces_stops() {
+        let case = "name: l\npods: [x/a, x/b]\nlater: [x/b]\nsteps:\n- probes:\n  - {port: 80, protocol: TCP, expect: \"- x/a x/b\\nx/a - -\\nx/b - -\"}\n- takeOver: {x/b: x/a}\n  probes:\n  - {port: 80, protocol: TCP, expect: \"- x/a x/b\\nx/a - -\\nx/b - -\"}\n";
+        let c = Case::parse("t", case).unwrap();
+        assert_eq!(c.later, ["x/b"]);
+        assert_eq!(c.steps[1].take_over.get("x/b").map(String::as_str), Some("x/a"));
+        assert_eq!(Case::parse("t", &c.to_yaml()).unwrap(), c);
+        // x/b does not run in step 1, x/a no longer in step 2: their cells must be `-`.
+        let err = Case::parse("t", &case.replacen("x/a - -", "x/a - .", 1)).unwrap_err().to_string();
+        assert!(err.contains("does not run"), "{err}");
+        let err = Case::parse("t", &case.replacen("x/b - -", "x/b . -", 2).replacen("x/b . -", "x/b - -", 1)).unwrap_err().to_string();
+        assert!(err.contains("does not run"), "{err}");
+        assert!(Case::parse("t", &case.replace("later: [x/b]\n", "")).unwrap_err().to_string().contains("takeOver"));
+        assert!(Case::parse("t", &case.replace("later: [x/b]", "later: [x/c]")).unwrap_err().to_string().contains("later"));
     }
 
     #[test]

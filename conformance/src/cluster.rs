@@ -61,6 +61,11 @@ impl PodSpec {
 
     /// The Pod manifest, with `status.podIPs` and the upstream container port names.
     pub fn manifest(&self) -> Value {
+        self.manifest_in_phase("Running")
+    }
+
+    /// [`PodSpec::manifest`] with `status.phase` `phase` (Running, Succeeded, Failed).
+    pub fn manifest_in_phase(&self, phase: &str) -> Value {
         let mut ports = Vec::new();
         for port in SERVED_PORTS {
             for proto in PROTOCOLS {
@@ -72,7 +77,7 @@ impl PodSpec {
             "kind": "Pod",
             "metadata": {"name": self.name, "namespace": self.namespace, "labels": self.labels},
             "spec": {"nodeName": self.node, "containers": [{"name": "agnhost", "image": "agnhost", "ports": ports}]},
-            "status": {"phase": "Running", "podIPs": self.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
+            "status": {"phase": phase, "podIPs": self.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
         })
     }
 }

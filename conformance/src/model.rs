@@ -67,6 +67,10 @@ pub struct ModelCluster {
     pub nodes: Vec<(String, Vec<std::net::IpAddr>)>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub policies: BTreeMap<ObjectKey, Value>,
+    /// Pods that do not exist yet (a case's `later`).
+    pub not_started: Vec<String>,
+    /// Pods that completed (`takeOver`): phase Succeeded.
+    pub completed: Vec<String>,
     families: Families,
 }
 
@@ -85,14 +89,32 @@ impl ModelCluster {
             nodes: (0..nodes.max(1)).map(|i| (node_name(i), node_addresses(i).to_vec())).collect(),
             namespace_labels: namespaces_of(names).into_iter().map(|n| (n, BTreeMap::new())).collect(),
             policies: BTreeMap::new(),
+            not_started: Vec::new(),
+            completed: Vec::new(),
             families,
         }
+    }
+
+    /// Pod `new` takes over completed pod `old`'s node and addresses (a step's `takeOver`).
+    pub fn take_over(&mut self, new: &str, old: &str) -> Result<(), String> {
+        let old_spec = self.pods.iter().find(|p| p.key() == old).ok_or(format!("takeOver: no pod {old}"))?.clone();
+        let p = self.pods.iter_mut().find(|p| p.key() == new).ok_or(format!("takeOver: no pod {new}"))?;
+        p.ips = old_spec.ips;
+        p.node = old_spec.node;
+        self.not_started.retain(|k| k != new);
+        self.completed.push(old.to_string());
+        Ok(())
     }
 
     /// Applies a step's changes (apply, update, delete, then labels, in the runner's
     /// order); returns what went wrong.
     pub fn apply_step(&mut self, step: &Step) -> Vec<String> {
         let mut errors = Vec::new();
+        for (new, old) in &step.take_over {
+            if let Err(e) = self.take_over(new, old) {
+                errors.push(e);
+            }
+        }
         for (verb, list) in [("apply", &step.apply), ("update", &step.update)] {
             for manifest in list {
                 let mut v = manifest.clone();
@@ -140,8 +162,9 @@ impl ModelCluster {
             let host = host_network_pod_manifest(i, addresses);
             m.add_value(&format!("host-network pod on {name}"), serde_yaml_ng::to_value(host).expect("json to yaml"));
         }
-        for p in &self.pods {
-            m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest()).expect("json to yaml"));
+        for p in self.pods.iter().filter(|p| !self.not_started.contains(&p.key())) {
+            let phase = if self.completed.contains(&p.key()) { "Succeeded" } else { "Running" };
+            m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest_in_phase(phase)).expect("json to yaml"));
         }
         for (k, v) in &self.policies {
             m.add_value(&format!("policy {k}"), serde_yaml_ng::to_value(v).expect("json to yaml"));
@@ -200,6 +223,7 @@ fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Optio
 pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
     let names = case.pod_names();
     let mut cluster = ModelCluster::new(&names, families);
+    cluster.not_started = case.later.clone();
     let keys: Vec<ObjectKey> = names.iter().filter_map(|n| ObjectKey::parse(n)).collect();
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
 
@@ -254,7 +278,11 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
 }
 
 /// The pod named `key` (`ns/name`) and its own address of `family`.
-fn pod_address<'a>(state: &'a policy_model::ClusterState, key: &str, family: Family) -> Result<(&'a policy_model::Pod, std::net::IpAddr), String> {
+fn pod_address<'a>(
+    state: &'a policy_model::ClusterState,
+    key: &str,
+    family: Family,
+) -> Result<(&'a policy_model::Pod, std::net::IpAddr), String> {
     let pod = ObjectKey::parse(key).and_then(|k| state.pods().find(|p| p.key == k)).ok_or_else(|| format!("no pod {key}"))?;
     let addr = state.owned_ips(pod).find(|a| Family::of(*a) == family).ok_or_else(|| format!("{key} has no {family} address"))?;
     Ok((pod, addr))

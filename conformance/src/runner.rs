@@ -181,35 +181,13 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     let mut pods: BTreeMap<String, LivePod> = BTreeMap::new();
     let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> =
         namespaces_of(&names).into_iter().map(|n| (n, BTreeMap::new())).collect();
-    for (i, spec) in make_pods(&names, opts.families, node_count).into_iter().enumerate() {
-        let home = nodes.iter().find(|n| n.name == spec.node).ok_or(format!("pod {} on unknown node {}", spec.key(), spec.node))?;
-        let net = home.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
-        let servers = serve(&net.ns, &SERVED_PORTS).map_err(|e| e.to_string())?;
-        let vip = vip(family, i);
-        let backend = spec.ip(family).ok_or("pod without an address of the probe family")?;
-        // kube-proxy's DNAT, port = targetPort, in every node, and its hairpin masquerade
-        // (KUBE-SEP marks traffic from the endpoint itself): a pod reaching itself through
-        // its Service would otherwise get its own address as source, which it drops.
-        for node in &nodes {
-            for proto in ["tcp", "udp", "sctp"] {
-                for port in SERVED_PORTS {
-                    node.dnat(vip, port, backend, port, proto).map_err(|e| e.to_string())?;
-                }
-            }
-            let tool = if backend.is_ipv4() { "iptables" } else { "ip6tables" };
-            let b = backend.to_string();
-            node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", &b, "-d", &b, "-j", "MASQUERADE"]).map_err(|e| e.to_string())?;
+    let mut all_specs = make_pods(&names, opts.families, node_count);
+    for (i, spec) in all_specs.iter().enumerate() {
+        if case.later.contains(&spec.key()) {
+            continue;
         }
-        if outside.is_some() {
-            let home_index = nodes.iter().position(|n| n.name == spec.node).expect("found above");
-            for port in SERVED_PORTS {
-                Outside::dnat(home, home_index, node_port(i, port), backend, port)?;
-            }
-        }
-        let key = spec.key();
-        write(dir.path(), &format!("pod-{}-{}.yaml", spec.namespace, spec.name), &spec.manifest())?;
-        write(dir.path(), &format!("svc-{}-{}.yaml", spec.namespace, spec.name), &service(&spec, i, vip, backend))?;
-        pods.insert(key, LivePod { spec, net, _servers: servers, vip, index: i });
+        let live = start_pod(&nodes, outside.is_some(), dir.path(), family, i, spec.clone())?;
+        pods.insert(spec.key(), live);
     }
     for (ns, labels) in &ns_labels {
         write(dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, labels))?;
@@ -228,10 +206,13 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         agent.wait_ready(Duration::from_secs(15)).map_err(|e| format!("agent on {name}: {e}"))?;
     }
 
-    let specs: Vec<PodSpec> = pods.values().map(|p| p.spec.clone()).collect();
     let mut policies: BTreeMap<ObjectKey, String> = BTreeMap::new();
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
     for (si, step) in case.steps.iter().enumerate() {
+        for (new, old) in &step.take_over {
+            take_over(&nodes, outside.is_some(), dir.path(), family, &mut pods, &mut all_specs, new, old)?;
+        }
+        let specs = &all_specs;
         for manifest in step.apply.iter().chain(&step.update) {
             let mut v = manifest.clone();
             expand_placeholders(&mut v, &specs, opts.families.primary()).map_err(|e| e.to_string())?;
@@ -270,13 +251,14 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
             let expected = Reachability::parse(&spec.expect).map_err(|e| e.to_string())?;
             let probe = Probe { port: spec.port, protocol: spec.protocol };
             // The addresses behind each column: a pod's (its Service's, or its NodePort on
-            // its node, from outside), or every node's.
+            // its node, from outside), or every node's. A pod that does not run (its
+            // cells are `-`) has none.
             let columns: Vec<Vec<SocketAddr>> = match (spec.from, spec.to) {
                 (ProbeSource::Outside, _) => expected
                     .targets
                     .iter()
                     .map(|t| {
-                        let to = &pods[t];
+                        let Some(to) = pods.get(t) else { return Vec::new() };
                         let home = nodes.iter().position(|n| n.name == to.spec.node).expect("the pod's node");
                         vec![SocketAddr::new(Outside::node_side(home, family), node_port(to.index, probe.port))]
                     })
@@ -285,7 +267,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
                     .targets
                     .iter()
                     .map(|t| {
-                        let to = &pods[t];
+                        let Some(to) = pods.get(t) else { return Vec::new() };
                         let addr = match opts.probe_to {
                             ProbeTo::Service => to.vip,
                             ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
@@ -302,12 +284,12 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
                 ],
             };
             // The clients behind each row: a pod, or an outside client (from its address).
-            let rows: Vec<(NetnsHandle, Option<IpAddr>)> = match (spec.from, &outside) {
+            let rows: Vec<Option<(NetnsHandle, Option<IpAddr>)>> = match (spec.from, &outside) {
                 (ProbeSource::Outside, Some(o)) => {
-                    expected.pods.iter().map(|c| (o.ns.handle(), Some(outside_address(c, family).expect("validated rows")))).collect()
+                    expected.pods.iter().map(|c| Some((o.ns.handle(), Some(outside_address(c, family).expect("validated rows"))))).collect()
                 }
                 (ProbeSource::Outside, None) => unreachable!("made when a probe needs it"),
-                (ProbeSource::Pods, _) => expected.pods.iter().map(|p| (pods[p].net.ns.handle(), None)).collect(),
+                (ProbeSource::Pods, _) => expected.pods.iter().map(|p| pods.get(p).map(|p| (p.net.ns.handle(), None))).collect(),
             };
             let observed = poll_matrix(&rows, &expected, &columns, probe, opts, case.blocked_must_drop)?;
             let wrong = differences(&expected, &observed);
@@ -323,7 +305,69 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     Ok(outcome)
 }
 
-fn service(spec: &PodSpec, index: usize, vip: IpAddr, backend: IpAddr) -> Value {
+/// Starts pod `index` of the case (`spec`) on its node: its namespace and veth, its
+/// servers, kube-proxy's rules for its Service (DNAT in every node, the hairpin
+/// masquerade, the NodePort when there is an outside network), and its manifests.
+fn start_pod(nodes: &[NodeNet], node_ports: bool, dir: &Path, family: Family, i: usize, spec: PodSpec) -> Result<LivePod, String> {
+    let home = nodes.iter().find(|n| n.name == spec.node).ok_or(format!("pod {} on unknown node {}", spec.key(), spec.node))?;
+    let net = home.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
+    let servers = serve(&net.ns, &SERVED_PORTS).map_err(|e| e.to_string())?;
+    let vip = vip(family, i);
+    let backend = spec.ip(family).ok_or("pod without an address of the probe family")?;
+    // kube-proxy's DNAT, port = targetPort, in every node, and its hairpin masquerade
+    // (KUBE-SEP marks traffic from the endpoint itself): a pod reaching itself through
+    // its Service would otherwise get its own address as source, which it drops.
+    for node in nodes {
+        for proto in ["tcp", "udp", "sctp"] {
+            for port in SERVED_PORTS {
+                node.dnat(vip, port, backend, port, proto).map_err(|e| e.to_string())?;
+            }
+        }
+        let tool = if backend.is_ipv4() { "iptables" } else { "ip6tables" };
+        let b = backend.to_string();
+        node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", &b, "-d", &b, "-j", "MASQUERADE"]).map_err(|e| e.to_string())?;
+    }
+    if node_ports {
+        let home_index = nodes.iter().position(|n| n.name == spec.node).expect("found above");
+        for port in SERVED_PORTS {
+            Outside::dnat(home, home_index, node_port(i, port), backend, port)?;
+        }
+    }
+    write(dir, &format!("pod-{}-{}.yaml", spec.namespace, spec.name), &spec.manifest())?;
+    write(dir, &format!("svc-{}-{}.yaml", spec.namespace, spec.name), &service(&spec, i, vip, Some(backend)))?;
+    Ok(LivePod { spec, net, _servers: servers, vip, index: i })
+}
+
+/// A step's `takeOver`: pod `old` completes (phase Succeeded; its sandbox goes, and the
+/// endpoint controller drops it from its Service), then pod `new` starts on its node
+/// with its addresses.
+fn take_over(
+    nodes: &[NodeNet],
+    node_ports: bool,
+    dir: &Path,
+    family: Family,
+    pods: &mut BTreeMap<String, LivePod>,
+    all_specs: &mut [PodSpec],
+    new: &str,
+    old: &str,
+) -> Result<(), String> {
+    let gone = pods.remove(old).ok_or(format!("takeOver: pod {old} does not run"))?;
+    let home = nodes.iter().find(|n| n.name == gone.spec.node).ok_or("takeOver: unknown node")?;
+    // The veth first, at once (a namespace's deletion finishes later), so the addresses
+    // are free for the new pod's routes.
+    home.ns.ip(&["link", "del", &gone.net.host_veth]).map_err(|e| e.to_string())?;
+    write(dir, &format!("pod-{}-{}.yaml", gone.spec.namespace, gone.spec.name), &gone.spec.manifest_in_phase("Succeeded"))?;
+    write(dir, &format!("svc-{}-{}.yaml", gone.spec.namespace, gone.spec.name), &service(&gone.spec, gone.index, gone.vip, None))?;
+    let index = all_specs.iter().position(|p| p.key() == new).ok_or(format!("takeOver: no pod {new}"))?;
+    all_specs[index].ips = gone.spec.ips.clone();
+    all_specs[index].node = gone.spec.node.clone();
+    drop(gone);
+    let live = start_pod(nodes, node_ports, dir, family, index, all_specs[index].clone())?;
+    pods.insert(new.to_string(), live);
+    Ok(())
+}
+
+fn service(spec: &PodSpec, index: usize, vip: IpAddr, backend: Option<IpAddr>) -> Value {
     let mut ports = Vec::new();
     for proto in PROTOCOLS {
         for port in SERVED_PORTS {
@@ -335,7 +379,7 @@ fn service(spec: &PodSpec, index: usize, vip: IpAddr, backend: IpAddr) -> Value 
          "spec": {"type": "NodePort", "externalTrafficPolicy": "Cluster", "clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()], "selector": {"pod": spec.name}, "ports": ports}},
         {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "metadata": {"name": format!("s-{}-{}-1", spec.namespace, spec.name), "namespace": spec.namespace, "labels": {"kubernetes.io/service-name": format!("s-{}-{}", spec.namespace, spec.name)}},
-         "addressType": if backend.is_ipv4() { "IPv4" } else { "IPv6" }, "endpoints": [{"addresses": [backend.to_string()]}]}]})
+         "addressType": if vip.is_ipv4() { "IPv4" } else { "IPv6" }, "endpoints": backend.map(|b| vec![json!({"addresses": [b.to_string()]})]).unwrap_or_default()}]})
 }
 
 fn differences(expected: &Reachability, observed: &Reachability) -> Vec<(String, String)> {
@@ -356,7 +400,7 @@ fn differences(expected: &Reachability, observed: &Reachability) -> Vec<(String,
 /// source address it binds, if any: TCP only); `columns[j]` holds the addresses column `j`
 /// stands for: a cell is observed as expected only when every one of them behaves so.
 fn poll_matrix(
-    rows: &[(NetnsHandle, Option<IpAddr>)],
+    rows: &[Option<(NetnsHandle, Option<IpAddr>)>],
     expected: &Reachability,
     columns: &[Vec<SocketAddr>],
     probe: Probe,
@@ -364,19 +408,24 @@ fn poll_matrix(
     must_drop: bool,
 ) -> Result<Reachability, String> {
     let (n, m) = (expected.pods.len(), expected.targets.len());
-    if columns.len() != m || columns.iter().any(Vec::is_empty) {
-        return Err(format!("{} column(s) of addresses for {m} target(s)", columns.iter().filter(|c| !c.is_empty()).count()));
+    if columns.len() != m || rows.len() != n {
+        return Err(format!("{} column(s) of addresses for {m} target(s)", columns.len()));
     }
     let mut observed = Reachability::unchecked(expected.pods.clone(), expected.targets.clone());
     let mut pending: Vec<(usize, usize)> =
         (0..n).flat_map(|i| (0..m).map(move |j| (i, j))).filter(|&(i, j)| expected.cells[i][j] != Expect::Unchecked).collect();
+    // A checked cell needs a client and an address to probe (a pod that does not run has
+    // only `-` cells: the case's validation sees to it).
+    if let Some(&(i, j)) = pending.iter().find(|&&(i, j)| rows[i].is_none() || columns[j].is_empty()) {
+        return Err(format!("{} -> {}: no running pod to probe", expected.pods[i], expected.targets[j]));
+    }
     let deadline = Instant::now() + opts.deadline;
     loop {
         let handles: Vec<_> = pending
             .iter()
             .flat_map(|&(i, j)| columns[j].iter().map(move |&dst| (i, j, dst)))
             .map(|(i, j, dst)| {
-                let (ns, src) = rows[i].clone();
+                let (ns, src) = rows[i].clone().expect("checked above");
                 (
                     i,
                     j,

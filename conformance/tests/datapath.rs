@@ -920,20 +920,29 @@ fn masqueraded_service_traffic_is_judged_by_the_pod_that_sent_it() {
     for tool in ["iptables", "ip6tables"] {
         rig.node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-m", "conntrack", "--ctstate", "DNAT", "-j", "MASQUERADE"]).unwrap();
     }
-    rig.apply(vec![policy("x", "b", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}))])
+    rig.apply(vec![policy(
+        "x",
+        "b",
+        json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+    )])
     .unwrap();
     for v6 in [false, true] {
         assert!(rig.probe_addr("x/b", vip(v6), Protocol::Tcp, 8080), "x/b reaches itself through its Service (hairpin, masqueraded)");
         assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "x/a is admitted by x/b, masqueraded or not");
         assert!(!rig.probe_addr("x/c", vip(v6), Protocol::Tcp, 8080), "x/c is not, whatever the masquerade address");
     }
-    rig.apply(vec![policy("x", "a-out", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"], "egress": []}))]).unwrap();
+    rig.apply(vec![policy("x", "a-out", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"], "egress": []}))])
+        .unwrap();
     for v6 in [false, true] {
         assert!(!rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "x/a's egress denies everything, masqueraded or not");
     }
-    rig.apply(vec![policy("x", "a-out", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
-        "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]}))])
+    rig.apply(vec![policy(
+        "x",
+        "a-out",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]}),
+    )])
     .unwrap();
     for v6 in [false, true] {
         assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "x/a's egress admits x/b:80, the Service's backend");
