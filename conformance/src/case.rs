@@ -62,6 +62,9 @@ pub struct ProbeSpec {
     /// Who connects (the rows): the case's pods (default), or `outside`.
     #[serde(default, skip_serializing_if = "ProbeSource::is_pods")]
     pub from: ProbeSource,
+    /// How a `from: outside` probe reaches each pod.
+    #[serde(default, skip_serializing_if = "Via::is_node_port")]
+    pub via: Via,
     /// What the columns are: the case's pods (default), or `nodes`.
     #[serde(default, skip_serializing_if = "ProbeTarget::is_pods")]
     pub to: ProbeTarget,
@@ -88,6 +91,28 @@ pub enum ProbeSource {
 impl ProbeSource {
     pub fn is_pods(&self) -> bool {
         *self == ProbeSource::Pods
+    }
+}
+
+/// How an outside client reaches a pod, as kube-proxy serves its Service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Via {
+    /// The NodePort on the pod's node, `externalTrafficPolicy: Cluster`: DNAT, and the
+    /// masquerade (KUBE-MARK-MASQ).
+    #[default]
+    NodePort,
+    /// The NodePort of the same Service with `externalTrafficPolicy: Local`: DNAT only,
+    /// the client's address reaches the pod.
+    NodePortLocal,
+    /// The Service's LoadBalancer ingress IP (one per pod, which the outside routes to the
+    /// pod's node), `externalTrafficPolicy: Cluster`: DNAT and the masquerade.
+    LoadBalancer,
+}
+
+impl Via {
+    pub fn is_node_port(&self) -> bool {
+        *self == Via::NodePort
     }
 }
 
@@ -231,6 +256,9 @@ impl Case {
                 }
                 if probe.from == ProbeSource::Outside && (probe.to != ProbeTarget::Pods || probe.protocol != Protocol::Tcp) {
                     return Err(format!("steps[{i}].probes[{j}]: `from: outside` probes the case's pods over TCP"));
+                }
+                if probe.from != ProbeSource::Outside && probe.via != Via::NodePort {
+                    return Err(format!("steps[{i}].probes[{j}]: `via` is for `from: outside` probes"));
                 }
                 let columns = match probe.to {
                     ProbeTarget::Pods => pods.clone(),

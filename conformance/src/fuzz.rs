@@ -343,6 +343,7 @@ impl Generator {
                 port,
                 protocol,
                 from: crate::case::ProbeSource::Pods,
+                via: crate::case::Via::NodePort,
                 to: ProbeTarget::Pods,
                 expect: String::new(),
             })

@@ -5,10 +5,11 @@
 //! case's steps written as manifests. Probes connect for real, polled until the matrix
 //! matches the expectation or a deadline passes, as upstream does.
 //!
-//! Each Service is also a NodePort (see [`node_port`]). A case with `from: outside` probes
-//! gets an outside network: a namespace linked to every node, whose two clients reach each
-//! pod through the NodePort of the pod's own node, with kube-proxy's DNAT and its
-//! masquerade to the node's address (`externalTrafficPolicy: Cluster`).
+//! Each Service is also a LoadBalancer (NodePorts [`node_port`], ingress IP
+//! [`load_balancer_ip`]). A case with `from: outside` probes gets an outside network: a
+//! namespace linked to every node, whose two clients reach each pod through the NodePort
+//! of the pod's own node or its LoadBalancer IP (routed to that node), with kube-proxy's
+//! DNAT and, for `externalTrafficPolicy: Cluster`, its masquerade.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +21,7 @@ use policy_model::{Family, ObjectKey};
 use serde_json::{Value, json};
 
 use crate::agent_process::AgentProcess;
-use crate::case::{Case, Expect, OUTSIDE_CLIENTS, ProbeSource, ProbeTarget, Reachability, outside_address};
+use crate::case::{Case, Expect, OUTSIDE_CLIENTS, ProbeSource, ProbeTarget, Reachability, Via, outside_address};
 use crate::cluster::{
     Families, PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest,
     node_addresses, node_manifest,
@@ -77,6 +78,22 @@ fn vip(family: Family, index: usize) -> IpAddr {
 pub fn node_port(index: usize, port: u16) -> u16 {
     30000 + 2 * index as u16 + (port - SERVED_PORTS[0])
 }
+
+/// The NodePort of the same Service with `externalTrafficPolicy: Local` (no masquerade).
+pub fn node_port_local(index: usize, port: u16) -> u16 {
+    node_port(index, port) + 1000
+}
+
+/// The LoadBalancer ingress IP of pod `index`'s Service.
+pub fn load_balancer_ip(index: usize, family: Family) -> IpAddr {
+    match family {
+        Family::Ipv4 => format!("203.0.113.{}", 128 + index).parse().unwrap(),
+        Family::Ipv6 => format!("2001:db8:2::{:x}", 0x80 + index).parse().unwrap(),
+    }
+}
+
+/// kube-proxy's mark for masquerade (KUBE-MARK-MASQ).
+const MASQUERADE_MARK: &str = "0x4000/0x4000";
 
 /// The outside network of `from: outside` probes: one namespace, linked to every node by a
 /// veth (`out0` on the node: a node device, so the agent's programs are on it), holding
@@ -136,20 +153,64 @@ impl Outside {
             for (family, fam, clients) in [(Family::Ipv4, "-4", "198.51.100.0/24"), (Family::Ipv6, "-6", "2001:db8:100::/64")] {
                 let via = Outside::outside_side(i, family).to_string();
                 node.ns.ip(&[fam, "route", "add", clients, "via", &via, "dev", "out0"]).map_err(e)?;
-                // kube-proxy's masquerade of NodePort traffic (KUBE-POSTROUTING): the
-                // address the kernel picks for the pod's veth. With the link-local gateway
-                // on it (routed), 169.254.1.1; with none (proxy-ARP), the node's own; on a
+                // kube-proxy's masquerade of marked traffic (KUBE-POSTROUTING): the address
+                // the kernel picks for the pod's veth. With the link-local gateway on it
+                // (routed), 169.254.1.1; with none (proxy-ARP), the node's own; on a
                 // bridge, the bridge's.
                 let tool = if family == Family::Ipv4 { "iptables" } else { "ip6tables" };
-                node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", clients, "!", "-o", "out0", "-j", "MASQUERADE"]).map_err(e)?;
+                node.ns
+                    .exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-m", "mark", "--mark", MASQUERADE_MARK, "-j", "MASQUERADE"])
+                    .map_err(e)?;
             }
         }
         Ok(Outside { ns })
     }
 
-    /// kube-proxy's NodePort rule on node `i` (`node`) for one pod port.
-    fn dnat(node: &NodeNet, i: usize, node_port: u16, backend: IpAddr, port: u16) -> Result<(), String> {
-        node.dnat(Outside::node_side(i, Family::of(backend)), node_port, backend, port, "tcp").map_err(|e| e.to_string())
+    /// kube-proxy's rules on node `i` (`node`) for pod `index`'s port `port` from
+    /// outside: its NodePorts (`externalTrafficPolicy` Cluster and Local) and its
+    /// LoadBalancer IP, which the outside routes to this node. Cluster traffic is marked
+    /// for the masquerade first, as KUBE-EXT chains do.
+    fn serve_pod(&self, node: &NodeNet, i: usize, index: usize, backend: IpAddr, port: u16) -> Result<(), String> {
+        let family = Family::of(backend);
+        let e = |e: crate::netns::NetnsError| e.to_string();
+        let tool = if family == Family::Ipv4 { "iptables" } else { "ip6tables" };
+        let node_side = Outside::node_side(i, family);
+        let lb = load_balancer_ip(index, family);
+        for (dst, dport, masquerade) in
+            [(node_side, node_port(index, port), true), (node_side, node_port_local(index, port), false), (lb, port, true)]
+        {
+            if masquerade {
+                let (d, p) = (dst.to_string(), dport.to_string());
+                node.ns
+                    .exec(
+                        tool,
+                        &[
+                            "-t",
+                            "nat",
+                            "-A",
+                            "PREROUTING",
+                            "-d",
+                            &d,
+                            "-p",
+                            "tcp",
+                            "--dport",
+                            &p,
+                            "-j",
+                            "MARK",
+                            "--set-xmark",
+                            MASQUERADE_MARK,
+                        ],
+                    )
+                    .map_err(e)?;
+            }
+            node.dnat(dst, dport, backend, port, "tcp").map_err(e)?;
+        }
+        // The outside's route to the LoadBalancer IP: this node (`replace`: the pod's other
+        // port set it already).
+        let (fam, len) = if family == Family::Ipv4 { ("-4", 32) } else { ("-6", 128) };
+        let (route, via, dev) = (format!("{lb}/{len}"), node_side.to_string(), format!("n{i}"));
+        self.ns.ip(&[fam, "route", "replace", &route, "via", &via, "dev", &dev]).map_err(e)?;
+        Ok(())
     }
 }
 
@@ -186,7 +247,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
         if case.later.contains(&spec.key()) {
             continue;
         }
-        let live = start_pod(&nodes, outside.is_some(), dir.path(), family, i, spec.clone())?;
+        let live = start_pod(&nodes, outside.as_ref(), dir.path(), family, i, spec.clone())?;
         pods.insert(spec.key(), live);
     }
     for (ns, labels) in &ns_labels {
@@ -210,7 +271,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
     for (si, step) in case.steps.iter().enumerate() {
         for (new, old) in &step.take_over {
-            take_over(&nodes, outside.is_some(), dir.path(), family, &mut pods, &mut all_specs, new, old)?;
+            take_over(&nodes, outside.as_ref(), dir.path(), family, &mut pods, &mut all_specs, new, old)?;
         }
         let specs = &all_specs;
         for manifest in step.apply.iter().chain(&step.update) {
@@ -260,7 +321,12 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
                     .map(|t| {
                         let Some(to) = pods.get(t) else { return Vec::new() };
                         let home = nodes.iter().position(|n| n.name == to.spec.node).expect("the pod's node");
-                        vec![SocketAddr::new(Outside::node_side(home, family), node_port(to.index, probe.port))]
+                        let node_side = Outside::node_side(home, family);
+                        vec![match spec.via {
+                            Via::NodePort => SocketAddr::new(node_side, node_port(to.index, probe.port)),
+                            Via::NodePortLocal => SocketAddr::new(node_side, node_port_local(to.index, probe.port)),
+                            Via::LoadBalancer => SocketAddr::new(load_balancer_ip(to.index, family), probe.port),
+                        }]
                     })
                     .collect(),
                 (_, ProbeTarget::Pods) => expected
@@ -308,7 +374,7 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
 /// Starts pod `index` of the case (`spec`) on its node: its namespace and veth, its
 /// servers, kube-proxy's rules for its Service (DNAT in every node, the hairpin
 /// masquerade, the NodePort when there is an outside network), and its manifests.
-fn start_pod(nodes: &[NodeNet], node_ports: bool, dir: &Path, family: Family, i: usize, spec: PodSpec) -> Result<LivePod, String> {
+fn start_pod(nodes: &[NodeNet], outside: Option<&Outside>, dir: &Path, family: Family, i: usize, spec: PodSpec) -> Result<LivePod, String> {
     let home = nodes.iter().find(|n| n.name == spec.node).ok_or(format!("pod {} on unknown node {}", spec.key(), spec.node))?;
     let net = home.add_pod(&unique("cfp"), &format!("cf{i}"), &spec.ips).map_err(|e| e.to_string())?;
     let servers = serve(&net.ns, &SERVED_PORTS).map_err(|e| e.to_string())?;
@@ -327,10 +393,10 @@ fn start_pod(nodes: &[NodeNet], node_ports: bool, dir: &Path, family: Family, i:
         let b = backend.to_string();
         node.ns.exec(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", &b, "-d", &b, "-j", "MASQUERADE"]).map_err(|e| e.to_string())?;
     }
-    if node_ports {
+    if let Some(outside) = outside {
         let home_index = nodes.iter().position(|n| n.name == spec.node).expect("found above");
         for port in SERVED_PORTS {
-            Outside::dnat(home, home_index, node_port(i, port), backend, port)?;
+            outside.serve_pod(home, home_index, i, backend, port)?;
         }
     }
     write(dir, &format!("pod-{}-{}.yaml", spec.namespace, spec.name), &spec.manifest())?;
@@ -343,7 +409,7 @@ fn start_pod(nodes: &[NodeNet], node_ports: bool, dir: &Path, family: Family, i:
 /// with its addresses.
 fn take_over(
     nodes: &[NodeNet],
-    node_ports: bool,
+    outside: Option<&Outside>,
     dir: &Path,
     family: Family,
     pods: &mut BTreeMap<String, LivePod>,
@@ -362,7 +428,7 @@ fn take_over(
     all_specs[index].ips = gone.spec.ips.clone();
     all_specs[index].node = gone.spec.node.clone();
     drop(gone);
-    let live = start_pod(nodes, node_ports, dir, family, index, all_specs[index].clone())?;
+    let live = start_pod(nodes, outside, dir, family, index, all_specs[index].clone())?;
     pods.insert(new.to_string(), live);
     Ok(())
 }
@@ -376,7 +442,8 @@ fn service(spec: &PodSpec, index: usize, vip: IpAddr, backend: Option<IpAddr>) -
     }
     json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("s-{}-{}", spec.namespace, spec.name), "namespace": spec.namespace},
-         "spec": {"type": "NodePort", "externalTrafficPolicy": "Cluster", "clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()], "selector": {"pod": spec.name}, "ports": ports}},
+         "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "clusterIP": vip.to_string(), "clusterIPs": [vip.to_string()], "selector": {"pod": spec.name}, "ports": ports},
+         "status": {"loadBalancer": {"ingress": [{"ip": load_balancer_ip(index, Family::of(vip)).to_string()}]}}},
         {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "metadata": {"name": format!("s-{}-{}-1", spec.namespace, spec.name), "namespace": spec.namespace, "labels": {"kubernetes.io/service-name": format!("s-{}-{}", spec.namespace, spec.name)}},
          "addressType": if vip.is_ipv4() { "IPv4" } else { "IPv6" }, "endpoints": backend.map(|b| vec![json!({"addresses": [b.to_string()]})]).unwrap_or_default()}]})
