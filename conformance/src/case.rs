@@ -50,8 +50,35 @@ pub struct Step {
     /// the policies of the step.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub take_over: BTreeMap<String, String>,
+    /// Connections opened in an earlier step (`open`), used again after this step's
+    /// probes (which show its changes in force: give the step a probe whose answer
+    /// changed): whether an exchange on each still goes through. An established flow that
+    /// the policies now deny must stop; one they still allow must keep working.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reuse: BTreeMap<String, Reuse>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeSpec>,
+    /// TCP connections to open after this step's probes and keep for later steps' `reuse`,
+    /// by name: from a pod to another pod's Service, as probes go. Opening must succeed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub open: BTreeMap<String, Connection>,
+}
+
+/// A connection a case keeps across steps.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connection {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+}
+
+/// What a kept connection must do when used again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    Connected,
+    Blocked,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -237,7 +264,13 @@ impl Case {
         // Pods that do not exist at a step (not started yet, or completed): their rows and
         // columns must be `-`.
         let mut absent: Vec<String> = self.later.clone();
+        let mut opened: Vec<&String> = Vec::new();
         for (i, step) in self.steps.iter().enumerate() {
+            for name in step.reuse.keys() {
+                if !opened.contains(&name) {
+                    return Err(format!("steps[{i}].reuse: no connection {name:?} was opened in an earlier step"));
+                }
+            }
             for (new, old) in &step.take_over {
                 if !absent.contains(new) || absent.contains(old) || !pods.contains(old) {
                     return Err(format!("steps[{i}].takeOver: {new} must be a `later` pod not yet started, {old} a running pod"));
@@ -274,6 +307,17 @@ impl Case {
                         }
                     }
                 }
+            }
+            for (name, c) in &step.open {
+                if opened.contains(&name) {
+                    return Err(format!("steps[{i}].open: {name:?} is opened twice"));
+                }
+                for p in [&c.from, &c.to] {
+                    if !pods.contains(p) || absent.contains(p) {
+                        return Err(format!("steps[{i}].open.{name}: {p} is not a running pod of the case"));
+                    }
+                }
+                opened.push(name);
             }
         }
         Ok(())
@@ -393,6 +437,21 @@ mod tests {
         assert!(err.contains("does not run"), "{err}");
         assert!(Case::parse("t", &case.replace("later: [x/b]\n", "")).unwrap_err().to_string().contains("takeOver"));
         assert!(Case::parse("t", &case.replace("later: [x/b]", "later: [x/c]")).unwrap_err().to_string().contains("later"));
+    }
+
+    #[test]
+    fn a_kept_connection_is_opened_before_it_is_reused() {
+        let case = "name: k\npods: [x/a, x/b]\nsteps:\n- open:\n    ab: {from: x/a, to: x/b, port: 80}\n- reuse: {ab: blocked}\n";
+        let c = Case::parse("t", case).unwrap();
+        assert_eq!(c.steps[1].reuse.get("ab"), Some(&Reuse::Blocked));
+        assert_eq!(Case::parse("t", &c.to_yaml()).unwrap(), c);
+        assert!(
+            Case::parse("t", &case.replace("reuse: {ab: blocked}", "reuse: {cd: blocked}"))
+                .unwrap_err()
+                .to_string()
+                .contains("no connection")
+        );
+        assert!(Case::parse("t", &case.replace("to: x/b", "to: x/z")).unwrap_err().to_string().contains("not a running pod"));
     }
 
     #[test]

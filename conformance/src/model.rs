@@ -9,7 +9,7 @@ use policy_agent::matrix::{Probe, compute};
 use policy_model::{Family, Flow, IpProtocol, ObjectKey, compile_pod, verdict};
 use serde_json::Value;
 
-use crate::case::{Case, Expect, ProbeSource, ProbeTarget, Reachability, Step};
+use crate::case::{Case, Connection, Expect, ProbeSource, ProbeTarget, Reachability, Reuse, Step};
 use crate::cluster::{
     Families, NAMESPACES, PodSpec, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest, node_addresses,
     node_manifest, node_name,
@@ -227,6 +227,7 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
     let keys: Vec<ObjectKey> = names.iter().filter_map(|n| ObjectKey::parse(n)).collect();
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
 
+    let mut opened: BTreeMap<String, Connection> = BTreeMap::new();
     for (si, step) in case.steps.iter().enumerate() {
         let errors = cluster.apply_step(step);
         outcome.errors.extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
@@ -234,6 +235,13 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         let (state, errors) = cluster.manifests().state();
         outcome.errors.extend(errors.iter().map(|e| format!("step {}: {e}", si + 1)));
 
+        // A kept connection is judged again under the step's policies: its answer is a
+        // new connection's.
+        for (name, want) in &step.reuse {
+            let Some(c) = opened.get(name) else { continue };
+            let got = connection_verdict(&state, c, &keys, families.probe_family());
+            outcome.probes.push(reuse_outcome(si, c, *want, got));
+        }
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).expect("validated when the case was loaded");
             let probe = Probe { port: spec.port, protocol: spec.protocol };
@@ -273,8 +281,37 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
             }
             outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
         }
+        for (name, c) in &step.open {
+            if connection_verdict(&state, c, &keys, families.probe_family()) != Reuse::Connected {
+                outcome.errors.push(format!("step {}: open {name}: {} -> {} is blocked", si + 1, c.from, c.to));
+            }
+            opened.insert(name.clone(), c.clone());
+        }
     }
     outcome
+}
+
+/// Whether a new TCP connection `c` is allowed in `state` (over `family`).
+fn connection_verdict(state: &policy_model::ClusterState, c: &Connection, keys: &[ObjectKey], family: Family) -> Reuse {
+    let probe = Probe { port: c.port, protocol: policy_model::Protocol::Tcp };
+    match compute(state, &[probe], Some(keys)).mark_in(&c.from, &c.to, probe, &[family]) {
+        '.' => Reuse::Connected,
+        _ => Reuse::Blocked,
+    }
+}
+
+/// A `reuse` check as a one-cell probe outcome (`from` row, `to` column).
+pub fn reuse_outcome(step: usize, c: &Connection, want: Reuse, got: Reuse) -> ProbeOutcome {
+    let cell = |r: Reuse| if r == Reuse::Connected { Expect::Connected } else { Expect::Blocked };
+    let one = |r: Reuse| Reachability { pods: vec![c.from.clone()], targets: vec![c.to.clone()], cells: vec![vec![cell(r)]] };
+    let wrong = if want == got { Vec::new() } else { vec![(c.from.clone(), c.to.clone())] };
+    ProbeOutcome {
+        step,
+        probe: Probe { port: c.port, protocol: policy_model::Protocol::Tcp },
+        expected: one(want),
+        observed: one(got),
+        wrong,
+    }
 }
 
 /// The pod named `key` (`ns/name`) and its own address of `family`.

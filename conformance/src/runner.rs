@@ -268,6 +268,8 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
     }
 
     let mut policies: BTreeMap<ObjectKey, String> = BTreeMap::new();
+    // Connections kept across steps (`open`, `reuse`).
+    let mut kept: BTreeMap<String, (std::net::TcpStream, crate::case::Connection)> = BTreeMap::new();
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
     for (si, step) in case.steps.iter().enumerate() {
         for (new, old) in &step.take_over {
@@ -360,6 +362,24 @@ pub fn run_case(case: &Case, opts: RunOptions) -> Result<CaseOutcome, String> {
             let observed = poll_matrix(&rows, &expected, &columns, probe, opts, case.blocked_must_drop)?;
             let wrong = differences(&expected, &observed);
             outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
+        }
+        // After the probes, which show the step's changes in force (a `connected` answer
+        // before them would prove nothing).
+        for (name, want) in &step.reuse {
+            let (stream, c) = kept.get_mut(name).ok_or(format!("reuse: no connection {name}"))?;
+            let got = poll_exchange(stream, *want, opts.deadline);
+            outcome.probes.push(crate::model::reuse_outcome(si, c, *want, got));
+        }
+        for (name, c) in &step.open {
+            let from = pods.get(&c.from).ok_or(format!("open {name}: {} does not run", c.from))?;
+            let to = pods.get(&c.to).ok_or(format!("open {name}: {} does not run", c.to))?;
+            let addr = match opts.probe_to {
+                ProbeTo::Service => to.vip,
+                ProbeTo::Pod => to.spec.ip(family).expect("address of the family"),
+            };
+            let stream = open_connection(&from.net.ns.handle(), SocketAddr::new(addr, c.port), opts.deadline)
+                .map_err(|e| format!("step {}: open {name}: {} -> {}: {e}", si + 1, c.from, c.to))?;
+            kept.insert(name.clone(), (stream, c.clone()));
         }
     }
     for (name, mut agent) in agents {
@@ -532,6 +552,45 @@ fn poll_matrix(
         pending.retain(|&(i, j)| observed.cells[i][j] != expected.cells[i][j]);
         if pending.is_empty() || Instant::now() >= deadline {
             return Ok(observed);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One exchange on a kept connection: a byte out, a byte back within 700 ms.
+fn exchange(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(700)));
+    let mut b = [0u8; 1];
+    stream.write_all(b"h").is_ok() && matches!(stream.read(&mut b), Ok(1))
+}
+
+/// Exchanges on `stream` until the outcome is `want` or `deadline` passes; the last one.
+fn poll_exchange(stream: &mut std::net::TcpStream, want: crate::case::Reuse, deadline: Duration) -> crate::case::Reuse {
+    use crate::case::Reuse;
+    let end = Instant::now() + deadline;
+    loop {
+        let got = if exchange(stream) { Reuse::Connected } else { Reuse::Blocked };
+        if got == want || Instant::now() >= end {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A TCP connection from the namespace behind `ns` to `dst` that has carried one
+/// exchange, tried until `deadline` passes.
+fn open_connection(ns: &NetnsHandle, dst: SocketAddr, deadline: Duration) -> Result<std::net::TcpStream, String> {
+    let end = Instant::now() + deadline;
+    loop {
+        let attempt = ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_millis(700))).map_err(|e| e.to_string())?;
+        if let Ok(mut s) = attempt
+            && exchange(&mut s)
+        {
+            return Ok(s);
+        }
+        if Instant::now() >= end {
+            return Err("no connection".into());
         }
         std::thread::sleep(Duration::from_millis(200));
     }

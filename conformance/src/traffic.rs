@@ -71,12 +71,17 @@ fn tcp_server(port: u16, stop: Arc<AtomicBool>) {
             // would otherwise hold the loop for the read timeout while the accept queue
             // fills and new connections time out.
             Ok((mut c, _)) => {
+                // A byte back for every byte read, until the client closes (a probe
+                // after one) or goes quiet (a connection a case keeps across steps, or one
+                // a policy cut).
                 std::thread::spawn(move || {
                     let _ = c.set_nonblocking(false);
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
                     let mut b = [0u8; 1];
-                    if c.read(&mut b).is_ok() {
-                        let _ = c.write_all(b"k");
+                    while let Ok(1) = c.read(&mut b) {
+                        if c.write_all(b"k").is_err() {
+                            break;
+                        }
                     }
                 });
             }
