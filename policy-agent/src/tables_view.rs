@@ -13,6 +13,21 @@ pub struct EntryView {
     pub allows: PortSet,
     pub stands_for: std::sync::Arc<[Origin]>,
     pub rules: std::sync::Arc<[RuleRef]>,
+    /// An address of the pod's node: what the node itself sends always passes, and
+    /// `allows` is for what it only forwards ([`policy_model::PeerEntry::own_node`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own_node: bool,
+}
+
+impl EntryView {
+    /// `allows` in words, with the node exemption where it applies.
+    pub fn allows_text(&self) -> String {
+        if self.own_node {
+            format!("all from the node itself; forwarded: {}", self.allows)
+        } else {
+            self.allows.to_string()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +77,7 @@ fn direction(t: &PeerTable) -> DirectionView {
                 allows: t.port_set(e).clone(),
                 stands_for: e.stands_for.clone(),
                 rules: e.rules.clone(),
+                own_node: e.own_node,
             })
             .collect(),
     }
@@ -129,7 +145,7 @@ fn render_direction(out: &mut String, name: &str, d: &DirectionView) {
     }
     let mut rows = vec![header];
     rows.extend(d.entries.iter().map(|e| {
-        let mut row = vec![e.prefix.to_string(), e.allows.to_string(), stands_for(&e.stands_for)];
+        let mut row = vec![e.prefix.to_string(), e.allows_text(), stands_for(&e.stands_for)];
         if tiered {
             row.push(provenance(&e.rules));
         }

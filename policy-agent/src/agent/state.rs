@@ -62,7 +62,7 @@ impl DirectionState {
                 .iter()
                 .map(|e| EntryState {
                     prefix: e.prefix.to_string(),
-                    allows: e.allows.to_string(),
+                    allows: e.allows_text(),
                     stands_for: e.stands_for.iter().map(|o| o.to_string()).collect(),
                 })
                 .collect(),
