@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use policy_model::IpProtocol;
 
-use super::{CliError, OutputFormat, exit_for, load};
+use super::{CliError, OutputFormat, exit_for, load_with_objects};
 use crate::explain::{Party, explain, explain_node_port};
 
 #[derive(Debug, clap::Args)]
@@ -40,16 +40,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
-    let (mut state, errors) = load(&args.manifests)?;
+    let (objects, mut state, errors) = load_with_objects(&args.manifests)?;
     state.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     let Some(to) = &args.to else {
         let node_port = args.node_port.expect("clap: --to or --node-port");
         if !args.protocol.has_ports() {
             return Err(CliError::Usage(format!("--node-port needs TCP, UDP or SCTP, not {}", args.protocol)));
         }
-        // The Services are read again: the cluster state holds no Services.
-        let m = crate::manifests::Manifests::read_dirs(&args.manifests).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
-        let np = crate::node_port::resolve(&m, &state, node_port, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
+        let np = crate::node_port::resolve(&objects, &state, node_port, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
         let e = explain_node_port(&state, &args.from, np, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
         match args.output {
             OutputFormat::Text => super::emit(&e.render_text())?,

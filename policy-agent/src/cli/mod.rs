@@ -88,12 +88,18 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Loads a manifest directory, reporting every unusable object on stderr.
 pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliError> {
+    load_with_objects(dirs).map(|(_, state, errors)| (state, errors))
+}
+
+/// [`load`], keeping the objects as read too (Services, which the cluster state does not
+/// hold).
+pub fn load_with_objects(dirs: &[PathBuf]) -> Result<(Manifests, ClusterState, Vec<ManifestError>), CliError> {
     let m = Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (state, errors) = m.state();
     for e in &errors {
         eprintln!("error: {e}");
     }
-    Ok((state, errors))
+    Ok((m, state, errors))
 }
 
 /// Writes a command's output to stdout. A reader that went away (`| head`) ends the
