@@ -3,8 +3,8 @@
 # network namespaces, the 48 upstream cases at model level, then the case files (48
 # upstream + those fuzzing found) on real traffic through the real agent (IPv4 routed, IPv6
 # routed, dual-stack bridged over two nodes; probes to Service ClusterIPs), the
-# ClusterNetworkPolicy cases of the upstream suite in the same three setups, the NodePort
-# cases (in those, and with proxy-ARP host veths on two nodes), then
+# ClusterNetworkPolicy cases of the upstream suite in the same three setups, the Service,
+# node and lifecycle cases (in those, and with proxy-ARP host veths on two nodes), then
 # `conformance fuzz` with a fixed seed, without and with ClusterNetworkPolicies. Installs what it needs first. Ends with one line
 # `tests: N passed, M failed` summing everything.
 set -euo pipefail
@@ -38,10 +38,12 @@ for config in "--family ipv4 --topology routed --nodes 1" \
     # shellcheck disable=SC2086
     ./target/debug/conformance run $config --probe-to pod conformance/cases/cnp/*.yaml 2>&1 || echo "run-status $?"
     if [ "$n" = 1 ]; then
-      # The NodePort cases in the other host-veth layout: no IPv4 address on the host
-      # veths (proxy-ARP), where kube-proxy's masquerade picks the node's own address.
-      echo "=== conformance run --family dual --topology proxy-arp --nodes 2 (NodePort cases, real traffic)"
-      ./target/debug/conformance run --family dual --topology proxy-arp --nodes 2 conformance/cases/nodeport-*.yaml 2>&1 || echo "run-status $?"
+      # The Service, node and lifecycle cases in the other host-veth layout: no IPv4
+      # address on the host veths (proxy-ARP), where kube-proxy's masquerade picks the
+      # node's own address.
+      echo "=== conformance run --family dual --topology proxy-arp --nodes 2 (Service, node and lifecycle cases, real traffic)"
+      ./target/debug/conformance run --family dual --topology proxy-arp --nodes 2 \
+        conformance/cases/{nodeport,service,hairpin,lifecycle,namespace,node-own,spanning}-*.yaml 2>&1 || echo "run-status $?"
     fi
   ) > "$runs/$n.log" 2>&1 &
   pids+=($!)

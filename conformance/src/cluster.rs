@@ -66,18 +66,24 @@ impl PodSpec {
 
     /// [`PodSpec::manifest`] with `status.phase` `phase` (Running, Succeeded, Failed).
     pub fn manifest_in_phase(&self, phase: &str) -> Value {
-        let mut ports = Vec::new();
-        for port in SERVED_PORTS {
-            for proto in PROTOCOLS {
-                ports.push(json!({"name": format!("serve-{port}-{}", proto.to_lowercase()), "containerPort": port, "protocol": proto}));
-            }
-        }
+        self.manifest_with(phase, &[])
+    }
+
+    /// The Pod manifest in `phase` with container ports `extra` beyond the served ones. A
+    /// Pending pod has no address yet.
+    pub fn manifest_with(&self, phase: &str, extra: &[crate::case::ContainerPort]) -> Value {
+        let ports: Vec<Value> = crate::service::container_ports(extra)
+            .iter()
+            .map(|c| json!({"name": c.name, "containerPort": c.port, "protocol": c.protocol.as_str()}))
+            .collect();
+        let ips: Vec<Value> =
+            if phase == "Pending" { Vec::new() } else { self.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect() };
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": self.name, "namespace": self.namespace, "labels": self.labels},
             "spec": {"nodeName": self.node, "containers": [{"name": "agnhost", "image": "agnhost", "ports": ports}]},
-            "status": {"phase": phase, "podIPs": self.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
+            "status": {"phase": phase, "podIPs": ips},
         })
     }
 }

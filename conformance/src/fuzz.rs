@@ -162,7 +162,16 @@ pub fn generate_with(seed: u64, index: u64, families: Families, nodes: usize, cl
     let steps = (0..1 + g.below(3)).map(|i| g.step(i == 0)).collect();
     let name = case_name(seed, index, families);
     let name = if cluster_policies { name.replacen("fuzz-", "fuzz-cnp-", 1) } else { name };
-    let mut case = Case { name, pods: None, blocked_must_drop: false, later: Vec::new(), steps };
+    let mut case = Case {
+        name,
+        pods: None,
+        blocked_must_drop: false,
+        later: Vec::new(),
+        later_namespaces: Vec::new(),
+        container_ports: BTreeMap::new(),
+        services: BTreeMap::new(),
+        steps,
+    };
     fill_expectations(&mut case, families, nodes).unwrap_or_else(|e| panic!("generated case {} is inconsistent: {e}", case.name));
     case
 }

@@ -14,5 +14,6 @@ pub mod netns;
 pub mod programs;
 pub mod rig;
 pub mod runner;
+pub mod service;
 pub mod topology;
 pub mod traffic;

@@ -9,7 +9,7 @@ use policy_agent::matrix::{Probe, compute};
 use policy_model::{Family, Flow, IpProtocol, ObjectKey, compile_pod, verdict};
 use serde_json::Value;
 
-use crate::case::{Case, Connection, Expect, ProbeSource, ProbeTarget, Reachability, Reuse, Step};
+use crate::case::{Case, Connection, ContainerPort, Expect, Phase, ProbeSource, ProbeTarget, Reachability, Reuse, Step};
 use crate::cluster::{
     Families, NAMESPACES, PodSpec, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest, node_addresses,
     node_manifest, node_name,
@@ -65,12 +65,13 @@ pub struct ModelCluster {
     pub pods: Vec<PodSpec>,
     /// The nodes (name, addresses), as the real-traffic runner makes them.
     pub nodes: Vec<(String, Vec<std::net::IpAddr>)>,
+    /// The namespaces that exist, with their labels.
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub policies: BTreeMap<ObjectKey, Value>,
-    /// Pods that do not exist yet (a case's `later`).
-    pub not_started: Vec<String>,
-    /// Pods that completed (`takeOver`): phase Succeeded.
-    pub completed: Vec<String>,
+    /// The phase of every pod whose object exists (Pending, Running, Succeeded, Failed).
+    pub phases: BTreeMap<String, &'static str>,
+    /// Container ports beyond the served ones, by pod.
+    pub container_ports: BTreeMap<String, Vec<ContainerPort>>,
     families: Families,
 }
 
@@ -89,32 +90,80 @@ impl ModelCluster {
             nodes: (0..nodes.max(1)).map(|i| (node_name(i), node_addresses(i).to_vec())).collect(),
             namespace_labels: namespaces_of(names).into_iter().map(|n| (n, BTreeMap::new())).collect(),
             policies: BTreeMap::new(),
-            not_started: Vec::new(),
-            completed: Vec::new(),
+            phases: names.iter().map(|n| (n.clone(), "Running")).collect(),
+            container_ports: BTreeMap::new(),
             families,
         }
     }
 
+    /// The cluster of `case` before its first step: its later pods and namespaces do not
+    /// exist yet.
+    pub fn for_case(case: &Case, families: Families, nodes: usize) -> ModelCluster {
+        let mut c = ModelCluster::with_nodes(&case.pod_names(), families, nodes);
+        c.phases.retain(|p, _| !case.later.contains(p));
+        for ns in case.services.keys().filter_map(|k| k.split_once('/').map(|(n, _)| n.to_string())) {
+            c.namespace_labels.entry(ns).or_default();
+        }
+        c.namespace_labels.retain(|n, _| !case.later_namespaces.contains(n));
+        c.container_ports = case.container_ports.clone();
+        c
+    }
+
+    fn index_of(&self, key: &str) -> Result<usize, String> {
+        self.pods.iter().position(|p| p.key() == key).ok_or(format!("no pod {key}"))
+    }
+
+    pub fn runs(&self, key: &str) -> bool {
+        self.phases.get(key) == Some(&"Running")
+    }
+
     /// Pod `new` takes over completed pod `old`'s node and addresses (a step's `takeOver`).
     pub fn take_over(&mut self, new: &str, old: &str) -> Result<(), String> {
-        let old_spec = self.pods.iter().find(|p| p.key() == old).ok_or(format!("takeOver: no pod {old}"))?.clone();
-        let p = self.pods.iter_mut().find(|p| p.key() == new).ok_or(format!("takeOver: no pod {new}"))?;
-        p.ips = old_spec.ips;
-        p.node = old_spec.node;
-        self.not_started.retain(|k| k != new);
-        self.completed.push(old.to_string());
+        let old_spec = self.pods[self.index_of(old).map_err(|e| format!("takeOver: {e}"))?].clone();
+        let i = self.index_of(new).map_err(|e| format!("takeOver: {e}"))?;
+        self.pods[i].ips = old_spec.ips;
+        self.pods[i].node = old_spec.node;
+        self.phases.insert(old.to_string(), "Succeeded");
+        self.phases.insert(new.to_string(), "Running");
         Ok(())
     }
 
-    /// Applies a step's changes (apply, update, delete, then labels, in the runner's
-    /// order); returns what went wrong.
-    pub fn apply_step(&mut self, step: &Step) -> Vec<String> {
+    /// A step's lifecycle changes, in the runner's order.
+    fn apply_lifecycle(&mut self, step: &Step) -> Vec<String> {
         let mut errors = Vec::new();
+        for ns in &step.delete_namespace {
+            self.namespace_labels.remove(ns);
+            let in_ns = |k: &String| k.split_once('/').is_some_and(|(n, _)| n == ns);
+            self.phases.retain(|k, _| !in_ns(k));
+            self.policies.retain(|k, _| &*k.namespace != ns.as_str());
+        }
+        for ns in &step.create_namespace {
+            self.namespace_labels.insert(ns.clone(), BTreeMap::new());
+        }
         for (new, old) in &step.take_over {
             if let Err(e) = self.take_over(new, old) {
                 errors.push(e);
             }
         }
+        for (pod, phase) in &step.finish {
+            self.phases.insert(pod.clone(), if *phase == Phase::Failed { "Failed" } else { "Succeeded" });
+        }
+        for pod in &step.delete_pod {
+            self.phases.remove(pod);
+        }
+        for pod in &step.pending {
+            self.phases.insert(pod.clone(), "Pending");
+        }
+        for pod in &step.start {
+            self.phases.insert(pod.clone(), "Running");
+        }
+        errors
+    }
+
+    /// Applies a step's changes (lifecycle, apply, update, delete, then labels, in the
+    /// runner's order); returns what went wrong.
+    pub fn apply_step(&mut self, step: &Step) -> Vec<String> {
+        let mut errors = self.apply_lifecycle(step);
         for (verb, list) in [("apply", &step.apply), ("update", &step.update)] {
             for manifest in list {
                 let mut v = manifest.clone();
@@ -141,11 +190,11 @@ impl ModelCluster {
             }
         }
         for (ns, changes) in &step.label_namespace {
-            merge(self.namespace_labels.entry(ns.clone()).or_default(), changes);
+            merge_labels(self.namespace_labels.entry(ns.clone()).or_default(), changes);
         }
         for (pod, changes) in &step.label_pod {
             match self.pods.iter_mut().find(|p| &p.key() == pod) {
-                Some(p) => merge(&mut p.labels, changes),
+                Some(p) => merge_labels(&mut p.labels, changes),
                 None => errors.push(format!("labelPod {pod}: no such pod")),
             }
         }
@@ -162,14 +211,31 @@ impl ModelCluster {
             let host = host_network_pod_manifest(i, addresses);
             m.add_value(&format!("host-network pod on {name}"), serde_yaml_ng::to_value(host).expect("json to yaml"));
         }
-        for p in self.pods.iter().filter(|p| !self.not_started.contains(&p.key())) {
-            let phase = if self.completed.contains(&p.key()) { "Succeeded" } else { "Running" };
-            m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest_in_phase(phase)).expect("json to yaml"));
+        for p in &self.pods {
+            let Some(phase) = self.phases.get(&p.key()) else { continue };
+            let extra = self.container_ports.get(&p.key()).map_or(&[][..], Vec::as_slice);
+            m.add_value(&format!("pod {}", p.key()), serde_yaml_ng::to_value(p.manifest_with(phase, extra)).expect("json to yaml"));
         }
         for (k, v) in &self.policies {
             m.add_value(&format!("policy {k}"), serde_yaml_ng::to_value(v).expect("json to yaml"));
         }
         m
+    }
+
+    /// `case`'s Services as they stand, with endpoints from the running pods.
+    pub fn services<'c>(&self, case: &'c Case, family: Family) -> Vec<crate::service::Resolved<'c>> {
+        let views: Vec<crate::service::PodView> = self
+            .pods
+            .iter()
+            .filter(|p| self.runs(&p.key()))
+            .map(|p| crate::service::PodView {
+                spec: p,
+                extra_ports: self.container_ports.get(&p.key()).map_or(&[][..], Vec::as_slice),
+                node: self.nodes.iter().position(|(n, _)| *n == p.node).unwrap_or(0),
+            })
+            .collect();
+        let namespaces: Vec<String> = self.namespace_labels.keys().cloned().collect();
+        crate::service::resolve(&case.services, &views, &namespaces, family)
     }
 }
 
@@ -208,7 +274,8 @@ pub fn delete_key(entry: &str) -> Option<ObjectKey> {
     if entry.contains('/') { ObjectKey::parse(entry) } else { (!entry.is_empty()).then(|| ObjectKey::new("", entry)) }
 }
 
-fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Option<String>>) {
+/// Merges label changes into `labels`: `Some` sets a label, `None` removes it.
+pub(crate) fn merge_labels(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Option<String>>) {
     for (k, v) in changes {
         match v {
             Some(v) => labels.insert(k.clone(), v.clone()),
@@ -222,8 +289,7 @@ fn merge(labels: &mut BTreeMap<String, String>, changes: &BTreeMap<String, Optio
 /// probes through single-stack Services do.
 pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
     let names = case.pod_names();
-    let mut cluster = ModelCluster::new(&names, families);
-    cluster.not_started = case.later.clone();
+    let mut cluster = ModelCluster::for_case(case, families, 1);
     let keys: Vec<ObjectKey> = names.iter().filter_map(|n| ObjectKey::parse(n)).collect();
     let mut outcome = CaseOutcome { name: case.name.clone(), probes: Vec::new(), errors: Vec::new() };
 
@@ -245,6 +311,17 @@ pub fn run_case(case: &Case, families: Families) -> CaseOutcome {
         for spec in &step.probes {
             let expected = Reachability::parse(&spec.expect).expect("validated when the case was loaded");
             let probe = Probe { port: spec.port, protocol: spec.protocol };
+            if spec.to == ProbeTarget::Services || spec.from == ProbeSource::Node {
+                let family = families.probe_family();
+                let services = cluster.services(case, family);
+                let (observed, wrong, errors) = judge_cells(&expected, |from, to| match spec.from {
+                    ProbeSource::Node => own_node_flow(&state, &cluster, from, to, probe, family),
+                    _ => service_flows(&state, &services, spec, from, to, family),
+                });
+                outcome.errors.extend(errors.iter().map(|e| format!("step {}: internal: {e}", si + 1)));
+                outcome.probes.push(ProbeOutcome { step: si, probe, expected, observed, wrong });
+                continue;
+            }
             if spec.from == ProbeSource::Outside {
                 let (observed, wrong, errors) = outside_probe(&state, &expected, probe, families.probe_family());
                 outcome.errors.extend(errors.iter().map(|e| format!("step {}: internal: {e}", si + 1)));
@@ -418,4 +495,87 @@ fn node_probe(
         }
     }
     (observed, wrong, errors)
+}
+
+/// A probe judged cell by cell: `judge(row, column)` gives whether each connection the
+/// cell stands for is allowed; the cell shows the first answer that differs from the
+/// expectation, if any. Returns the observed matrix, the wrong cells and the errors.
+fn judge_cells(
+    expected: &Reachability,
+    mut judge: impl FnMut(&str, &str) -> Result<Vec<bool>, String>,
+) -> (Reachability, Vec<(String, String)>, Vec<String>) {
+    let mut observed = Reachability::unchecked(expected.pods.clone(), expected.targets.clone());
+    let mut wrong = Vec::new();
+    let mut errors = Vec::new();
+    for (i, from) in expected.pods.iter().enumerate() {
+        for (j, to) in expected.targets.iter().enumerate() {
+            let want = expected.cells[i][j];
+            if want == Expect::Unchecked {
+                continue;
+            }
+            let answers = match judge(from, to) {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) => {
+                    errors.push(format!("{from} -> {to}: nothing to connect to"));
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let as_expect = |ok: bool| if ok { Expect::Connected } else { Expect::Blocked };
+            let got = answers.iter().map(|ok| as_expect(*ok)).find(|g| *g != want).unwrap_or(want);
+            observed.cells[i][j] = got;
+            if got != want {
+                wrong.push((from.clone(), to.clone()));
+            }
+        }
+    }
+    (observed, wrong, errors)
+}
+
+/// A `from: node` cell: pod `to`'s own node connects from its InternalIP, from its own
+/// stack (the node exemption applies). The reference evaluator and the pod's compiled
+/// ingress table must agree.
+fn own_node_flow(
+    state: &policy_model::ClusterState,
+    cluster: &ModelCluster,
+    _from: &str,
+    to: &str,
+    probe: Probe,
+    family: Family,
+) -> Result<Vec<bool>, String> {
+    let (pod, dst) = pod_address(state, to, family)?;
+    let node = cluster.nodes.iter().find(|(n, _)| Some(n.as_str()) == pod.node.as_deref()).ok_or(format!("{to} has no node"))?;
+    let src = node.1.iter().copied().find(|a| Family::of(*a) == family).ok_or("node without an address of the family")?;
+    let flow = Flow { src, dst, protocol: IpProtocol::from(probe.protocol), port: probe.port };
+    let allowed = verdict(state, &flow).allowed;
+    if compile_pod(state, pod).ingress.allows_from(src, flow.protocol, flow.port, true) != allowed {
+        return Err(format!("node -> {to} {probe}: the reference and the compiled ingress table disagree"));
+    }
+    Ok(vec![allowed])
+}
+
+/// A cell of a `to: services` probe: each connection from `from` (a pod, or an outside
+/// client) to Service `to` as kube-proxy translates it, judged by the reference evaluator
+/// (an outside client's as forwarded: no node exemption).
+fn service_flows(
+    state: &policy_model::ClusterState,
+    services: &[crate::service::Resolved],
+    spec: &crate::case::ProbeSpec,
+    from: &str,
+    to: &str,
+    family: Family,
+) -> Result<Vec<bool>, String> {
+    let svc = services.iter().find(|s| s.key == to).ok_or(format!("no Service {to} then"))?;
+    let protocol = IpProtocol::from(spec.protocol);
+    let flow = |src, dst: std::net::SocketAddr| Flow { src, dst: dst.ip(), protocol, port: dst.port() };
+    Ok(if spec.from == ProbeSource::Outside {
+        let src = crate::case::outside_address(from, family).ok_or(format!("no outside client {from}"))?;
+        svc.outside_judged(spec.port).into_iter().map(|d| policy_model::verdict_forwarded(state, &flow(src, d)).allowed).collect()
+    } else {
+        let (_, src) = pod_address(state, from, family)?;
+        svc.judged(spec.port, spec.protocol, family).into_iter().map(|d| verdict(state, &flow(src, d)).allowed).collect()
+    })
 }

@@ -92,6 +92,8 @@ pub enum ExplainError {
     NoAddress(ObjectKey),
     #[error("{from} and {to} share no address family")]
     NoCommonFamily { from: String, to: String },
+    #[error("node {0} is not in the manifests")]
+    UnknownNode(String),
 }
 
 fn addresses(state: &ClusterState, party: &Party) -> Result<Vec<IpAddr>, ExplainError> {
@@ -183,42 +185,113 @@ pub struct NodePortExplanation {
     pub from: String,
     #[serde(flatten)]
     pub node_port: crate::node_port::NodePort,
-    /// Every backend allows the client (kube-proxy may pick any of them).
+    /// The node the client connects to (`--via-node`); none: each backend's own node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via_node: Option<String>,
+    /// Every backend the connection can reach allows it (kube-proxy may pick any).
     pub allowed: bool,
     /// One per backend, in the order of `backends`.
-    pub explanations: Vec<Explanation>,
+    pub explanations: Vec<BackendExplanation>,
 }
 
+/// How a NodePort connection reaches one backend, and its verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendExplanation {
+    /// What arrives at the backend: the client's own address, or (entering at another node
+    /// under `externalTrafficPolicy: Cluster`) that node's address, as its masquerade
+    /// leaves it; `None`: `Local` never sends the connection to this backend.
+    pub judged_as: Option<String>,
+    #[serde(flatten)]
+    pub explanation: Option<Explanation>,
+}
+
+impl BackendExplanation {
+    fn allowed(&self) -> Option<bool> {
+        self.explanation.as_ref().map(|e| e.allowed)
+    }
+}
+
+/// Explains a NodePort connection from `from`, entering at node `via_node` (none: the node
+/// of each backend, where the datapath traces the client through the masquerade). From
+/// another node, `Local` reaches only that node's backends, and `Cluster` masquerades the
+/// client to that node's address before it crosses to a backend elsewhere: the backend's
+/// node sees, and judges, that address (a forwarded packet: no node exemption).
 pub fn explain_node_port(
     state: &ClusterState,
     from: &Party,
     node_port: crate::node_port::NodePort,
     protocol: IpProtocol,
+    via_node: Option<&str>,
 ) -> Result<NodePortExplanation, ExplainError> {
+    if let Some(n) = via_node
+        && state.node(n).is_none()
+    {
+        return Err(ExplainError::UnknownNode(n.to_string()));
+    }
+    let local = node_port.external_traffic_policy == "Local";
+    let client_family = addresses(state, from)?.first().map(|a| Family::of(*a));
     let mut explanations = Vec::new();
     for b in &node_port.backends {
-        explanations.push(explain(state, from, &Party::Pod(b.pod.clone()), protocol, b.port)?);
+        let backend_node = state.pods().find(|p| p.key == b.pod).and_then(|p| p.node.clone());
+        let same_node = via_node.is_none() || via_node == backend_node.as_deref();
+        let (judged_as, explanation) = match (same_node, local, via_node) {
+            (true, _, _) | (_, _, None) => (Some(label(from)), Some(explain(state, from, &Party::Pod(b.pod.clone()), protocol, b.port)?)),
+            (false, true, _) => (None, None),
+            (false, false, Some(n)) => {
+                let node_addr = state
+                    .node(n)
+                    .and_then(|node| node.addresses.iter().copied().find(|a| Some(Family::of(*a)) == client_family))
+                    .ok_or_else(|| ExplainError::UnknownNode(format!("{n} (no address of the client's family)")))?;
+                let e = explain(state, &Party::Address(node_addr), &Party::Pod(b.pod.clone()), protocol, b.port)?;
+                (Some(node_addr.to_string()), Some(e))
+            }
+        };
+        explanations.push(BackendExplanation { judged_as, explanation });
     }
-    Ok(NodePortExplanation { from: label(from), allowed: explanations.iter().all(|e| e.allowed), node_port, explanations })
+    let reached: Vec<bool> = explanations.iter().filter_map(BackendExplanation::allowed).collect();
+    let allowed = !reached.is_empty() && reached.iter().all(|a| *a);
+    Ok(NodePortExplanation { from: label(from), via_node: via_node.map(str::to_string), allowed, node_port, explanations })
 }
 
 impl NodePortExplanation {
     pub fn render_text(&self) -> String {
         let np = &self.node_port;
-        let allowed = self.explanations.iter().filter(|e| e.allowed).count();
+        let reached: Vec<bool> = self.explanations.iter().filter_map(BackendExplanation::allowed).collect();
+        let allowed = reached.iter().filter(|a| **a).count();
         let verdict = match allowed {
+            _ if reached.is_empty() => "BLOCKED (no backend is reached)".to_string(),
             0 => "BLOCKED".to_string(),
-            n if n == self.explanations.len() => "ALLOWED".to_string(),
-            n => format!("ALLOWED to {n} of {} backends", self.explanations.len()),
+            n if n == reached.len() => "ALLOWED".to_string(),
+            n => format!("ALLOWED to {n} of {} backends", reached.len()),
         };
+        let at = self.via_node.as_ref().map(|n| format!(" on node {n}")).unwrap_or_default();
         let mut out = format!(
-            "{} -> NodePort {}/{} of Service {} (port {}): {verdict}\n  judged by the client's own address, as the datapath judges it: kube-proxy's masquerade does not change the verdict\n",
-            self.from, np.node_port, np.protocol, np.service, np.port
+            "{} -> NodePort {}/{}{at} of Service {} (port {}, externalTrafficPolicy {}): {verdict}\n",
+            self.from, np.node_port, np.protocol, np.service, np.port, np.external_traffic_policy
         );
+        out.push_str(
+            "  judged by the client's own address, as the datapath judges it: kube-proxy's masquerade does not change the verdict",
+        );
+        out.push_str(if self.via_node.is_some() {
+            " on the node the client enters\n"
+        } else {
+            " (entering at each backend's node; see --via-node)\n"
+        });
         for (b, e) in np.backends.iter().zip(&self.explanations) {
-            let _ = writeln!(out, "  via NodePort {} of Service {} to backend {} port {}:", np.node_port, np.service, b.pod, b.port);
-            for line in e.render_text().lines() {
-                let _ = writeln!(out, "    {line}");
+            let _ = write!(out, "  via NodePort {} of Service {} to backend {} port {}", np.node_port, np.service, b.pod, b.port);
+            match (&e.judged_as, &e.explanation) {
+                (None, _) | (_, None) => {
+                    let _ = writeln!(out, ": not reached (externalTrafficPolicy Local sends only to the node's own backends)");
+                }
+                (Some(as_), Some(x)) => {
+                    if *as_ != self.from {
+                        let _ = write!(out, ", on another node: masqueraded by the node the client enters, judged as {as_}");
+                    }
+                    let _ = writeln!(out, ":");
+                    for line in x.render_text().lines() {
+                        let _ = writeln!(out, "    {line}");
+                    }
+                }
             }
         }
         out

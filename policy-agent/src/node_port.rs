@@ -29,6 +29,8 @@ pub struct NodePort {
     /// The Service port (`spec.ports[].port`).
     pub port: u16,
     pub protocol: String,
+    /// `spec.externalTrafficPolicy`: `Cluster` (the default) or `Local`.
+    pub external_traffic_policy: String,
     pub backends: Vec<Backend>,
 }
 
@@ -73,7 +75,8 @@ pub fn resolve(m: &Manifests, state: &ClusterState, node_port: u16, protocol: Ip
     if backends.is_empty() {
         return Err(NodePortError::NoBackends(service));
     }
-    Ok(NodePort { service, node_port, port: sp.port as u16, protocol: proto_name, backends })
+    let policy = svc.spec.as_ref().and_then(|s| s.external_traffic_policy.clone()).unwrap_or_else(|| "Cluster".to_string());
+    Ok(NodePort { service, node_port, port: sp.port as u16, protocol: proto_name, external_traffic_policy: policy, backends })
 }
 
 /// Backends from the Service's EndpointSlices: each ready address that is a pod's, with

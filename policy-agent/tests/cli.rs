@@ -287,9 +287,38 @@ spec:
     assert!(explain("10.250.0.1"), "the node itself");
     let o = agent(&["explain", "--from", "198.51.100.11", "--node-port", "30080"], d.path());
     let text = stdout(&o);
-    assert!(text.contains("198.51.100.11 -> NodePort 30080/TCP of Service x/web (port 8080): BLOCKED"), "{text}");
+    assert!(
+        text.contains("198.51.100.11 -> NodePort 30080/TCP of Service x/web (port 8080, externalTrafficPolicy Cluster): BLOCKED"),
+        "{text}"
+    );
     assert!(text.contains("via NodePort 30080 of Service x/web to backend x/b port 80:"), "{text}");
     let o = agent(&["explain", "--from", "198.51.100.11", "--node-port", "30081"], d.path());
     assert_eq!(o.status.code(), Some(2), "no such NodePort: a usage error");
     assert!(stderr(&o).contains("no Service in the manifests has nodePort 30081/TCP"), "{}", stderr(&o));
+
+    // Entering at another node: Cluster masquerades the client to that node's address,
+    // which the backend's node judges (no exemption: it only forwards); Local does not
+    // send the connection there at all.
+    let two_nodes = format!(
+        "{OBJECTS}---\napiVersion: v1\nkind: Node\nmetadata: {{name: n2}}\nstatus: {{addresses: [{{type: InternalIP, address: 10.250.0.2}}]}}\n"
+    );
+    let d = dir_with(&[("objects.yaml", &two_nodes)]);
+    let via = |node: &str, objects: &tempfile::TempDir| {
+        let o = agent(&["explain", "--from", "198.51.100.10", "--node-port", "30080", "--via-node", node, "-o", "json"], objects.path());
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str::<Value>(&stdout(&o)).unwrap()
+    };
+    let v = via("n1", &d);
+    assert_eq!((v["allowed"].as_bool(), v["explanations"][0]["judged_as"].as_str()), (Some(true), Some("198.51.100.10")), "{v:#}");
+    let v = via("n2", &d);
+    assert_eq!((v["allowed"].as_bool(), v["explanations"][0]["judged_as"].as_str()), (Some(false), Some("10.250.0.2")), "{v:#}");
+    let o = agent(&["explain", "--from", "198.51.100.10", "--node-port", "30080", "--via-node", "n2"], d.path());
+    assert!(stdout(&o).contains("on another node: masqueraded by the node the client enters, judged as 10.250.0.2"), "{}", stdout(&o));
+    let local = dir_with(&[("objects.yaml", &two_nodes.replace("{type: NodePort,", "{type: NodePort, externalTrafficPolicy: Local,"))]);
+    let v = via("n2", &local);
+    assert_eq!((v["allowed"].as_bool(), &v["explanations"][0]["judged_as"]), (Some(false), &Value::Null), "Local: not reached: {v:#}");
+    assert_eq!(via("n1", &local)["allowed"].as_bool(), Some(true));
+    let o = agent(&["explain", "--from", "198.51.100.10", "--node-port", "30080", "--via-node", "n9"], d.path());
+    assert_eq!(o.status.code(), Some(2), "an unknown node: a usage error");
+    assert!(stderr(&o).contains("node n9 is not in the manifests"), "{}", stderr(&o));
 }

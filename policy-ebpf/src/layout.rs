@@ -39,7 +39,13 @@
 ///   `CT_CLIENT_IN_NAT` (a NodePort client in `nat_addr`). Types and maps are layout 5's:
 ///   connection tracking and pending judgments are shared with layout 5 programs during a
 ///   migration, which ignore the two new flags (a flow they judge is judged as before).
-pub const LAYOUT_VERSION: u32 = 6;
+/// - 7: `SERVICES` values say which protocols wait for DNAT: `SERVICE_DEFER_ALL` (1, what
+///   every earlier layout wrote) or `SERVICE_DEFER_TCP` (a Service with endpoints on node
+///   addresses, whose TCP flows are judged at the reply from the node's socket when the
+///   backend is this node; the program reads the replying socket's address). Types and
+///   maps are layout 6's: connection tracking and pending judgments are shared with layout
+///   6 programs during a migration, which defer every protocol of both values.
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
 pub const LAYOUTS: &[(u32, &str)] = &[
@@ -49,6 +55,7 @@ pub const LAYOUTS: &[(u32, &str)] = &[
     (4, include_str!("../layouts/v4.txt")),
     (5, include_str!("../layouts/v5.txt")),
     (6, include_str!("../layouts/v6.txt")),
+    (7, include_str!("../layouts/v7.txt")),
 ];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
@@ -176,6 +183,8 @@ mod tests {
             CT_TCP_RESET,
             CT_FROM_NODE,
             CT_CLIENT_IN_NAT,
+            SERVICE_DEFER_ALL,
+            SERVICE_DEFER_TCP,
             FLOW_VERDICT_ALLOWED,
             FLOW_VERDICT_DENIED,
             FLOW_VERDICT_AUDIT,

@@ -253,6 +253,18 @@ pub struct CtValue {
 }
 
 pub const CT_NOT_LOCAL: u32 = u32::MAX;
+
+/// `SERVICES` value: new flows of every protocol to the address wait for DNAT to be
+/// judged, against the backend (its endpoints are pods: the backend's hook or the device
+/// the flow leaves by judges it). A Service CIDR gets this too.
+pub const SERVICE_DEFER_ALL: u32 = 1;
+/// `SERVICES` value: only TCP waits for DNAT. Some endpoints are node addresses (the
+/// `kubernetes` Service's API servers, host-network pods): when the node is this one, no
+/// hook sees the flow after DNAT, and the client's egress is judged at the reply, against
+/// the replying socket's own address and port. Other protocols are judged before
+/// translation, against the Service address: a datagram would reach the node's stack
+/// before any judgment.
+pub const SERVICE_DEFER_TCP: u32 = 2;
 /// The originator is the `lo` end of the key.
 pub const CT_ORIG_IS_LO: u16 = 1;
 /// The destination was a Service address: egress is judged after translation.

@@ -27,7 +27,7 @@ use super::holds::{Holds, Observed};
 use super::interfaces::InterfaceResolver;
 use super::metrics::Shared;
 use super::observers::{SyncObserver, Synced, TrafficCounters};
-use super::services::Services;
+use super::services::{Deferred, Services};
 use super::source::{Source, View};
 use crate::datapath::{AttachPoint, EndpointStatus, Enforcer, PodInterface};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -85,7 +85,7 @@ pub struct Reconciler {
     interfaces: BTreeMap<ObjectKey, PodInterface>,
     services: Services,
     /// Service addresses in the datapath.
-    deferred: BTreeSet<Prefix>,
+    deferred: Deferred,
     holds: Holds,
     last_resolve: Instant,
     last_traffic: Instant,
@@ -135,7 +135,7 @@ impl Reconciler {
         compiler.set_audit_all(p.audit_all);
         Reconciler {
             compiler,
-            deferred: p.service_cidrs.iter().copied().collect(),
+            deferred: Deferred { all: p.service_cidrs.iter().copied().collect(), tcp_only: BTreeSet::new() },
             node: p.node,
             service_cidrs: p.service_cidrs,
             node_devices: p.node_devices,
@@ -345,10 +345,11 @@ impl Reconciler {
     /// every Service whose endpoints are pods (they follow pods: recomputed every pass).
     fn update_service_addresses(&mut self) {
         let mut deferred = self.services.deferred(self.compiler.state());
-        deferred.extend(self.service_cidrs.iter().copied());
+        deferred.all.extend(self.service_cidrs.iter().copied());
         if deferred != self.deferred {
-            let list: Vec<Prefix> = deferred.iter().copied().collect();
-            match self.enforcer.set_services(&list) {
+            let all: Vec<Prefix> = deferred.all.iter().copied().collect();
+            let tcp_only: Vec<Prefix> = deferred.tcp_only.iter().copied().collect();
+            match self.enforcer.set_service_deferrals(&all, &tcp_only) {
                 Ok(()) => self.deferred = deferred,
                 Err(e) => error!(error = %e, "cannot write the Service addresses"),
             }

@@ -1,8 +1,12 @@
 //! Services and their EndpointSlices, for the datapath's placement of egress checks: a
 //! Service address whose endpoints are all pods is judged after DNAT, against the backend
-//! (`SERVICES` map). One with an endpoint that is not a pod (the `kubernetes` Service's
-//! API server, an external endpoint) is judged before translation, because its backend may
-//! be this node itself, where no egress hook runs after DNAT.
+//! (`SERVICES` map). One whose endpoints are pods and node addresses (the `kubernetes`
+//! Service's API servers, host-network pods) is judged after DNAT for TCP only: its
+//! backend may be this node itself, where no egress hook runs after DNAT, and only a
+//! TCP flow's reply (from the node's socket, which names the backend) comes back to be
+//! judged before anything reaches the client. Its other protocols, and a Service with any
+//! other endpoint (an external address, which a masquerade on the way out would hide
+//! from the node's devices), are judged before translation, against the Service address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -72,22 +76,39 @@ impl Services {
         }
     }
 
-    /// The Service addresses whose egress judgment waits for DNAT: those whose endpoints
-    /// are all pods of `state`.
-    pub fn deferred(&self, state: &ClusterState) -> BTreeSet<Prefix> {
+    /// The Service addresses whose egress judgment waits for DNAT: for every protocol,
+    /// those whose endpoints are all pods of `state`; for TCP only, those whose endpoints
+    /// are pods and node addresses, some of them node addresses.
+    pub fn deferred(&self, state: &ClusterState) -> Deferred {
         let mut endpoints: BTreeMap<&ObjectKey, Vec<IpAddr>> = BTreeMap::new();
         for (service, addresses) in self.slices.values() {
             endpoints.entry(service).or_default().extend(addresses.iter().copied());
         }
-        let mut out = BTreeSet::new();
+        let mut out = Deferred::default();
         for (service, vips) in &self.cluster_ips {
             let eps = endpoints.get(service).map(Vec::as_slice).unwrap_or_default();
-            if !eps.is_empty() && eps.iter().all(|a| state.pod_at(*a).is_some()) {
-                out.extend(vips.iter().map(|v| Prefix::host(*v)));
-            }
+            let pods = eps.iter().filter(|a| state.pod_at(**a).is_some()).count();
+            let nodes = eps.iter().filter(|a| state.pod_at(**a).is_none() && state.node_holds(**a)).count();
+            let set = if eps.is_empty() || pods + nodes < eps.len() {
+                continue;
+            } else if nodes == 0 {
+                &mut out.all
+            } else {
+                &mut out.tcp_only
+            };
+            set.extend(vips.iter().map(|v| Prefix::host(*v)));
         }
         out
     }
+}
+
+/// Service addresses whose egress judgment waits for DNAT (see [`Services::deferred`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Deferred {
+    /// Every protocol.
+    pub all: BTreeSet<Prefix>,
+    /// TCP only: other protocols are judged against the Service address.
+    pub tcp_only: BTreeSet<Prefix>,
 }
 
 #[cfg(test)]
@@ -130,15 +151,44 @@ mod tests {
             ServiceChange::UpsertService(k("headless"), vec![]),
             ServiceChange::UpsertSlice { slice: k("headless-1"), service: k("headless"), addresses: vec!["10.244.0.1".parse().unwrap()] },
         ]);
-        let d: Vec<String> = s.deferred(&state).iter().map(|p| p.to_string()).collect();
-        assert_eq!(d, ["10.96.0.10/32", "fd10:96::10/128"]);
+        let all = |s: &Services| s.deferred(&state).all.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(all(&s), ["10.96.0.10/32", "fd10:96::10/128"]);
+        // The API server is no node address the state knows: judged before translation.
+        assert!(s.deferred(&state).tcp_only.is_empty());
         // A mixed Service (one endpoint outside the pods) is judged before translation.
         s.apply([ServiceChange::UpsertSlice { slice: k("web-3"), service: k("web"), addresses: vec!["192.168.5.5".parse().unwrap()] }]);
-        assert!(s.deferred(&state).is_empty());
+        assert!(s.deferred(&state).all.is_empty());
         s.apply([ServiceChange::DeleteSlice(k("web-3"))]);
-        assert_eq!(s.deferred(&state).len(), 2);
+        assert_eq!(s.deferred(&state).all.len(), 2);
         s.apply([ServiceChange::DeleteService(k("web"))]);
-        assert!(s.deferred(&state).is_empty());
+        assert!(s.deferred(&state).all.is_empty());
+    }
+
+    #[test]
+    fn services_with_node_endpoints_wait_for_dnat_over_tcp_only() {
+        let mut state = ClusterState::new();
+        state.upsert_pod(pod("x", "a", "10.244.0.1"));
+        state.upsert_node(policy_model::Node { name: "n".into(), addresses: vec!["10.250.0.1".parse().unwrap()] });
+        let mut s = Services::default();
+        let api = ObjectKey::new("default", "kubernetes");
+        s.apply([
+            ServiceChange::UpsertService(api.clone(), vec!["10.96.0.1".parse().unwrap()]),
+            ServiceChange::UpsertSlice { slice: api.clone(), service: api.clone(), addresses: vec!["10.250.0.1".parse().unwrap()] },
+        ]);
+        let d = s.deferred(&state);
+        assert!(d.all.is_empty());
+        assert_eq!(d.tcp_only.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["10.96.0.1/32"]);
+        // With a pod endpoint too: still TCP only.
+        let extra = ObjectKey::new("default", "kubernetes-2");
+        s.apply([ServiceChange::UpsertSlice {
+            slice: extra.clone(),
+            service: api.clone(),
+            addresses: vec!["10.244.0.1".parse().unwrap()],
+        }]);
+        assert_eq!(s.deferred(&state).tcp_only.len(), 1);
+        // With an external endpoint: before translation.
+        s.apply([ServiceChange::UpsertSlice { slice: extra, service: api, addresses: vec!["192.0.2.7".parse().unwrap()] }]);
+        assert_eq!(s.deferred(&state), Deferred::default());
     }
 
     #[test]

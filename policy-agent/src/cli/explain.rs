@@ -29,6 +29,12 @@ pub struct Args {
     /// kube-proxy's masquerade does.
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub node_port: Option<u16>,
+    /// With --node-port: the node the client connects to. Backends on other nodes are
+    /// then reached as kube-proxy sends them: not at all with externalTrafficPolicy
+    /// Local, masqueraded to that node's address with Cluster (and judged as it). Without
+    /// it, each backend is reached through its own node.
+    #[arg(long, value_name = "NODE", requires = "node_port")]
+    pub via_node: Option<String>,
     /// TCP, UDP, SCTP, ICMP, ICMPv6 or an IP protocol number.
     #[arg(long, default_value = "TCP")]
     pub protocol: IpProtocol,
@@ -48,7 +54,8 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
             return Err(CliError::Usage(format!("--node-port needs TCP, UDP or SCTP, not {}", args.protocol)));
         }
         let np = crate::node_port::resolve(&objects, &state, node_port, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
-        let e = explain_node_port(&state, &args.from, np, args.protocol).map_err(|e| CliError::Usage(e.to_string()))?;
+        let e = explain_node_port(&state, &args.from, np, args.protocol, args.via_node.as_deref())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
         match args.output {
             OutputFormat::Text => super::emit(&e.render_text())?,
             OutputFormat::Json => super::emit_json(&e)?,

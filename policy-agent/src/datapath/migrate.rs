@@ -386,13 +386,14 @@ mod tests {
         assert_eq!(maps_dir_in_force(tmp.path()).unwrap(), tmp.path().join(&ours));
     }
 
-    /// Maps of an older layout (3, 4) are migrated (a new generation), with connection
+    /// Maps of an older layout (3 to 6) are migrated (a new generation), with connection
     /// tracking and pending judgments shared: layout 4 added the flow event maps, layout 5
-    /// audit mode (flags, directions and a verdict: constants only).
+    /// audit mode (flags, directions and a verdict: constants only), layouts 6 and 7
+    /// constants only.
     #[test]
     fn older_layouts_are_migrated_sharing_connection_tracking() {
-        assert_eq!(LAYOUT_VERSION, 6);
-        for old in [3, 4, 5] {
+        assert_eq!(LAYOUT_VERSION, 7);
+        for old in [3, 4, 5, 6] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = dir_name(old, &sizes(), 5);
             mk(tmp.path(), &["links", &dir]);
@@ -411,6 +412,8 @@ mod tests {
         assert!(!policy_ebpf::layout::same_items(4, 5, &["FLOW_VERDICT_AUDIT"]), "v4 has no audit verdict");
         assert!(policy_ebpf::layout::same_items(5, 6, &tables), "layout 6 changes no type nor map");
         assert!(!policy_ebpf::layout::same_items(5, 6, &["PEER_OWN_NODE"]), "v5 has no own-node entries");
+        assert!(policy_ebpf::layout::same_items(6, 7, &tables), "layout 7 changes no type nor map");
+        assert!(!policy_ebpf::layout::same_items(6, 7, &["SERVICE_DEFER_TCP"]), "v6 defers every protocol");
     }
 
     #[test]

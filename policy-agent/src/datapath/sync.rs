@@ -64,7 +64,8 @@ use aya::maps::lpm_trie::Key;
 use policy_ebpf::{
     Addr, DIRECTION_AUDIT_EGRESS, DIRECTION_AUDIT_INGRESS, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_AUDIT_EGRESS,
     ENDPOINT_AUDIT_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointKey, EndpointValue,
-    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PEER_OWN_NODE, PeerKey, PeerValue, PortBits, PortKey,
+    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PEER_OWN_NODE, PeerKey, PeerValue, PortBits, PortKey, SERVICE_DEFER_ALL,
+    SERVICE_DEFER_TCP,
 };
 use policy_model::{EndpointTables, ObjectKey, PeerTable, Prefix};
 
@@ -437,7 +438,8 @@ pub struct MapSync {
     /// The maps' capacities (as of the last `adopt` or `run`).
     sizes: MapSizes,
     /// Service prefixes in the map.
-    services: BTreeSet<(policy_ebpf::Addr, u32)>,
+    /// `SERVICES` as written: prefix (address, length) and value.
+    services: BTreeMap<(policy_ebpf::Addr, u32), u32>,
     /// Failed map writes since start (for metrics).
     pub write_errors: u64,
     /// New endpoints' first revision is above this (a migration sharing the previous
@@ -1104,14 +1106,20 @@ impl MapSync {
     }
 
     /// Sets the Service addresses (VIPs, or Service CIDRs) whose egress judgment waits for
-    /// DNAT: writes only the prefixes that are new, deletes those that went away.
-    pub fn set_services(&mut self, dp: &mut Datapath, prefixes: &[Prefix]) -> Result<(), String> {
-        let want: BTreeSet<(policy_ebpf::Addr, u32)> = prefixes.iter().map(encode_prefix).collect();
-        for (addr, len) in want.difference(&self.services) {
-            dp.services.insert(&Key::new(*len, *addr), 1, 0).map_err(|e| format!("writing Service prefix: {}", write_error(&e).message))?;
+    /// DNAT, each with its `SERVICE_DEFER_*` value (a prefix in both lists gets
+    /// `SERVICE_DEFER_TCP`): writes only what is new or changed, deletes what went away.
+    pub fn set_services(&mut self, dp: &mut Datapath, all: &[Prefix], tcp_only: &[Prefix]) -> Result<(), String> {
+        let mut want: BTreeMap<(policy_ebpf::Addr, u32), u32> = all.iter().map(|p| (encode_prefix(p), SERVICE_DEFER_ALL)).collect();
+        want.extend(tcp_only.iter().map(|p| (encode_prefix(p), SERVICE_DEFER_TCP)));
+        for (&(addr, len), &value) in &want {
+            if self.services.get(&(addr, len)) != Some(&value) {
+                dp.services
+                    .insert(&Key::new(len, addr), value, 0)
+                    .map_err(|e| format!("writing Service prefix: {}", write_error(&e).message))?;
+            }
         }
-        for (addr, len) in self.services.difference(&want) {
-            let _ = dp.services.remove(&Key::new(*len, *addr));
+        for &(addr, len) in self.services.keys().filter(|k| !want.contains_key(k)) {
+            let _ = dp.services.remove(&Key::new(len, addr));
         }
         self.services = want;
         Ok(())

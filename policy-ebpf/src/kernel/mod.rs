@@ -228,7 +228,18 @@ fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
 /// approval on record is not from `ep`'s current revision. `orig`: this packet travels in
 /// the flow's original direction; `ep_is_src`: `ep` sent it.
 #[inline(always)]
-fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, orig: bool, now: u64, ifindex: u32) -> bool {
+#[allow(clippy::too_many_arguments)]
+fn established(
+    ctx: &TcContext,
+    c: &mut CtValue,
+    key: &CtKey,
+    p: &Packet,
+    ep: &EndpointValue,
+    ep_is_src: bool,
+    orig: bool,
+    now: u64,
+    ifindex: u32,
+) -> bool {
     // `ep` originated the flow iff it sends in the original direction or receives a reply.
     let ep_is_originator = ep_is_src == orig;
     let ok = if ep_is_originator {
@@ -237,8 +248,17 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
         } else {
             // The originator's egress again, toward the backend it was judged against (or
             // the plain destination).
+            let mut node_backend = None;
+            if c.flags & CT_VIA_SERVICE != 0 && c.src_rev == 0 && !orig {
+                // The reply of a Service flow that no hook judged after DNAT: its backend
+                // is the node's own stack (the `kubernetes` Service's API server, a
+                // host-network pod), which the reply's socket names.
+                node_backend = node_socket_local(ctx);
+            }
             let (remote, port) = if c.flags & CT_VIA_SERVICE != 0 && c.src_rev != 0 {
                 (c.nat_addr, c.nat_port)
+            } else if let Some(backend) = node_backend {
+                backend
             } else if orig {
                 (p.dst, p.dport)
             } else {
@@ -251,6 +271,11 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
             }
             if j.allowed {
                 c.src_rev = ep.revision;
+                if node_backend.is_some() {
+                    // A policy change judges the flow against the backend again.
+                    c.nat_addr = remote;
+                    c.nat_port = port;
+                }
             }
             j.allowed
         }
@@ -297,7 +322,7 @@ fn established(c: &mut CtValue, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_
 /// Writes the packet's flow key into `s.key` and looks it up: `Some(verdict)` if the flow
 /// is tracked and fresh. Returns whether the packet's source is the key's `lo` end too.
 #[inline(always)]
-fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifindex: u32) -> (bool, Option<bool>) {
+fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifindex: u32) -> (bool, Option<bool>) {
     let p = &s.packet;
     let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
@@ -333,7 +358,7 @@ fn tracked(s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifind
         return (src_is_lo, None);
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
-    let ok = established(c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
+    let ok = established(ctx, c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
     if ok && ep_is_src {
         let h = &mut s.handoff;
         h.key = s.key;
@@ -409,9 +434,13 @@ fn pending_key(p: &Packet) -> PendingKey {
     k
 }
 
+/// Whether a new flow to `addr` over `protocol` waits for DNAT to be judged (`SERVICES`).
 #[inline(always)]
-fn is_service(addr: &Addr) -> bool {
-    SERVICES.get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr)).is_some()
+fn deferred_to_dnat(addr: &Addr, protocol: u8) -> bool {
+    match SERVICES.get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr)) {
+        Some(v) => *v != SERVICE_DEFER_TCP || protocol == PROTO_TCP,
+        None => false,
+    }
 }
 
 /// A local source's egress toward the post-DNAT destination, for a flow whose judgment
@@ -466,7 +495,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let now = now();
-    let (src_is_lo, known) = tracked(s, &ep, true, now, ifindex);
+    let (src_is_lo, known) = tracked(ctx, s, &ep, true, now, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_EGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -475,7 +504,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     // that kube-proxy also masquerades: hairpin, masqueradeAll; a NodePort of this node).
     note_arrival(ctx, &mut s.arrival, &s.packet, now);
     let p = &s.packet;
-    if p.l4 != L4::Error && is_service(&p.dst) {
+    if p.l4 != L4::Error && deferred_to_dnat(&p.dst, p.protocol) {
         // Judged after DNAT, against the backend; remember where the flow started.
         let pk = pending_key(p);
         track(s, src_is_lo, 0, CT_NOT_LOCAL, CT_VIA_SERVICE, now);
@@ -520,7 +549,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let now = now();
-    let (src_is_lo, known) = tracked(s, &ep, false, now, ifindex);
+    let (src_is_lo, known) = tracked(ctx, s, &ep, false, now, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_INGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -578,6 +607,41 @@ fn from_node_stack(ctx: &TcContext) -> bool {
     // compared with null, never dereferenced.
     unsafe { !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() }
 }
+
+/// The local address and port of the node's socket that sent this packet (see
+/// `from_node_stack`), if it has a specific address: a wildcard-bound datagram socket
+/// names none, and the caller then falls back to what the packet shows. An IPv4 flow on
+/// a dual-stack socket has its address v4-mapped, as `Addr` holds IPv4.
+#[inline(always)]
+fn node_socket_local(ctx: &TcContext) -> Option<(Addr, u16)> {
+    // SAFETY: reading `sk` of the context's `__sk_buff`, as tc programs may; the verifier
+    // types it as a socket or null.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null `sk` of a tc program's context points at a socket's common part,
+    // whose family, local address and port (`struct bpf_sock`) tc programs may read.
+    let (family, port, v4, v6) = unsafe { ((*sk).family, (*sk).src_port, (*sk).src_ip4, (*sk).src_ip6) };
+    let v4 = v4.to_ne_bytes();
+    let addr = if family == AF_INET6 && (v6[0] | v6[1] | v6[2] | v6[3]) != 0 {
+        let w = |i: usize| v6[i].to_ne_bytes();
+        let (a, b, c, d) = (w(0), w(1), w(2), w(3));
+        Addr([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]])
+    } else if (family == AF_INET || family == AF_INET6) && v4 != [0; 4] && v4 != LOOPBACK4_IPV6 {
+        // An IPv4 flow: an IPv4 socket's, or one a dual-stack listener's request socket
+        // holds (its family is the listener's, its IPv6 address unset).
+        packet::mapped_v4(v4)
+    } else {
+        return None;
+    };
+    Some((addr, port as u16))
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// What an IPv6-only socket holds as its IPv4 address (`LOOPBACK4_IPV6`, 127.0.0.6).
+const LOOPBACK4_IPV6: [u8; 4] = [127, 0, 0, 6];
 
 /// Whether `a` is `node_ingress`'s record of this very packet (see `Arrival`).
 #[inline(always)]
@@ -646,7 +710,7 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let now = now();
     let ifindex = ifindex(ctx);
-    let (src_is_lo, known) = tracked(s, &ep, true, now, ifindex);
+    let (src_is_lo, known) = tracked(ctx, s, &ep, true, now, ifindex);
     if let Some(ok) = known {
         if !ok {
             count(&ep, DIRECTION_EGRESS, false, ctx.len());
