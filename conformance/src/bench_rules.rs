@@ -221,6 +221,18 @@ impl BenchPolicy {
 
     /// The two NetworkPolicies (server ingress, client egress) as model changes.
     pub fn network_policies(&self) -> Vec<Change> {
+        self.policies_named("", json!({}))
+    }
+
+    /// Copies of [`BenchPolicy::network_policies`] (same rules, names `bench-*-audit`)
+    /// annotated `policy-agent.io/enforcement: audit`: beside the enforced ones, each side
+    /// gets an audit table as big as its enforced table, which a new flow the enforced one
+    /// allows is looked up in too.
+    pub fn audited_copies(&self) -> Vec<Change> {
+        self.policies_named("-audit", json!({"policy-agent.io/enforcement": "audit"}))
+    }
+
+    fn policies_named(&self, suffix: &str, annotations: Value) -> Vec<Change> {
         let rules = |rules: &[Rule], peer_key: &str| -> Vec<Value> {
             rules
                 .iter()
@@ -243,7 +255,7 @@ impl BenchPolicy {
         let np = |name: &str, spec: Value| -> Change {
             Change::UpsertPolicy(Box::new(
                 serde_json::from_value(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                    "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}))
+                    "metadata": {"name": format!("{name}{suffix}"), "namespace": NAMESPACE, "annotations": annotations}, "spec": spec}))
                 .expect("a valid NetworkPolicy"),
             ))
         };

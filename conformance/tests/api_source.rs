@@ -3,7 +3,8 @@
 //! watches is enforced; after API outages of 5 s, 30 s and 120 s, each ended by a restart
 //! with a new version base (every watch gets 410), a change made right after the API is
 //! back is enforced (within a generous deadline; the time is printed, `bench_agent`
-//! measures it); an invalid NetworkPolicy becomes a Kubernetes Event naming it.
+//! measures it); an invalid NetworkPolicy becomes a Kubernetes Event naming it, as does an
+//! invalid enforcement annotation (and a valid `audit` one audits).
 //! Needs root and BPF; fails, never skips, without them.
 //!
 //! `API_SOURCE_OUTAGES=5,30,120` (seconds) sets the outages.
@@ -279,6 +280,53 @@ fn a_blind_hold_is_bounded() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !c.tcp("x/a", "x/c") {
         assert!(Instant::now() < deadline, "released: its traffic passes until its pod is known:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An enforcement annotation the agent does not know (issue 14) is a Kubernetes Event
+/// naming the object and the annotation, and the policy is enforced meanwhile; the same
+/// for a Namespace's annotation. A valid `audit` one, from the API, audits.
+#[test]
+fn an_invalid_enforcement_annotation_becomes_an_event_and_the_policy_is_enforced() {
+    let c = Cluster::new();
+    let agent = c.agent();
+    c.wait_for(true, Duration::from_secs(10), &agent, "no policy");
+    c.api.apply_json(objects::network_policy_json(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "b-ingress", "namespace": "x", "annotations": {"policy-agent.io/enforcement": "sometimes"}},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}})));
+    c.wait_for(false, Duration::from_secs(10), &agent, "a default-deny with an invalid enforcement annotation is enforced");
+    let event = wait_event(&c, "b-ingress", &agent);
+    assert_eq!(event["regarding"]["kind"], "NetworkPolicy", "{event}");
+    assert_eq!(event["regarding"]["namespace"], "x", "{event}");
+    assert_eq!(event["type"], "Warning", "{event}");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(note.contains("policy-agent.io/enforcement") && note.contains("sometimes"), "{event}");
+
+    let mut ns = objects::namespace(&policy_model::Namespace::new("x".to_string(), Default::default()));
+    ns["metadata"]["annotations"] = json!({"policy-agent.io/enforcement": "maybe"});
+    c.api.apply_json(ns);
+    let event = wait_event(&c, "x", &agent);
+    assert_eq!(event["regarding"]["kind"], "Namespace", "{event}");
+    assert!(event["note"].as_str().unwrap_or_default().contains("maybe"), "{event}");
+    // Still enforced: an invalid Namespace annotation audits nothing.
+    c.wait_for(false, Duration::from_secs(2), &agent, "still enforced");
+    // Audit mode from the API: the annotation on the policy (the agent once dropped it
+    // when decoding NetworkPolicies from the API) lets the traffic through.
+    c.api.apply_json(objects::network_policy_json(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "b-ingress", "namespace": "x", "annotations": {"policy-agent.io/enforcement": "audit"}},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"]}})));
+    c.wait_for(true, Duration::from_secs(10), &agent, "the audited default-deny lets x/a through");
+}
+
+/// The agent's `InvalidAnnotation` Event about `name`, within 10 s.
+fn wait_event(c: &Cluster, name: &str, agent: &AgentProcess) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(e) = c.api.events().into_iter().find(|e| e["regarding"]["name"] == name && e["reason"] == "InvalidAnnotation") {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "no InvalidAnnotation Event for {name}; events: {:?}\n{}", c.api.events(), agent.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -54,12 +54,7 @@ impl Run {
         let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
         let config = futures::executor::block_on(kube::Config::from_custom_kubeconfig(kc, &Default::default())).unwrap();
         let client = kube::Client::try_from(config).unwrap();
-        Run {
-            source: KubeSource::start(client),
-            compiler: NodeCompiler::new("node-1"),
-            services: Services::default(),
-            invalid: Vec::new(),
-        }
+        Run { source: KubeSource::start(client), compiler: NodeCompiler::new("node-1"), services: Services::default(), invalid: Vec::new() }
     }
 
     /// Applies everything the source reports until `done` holds (or 20 s pass).
@@ -129,7 +124,7 @@ async fn lists_then_events_for_every_kind() {
     api.apply_json(objects::endpoint_slice("x", "web-abc", "web", &["10.244.0.1".parse().unwrap()], 8080));
     run.until("the events", |r| {
         let st = r.compiler.state();
-        !r.services.deferred(st).is_empty()
+        !r.services.deferred(st).all.is_empty()
             && st.pod(&k("x/c")).is_some()
             && st.pod(&k("y/b")).is_none()
             && st.namespace("w").is_some()
@@ -138,7 +133,7 @@ async fn lists_then_events_for_every_kind() {
             && st.policy(&k("x/deny")).is_some_and(|p| !p.pod_selector.is_everything())
     })
     .await;
-    let deferred: Vec<String> = run.services.deferred(run.compiler.state()).iter().map(|p| p.to_string()).collect();
+    let deferred: Vec<String> = run.services.deferred(run.compiler.state()).all.iter().map(|p| p.to_string()).collect();
     assert_eq!(deferred, ["10.96.0.10/32"], "the Service backed by pod x/a is judged after DNAT");
     let st = run.compiler.state();
     assert_eq!(st.namespace("y").unwrap().labels.get("team"), Some("blue"), "namespace modified");
@@ -217,7 +212,9 @@ async fn cluster_policies_once_their_crd_is_installed() {
     api.apply_json(node);
     // The CRD is looked for again with backoff (1 s, doubling): within a few seconds.
     run.until("the CRD's objects", |r| {
-        r.compiler.state().cluster_policy("c").is_some() && r.invalid.iter().any(|i| i.contains("bad")) && r.compiler.state().node_labels("node-2").get("zone") == Some("b")
+        r.compiler.state().cluster_policy("c").is_some()
+            && r.invalid.iter().any(|i| i.contains("bad"))
+            && r.compiler.state().node_labels("node-2").get("zone") == Some("b")
     })
     .await;
     assert!(run.compiler.state().cluster_policy("bad").is_none(), "an invalid policy is not enforced");

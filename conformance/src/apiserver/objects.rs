@@ -207,10 +207,18 @@ pub fn network_policy_json(applied: Value) -> Value {
     let mut obj = applied.clone();
     obj["apiVersion"] = json!("networking.k8s.io/v1");
     obj["kind"] = json!("NetworkPolicy");
+    // As `kubectl apply` leaves it: the applied object's own annotations, and the applied
+    // configuration (those annotations included) in one more.
+    let mut annotations = applied.pointer("/metadata/annotations").cloned().filter(Value::is_object).unwrap_or(json!({}));
     let mut last = applied.clone();
-    last["metadata"]["annotations"] = json!({});
-    obj["metadata"]["annotations"] = json!({"kubectl.kubernetes.io/last-applied-configuration": format!("{last}\n")});
-    let fields = json!({"metadata": {"annotations": {"kubectl.kubernetes.io/last-applied-configuration": ""}}, "spec": applied.get("spec").cloned().unwrap_or(json!({}))});
+    last["metadata"]["annotations"] = annotations.clone();
+    annotations["kubectl.kubernetes.io/last-applied-configuration"] = json!(format!("{last}\n"));
+    let mut annotation_fields = annotations.clone();
+    for v in annotation_fields.as_object_mut().expect("an object").values_mut() {
+        *v = json!("");
+    }
+    obj["metadata"]["annotations"] = annotations;
+    let fields = json!({"metadata": {"annotations": annotation_fields}, "spec": applied.get("spec").cloned().unwrap_or(json!({}))});
     obj["metadata"]["managedFields"] = json!([{"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "networking.k8s.io/v1",
         "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields_v1(&fields)}]);
     obj

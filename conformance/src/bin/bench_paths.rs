@@ -13,6 +13,9 @@
 //! - a node device's `node_ingress`: an arriving SYN (noted for NodePort clients) and an
 //!   established packet.
 //!
+//! `--audit` adds an audited copy of each side's policies: the new-flow figures then
+//! carry the audit table's lookup (run it with and without to see that cost).
+//!
 //! Each path's verdict is checked, so a figure is never that of another path. The
 //! verifier's instruction counts come last. Run as root:
 //! `cargo run --release -p conformance --bin bench_paths -- --help`.
@@ -51,6 +54,11 @@ struct Args {
     /// Write the figures as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also give each side an audited copy of its policies (annotation
+    /// `policy-agent.io/enforcement: audit`, the same rules): new flows then pay the audit
+    /// table's lookup too; established flows are unchanged.
+    #[arg(long)]
+    audit: bool,
 }
 
 const CLIENT: (&str, [u8; 4]) = ("x/client", [10, 244, 0, 10]);
@@ -256,6 +264,9 @@ fn main() -> Result<()> {
     let policy = BenchPolicy::generate(args.rules, Ipv4Addr::from(CLIENT.1), Ipv4Addr::from(SERVER.1));
     let mut changes: Vec<Change> = policy.peer_pods().into_iter().map(Change::UpsertPod).collect();
     changes.extend(policy.network_policies());
+    if args.audit {
+        changes.extend(policy.audited_copies());
+    }
     rig.apply(changes)?;
     let veths = Veths { client: rig.node.ifindex("pv0")?, server: rig.node.ifindex("pv1")?, intruder: rig.node.ifindex("pv2")? };
     let (figures, counts) = {
@@ -265,8 +276,12 @@ fn main() -> Result<()> {
     rig.detach();
 
     println!(
-        "\nPer-path cost (BPF_PROG_TEST_RUN, mean ns per run, least of {} × {} runs), {} rules per side, flow events: {}",
-        args.rounds, args.runs, args.rules, args.flow_events
+        "\nPer-path cost (BPF_PROG_TEST_RUN, mean ns per run, least of {} × {} runs), {} rules per side{}, flow events: {}",
+        args.rounds,
+        args.runs,
+        args.rules,
+        if args.audit { " and as many audited" } else { "" },
+        args.flow_events
     );
     println!("{:<40} {:>12} {:>10}", "path", "program", "ns/run");
     for f in &figures {
@@ -281,7 +296,7 @@ fn main() -> Result<()> {
     }
     if let Some(path) = &args.json {
         let doc = json!({
-            "settings": {"rules_per_side": args.rules, "runs": args.runs, "rounds": args.rounds, "new_flows": args.new_flows, "flow_events": args.flow_events},
+            "settings": {"rules_per_side": args.rules, "audited_copies": args.audit, "runs": args.runs, "rounds": args.rounds, "new_flows": args.new_flows, "flow_events": args.flow_events},
             "paths": figures.iter().map(|f| json!({"path": f.path, "program": f.program, "ns_per_run": f.ns})).collect::<Vec<_>>(),
             "programs": counts.iter().map(|(n, (v, s))| (n.to_string(), json!({"verified_instructions": v, "size_instructions": s}))).collect::<BTreeMap<_, _>>(),
         });

@@ -47,7 +47,8 @@ use crate::agent::services::ServiceChange;
 pub use slim::{SlimClusterNetworkPolicy, SlimEndpointSlice, SlimNamespace, SlimNetworkPolicy, SlimNode, SlimPod, SlimService};
 
 /// The kinds the agent watches; each must be readable under `permissions::API_ACCESS`.
-pub const WATCHED_KINDS: [&str; 7] = ["namespaces", "pods", "networkpolicies", "clusternetworkpolicies", "nodes", "services", "endpointslices"];
+pub const WATCHED_KINDS: [&str; 7] =
+    ["namespaces", "pods", "networkpolicies", "clusternetworkpolicies", "nodes", "services", "endpointslices"];
 
 /// While a kind's CRD is not installed (404 on its list), it is looked for again after
 /// this long, doubling up to [`ABSENT_RETRY_MAX`]: a missing CRD is a cluster's normal
@@ -333,7 +334,10 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
                 // The CRD is not installed (or was removed): there are no such objects,
                 // which is a complete view, not an outage. Said once per absence.
                 if !absent {
-                    warn!(kind = K::KIND, "the resource is not served (CRD not installed); enforcing without it, and looking for it again with backoff");
+                    warn!(
+                        kind = K::KIND,
+                        "the resource is not served (CRD not installed); enforcing without it, and looking for it again with backoff"
+                    );
                     absent = true;
                 }
                 delay.reset();
@@ -670,12 +674,13 @@ pub mod slim {
     resource!(SlimNetworkPolicy, net::NetworkPolicy);
 
     impl SlimNetworkPolicy {
-        /// Name and namespace, and the spec.
+        /// Name, namespace, the enforcement annotation (audit mode), and the spec.
         pub fn to_k8s(&self) -> net::NetworkPolicy {
             net::NetworkPolicy {
                 metadata: ObjectMeta {
                     name: self.metadata.0.name.clone(),
                     namespace: self.metadata.0.namespace.clone(),
+                    annotations: self.metadata.0.annotations.clone(),
                     ..Default::default()
                 },
                 spec: self.spec.clone(),
@@ -830,5 +835,10 @@ mod tests {
             "annotations": {"other": "1"}}, "spec": {"podSelector": {}}}))
         .unwrap();
         assert_eq!(np.metadata.0.annotations, None);
+        // The annotation reaches the model (audit mode from the API).
+        let np: SlimNetworkPolicy = serde_json::from_value(serde_json::json!({"metadata": {"name": "p", "namespace": "x",
+            "annotations": {"other": "1", "policy-agent.io/enforcement": "audit"}}, "spec": {"podSelector": {}}}))
+        .unwrap();
+        assert!(policy_model::Policy::from_k8s(&np.to_k8s()).unwrap().enforcement.is_audit());
     }
 }
