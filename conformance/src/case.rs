@@ -313,8 +313,9 @@ pub enum ProbeTarget {
     Nodes,
     /// Services the case declares: the header names them (`ns/name`, any of the case's,
     /// in any order), and the probe's port is a port of each. A cell holds for every
-    /// address its Service stands for: the ClusterIP; a headless one's backends (at
-    /// their target port, as a client that resolved its DNS name connects); an
+    /// address its Service stands for: the ClusterIP and each backend at its target port
+    /// (what the ClusterIP translates to: it picks one at random per connection); a
+    /// headless one's backends (as a client that resolved its DNS name connects); an
     /// ExternalName's outside address. From `outside`: the NodePort (`via: nodePort`) on
     /// the node of the Service's first backend, or the LoadBalancer IP.
     Services,
@@ -697,6 +698,9 @@ impl Lifecycle {
             if matches!(self.state(pod)?, PodLife::NotYet | PodLife::Deleted) {
                 return Err(format!("labelPod: {pod} does not exist then"));
             }
+        }
+        if let Some(ns) = step.label_namespace.keys().find(|ns| !self.namespaces.contains(ns)) {
+            return Err(format!("labelNamespace: namespace {ns} does not exist then"));
         }
         Ok(())
     }

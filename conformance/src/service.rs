@@ -164,7 +164,10 @@ impl Resolved<'_> {
     }
 
     /// The addresses a client connects to for the Service's port `port`/`protocol` (see
-    /// `ProbeTarget::Services`): empty if it has no such port.
+    /// `ProbeTarget::Services`): empty if it has no such port. A ClusterIP reaches one
+    /// backend at random per connection, so each backend (at its target port, what the
+    /// ClusterIP translates to) is probed directly too: a backend judged wrongly cannot
+    /// hide behind a lucky draw.
     pub fn destinations(&self, port: u16, protocol: Protocol, family: Family) -> Vec<SocketAddr> {
         let Some(i) = self.spec.ports.iter().position(|p| p.port == port && p.protocol == protocol) else { return Vec::new() };
         if self.spec.kind == ServiceType::ExternalName {
@@ -173,7 +176,9 @@ impl Resolved<'_> {
         if self.spec.is_headless() {
             return self.backends[i].iter().map(|b| SocketAddr::new(b.addr, b.port)).collect();
         }
-        vec![SocketAddr::new(cluster_ip(self.index, family), port)]
+        std::iter::once(SocketAddr::new(cluster_ip(self.index, family), port))
+            .chain(self.backends[i].iter().map(|b| SocketAddr::new(b.addr, b.port)))
+            .collect()
     }
 
     /// Where a client's connection to the Service's port ends after kube-proxy's
@@ -435,7 +440,11 @@ steps: []
         assert_eq!(web.backends[1], [Backend { addr: specs[1].ips[0], port: 81, node: 0 }]);
         let k = r.iter().find(|s| s.key == "default/kubernetes").unwrap();
         assert_eq!(k.backends[0], [Backend { addr: "10.250.0.1".parse().unwrap(), port: 6443, node: 0 }]);
-        assert_eq!(k.destinations(443, Protocol::Tcp, Family::Ipv4), [SocketAddr::new(cluster_ip(k.index, Family::Ipv4), 443)]);
+        assert_eq!(
+            k.destinations(443, Protocol::Tcp, Family::Ipv4),
+            [SocketAddr::new(cluster_ip(k.index, Family::Ipv4), 443), "10.250.0.1:6443".parse().unwrap()],
+            "the ClusterIP, and each backend directly"
+        );
         // An empty selector selects nothing here (the harness's headless Service selects
         // by labels): no backends.
         let all = r.iter().find(|s| s.key == "x/all").unwrap();

@@ -248,13 +248,12 @@ fn established(
         } else {
             // The originator's egress again, toward the backend it was judged against (or
             // the plain destination).
-            let mut node_backend = None;
-            if c.flags & CT_VIA_SERVICE != 0 && c.src_rev == 0 && !orig {
-                // The reply of a Service flow that no hook judged after DNAT: its backend
-                // is the node's own stack (the `kubernetes` Service's API server, a
-                // host-network pod), which the reply's socket names.
-                node_backend = node_socket_local(ctx);
-            }
+            // The reply of a Service flow that no hook judged after DNAT: judged here,
+            // against the backend if the node's own stack is it (the `kubernetes`
+            // Service's API server, a host-network pod: the reply's socket names it), else
+            // against the Service address the reply shows.
+            let unjudged_service_reply = c.flags & CT_VIA_SERVICE != 0 && c.src_rev == 0 && !orig;
+            let node_backend = if unjudged_service_reply { node_socket_local(ctx, &p.src) } else { None };
             let (remote, port) = if c.flags & CT_VIA_SERVICE != 0 && c.src_rev != 0 {
                 (c.nat_addr, c.nat_port)
             } else if let Some(backend) = node_backend {
@@ -269,13 +268,19 @@ fn established(
                 // Its first judgment of the flow (not a revision's re-judgment): an event.
                 flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &remote, port, false);
             }
+            if unjudged_service_reply {
+                // Judged now, whatever the answer: the pending judgment goes (a later flow
+                // from the same address and port must not take it over), and a policy
+                // change judges the flow against the same remote again.
+                let mut pk = pending_key(p);
+                pk.addr = p.dst;
+                pk.port = p.dport;
+                let _ = PENDING.remove(&pk);
+                c.nat_addr = remote;
+                c.nat_port = port;
+            }
             if j.allowed {
                 c.src_rev = ep.revision;
-                if node_backend.is_some() {
-                    // A policy change judges the flow against the backend again.
-                    c.nat_addr = remote;
-                    c.nat_port = port;
-                }
             }
             j.allowed
         }
@@ -463,9 +468,13 @@ fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32, from: &Add
         if let Some(ct) = ct_entry(&s.other) {
             // SAFETY: see `tracked`.
             let c = unsafe { &mut *ct };
-            c.src_rev = src.revision;
-            c.nat_addr = p.dst;
-            c.nat_port = p.dport;
+            // Only a flow still waiting for this judgment: never one judged already (a
+            // stale record must not approve it).
+            if c.flags & CT_VIA_SERVICE != 0 && c.src_rev == 0 {
+                c.src_rev = src.revision;
+                c.nat_addr = p.dst;
+                c.nat_port = p.dport;
+            }
         }
         let _ = PENDING.remove(&pk);
     }
@@ -610,10 +619,12 @@ fn from_node_stack(ctx: &TcContext) -> bool {
 
 /// The local address and port of the node's socket that sent this packet (see
 /// `from_node_stack`), if it has a specific address: a wildcard-bound datagram socket
-/// names none, and the caller then falls back to what the packet shows. An IPv4 flow on
-/// a dual-stack socket has its address v4-mapped, as `Addr` holds IPv4.
+/// names none, and the caller then falls back to what the packet shows. `src`: the
+/// packet's source, whose family picks the field: an IPv4 flow reads the IPv4 address
+/// (a dual-stack listener's request socket has its IPv6 one unset), an IPv6 flow the
+/// IPv6 one.
 #[inline(always)]
-fn node_socket_local(ctx: &TcContext) -> Option<(Addr, u16)> {
+fn node_socket_local(ctx: &TcContext, src: &Addr) -> Option<(Addr, u16)> {
     // SAFETY: reading `sk` of the context's `__sk_buff`, as tc programs may; the verifier
     // types it as a socket or null.
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
@@ -624,14 +635,17 @@ fn node_socket_local(ctx: &TcContext) -> Option<(Addr, u16)> {
     // whose family, local address and port (`struct bpf_sock`) tc programs may read.
     let (family, port, v4, v6) = unsafe { ((*sk).family, (*sk).src_port, (*sk).src_ip4, (*sk).src_ip6) };
     let v4 = v4.to_ne_bytes();
-    let addr = if family == AF_INET6 && (v6[0] | v6[1] | v6[2] | v6[3]) != 0 {
+    // SAFETY: `Addr` is 16 bytes with 8-byte alignment: two u64s, any bit pattern valid.
+    let words = unsafe { &*(src as *const Addr as *const [u64; 2]) };
+    // `::ffff:a.b.c.d` (see `packet::mapped_v4`): the first eight bytes zero, then 0, 0,
+    // 0xff, 0xff.
+    let ipv4 = words[0] == 0 && words[1].to_ne_bytes()[..4] == [0, 0, 0xff, 0xff];
+    let addr = if ipv4 && (family == AF_INET || family == AF_INET6) && v4 != [0; 4] && v4 != LOOPBACK4_IPV6 {
+        packet::mapped_v4(v4)
+    } else if !ipv4 && family == AF_INET6 && (v6[0] | v6[1] | v6[2] | v6[3]) != 0 {
         let w = |i: usize| v6[i].to_ne_bytes();
         let (a, b, c, d) = (w(0), w(1), w(2), w(3));
         Addr([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]])
-    } else if (family == AF_INET || family == AF_INET6) && v4 != [0; 4] && v4 != LOOPBACK4_IPV6 {
-        // An IPv4 flow: an IPv4 socket's, or one a dual-stack listener's request socket
-        // holds (its family is the listener's, its IPv6 address unset).
-        packet::mapped_v4(v4)
     } else {
         return None;
     };
