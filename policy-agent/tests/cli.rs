@@ -321,4 +321,7 @@ spec:
     let o = agent(&["explain", "--from", "198.51.100.10", "--node-port", "30080", "--via-node", "n9"], d.path());
     assert_eq!(o.status.code(), Some(2), "an unknown node: a usage error");
     assert!(stderr(&o).contains("node n9 is not in the manifests"), "{}", stderr(&o));
+    let o = agent(&["explain", "--from", "198.51.100.10", "--to", "x/b", "--port", "80", "--via-node", "n1"], d.path());
+    assert_eq!(o.status.code(), Some(2), "--via-node without --node-port: a usage error, not ignored");
+    assert!(stderr(&o).contains("--via-node goes with --node-port"), "{}", stderr(&o));
 }

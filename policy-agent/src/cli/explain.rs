@@ -46,6 +46,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
+    if args.via_node.is_some() && args.node_port.is_none() {
+        // clap's `requires` does not hold against `--to`'s conflict: said here.
+        return Err(CliError::Usage("--via-node goes with --node-port".into()));
+    }
     let (objects, mut state, errors) = load_with_objects(&args.manifests)?;
     state.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     let Some(to) = &args.to else {
