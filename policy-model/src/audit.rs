@@ -25,7 +25,7 @@ use crate::error::{FieldError, InvalidObject};
 use crate::objects::{ObjectKey, Pod};
 use crate::policy::Direction;
 use crate::state::ClusterState;
-use crate::table::{AuditTable, AuditTables, EndpointTables};
+use crate::table::{AuditTable, AuditTables, EndpointTables, PeerTable};
 
 /// The annotation that audits a NetworkPolicy, or every NetworkPolicy of a Namespace.
 pub const ENFORCEMENT_ANNOTATION: &str = "policy-agent.io/enforcement";
@@ -132,17 +132,29 @@ pub fn compile_audit(
 ) -> AuditTables {
     let mut out = AuditTables::default();
     for direction in Direction::BOTH {
-        let audited = audited_for(state, pod, direction);
-        if audited.is_empty() {
-            continue;
-        }
-        let table = state.with_view(View::Audit, |s| crate::compile::compile_direction(s, pod, direction, node_addresses, cache));
-        if !table.isolated || table.same_datapath(enforced.table(direction)) {
-            continue;
-        }
-        *out.get_mut(direction) = Some(AuditTable { audited, table });
+        *out.get_mut(direction) = compile_audit_direction(state, pod, direction, node_addresses, enforced.table(direction), cache);
     }
     out
+}
+
+/// [`compile_audit`] for one direction, whose enforced table is `enforced`.
+pub fn compile_audit_direction(
+    state: &mut ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    node_addresses: &BTreeSet<IpAddr>,
+    enforced: &PeerTable,
+    cache: &mut TierCache,
+) -> Option<AuditTable> {
+    let audited = audited_for(state, pod, direction);
+    if audited.is_empty() {
+        return None;
+    }
+    let table = state.with_view(View::Audit, |s| crate::compile::compile_direction(s, pod, direction, node_addresses, cache));
+    if !table.isolated || table.same_datapath(enforced) {
+        return None;
+    }
+    Some(AuditTable { audited, table })
 }
 
 /// Both tables of `pod` (see [`crate::compile_pod`]) with its audit tables.

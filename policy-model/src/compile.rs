@@ -7,9 +7,11 @@
 //! for which it is the longest match. One LPM lookup then answers for any address, and
 //! entries equal to their parent are dropped, so the table is minimal.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::cnp::TierCache;
 use crate::ip::{Family, Prefix};
@@ -32,7 +34,8 @@ pub(crate) struct Grant {
     pub(crate) cidr: Prefix,
     /// Holes in `cidr` (ipBlock except); empty for plain prefixes.
     pub(crate) except: Vec<Prefix>,
-    pub(crate) ports: PortSet,
+    /// Shared by the grants of one rule that allow the same ports (one per peer address).
+    pub(crate) ports: Arc<PortSet>,
     pub(crate) origin: Origin,
     /// Index into the rule list; `None` for the implicit grants (own address, node).
     pub(crate) rule: Option<u32>,
@@ -94,9 +97,10 @@ pub(crate) fn compile_direction(
 
 /// What no policy can block: the pod's own addresses.
 pub(crate) fn exempt_grants(state: &ClusterState, pod: &Pod) -> Vec<Grant> {
+    let all = Arc::new(PortSet::all());
     state
         .owned_ips(pod)
-        .map(|ip| Grant { cidr: Prefix::host(ip), except: vec![], ports: PortSet::all(), origin: Origin::OwnAddress, rule: None })
+        .map(|ip| Grant { cidr: Prefix::host(ip), except: vec![], ports: all.clone(), origin: Origin::OwnAddress, rule: None })
         .collect()
 }
 
@@ -192,6 +196,7 @@ pub(crate) fn policy_grants(
                 None => vec![Target::Everything],
                 Some(peers) => peers.iter().map(Target::Peer).collect(),
             };
+            let uniform = Arc::new(uniform);
             for target in targets {
                 if !uniform.is_empty() {
                     match target {
@@ -215,7 +220,7 @@ pub(crate) fn policy_grants(
                         }),
                         Target::Peer(peer @ Peer::Pods { .. }) => {
                             for peer_pod in state.peer_pods(&policy.key.namespace, peer) {
-                                for ip in state.owned_ips(peer_pod) {
+                                for ip in state.peer_ips(peer_pod) {
                                     grants.push(Grant {
                                         cidr: Prefix::host(ip),
                                         except: vec![],
@@ -247,7 +252,8 @@ pub(crate) fn policy_grants(
                         if resolved.is_empty() {
                             continue;
                         }
-                        for ip in state.owned_ips(dst) {
+                        let resolved = Arc::new(resolved);
+                        for ip in state.peer_ips(dst) {
                             if let Target::Peer(Peer::Block(b)) = target {
                                 if !b.contains(ip) {
                                     continue;

@@ -6,15 +6,18 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::cnp::{ClusterNetworkPolicy, ClusterPolicy};
 use crate::cnp::TierCache;
-use crate::compile::compile_endpoint_with;
-use crate::labels::Labels;
+use crate::cnp::{ClusterNetworkPolicy, ClusterPolicy};
+use crate::compile::compile_direction;
 use crate::error::InvalidObject;
+use crate::labels::Labels;
 use crate::objects::{Namespace, Node, ObjectKey, Pod};
 use crate::policy::{Direction, NamespaceScope, Peer, Policy, PortSpec};
 use crate::state::ClusterState;
-use crate::table::{EndpointId, EndpointTables};
+use crate::table::{EndpointId, EndpointTables, same_audit_datapath};
+
+mod dirty;
+use dirty::{Dirs, Dirty};
 
 /// One change to the cluster, as a watch reports it.
 #[derive(Debug, Clone)]
@@ -34,7 +37,10 @@ pub enum Change {
     DeleteClusterPolicy(String),
     /// A node's labels (`cnp::node_labels_from_k8s`), which ClusterNetworkPolicy `nodes`
     /// peers read; sent beside `UpsertNode` because [`Node`] has no labels.
-    UpsertNodeLabels { node: String, labels: Labels },
+    UpsertNodeLabels {
+        node: String,
+        labels: Labels,
+    },
 }
 
 /// A ClusterNetworkPolicy accepted with peers this model cannot honour: they fail closed.
@@ -161,7 +167,7 @@ impl NodeCompiler {
     /// Applies a batch of changes and recompiles what they may affect.
     pub fn apply(&mut self, changes: impl IntoIterator<Item = Change>) -> ChangeReport {
         let mut report = ChangeReport::default();
-        let mut dirty: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut dirty = Dirty::default();
         for change in changes {
             self.apply_one(change, &mut dirty, &mut report);
         }
@@ -169,7 +175,7 @@ impl NodeCompiler {
         report
     }
 
-    fn apply_one(&mut self, change: Change, dirty: &mut BTreeSet<ObjectKey>, report: &mut ChangeReport) {
+    fn apply_one(&mut self, change: Change, dirty: &mut Dirty, report: &mut ChangeReport) {
         if self.unchanged(&change) {
             return;
         }
@@ -213,7 +219,9 @@ impl NodeCompiler {
                     let key = policy.key();
                     self.rejected.remove(&key);
                     if !policy.warnings.is_empty() {
-                        report.cluster_policy_warnings.push(ClusterPolicyWarning { name: policy.name.clone(), warnings: policy.warnings.clone() });
+                        report
+                            .cluster_policy_warnings
+                            .push(ClusterPolicyWarning { name: policy.name.clone(), warnings: policy.warnings.clone() });
                     }
                     if let Some(old) = self.state.cluster_policy(&policy.name) {
                         self.mark_cluster_policy_subjects(old, dirty);
@@ -374,7 +382,9 @@ impl NodeCompiler {
 
     fn has_node_peers(&self) -> bool {
         use crate::cnp::ClusterPeer;
-        self.state.cluster_policies().any(|p| p.ingress.iter().chain(&p.egress).any(|r| r.peers.iter().any(|x| matches!(x, ClusterPeer::Nodes(_)))))
+        self.state
+            .cluster_policies()
+            .any(|p| p.ingress.iter().chain(&p.egress).any(|r| r.peers.iter().any(|x| matches!(x, ClusterPeer::Nodes(_)))))
     }
 
     /// For every pod or namespace peer of every ClusterNetworkPolicy, in order: whether it
@@ -401,7 +411,7 @@ impl NodeCompiler {
 
     /// A namespace's audit annotation changes to `audit`: its local pods' tables (and
     /// audit tables) may change, since its policies only select its own pods.
-    fn mark_namespace_audit(&self, namespace: &str, audit: bool, dirty: &mut BTreeSet<ObjectKey>) {
+    fn mark_namespace_audit(&self, namespace: &str, audit: bool, dirty: &mut Dirty) {
         let was = self.state.namespace(namespace).is_some_and(|ns| ns.enforcement.is_audit());
         if was != audit {
             dirty.extend(self.state.pods_in(namespace).filter(|p| self.is_local(p)).map(|p| p.key.clone()));
@@ -416,34 +426,37 @@ impl NodeCompiler {
             return report;
         }
         self.state.set_audit_all(on);
-        let dirty: BTreeSet<ObjectKey> = self.endpoints.keys().cloned().collect();
+        let mut dirty = Dirty::default();
+        dirty.extend(self.endpoints.keys().cloned());
         self.recompile(dirty, &mut report);
         report
     }
 
-    /// Local pods a ClusterNetworkPolicy selects.
-    fn mark_cluster_policy_subjects(&self, policy: &ClusterPolicy, dirty: &mut BTreeSet<ObjectKey>) {
+    /// Local pods a ClusterNetworkPolicy selects, in the directions it has rules for.
+    fn mark_cluster_policy_subjects(&self, policy: &ClusterPolicy, dirty: &mut Dirty) {
+        let dirs = Dirs::of(|d| !policy.rules(d).is_empty());
         for pod in self.state.pods() {
             if self.is_local(pod) && crate::cnp::eval::selects(&self.state, policy, pod) {
-                dirty.insert(pod.key.clone());
+                dirty.mark(pod.key.clone(), dirs);
             }
         }
     }
 
-    /// Local pods a policy selects.
-    fn mark_policy_targets(&self, policy: &Policy, dirty: &mut BTreeSet<ObjectKey>) {
+    /// Local pods a policy selects, and those it selected, in its directions.
+    fn mark_policy_targets(&self, policy: &Policy, dirty: &mut Dirty) {
+        let dirs = Dirs::of(|d| policy.rules(d).is_some());
         for pod in self.state.pods_in(&policy.key.namespace) {
             if self.is_local(pod) && self.state.selects(policy, pod) {
-                dirty.insert(pod.key.clone());
+                dirty.mark(pod.key.clone(), dirs);
             }
         }
-        if let Some(users) = self.policy_users.get(&policy.key) {
-            dirty.extend(users.iter().cloned());
+        for user in self.policy_users.get(&policy.key).into_iter().flatten() {
+            dirty.mark(user.clone(), dirs);
         }
     }
 
     /// Endpoints whose tables may depend on `pod` (as it is now in the state, or `pod`).
-    fn mark_pod(&self, pod: Option<&Pod>, dirty: &mut BTreeSet<ObjectKey>) {
+    fn mark_pod(&self, pod: Option<&Pod>, dirty: &mut Dirty) {
         if let Some(pod) = pod {
             self.mark_pod_except(pod, &[pod], dirty);
         }
@@ -451,7 +464,7 @@ impl NodeCompiler {
 
     /// As [`Self::mark_pod`]; holders of its addresses equal to one of `marked` are not
     /// walked again (`marked` includes `pod`, or the caller walks it).
-    fn mark_pod_except(&self, pod: &Pod, marked: &[&Pod], dirty: &mut BTreeSet<ObjectKey>) {
+    fn mark_pod_except(&self, pod: &Pod, marked: &[&Pod], dirty: &mut Dirty) {
         if pod.node.as_deref() == Some(self.node.as_str()) {
             dirty.insert(pod.key.clone());
             if pod.host_network {
@@ -467,7 +480,7 @@ impl NodeCompiler {
 
     /// Endpoints using a policy whose peers may cover `pod`. This walks every policy in
     /// use on the node: the one cost every pod upsert pays, so callers avoid repeats.
-    fn mark_peer_users(&self, pod: &Pod, dirty: &mut BTreeSet<ObjectKey>) {
+    fn mark_peer_users(&self, pod: &Pod, dirty: &mut Dirty) {
         for (policy_key, users) in &self.policy_users {
             if let Some(policy) = self.state.policy(policy_key) {
                 if policy_depends_on_pod(&self.state, policy, pod) {
@@ -478,13 +491,13 @@ impl NodeCompiler {
     }
 
     /// Other pods claiming the same addresses: ownership may move between them.
-    fn mark_address_holders(&self, ips: &[IpAddr], dirty: &mut BTreeSet<ObjectKey>) {
+    fn mark_address_holders(&self, ips: &[IpAddr], dirty: &mut Dirty) {
         self.mark_address_holders_except(ips, &[], dirty)
     }
 
     /// As [`Self::mark_address_holders`], skipping the peers' walk for a holder equal to
     /// one of `marked` (their users are marked already).
-    fn mark_address_holders_except(&self, ips: &[IpAddr], marked: &[&Pod], dirty: &mut BTreeSet<ObjectKey>) {
+    fn mark_address_holders_except(&self, ips: &[IpAddr], marked: &[&Pod], dirty: &mut Dirty) {
         let mut walked: Vec<&ObjectKey> = Vec::new();
         for ip in ips {
             if let Some(holder) = self.state.pod_at(*ip) {
@@ -501,13 +514,7 @@ impl NodeCompiler {
         }
     }
 
-    fn mark_namespace_peers(
-        &self,
-        namespace: &str,
-        old: &crate::labels::Labels,
-        new: &crate::labels::Labels,
-        dirty: &mut BTreeSet<ObjectKey>,
-    ) {
+    fn mark_namespace_peers(&self, namespace: &str, old: &crate::labels::Labels, new: &crate::labels::Labels, dirty: &mut Dirty) {
         if old == new {
             return;
         }
@@ -525,61 +532,55 @@ impl NodeCompiler {
         }
     }
 
-    fn recompile(&mut self, dirty: BTreeSet<ObjectKey>, report: &mut ChangeReport) {
+    fn recompile(&mut self, dirty: Dirty, report: &mut ChangeReport) {
         if dirty.is_empty() {
             return;
         }
         let node_addresses = self.state.node_addresses(&self.node);
-        for key in dirty {
+        for (key, dirs) in dirty {
             let pod = self.state.pod(&key).filter(|p| self.is_local(p)).cloned();
-            match pod {
-                None => {
-                    self.cluster_policy_users.remove(&key);
-                    if let Some(old) = self.endpoints.remove(&key) {
-                        self.forget_users(&key, &old.policies);
-                        self.free_ids.insert(old.id);
-                        report.removed.push((key, old.id));
-                    }
+            let Some(pod) = pod else {
+                self.cluster_policy_users.remove(&key);
+                if let Some(old) = self.endpoints.remove(&key) {
+                    self.forget_users(&key, &old.policies);
+                    self.free_ids.insert(old.id);
+                    report.removed.push((key, old.id));
                 }
-                Some(pod) => {
-                    report.recompiled += 1;
-                    let mut tables = compile_endpoint_with(&self.state, &pod, &node_addresses, &mut self.tier_cache);
-                    // The cache holds what rules match, whatever the view.
-                    tables.audit = crate::audit::compile_audit(&mut self.state, &pod, &node_addresses, &tables, &mut self.tier_cache);
-                    // Audited cluster policies too: their peers' changes reach the audit tables.
-                    let cluster_user = self
-                        .state
-                        .with_view(crate::audit::View::Audit, |s| Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(s, &pod, *d)));
-                    if cluster_user {
-                        self.cluster_policy_users.insert(key.clone());
-                    } else {
-                        self.cluster_policy_users.remove(&key);
+                continue;
+            };
+            report.recompiled += 1;
+            // Audited cluster policies too: their peers' changes reach the audit tables.
+            let cluster_user =
+                self.state.with_view(crate::audit::View::Audit, |s| Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(s, &pod, *d)));
+            if cluster_user {
+                self.cluster_policy_users.insert(key.clone());
+            } else {
+                self.cluster_policy_users.remove(&key);
+            }
+            let policies: Vec<ObjectKey> =
+                self.state.policies_in(&pod.key.namespace).filter(|p| self.state.selects(p, &pod)).map(|p| p.key.clone()).collect();
+            let old_policies = self.endpoints.get(&key).map(|e| e.policies.clone()).unwrap_or_default();
+            self.forget_users(&key, &old_policies);
+            for p in &policies {
+                self.policy_users.entry(p.clone()).or_default().insert(key.clone());
+            }
+            match self.endpoints.get_mut(&key) {
+                Some(ep) => {
+                    if update_tables(&mut self.state, &mut self.tier_cache, &pod, &node_addresses, dirs, &mut ep.tables) {
+                        ep.revision = ep.revision.wrapping_add(1).max(1);
+                        report.changed.push(key.clone());
                     }
-                    let policies: Vec<ObjectKey> =
-                        self.state.policies_in(&pod.key.namespace).filter(|p| self.state.selects(p, &pod)).map(|p| p.key.clone()).collect();
-                    let old_policies = self.endpoints.get(&key).map(|e| e.policies.clone()).unwrap_or_default();
-                    self.forget_users(&key, &old_policies);
-                    for p in &policies {
-                        self.policy_users.entry(p.clone()).or_default().insert(key.clone());
-                    }
-                    match self.endpoints.get_mut(&key) {
-                        Some(ep) => {
-                            if !ep.tables.same_datapath(&tables) {
-                                ep.revision = ep.revision.wrapping_add(1).max(1);
-                                report.changed.push(key.clone());
-                            }
-                            ep.tables = tables;
-                            ep.policies = policies;
-                        }
-                        None => {
-                            let id = self.free_ids.pop_first().unwrap_or_else(|| {
-                                self.next_id += 1;
-                                self.next_id - 1
-                            });
-                            self.endpoints.insert(key.clone(), Endpoint { id, revision: 1, tables, policies });
-                            report.added.push(key);
-                        }
-                    }
+                    ep.policies = policies;
+                }
+                None => {
+                    let mut tables = EndpointTables::empty(pod.key.clone());
+                    update_tables(&mut self.state, &mut self.tier_cache, &pod, &node_addresses, Dirs::BOTH, &mut tables);
+                    let id = self.free_ids.pop_first().unwrap_or_else(|| {
+                        self.next_id += 1;
+                        self.next_id - 1
+                    });
+                    self.endpoints.insert(key.clone(), Endpoint { id, revision: 1, tables, policies });
+                    report.added.push(key);
                 }
             }
         }
@@ -595,6 +596,30 @@ impl NodeCompiler {
             }
         }
     }
+}
+
+/// Recompiles the `dirs` tables of `pod` (enforced and audit) into `tables`, keeping the
+/// others; whether anything the datapath sees changed.
+fn update_tables(
+    state: &mut ClusterState,
+    cache: &mut TierCache,
+    pod: &Pod,
+    node_addresses: &BTreeSet<IpAddr>,
+    dirs: Dirs,
+    tables: &mut EndpointTables,
+) -> bool {
+    let addresses: Vec<IpAddr> = state.owned_ips(pod).collect();
+    let mut changed = addresses != tables.addresses;
+    tables.addresses = addresses;
+    for direction in dirs.iter() {
+        let table = compile_direction(state, pod, direction, node_addresses, cache);
+        // The cache holds what rules match, whatever the view.
+        let audit = crate::audit::compile_audit_direction(state, pod, direction, node_addresses, &table, cache);
+        changed |= !table.same_datapath(tables.table(direction)) || !same_audit_datapath(audit.as_ref(), tables.audit.get(direction));
+        *tables.table_mut(direction) = table;
+        *tables.audit.get_mut(direction) = audit;
+    }
+    changed
 }
 
 fn all_peers(policy: &Policy) -> impl Iterator<Item = &Peer> {

@@ -8,12 +8,17 @@
 //! pods) do not accumulate.
 
 use std::collections::HashSet;
+
+use foldhash::fast::RandomState;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
+/// The shared slices, and the size at which to sweep them.
+type Slices<T> = (HashSet<Arc<[T]>, RandomState>, usize);
+
 /// A set of shared slices of one type (see the module docs).
 pub struct Interner<T: 'static> {
-    set: Mutex<Option<(HashSet<Arc<[T]>>, usize)>>,
+    set: Mutex<Option<Slices<T>>>,
 }
 
 impl<T: Hash + Eq + Clone + 'static> Interner<T> {
@@ -24,7 +29,7 @@ impl<T: Hash + Eq + Clone + 'static> Interner<T> {
     /// The shared copy of `items`.
     pub fn get(&self, items: &[T]) -> Arc<[T]> {
         let mut guard = self.set.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (set, sweep_at) = guard.get_or_insert_with(|| (HashSet::new(), 1024));
+        let (set, sweep_at) = guard.get_or_insert_with(|| (HashSet::default(), 1024));
         if let Some(found) = set.get(items) {
             return found.clone();
         }
@@ -45,7 +50,7 @@ impl<T: Hash + Eq + Clone + 'static> Default for Interner<T> {
 }
 
 struct StringSet {
-    strings: HashSet<Arc<str>>,
+    strings: HashSet<Arc<str>, RandomState>,
     /// Sweep when the set reaches this size.
     sweep_at: usize,
 }
@@ -55,7 +60,7 @@ static INTERNER: Mutex<Option<StringSet>> = Mutex::new(None);
 /// The shared copy of `s`.
 pub fn intern(s: &str) -> Arc<str> {
     let mut guard = INTERNER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let i = guard.get_or_insert_with(|| StringSet { strings: HashSet::new(), sweep_at: 1024 });
+    let i = guard.get_or_insert_with(|| StringSet { strings: HashSet::default(), sweep_at: 1024 });
     if let Some(found) = i.strings.get(s) {
         return found.clone();
     }

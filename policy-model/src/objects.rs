@@ -26,8 +26,10 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> ObjectKey {
-        // Namespaces repeat across thousands of keys: one shared copy each.
-        ObjectKey { namespace: crate::intern::intern(namespace.as_ref()), name: Arc::from(name.as_ref()) }
+        // Namespaces repeat across thousands of keys, and a pod's name across the versions
+        // of the pod that updates bring: one shared copy each, so that keys of one object
+        // compare by pointer (interned provenance lists are looked up by them).
+        ObjectKey { namespace: crate::intern::intern(namespace.as_ref()), name: crate::intern::intern(name.as_ref()) }
     }
 
     /// Parses `namespace/name`.

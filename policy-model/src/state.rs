@@ -83,6 +83,10 @@ impl<T: Ord> SortedVec<T> {
         matches!(self, SortedVec::Empty)
     }
 
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
     fn as_slice(&self) -> &[T] {
         match self {
             SortedVec::Empty => &[],
@@ -115,7 +119,11 @@ pub struct ClusterState {
     /// Every address, with every pod and node that claims it. Claims by several pods happen
     /// briefly when an address is reused; the first pod (by namespace/name) wins, the same
     /// for the evaluator and the compiler.
-    addresses: HashMap<IpAddr, AddressHolders>,
+    addresses: HashMap<IpAddr, AddressHolders, foldhash::fast::RandomState>,
+    /// Addresses that two pods or more claim. Usually none: then every pod owns all of its
+    /// addresses, and [`Self::owned_ips`] needs no lookup (one per peer address was an
+    /// eighth of a compile).
+    contested: usize,
     /// Namespaces that hold pods, with their pod count: namespace selectors must see a
     /// namespace whose object we have not (yet) seen.
     pod_namespaces: BTreeMap<String, usize>,
@@ -231,6 +239,17 @@ impl ClusterState {
         // `self.pods` (upsert_pod/remove_pod), so comparing keys is enough, and interned
         // keys compare by pointer: this runs once per peer pod address in a compile.
         pod.ips.iter().copied().filter(move |ip| self.addresses.get(ip).and_then(|h| h.pods.first()).is_some_and(|k| *k == pod.key))
+    }
+
+    /// [`Self::owned_ips`] of a pod borrowed from this state (`peer_pods`, `pods_in`): with
+    /// no contested address, all of its addresses, without a lookup each.
+    pub(crate) fn peer_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
+        debug_assert!(self.pods.get(&pod.key).is_some_and(|p| std::ptr::eq(p, pod)), "{} is not borrowed from the state", pod.key);
+        let uncontested = self.contested == 0 && !pod.host_network;
+        pod.ips
+            .iter()
+            .copied()
+            .filter(move |ip| uncontested || self.addresses.get(ip).and_then(|h| h.pods.first()).is_some_and(|k| *k == pod.key))
     }
 
     /// The addresses traffic from node `name` comes from: the Node's addresses and its
@@ -408,7 +427,11 @@ impl ClusterState {
                     h.nodes.insert(n.clone());
                 }
             } else {
+                let before = h.pods.len();
                 h.pods.insert(pod.key.clone());
+                if before == 1 && h.pods.len() == 2 {
+                    self.contested += 1;
+                }
             }
         }
         *self.pod_namespaces.entry(pod.key.namespace.to_string()).or_default() += 1;
@@ -430,7 +453,11 @@ impl ClusterState {
         }
         for ip in &old.ips {
             if let Some(h) = self.addresses.get_mut(ip) {
+                let before = h.pods.len();
                 h.pods.remove(key);
+                if before == 2 && h.pods.len() == 1 {
+                    self.contested -= 1;
+                }
                 if old.host_network {
                     self.recompute_node_claims(*ip);
                 }
@@ -478,5 +505,48 @@ impl ClusterState {
         if self.addresses.get(&ip).is_some_and(|h| h.pods.is_empty() && h.nodes.is_empty()) {
             self.addresses.remove(&ip);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ip: &str) -> Pod {
+        Pod {
+            key: ObjectKey::new("ns", name),
+            labels: Labels::new(),
+            ips: vec![ip.parse().unwrap()],
+            node: Some("n1".into()),
+            host_network: false,
+            named_ports: vec![],
+        }
+    }
+
+    /// What each pod's peer addresses are, read as `compile` reads them.
+    fn peer_ips(state: &ClusterState) -> Vec<(String, Vec<IpAddr>)> {
+        state.pods().map(|p| (p.key.name.to_string(), state.peer_ips(p).collect())).collect()
+    }
+
+    #[test]
+    fn a_reused_address_belongs_to_its_first_holder_until_it_goes() {
+        let mut s = ClusterState::new();
+        s.upsert_pod(pod("b", "10.0.0.1"));
+        s.upsert_pod(pod("c", "10.0.0.2"));
+        assert_eq!(peer_ips(&s), vec![("b".into(), vec!["10.0.0.1".parse().unwrap()]), ("c".into(), vec!["10.0.0.2".parse().unwrap()])]);
+        // a takes b's address while b still holds it: a (first by name) owns it.
+        s.upsert_pod(pod("a", "10.0.0.1"));
+        assert_eq!(s.contested, 1);
+        let got = peer_ips(&s);
+        assert_eq!(got[0], ("a".into(), vec!["10.0.0.1".parse().unwrap()]));
+        assert_eq!(got[1], ("b".into(), vec![]));
+        // a moves on: b owns its address again, and nothing is contested.
+        s.upsert_pod(pod("a", "10.0.0.3"));
+        assert_eq!(s.contested, 0);
+        assert_eq!(peer_ips(&s)[1], ("b".into(), vec!["10.0.0.1".parse().unwrap()]));
+        s.upsert_pod(pod("d", "10.0.0.2"));
+        s.remove_pod(&ObjectKey::new("ns", "c"));
+        assert_eq!(s.contested, 0);
+        assert_eq!(peer_ips(&s).iter().map(|(_, ips)| ips.len()).sum::<usize>(), 3);
     }
 }

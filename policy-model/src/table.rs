@@ -165,6 +165,17 @@ pub struct EndpointTables {
 }
 
 impl EndpointTables {
+    /// The tables of a pod before any compile: no address, nothing isolated.
+    pub fn empty(pod: ObjectKey) -> EndpointTables {
+        EndpointTables {
+            pod,
+            addresses: Vec::new(),
+            ingress: PeerTable::not_isolated(),
+            egress: PeerTable::not_isolated(),
+            audit: AuditTables::default(),
+        }
+    }
+
     pub fn same_datapath(&self, other: &EndpointTables) -> bool {
         self.addresses == other.addresses
             && self.ingress.same_datapath(&other.ingress)
@@ -182,6 +193,14 @@ impl EndpointTables {
         match direction {
             crate::policy::Direction::Ingress => &self.ingress,
             crate::policy::Direction::Egress => &self.egress,
+        }
+    }
+
+    /// The enforced table of one direction, to replace.
+    pub fn table_mut(&mut self, direction: crate::policy::Direction) -> &mut PeerTable {
+        match direction {
+            crate::policy::Direction::Ingress => &mut self.ingress,
+            crate::policy::Direction::Egress => &mut self.egress,
         }
     }
 
@@ -232,15 +251,20 @@ impl AuditTables {
     }
 
     pub fn same_datapath(&self, other: &AuditTables) -> bool {
-        let same = |a: &Option<AuditTable>, b: &Option<AuditTable>| match (a, b) {
-            (None, None) => true,
-            (Some(a), Some(b)) => a.table.same_datapath(&b.table),
-            _ => false,
-        };
-        same(&self.ingress, &other.ingress) && same(&self.egress, &other.egress)
+        same_audit_datapath(self.ingress.as_ref(), other.ingress.as_ref())
+            && same_audit_datapath(self.egress.as_ref(), other.egress.as_ref())
     }
 
     pub fn entry_count(&self) -> usize {
         [&self.ingress, &self.egress].iter().filter_map(|t| t.as_ref()).map(|t| t.table.entries.len()).sum()
+    }
+}
+
+/// Whether two audit tables of one direction (`None`: none) are the same to the datapath.
+pub fn same_audit_datapath(a: Option<&AuditTable>, b: Option<&AuditTable>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.table.same_datapath(&b.table),
+        _ => false,
     }
 }

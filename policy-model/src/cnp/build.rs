@@ -14,9 +14,11 @@
 //! the endpoints with the same rules), and the endpoint's own grants ([`LocalGrant`]).
 //! Regions that decide alike are evaluated once ([`Region`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use super::cache::Merged;
 use super::model::Action;
@@ -178,7 +180,7 @@ type Start = (usize, usize, Option<u32>);
 /// grants are keyed by their class, local ones (rare at a prefix) by their starts.
 #[derive(Default)]
 struct Memo {
-    by_class: HashMap<(usize, u32), Rc<Region>, FxBuild>,
+    by_class: HashMap<(usize, u32), Rc<Region>>,
     with_local: HashMap<(usize, u32, Vec<Start>), Rc<Region>>,
 }
 
@@ -363,6 +365,12 @@ fn stands_for(inp: &Inputs, here: &Here, merged: Option<&Arc<[Origin]>>, prefix:
     if let Some(m) = merged.filter(|_| local_only_merged && prefix.len() != 0) {
         return m.clone();
     }
+    // Most of the others stand for one grant of the endpoint's own (a NetworkPolicy peer).
+    if let ([g], [], [], None) = (here.plain.as_slice(), here.blocks.as_slice(), here.excepts.as_slice(), merged) {
+        if prefix.len() != 0 {
+            return Origin::shared(std::slice::from_ref(inp.local[*g].origin));
+        }
+    }
     let mut origins: BTreeSet<Origin> = BTreeSet::new();
     if prefix.len() == 0 {
         origins.insert(Origin::Remainder);
@@ -376,26 +384,3 @@ fn stands_for(inp: &Inputs, here: &Here, merged: Option<&Arc<[Origin]>>, prefix:
     }
     Origin::shared(&origins.into_iter().collect::<Vec<_>>())
 }
-/// A fast hasher for the memo's keys (integers); SipHash's DoS resistance buys nothing
-/// here and cost a tenth of a compile.
-#[derive(Default)]
-struct FxHasher(u64);
-
-impl std::hash::Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FxBuild = std::hash::BuildHasherDefault<FxHasher>;

@@ -1,7 +1,9 @@
 //! What ClusterNetworkPolicy rules match, kept across compiles: see [`TierCache`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::model::*;
 use crate::ip::Prefix;

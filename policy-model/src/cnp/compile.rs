@@ -5,8 +5,9 @@
 //!
 //! This module gathers an endpoint's layers and grants; `build` walks them.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::build::{Inputs, Layer, LocalGrant, build};
 use super::cache::{RuleGrant, RuleKey, TierCache};
@@ -66,8 +67,12 @@ pub(crate) fn tiered_direction(state: &ClusterState, pod: &Pod, direction: Direc
 
     let exempt = exempt_grants(state, pod);
     let mut local: Vec<LocalGrant> = Vec::with_capacity(exempt.len() + np_grants.len());
+    // One reference per distinct port set: `build` recognises the grants that decide alike
+    // by it (a NetworkPolicy rule gives each of its peer pods a copy of its ports).
+    let mut canonical: HashMap<&PortSet, &PortSet> = HashMap::new();
     for (g, layer) in exempt.iter().map(|g| (g, 0)).chain(np_grants.iter().map(|g| (g, np_layer))) {
-        local.push(LocalGrant { cidr: g.cidr, except: &g.except, ports: &g.ports, origin: &g.origin, layer, np_rule: g.rule });
+        let ports = *canonical.entry(&g.ports).or_insert(&g.ports);
+        local.push(LocalGrant { cidr: g.cidr, except: &g.except, ports, origin: &g.origin, layer, np_rule: g.rule });
     }
     for (layer, grants) in &own {
         for g in grants {
@@ -192,7 +197,7 @@ fn rule_grants(state: &ClusterState, pod: &Pod, direction: Direction, rule: &Clu
             if ports.is_empty() {
                 continue;
             }
-            for ip in state.owned_ips(peer_pod) {
+            for ip in state.peer_ips(peer_pod) {
                 out.push(RuleGrant::new(Prefix::host(ip), ports.clone(), Origin::Pod { pod: peer_pod.key.clone() }));
             }
         }
