@@ -66,8 +66,10 @@ struct Args {
     json: Option<PathBuf>,
     /// With policy-agent, also two ClusterNetworkPolicies on the path (see
     /// `cluster_policies`): the tiers compile into the same tables, and this shows it.
-    #[arg(long)]
-    cluster_policies: bool,
+    /// `--cluster-policies` alone: with them; `--cluster-policies off,on`: policy-agent
+    /// both without and with them, side by side in each round (`+cnp` in the names).
+    #[arg(long, value_delimiter = ',', num_args = 0..=1, default_missing_value = "on", default_value = "off", value_parser = ["off", "on"])]
+    cluster_policies: Vec<String>,
     /// The mechanisms to measure (of none, policy-agent, iptables, nftables). `none` is
     /// always measured: every ratio is against it.
     #[arg(long, value_delimiter = ',', default_value = "none,policy-agent,iptables,nftables")]
@@ -113,8 +115,9 @@ fn cluster_policies() -> Vec<Change> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Mechanism {
     None,
-    /// policy-agent with the flow events of `Bench::flow_events[i]`.
-    Agent(usize),
+    /// policy-agent with the flow events of `Bench::flow_events[events]`, with the
+    /// bench's ClusterNetworkPolicies or not.
+    Agent { events: usize, tiers: bool },
     Iptables,
     Nftables,
 }
@@ -126,7 +129,11 @@ impl Mechanism {
         for m in &args.mechanisms {
             match m.as_str() {
                 "none" => {}
-                "policy-agent" => out.extend((0..args.flow_events.len()).map(Mechanism::Agent)),
+                "policy-agent" => {
+                    for tiers in [false, true].into_iter().filter(|t| args.cluster_policies.contains(&(if *t { "on" } else { "off" }).to_string())) {
+                        out.extend((0..args.flow_events.len()).map(|events| Mechanism::Agent { events, tiers }));
+                    }
+                }
                 "iptables" => out.push(Mechanism::Iptables),
                 "nftables" => out.push(Mechanism::Nftables),
                 other => bail!("--mechanisms: {other:?} is none of none, policy-agent, iptables, nftables"),
@@ -279,7 +286,7 @@ struct Bench {
     policies: BTreeMap<usize, BenchPolicy>,
     /// The configurations of a round, in order.
     mechanisms: Vec<Mechanism>,
-    /// `--flow-events`, parsed: `Mechanism::Agent(i)` runs with the i-th.
+    /// `--flow-events`, parsed: `Mechanism::Agent { events: i, .. }` runs with the i-th.
     flow_events: Vec<(String, FlowConfig)>,
     /// Held while BPF statistics are wanted (`--program-stats`).
     _stats: Option<std::os::fd::OwnedFd>,
@@ -289,8 +296,13 @@ impl Bench {
     fn name(&self, m: Mechanism) -> String {
         match m {
             Mechanism::None => "none".into(),
-            Mechanism::Agent(_) if self.flow_events.len() == 1 => "policy-agent".into(),
-            Mechanism::Agent(i) => format!("agent/{}", self.flow_events[i].0),
+            Mechanism::Agent { events, tiers } => {
+                let mut name = if self.flow_events.len() == 1 { "policy-agent".to_string() } else { format!("agent/{}", self.flow_events[events].0) };
+                if tiers && self.args.cluster_policies.len() > 1 {
+                    name.push_str("+cnp");
+                }
+                name
+            }
             Mechanism::Iptables => "iptables".into(),
             Mechanism::Nftables => "nftables".into(),
         }
@@ -314,11 +326,11 @@ impl Bench {
         let t = Instant::now();
         match mechanism {
             Mechanism::None => {}
-            Mechanism::Agent(i) => {
-                self.rig.set_flow_events(self.flow_events[i].1);
+            Mechanism::Agent { events, tiers } => {
+                self.rig.set_flow_events(self.flow_events[events].1);
                 self.rig.start_agent()?;
                 let mut changes = self.policies[&n].network_policies();
-                if self.args.cluster_policies {
+                if tiers {
                     changes.extend(cluster_policies());
                 }
                 self.rig.apply(changes)?;
@@ -339,9 +351,9 @@ impl Bench {
     fn deactivate(&mut self, mechanism: Mechanism) -> Result<()> {
         match mechanism {
             Mechanism::None => {}
-            Mechanism::Agent(_) => {
+            Mechanism::Agent { tiers, .. } => {
                 let mut delete: Vec<Change> = ["bench-server", "bench-client"].map(|n| Change::DeletePolicy(ObjectKey::new(NAMESPACE, n))).into();
-                if self.args.cluster_policies {
+                if tiers {
                     delete.extend(["bench-admin", "bench-baseline"].map(|n| Change::DeleteClusterPolicy(n.to_string())));
                 }
                 self.rig.apply(delete)?;
@@ -400,7 +412,7 @@ impl Bench {
     fn measure(&self, mechanism: Mechanism) -> Result<Figures> {
         let a = &self.args;
         // Per-program costs: only where there are programs, and only when asked for.
-        let stats = self._stats.is_some() && matches!(mechanism, Mechanism::Agent(_));
+        let stats = self._stats.is_some() && matches!(mechanism, Mechanism::Agent { .. });
         let mut programs = BTreeMap::new();
         let mut cost = |traffic: &str, before: Option<RunStats>, ops: f64| {
             let Some(before) = before else { return };
@@ -549,7 +561,7 @@ fn report(
     let fig = |m: Mechanism, n: usize| &medians[&(m, n)];
     let ms = &bench.mechanisms;
     let has = |m: Mechanism| ms.contains(&m);
-    let agents: Vec<Mechanism> = ms.iter().copied().filter(|m| matches!(m, Mechanism::Agent(_))).collect();
+    let agents: Vec<Mechanism> = ms.iter().copied().filter(|m| matches!(m, Mechanism::Agent { .. })).collect();
     println!("\nDatapath between two pods on an emulated node; rules per side (server ingress and client egress), matching rule last;");
     println!(
         "{} clients for the rates; medians of {} interleaved rounds; iptables: {}. Ratios are quotients (a:b = a / b; for latency, < 1 is better).",
@@ -670,7 +682,8 @@ fn write_json(
             let vs = |other: Mechanism| medians.get(&(other, n)).map(|o| ratios(f, o));
             results.push(json!({
                 "mechanism": bench.name(m),
-                "flow_events": match m { Mechanism::Agent(i) => Some(&bench.flow_events[i].0), _ => None },
+                "flow_events": match m { Mechanism::Agent { events, .. } => Some(&bench.flow_events[events].0), _ => None },
+                "cluster_policies": matches!(m, Mechanism::Agent { tiers: true, .. }),
                 "rules": n,
                 "median": as_map(f),
                 "programs": f.programs,
