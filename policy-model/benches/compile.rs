@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use policy_model::workload::Workload;
-use policy_model::{Change, NodeCompiler};
+use policy_model::{Change, Namespace, NodeCompiler};
 use serde_json::json;
 
 /// Counts live heap bytes, to report the compiled state's memory.
@@ -170,6 +170,19 @@ fn changes_of_one_team_and_one_pod(g: &mut criterion::BenchmarkGroup<'_, criteri
             black_box(r)
         })
     });
+    // Namespace ns-005 (team t5, env dev): its env is read by an Admin policy's peers
+    // (`no-dev`) whose subjects are no local pod; the other label by nothing.
+    for (label, values) in [("env", ["dev", "staging"]), ("owner", ["a", "b"])] {
+        let mut flip = false;
+        g.bench_function(format!("namespace label change ({label})"), |b| {
+            b.iter(|| {
+                flip = !flip;
+                let labels = [("team".to_string(), "t5".to_string()), (label.to_string(), values[usize::from(flip)].to_string())];
+                let r = c.apply([Change::UpsertNamespace(Namespace::new(Workload::namespace_name(5), labels.into()))]);
+                black_box(r)
+            })
+        });
+    }
     let mut flip = false;
     g.bench_function("pod label change", |b| {
         b.iter(|| {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::cnp::TierCache;
-use crate::cnp::{ClusterNetworkPolicy, ClusterPolicy};
+use crate::cnp::{ClusterNetworkPolicy, ClusterPeer, ClusterPolicy};
 use crate::compile::compile_direction;
 use crate::error::InvalidObject;
 use crate::labels::Labels;
@@ -116,9 +116,9 @@ pub struct NodeCompiler {
     next_id: EndpointId,
     /// Policies currently refused, by key (ClusterNetworkPolicies with an empty namespace).
     rejected: BTreeMap<ObjectKey, InvalidObject>,
-    /// Local endpoints some ClusterNetworkPolicy applies to: their tables may read any
-    /// pod, namespace or node, so they are recompiled when any of those changes (coarse,
-    /// see `apply_one`).
+    /// Local endpoints some ClusterNetworkPolicy applies to (in the audit view): their
+    /// tables may read any pod, so they are recompiled when a pod change reaches a cluster
+    /// policy's peers (coarse, see `apply_one`).
     cluster_policy_users: BTreeSet<ObjectKey>,
     /// What each ClusterNetworkPolicy rule matches, kept across batches (see [`TierCache`]).
     tier_cache: TierCache,
@@ -179,12 +179,14 @@ impl NodeCompiler {
         if self.unchanged(&change) {
             return;
         }
-        // ClusterNetworkPolicy dependencies, coarse but correct: a change to any pod,
-        // namespace, node or node labels recompiles every local endpoint a
-        // ClusterNetworkPolicy applies to (its peers may select anything), and a namespace
-        // change also every local pod of that namespace (subjects select by namespace
-        // labels). A ClusterNetworkPolicy change recompiles the local pods its old and new
-        // versions select. NetworkPolicy changes only touch their own targets (below).
+        // ClusterNetworkPolicy dependencies. A ClusterNetworkPolicy change recompiles the
+        // local pods its old and new versions select, in the directions they have rules
+        // for (below). A pod change reaches every local subject when a cluster policy's
+        // peers can see it (coarse: any peer). A namespace's labels reach its own local
+        // pods (subjects select by namespace labels) and the subjects of the policies
+        // whose peers match it differently; a node's addresses or labels the subjects of
+        // the policies with `nodes` peers. NetworkPolicy changes only touch their own
+        // targets (below).
         if self.state.cluster_policies().next().is_some() {
             match &change {
                 Change::UpsertPolicy(_) | Change::DeletePolicy(_) | Change::UpsertClusterPolicy(_) | Change::DeleteClusterPolicy(_) => {}
@@ -201,12 +203,17 @@ impl NodeCompiler {
                         dirty.extend(self.cluster_policy_users.iter().cloned());
                     }
                 }
-                other => {
-                    dirty.extend(self.cluster_policy_users.iter().cloned());
-                    if let Change::UpsertNamespace(Namespace { name, .. }) | Change::DeleteNamespace(name) = other {
-                        let local = self.state.pods_in(name).filter(|p| self.is_local(p)).map(|p| p.key.clone());
-                        dirty.extend(local.collect::<Vec<_>>());
-                    }
+                Change::UpsertNamespace(Namespace { name, labels, .. }) => {
+                    let old = self.state.namespace_labels(name).into_owned();
+                    self.mark_namespace_for_cluster_policies(name, &old, labels, dirty);
+                }
+                Change::DeleteNamespace(name) => {
+                    let old = self.state.namespace_labels(name).into_owned();
+                    let default = ClusterState::new().namespace_labels(name).into_owned();
+                    self.mark_namespace_for_cluster_policies(name, &old, &default, dirty);
+                }
+                Change::UpsertNode(_) | Change::DeleteNode(_) | Change::UpsertNodeLabels { .. } => {
+                    self.mark_cluster_policies_where(|rule| rule.peers.iter().any(|p| matches!(p, ClusterPeer::Nodes(_))), dirty);
                 }
             }
         }
@@ -334,7 +341,13 @@ impl NodeCompiler {
             Change::UpsertPolicy(_) | Change::DeletePolicy(_) => {}
             Change::UpsertClusterPolicy(cnp) => cache.forget_policy(cnp.metadata.name.as_deref().unwrap_or_default()),
             Change::DeleteClusterPolicy(name) => cache.forget_policy(name),
-            Change::UpsertNamespace(_) | Change::DeleteNamespace(_) => cache.forget_pod_peers(),
+            Change::UpsertNamespace(ns) => {
+                cache.forget_namespace_peers(&self.state, &self.state.namespace_labels(&ns.name), &ns.labels);
+            }
+            Change::DeleteNamespace(name) => {
+                let default = ClusterState::new().namespace_labels(name).into_owned();
+                cache.forget_namespace_peers(&self.state, &self.state.namespace_labels(name), &default);
+            }
             Change::UpsertNode(_) | Change::DeleteNode(_) | Change::UpsertNodeLabels { .. } => cache.forget_node_peers(),
             Change::UpsertPod(pod) => cache.forget_pod(&self.state, self.state.pod(&pod.key), Some(pod)),
             Change::DeletePod(key) => cache.forget_pod(&self.state, self.state.pod(key), None),
@@ -380,8 +393,38 @@ impl NodeCompiler {
         new_any && old.map(|p| &p.named_ports) != new.map(|p| &p.named_ports)
     }
 
+    /// A namespace's labels change from `old` to `new` (see `apply_one`).
+    fn mark_namespace_for_cluster_policies(&self, namespace: &str, old: &Labels, new: &Labels, dirty: &mut Dirty) {
+        if old == new {
+            return;
+        }
+        dirty.extend(self.state.pods_in(namespace).filter(|p| self.is_local(p)).map(|p| p.key.clone()));
+        // Pod and namespace peers cover pods: a namespace without any changes none.
+        if self.state.pods_in(namespace).next().is_some() {
+            self.mark_cluster_policies_where(|rule| namespace_peer_changes(rule, old, new), dirty);
+        }
+    }
+
+    /// The local subjects of every ClusterNetworkPolicy with a rule that `reads`, in the
+    /// directions of those rules. Subjects are looked for among the local endpoints: a
+    /// local pod without one yet is dirty already (its own upsert).
+    fn mark_cluster_policies_where(&self, reads: impl Fn(&crate::cnp::ClusterRule) -> bool, dirty: &mut Dirty) {
+        for policy in self.state.cluster_policies() {
+            let dirs = Dirs::of(|d| policy.rules(d).iter().any(&reads));
+            if dirs == Dirs::default() {
+                continue;
+            }
+            for key in self.endpoints.keys() {
+                if let Some(pod) = self.state.pod(key) {
+                    if crate::cnp::eval::selects(&self.state, policy, pod) {
+                        dirty.mark(key.clone(), dirs);
+                    }
+                }
+            }
+        }
+    }
+
     fn has_node_peers(&self) -> bool {
-        use crate::cnp::ClusterPeer;
         self.state
             .cluster_policies()
             .any(|p| p.ingress.iter().chain(&p.egress).any(|r| r.peers.iter().any(|x| matches!(x, ClusterPeer::Nodes(_)))))
@@ -620,6 +663,15 @@ fn update_tables(
         *tables.audit.get_mut(direction) = audit;
     }
     changed
+}
+
+/// Whether a pod or namespace peer of `rule` matches a namespace labelled `old` and one
+/// labelled `new` differently.
+pub(crate) fn namespace_peer_changes(rule: &crate::cnp::ClusterRule, old: &Labels, new: &Labels) -> bool {
+    rule.peers.iter().any(|p| match p {
+        ClusterPeer::Namespaces(sel) | ClusterPeer::Pods { namespaces: sel, .. } => sel.matches(old) != sel.matches(new),
+        _ => false,
+    })
 }
 
 fn all_peers(policy: &Policy) -> impl Iterator<Item = &Peer> {

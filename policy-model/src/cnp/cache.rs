@@ -104,9 +104,19 @@ impl TierCache {
         self.forget(|(n, _, _), _| n == name);
     }
 
-    /// Before a namespace's labels change (namespace selectors of pod peers).
-    pub fn forget_pod_peers(&mut self) {
-        self.forget(|_, r| r.pod_peers);
+    /// Before a namespace's labels change from `old` to `new`: the rules whose pod or
+    /// namespace peers match it differently.
+    pub fn forget_namespace_peers(&mut self, state: &ClusterState, old: &crate::labels::Labels, new: &crate::labels::Labels) {
+        if old == new {
+            return;
+        }
+        self.forget(|(name, direction, index), cached| {
+            cached.pod_peers
+                && state
+                    .cluster_policy(name)
+                    .and_then(|p| p.rules(*direction).get(*index))
+                    .is_none_or(|rule| crate::incremental::namespace_peer_changes(rule, old, new))
+        });
     }
 
     /// Before a Node, its addresses or its labels change.
