@@ -138,6 +138,23 @@ pub enum Phase {
     Failed,
 }
 
+/// One lifecycle change of a step: [`Step::lifecycle`] lists a step's in the one order
+/// that validation, the model-level runner and the live runner all follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifeEvent<'a> {
+    DeleteNamespace(&'a str),
+    CreateNamespace(&'a str),
+    /// Pod `old` completes and pod `new` starts with its node and addresses.
+    TakeOver {
+        new: &'a str,
+        old: &'a str,
+    },
+    Finish(&'a str, Phase),
+    DeletePod(&'a str),
+    Pending(&'a str),
+    Start(&'a str),
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Step {
@@ -198,6 +215,23 @@ pub struct Step {
     /// by name: from a pod to another pod's Service, as probes go. Opening must succeed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub open: BTreeMap<String, Connection>,
+}
+
+impl Step {
+    /// The step's lifecycle changes, in order: namespaces deleted, namespaces created,
+    /// take-overs, pods finishing, pods deleted, pods pending, pods starting (all before
+    /// the step's policies and labels).
+    pub fn lifecycle(&self) -> impl Iterator<Item = LifeEvent<'_>> {
+        self.delete_namespace
+            .iter()
+            .map(|n| LifeEvent::DeleteNamespace(n))
+            .chain(self.create_namespace.iter().map(|n| LifeEvent::CreateNamespace(n)))
+            .chain(self.take_over.iter().map(|(new, old)| LifeEvent::TakeOver { new, old }))
+            .chain(self.finish.iter().map(|(p, phase)| LifeEvent::Finish(p, *phase)))
+            .chain(self.delete_pod.iter().map(|p| LifeEvent::DeletePod(p)))
+            .chain(self.pending.iter().map(|p| LifeEvent::Pending(p)))
+            .chain(self.start.iter().map(|p| LifeEvent::Start(p)))
+    }
 }
 
 /// A connection a case keeps across steps.
@@ -658,41 +692,44 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// A step's lifecycle changes, in the order the runner makes them.
-    fn step(&mut self, case: &Case, step: &Step) -> Result<(), String> {
-        for ns in &step.delete_namespace {
-            if !self.namespaces.contains(ns) {
-                return Err(format!("deleteNamespace: {ns} does not exist then"));
-            }
-            self.namespaces.retain(|n| n != ns);
-            for (p, l) in self.pods.iter_mut() {
-                if p.split_once('/').is_some_and(|(n, _)| n == ns) && *l != PodLife::NotYet {
-                    *l = PodLife::Deleted;
+    fn event(&mut self, case: &Case, event: LifeEvent) -> Result<(), String> {
+        match event {
+            LifeEvent::DeleteNamespace(ns) => {
+                if !self.namespaces.iter().any(|n| n == ns) {
+                    return Err(format!("deleteNamespace: {ns} does not exist then"));
+                }
+                self.namespaces.retain(|n| n != ns);
+                for (p, l) in self.pods.iter_mut() {
+                    if p.split_once('/').is_some_and(|(n, _)| n == ns) && *l != PodLife::NotYet {
+                        *l = PodLife::Deleted;
+                    }
                 }
             }
-        }
-        for ns in &step.create_namespace {
-            if !case.later_namespaces.contains(ns) || self.namespaces.contains(ns) {
-                return Err(format!("createNamespace: {ns} must be one of laterNamespaces that does not exist yet"));
+            LifeEvent::CreateNamespace(ns) => {
+                if !case.later_namespaces.iter().any(|n| n == ns) || self.namespaces.iter().any(|n| n == ns) {
+                    return Err(format!("createNamespace: {ns} must be one of laterNamespaces that does not exist yet"));
+                }
+                self.namespaces.push(ns.to_string());
             }
-            self.namespaces.push(ns.clone());
+            LifeEvent::TakeOver { new, old } => {
+                self.set(old, &[PodLife::Running], PodLife::Finished, "takeOver")
+                    .and_then(|()| self.set(new, &[PodLife::NotYet], PodLife::Running, "takeOver"))
+                    .map_err(|e| format!("{e} ({new} must be a `later` pod not yet started, {old} a running pod)"))?;
+            }
+            LifeEvent::Finish(pod, _) => self.set(pod, &[PodLife::Running], PodLife::Finished, "finish")?,
+            LifeEvent::DeletePod(pod) => {
+                self.set(pod, &[PodLife::Running, PodLife::Pending, PodLife::Finished], PodLife::Deleted, "deletePod")?
+            }
+            LifeEvent::Pending(pod) => self.set(pod, &[PodLife::NotYet], PodLife::Pending, "pending")?,
+            LifeEvent::Start(pod) => self.set(pod, &[PodLife::NotYet, PodLife::Pending], PodLife::Running, "start")?,
         }
-        for (new, old) in &step.take_over {
-            self.set(old, &[PodLife::Running], PodLife::Finished, "takeOver")
-                .and_then(|()| self.set(new, &[PodLife::NotYet], PodLife::Running, "takeOver"))
-                .map_err(|e| format!("{e} ({new} must be a `later` pod not yet started, {old} a running pod)"))?;
-        }
-        for pod in step.finish.keys() {
-            self.set(pod, &[PodLife::Running], PodLife::Finished, "finish")?;
-        }
-        for pod in &step.delete_pod {
-            self.set(pod, &[PodLife::Running, PodLife::Pending, PodLife::Finished], PodLife::Deleted, "deletePod")?;
-        }
-        for pod in &step.pending {
-            self.set(pod, &[PodLife::NotYet], PodLife::Pending, "pending")?;
-        }
-        for pod in &step.start {
-            self.set(pod, &[PodLife::NotYet, PodLife::Pending], PodLife::Running, "start")?;
+        Ok(())
+    }
+
+    /// A step's lifecycle changes, in the order the runners make them.
+    fn step(&mut self, case: &Case, step: &Step) -> Result<(), String> {
+        for event in step.lifecycle() {
+            self.event(case, event)?;
         }
         for pod in step.label_pod.keys() {
             if matches!(self.state(pod)?, PodLife::NotYet | PodLife::Deleted) {

@@ -9,7 +9,7 @@ use policy_agent::matrix::{Probe, compute};
 use policy_model::{Family, Flow, IpProtocol, ObjectKey, compile_pod, verdict};
 use serde_json::Value;
 
-use crate::case::{Case, Connection, ContainerPort, Expect, Phase, ProbeSource, ProbeTarget, Reachability, Reuse, Step};
+use crate::case::{Case, Connection, ContainerPort, Expect, LifeEvent, Phase, ProbeSource, ProbeTarget, Reachability, Reuse, Step};
 use crate::cluster::{
     Families, NAMESPACES, PodSpec, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest, node_addresses,
     node_manifest, node_name,
@@ -128,34 +128,38 @@ impl ModelCluster {
         Ok(())
     }
 
-    /// A step's lifecycle changes, in the runner's order.
+    /// A step's lifecycle changes, in order (`Step::lifecycle`).
     fn apply_lifecycle(&mut self, step: &Step) -> Vec<String> {
         let mut errors = Vec::new();
-        for ns in &step.delete_namespace {
-            self.namespace_labels.remove(ns);
-            let in_ns = |k: &String| k.split_once('/').is_some_and(|(n, _)| n == ns);
-            self.phases.retain(|k, _| !in_ns(k));
-            self.policies.retain(|k, _| &*k.namespace != ns.as_str());
-        }
-        for ns in &step.create_namespace {
-            self.namespace_labels.insert(ns.clone(), BTreeMap::new());
-        }
-        for (new, old) in &step.take_over {
-            if let Err(e) = self.take_over(new, old) {
-                errors.push(e);
+        for event in step.lifecycle() {
+            match event {
+                LifeEvent::DeleteNamespace(ns) => {
+                    self.namespace_labels.remove(ns);
+                    let in_ns = |k: &String| k.split_once('/').is_some_and(|(n, _)| n == ns);
+                    self.phases.retain(|k, _| !in_ns(k));
+                    self.policies.retain(|k, _| &*k.namespace != ns);
+                }
+                LifeEvent::CreateNamespace(ns) => {
+                    self.namespace_labels.insert(ns.to_string(), BTreeMap::new());
+                }
+                LifeEvent::TakeOver { new, old } => {
+                    if let Err(e) = self.take_over(new, old) {
+                        errors.push(e);
+                    }
+                }
+                LifeEvent::Finish(pod, phase) => {
+                    self.phases.insert(pod.to_string(), if phase == Phase::Failed { "Failed" } else { "Succeeded" });
+                }
+                LifeEvent::DeletePod(pod) => {
+                    self.phases.remove(pod);
+                }
+                LifeEvent::Pending(pod) => {
+                    self.phases.insert(pod.to_string(), "Pending");
+                }
+                LifeEvent::Start(pod) => {
+                    self.phases.insert(pod.to_string(), "Running");
+                }
             }
-        }
-        for (pod, phase) in &step.finish {
-            self.phases.insert(pod.clone(), if *phase == Phase::Failed { "Failed" } else { "Succeeded" });
-        }
-        for pod in &step.delete_pod {
-            self.phases.remove(pod);
-        }
-        for pod in &step.pending {
-            self.phases.insert(pod.clone(), "Pending");
-        }
-        for pod in &step.start {
-            self.phases.insert(pod.clone(), "Running");
         }
         errors
     }

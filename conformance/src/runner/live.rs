@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::outside::Outside;
 use super::{RunOptions, TempDir, load_balancer_ip, node_port, tempfile_dir};
-use crate::case::{Case, Phase, ServiceType, Step};
+use crate::case::{Case, LifeEvent, Phase, ServiceType, Step};
 use crate::cluster::{
     PROTOCOLS, PodSpec, SERVED_PORTS, expand_placeholders, host_network_pod_manifest, make_pods, namespace_manifest, node_addresses,
     node_manifest,
@@ -226,52 +226,59 @@ impl<'c> Live<'c> {
         Ok(gone.spec)
     }
 
-    /// A step's lifecycle changes, in the order the case's validation walks them.
+    /// A step's lifecycle changes, in order (`Step::lifecycle`).
     pub(super) fn apply_lifecycle(&mut self, step: &Step) -> Result<(), String> {
-        for ns in &step.delete_namespace {
-            self.delete_namespace(ns)?;
+        for event in step.lifecycle() {
+            self.apply_event(event)?;
         }
-        for ns in &step.create_namespace {
-            self.namespaces.insert(ns.clone(), BTreeMap::new());
-            write(self.dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, &BTreeMap::new()))?;
-        }
-        for (new, old) in &step.take_over {
-            // Pod `old` completes (phase Succeeded, as a Job's pod), then `new` starts on
-            // its node with its addresses.
-            let gone = self.stop_pod(old).map_err(|e| format!("takeOver: {e}"))?;
-            write(self.dir.path(), &pod_file(&gone), &gone.manifest_with("Succeeded", self.extra_ports(old)))?;
-            self.phases.insert(old.clone(), "Succeeded");
-            let index = self.index_of(new)?;
-            self.specs[index].ips = gone.ips.clone();
-            self.specs[index].node = gone.node.clone();
-            self.start_pod(index)?;
-        }
-        for (pod, phase) in &step.finish {
-            let gone = self.stop_pod(pod).map_err(|e| format!("finish: {e}"))?;
-            let phase = match phase {
-                Phase::Succeeded => "Succeeded",
-                Phase::Failed => "Failed",
-            };
-            write(self.dir.path(), &pod_file(&gone), &gone.manifest_with(phase, self.extra_ports(pod)))?;
-            self.phases.insert(pod.clone(), phase);
-        }
-        for pod in &step.delete_pod {
-            if self.pods.contains_key(pod) {
-                self.stop_pod(pod)?;
+        Ok(())
+    }
+
+    fn apply_event(&mut self, event: LifeEvent) -> Result<(), String> {
+        match event {
+            LifeEvent::DeleteNamespace(ns) => self.delete_namespace(ns)?,
+            LifeEvent::CreateNamespace(ns) => {
+                self.namespaces.insert(ns.to_string(), BTreeMap::new());
+                write(self.dir.path(), &format!("ns-{ns}.yaml"), &namespace_manifest(ns, &BTreeMap::new()))?;
             }
-            let index = self.index_of(pod)?;
-            remove(self.dir.path(), &pod_file(&self.specs[index]));
-            self.phases.remove(pod);
-        }
-        for pod in &step.pending {
-            let index = self.index_of(pod)?;
-            let spec = &self.specs[index];
-            write(self.dir.path(), &pod_file(spec), &spec.manifest_with("Pending", self.extra_ports(pod)))?;
-            self.phases.insert(pod.clone(), "Pending");
-        }
-        for pod in &step.start {
-            let index = self.index_of(pod)?;
-            self.start_pod(index)?;
+            LifeEvent::TakeOver { new, old } => {
+                // Pod `old` completes (phase Succeeded, as a Job's pod), then `new` starts
+                // on its node with its addresses.
+                let gone = self.stop_pod(old).map_err(|e| format!("takeOver: {e}"))?;
+                write(self.dir.path(), &pod_file(&gone), &gone.manifest_with("Succeeded", self.extra_ports(old)))?;
+                self.phases.insert(old.to_string(), "Succeeded");
+                let index = self.index_of(new)?;
+                self.specs[index].ips = gone.ips.clone();
+                self.specs[index].node = gone.node.clone();
+                self.start_pod(index)?;
+            }
+            LifeEvent::Finish(pod, phase) => {
+                let gone = self.stop_pod(pod).map_err(|e| format!("finish: {e}"))?;
+                let phase = match phase {
+                    Phase::Succeeded => "Succeeded",
+                    Phase::Failed => "Failed",
+                };
+                write(self.dir.path(), &pod_file(&gone), &gone.manifest_with(phase, self.extra_ports(pod)))?;
+                self.phases.insert(pod.to_string(), phase);
+            }
+            LifeEvent::DeletePod(pod) => {
+                if self.pods.contains_key(pod) {
+                    self.stop_pod(pod)?;
+                }
+                let index = self.index_of(pod)?;
+                remove(self.dir.path(), &pod_file(&self.specs[index]));
+                self.phases.remove(pod);
+            }
+            LifeEvent::Pending(pod) => {
+                let index = self.index_of(pod)?;
+                let spec = &self.specs[index];
+                write(self.dir.path(), &pod_file(spec), &spec.manifest_with("Pending", self.extra_ports(pod)))?;
+                self.phases.insert(pod.to_string(), "Pending");
+            }
+            LifeEvent::Start(pod) => {
+                let index = self.index_of(pod)?;
+                self.start_pod(index)?;
+            }
         }
         Ok(())
     }
