@@ -436,19 +436,23 @@ impl Case {
     fn validate(&self) -> Result<(), String> {
         self.validate_objects()?;
         let mut life = Lifecycle::new(self);
-        let mut opened: Vec<&String> = Vec::new();
+        let mut opened: Vec<(&String, &Connection)> = Vec::new();
         for (i, step) in self.steps.iter().enumerate() {
             life.step(self, step).map_err(|e| format!("steps[{i}].{e}"))?;
             for name in step.reuse.keys() {
-                if !opened.contains(&name) {
+                let Some((_, c)) = opened.iter().find(|(n, _)| *n == name) else {
                     return Err(format!("steps[{i}].reuse: no connection {name:?} was opened in an earlier step"));
+                };
+                // A stopped end took its socket with it: there is nothing left to use.
+                if let Some(p) = [&c.from, &c.to].into_iter().find(|p| !life.runs(p)) {
+                    return Err(format!("steps[{i}].reuse.{name}: {p} no longer runs, and its end of the connection went with it"));
                 }
             }
             for (j, probe) in step.probes.iter().enumerate() {
                 self.validate_probe(probe, &life).map_err(|e| format!("steps[{i}].probes[{j}]{e}"))?;
             }
             for (name, c) in &step.open {
-                if opened.contains(&name) {
+                if opened.iter().any(|(n, _)| *n == name) {
                     return Err(format!("steps[{i}].open: {name:?} is opened twice"));
                 }
                 for p in [&c.from, &c.to] {
@@ -456,7 +460,7 @@ impl Case {
                         return Err(format!("steps[{i}].open.{name}: {p} is not a running pod of the case"));
                     }
                 }
-                opened.push(name);
+                opened.push((name, c));
             }
         }
         Ok(())
@@ -739,6 +743,16 @@ impl Lifecycle {
         if let Some(ns) = step.label_namespace.keys().find(|ns| !self.namespaces.contains(ns)) {
             return Err(format!("labelNamespace: namespace {ns} does not exist then"));
         }
+        // The API server refuses a namespaced object in a namespace that does not exist.
+        for (verb, manifests) in [("apply", &step.apply), ("update", &step.update)] {
+            for (j, m) in manifests.iter().enumerate() {
+                if let Some(ns) = m.pointer("/metadata/namespace").and_then(|v| v.as_str()) {
+                    if !self.namespaces.iter().any(|n| n == ns) {
+                        return Err(format!("{verb}[{j}]: namespace {ns} does not exist then"));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -862,6 +876,9 @@ mod tests {
                 .contains("no connection")
         );
         assert!(Case::parse("t", &case.replace("to: x/b", "to: x/z")).unwrap_err().to_string().contains("not a running pod"));
+        // An end that stopped took the connection with it.
+        let later = "name: k\npods: [x/a, x/b]\nsteps:\n- open:\n    ab: {from: x/a, to: x/b, port: 80}\n- finish: {x/b: Succeeded}\n- reuse: {ab: blocked}\n";
+        assert!(Case::parse("t", later).unwrap_err().to_string().contains("steps[2].reuse.ab: x/b no longer runs"));
     }
 
     #[test]
@@ -961,6 +978,13 @@ steps:
         assert!(err(&case.replace("laterNamespaces: [w]", "laterNamespaces: []")).contains("createNamespace"));
         assert!(err(&case.replace("later: [w/a]", "later: []")).contains("laterNamespaces"));
         assert!(err(&case.replace("- deleteNamespace: [w]", "- deleteNamespace: [v]")).contains("does not exist"));
+        // A policy only in a namespace that exists.
+        let policy = "  apply:\n  - {kind: NetworkPolicy, metadata: {name: p, namespace: w}, spec: {podSelector: {}}}\n";
+        assert!(Case::parse("t", &case.replace("- start: [w/a]\n", &format!("- start: [w/a]\n{policy}"))).is_ok());
+        let too_early = case.replace("- createNamespace: [w]\n", &format!("- probes: []\n{policy}- createNamespace: [w]\n"));
+        assert!(err(&too_early).contains("steps[0].apply[0]: namespace w does not exist then"), "{}", err(&too_early));
+        let too_late = format!("{case}{}", policy.replacen("  apply", "- apply", 1));
+        assert!(err(&too_late).contains("steps[5].apply[0]: namespace w does not exist then"), "{}", err(&too_late));
     }
 
     #[test]
