@@ -191,6 +191,15 @@ fn changes_of_one_team_and_one_pod(g: &mut criterion::BenchmarkGroup<'_, criteri
             black_box(c.apply([Change::UpsertPod(workload().pod(3, 11, Some(app)))]))
         })
     });
+    // A new pod on another node (its address unused: pod 150 of the last namespace), then
+    // gone: the churn every cluster has. Both changes in one iteration.
+    let pod = workload().pod(99, 150, None);
+    g.bench_function("pod added, then deleted", |b| {
+        b.iter(|| {
+            black_box(c.apply([Change::UpsertPod(pod.clone())]));
+            black_box(c.apply([Change::DeletePod(pod.key.clone())]))
+        })
+    });
 }
 
 criterion_group!(benches, bench);

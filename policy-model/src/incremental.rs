@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::cnp::TierCache;
-use crate::cnp::{ClusterNetworkPolicy, ClusterPeer, ClusterPolicy};
+use crate::cnp::{ClusterNetworkPolicy, ClusterPeer, ClusterPolicy, Tier};
 use crate::compile::compile_direction;
 use crate::error::InvalidObject;
 use crate::labels::Labels;
@@ -193,16 +193,8 @@ impl NodeCompiler {
                 // Pods come and go all the time: only one whose change a cluster policy's
                 // peers can see reaches their subjects (every local subject recompiled for
                 // every pod change cost seconds with 100 policies and 10,000 pods).
-                Change::UpsertPod(pod) => {
-                    if self.pod_change_reaches_cluster_peers(self.state.pod(&pod.key), Some(pod)) {
-                        dirty.extend(self.cluster_policy_users.iter().cloned());
-                    }
-                }
-                Change::DeletePod(key) => {
-                    if self.pod_change_reaches_cluster_peers(self.state.pod(key), None) {
-                        dirty.extend(self.cluster_policy_users.iter().cloned());
-                    }
-                }
+                Change::UpsertPod(pod) => self.mark_pod_change_for_cluster_policies(self.state.pod(&pod.key), Some(pod), dirty),
+                Change::DeletePod(key) => self.mark_pod_change_for_cluster_policies(self.state.pod(key), None, dirty),
                 Change::UpsertNamespace(Namespace { name, labels, .. }) => {
                     let old = self.state.namespace_labels(name).into_owned();
                     self.mark_namespace_for_cluster_policies(name, &old, labels, dirty);
@@ -354,43 +346,52 @@ impl NodeCompiler {
         }
     }
 
-    /// Whether a pod's change (`old` → `new`, as the state holds them before it) can change
-    /// what a ClusterNetworkPolicy's pod or namespace peer covers: which peers match it,
-    /// the addresses of a pod some peer matches (or of another pod at those addresses,
-    /// whose ownership may move), or the named ports of a matched pod. A local subject's
-    /// own change recompiles it anyway (`mark_pod`); `networks` peers are addresses,
-    /// whoever holds them; node and namespace changes still reach every subject.
-    fn pod_change_reaches_cluster_peers(&self, old: Option<&Pod>, new: Option<&Pod>) -> bool {
+    /// A pod's change (`old` → `new`, as the state holds them before it) reaches the
+    /// subjects of a ClusterNetworkPolicy, in a rule's direction, when it can change what
+    /// that rule's pod or namespace peers cover: which of them match it, the addresses of
+    /// a pod they match (or of another pod at those addresses, whose ownership may move),
+    /// or the named ports of a matched pod; or, near a node's addresses, what its `nodes`
+    /// peers cover. A local subject's own change recompiles it anyway (`mark_pod`);
+    /// `networks` peers are addresses, whoever holds them.
+    fn mark_pod_change_for_cluster_policies(&self, old: Option<&Pod>, new: Option<&Pod>, dirty: &mut Dirty) {
         // A hostNetwork pod's addresses are its node's, and a pod at a node's address
         // takes it from the node: both change what a nodes peer covers.
         let versions = || old.into_iter().chain(new);
         let near_nodes = versions().any(|p| p.host_network || p.ips.iter().any(|ip| self.state.node_holds(*ip)));
-        if near_nodes && self.has_node_peers() {
-            return true;
-        }
-        let old_bits = old.map(|p| self.cluster_peer_matches(p)).unwrap_or_default();
-        let new_bits = new.map(|p| self.cluster_peer_matches(p)).unwrap_or_default();
-        let old_any = old_bits.iter().any(|b| *b);
-        let new_any = new_bits.iter().any(|b| *b);
-        if old_any != new_any || (new_any && old_bits != new_bits) {
-            return true;
-        }
         let old_ips = old.map(|p| p.ips.as_slice()).unwrap_or(&[]);
         let new_ips = new.map(|p| p.ips.as_slice()).unwrap_or(&[]);
-        if old_ips != new_ips {
-            if old_any || new_any {
-                return true;
-            }
-            // Every holder, not only the owner: one behind the owner takes over when the
-            // owner goes.
-            let other_holder_matched = old_ips
+        // Every holder, not only the owner: one behind the owner takes over when the
+        // owner goes.
+        let other_holders: Vec<&Pod> = if old_ips != new_ips {
+            old_ips
                 .iter()
                 .chain(new_ips)
                 .flat_map(|ip| self.state.pod_holders(*ip))
-                .any(|h| old.is_none_or(|o| o.key != h.key) && self.cluster_peer_matches(h).iter().any(|b| *b));
-            return other_holder_matched;
-        }
-        new_any && old.map(|p| &p.named_ports) != new.map(|p| &p.named_ports)
+                .filter(|h| old.is_none_or(|o| o.key != h.key))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let named_ports_changed = old.map(|p| &p.named_ports) != new.map(|p| &p.named_ports);
+        let sees = |rule: &crate::cnp::ClusterRule| {
+            if near_nodes && rule.peers.iter().any(|p| matches!(p, ClusterPeer::Nodes(_))) {
+                return true;
+            }
+            let bits = |p: Option<&Pod>| p.map(|p| crate::cnp::pod_peer_bits(&self.state, rule, p)).unwrap_or_default();
+            let (old_bits, new_bits) = (bits(old), bits(new));
+            let old_any = old_bits.iter().any(|b| *b);
+            let new_any = new_bits.iter().any(|b| *b);
+            if old_any != new_any || (new_any && old_bits != new_bits) {
+                return true;
+            }
+            if old_ips != new_ips {
+                return old_any
+                    || new_any
+                    || other_holders.iter().any(|h| crate::cnp::pod_peer_bits(&self.state, rule, h).iter().any(|b| *b));
+            }
+            new_any && named_ports_changed
+        };
+        self.mark_cluster_policies_where(sees, dirty);
     }
 
     /// A namespace's labels change from `old` to `new` (see `apply_one`).
@@ -406,8 +407,11 @@ impl NodeCompiler {
     }
 
     /// The local subjects of every ClusterNetworkPolicy with a rule that `reads`, in the
-    /// directions of those rules. Subjects are looked for among the local endpoints: a
-    /// local pod without one yet is dirty already (its own upsert).
+    /// directions of those rules: what its peers cover changed. Subjects are looked for
+    /// among the local endpoints: a local pod without one yet is dirty already (its own
+    /// upsert). A Baseline policy's rules decide nothing for a direction in which
+    /// NetworkPolicies isolate the subject (they are not even walked then), so its peers
+    /// do not reach that direction: a change to that isolation marks the pod itself.
     fn mark_cluster_policies_where(&self, reads: impl Fn(&crate::cnp::ClusterRule) -> bool, dirty: &mut Dirty) {
         for policy in self.state.cluster_policies() {
             let dirs = Dirs::of(|d| policy.rules(d).iter().any(&reads));
@@ -415,26 +419,17 @@ impl NodeCompiler {
                 continue;
             }
             for key in self.endpoints.keys() {
-                if let Some(pod) = self.state.pod(key) {
-                    if crate::cnp::eval::selects(&self.state, policy, pod) {
-                        dirty.mark(key.clone(), dirs);
-                    }
+                let Some(pod) = self.state.pod(key) else { continue };
+                if !crate::cnp::eval::selects(&self.state, policy, pod) {
+                    continue;
                 }
+                // Enforced view (that of `apply`): a pod isolated there is isolated in the
+                // audit view too.
+                let reached =
+                    Dirs::of(|d| dirs.has(d) && !(policy.tier == Tier::Baseline && self.state.isolating_policies(pod, d).next().is_some()));
+                dirty.mark(key.clone(), reached);
             }
         }
-    }
-
-    fn has_node_peers(&self) -> bool {
-        self.state
-            .cluster_policies()
-            .any(|p| p.ingress.iter().chain(&p.egress).any(|r| r.peers.iter().any(|x| matches!(x, ClusterPeer::Nodes(_)))))
-    }
-
-    /// For every pod or namespace peer of every ClusterNetworkPolicy, in order: whether it
-    /// matches `pod`.
-    fn cluster_peer_matches(&self, pod: &Pod) -> Vec<bool> {
-        let rules = self.state.cluster_policies().flat_map(|p| p.ingress.iter().chain(&p.egress));
-        rules.flat_map(|rule| crate::cnp::pod_peer_bits(&self.state, rule, pod)).collect()
     }
 
     /// Whether `change` upserts an object exactly as the state holds it already. A relist
