@@ -116,10 +116,6 @@ pub struct NodeCompiler {
     next_id: EndpointId,
     /// Policies currently refused, by key (ClusterNetworkPolicies with an empty namespace).
     rejected: BTreeMap<ObjectKey, InvalidObject>,
-    /// Local endpoints some ClusterNetworkPolicy applies to (in the audit view): their
-    /// tables may read any pod, so they are recompiled when a pod change reaches a cluster
-    /// policy's peers (coarse, see `apply_one`).
-    cluster_policy_users: BTreeSet<ObjectKey>,
     /// What each ClusterNetworkPolicy rule matches, kept across batches (see [`TierCache`]).
     tier_cache: TierCache,
 }
@@ -134,7 +130,6 @@ impl NodeCompiler {
             free_ids: BTreeSet::new(),
             next_id: 1,
             rejected: BTreeMap::new(),
-            cluster_policy_users: BTreeSet::new(),
             tier_cache: TierCache::default(),
         }
     }
@@ -578,7 +573,6 @@ impl NodeCompiler {
         for (key, dirs) in dirty {
             let pod = self.state.pod(&key).filter(|p| self.is_local(p)).cloned();
             let Some(pod) = pod else {
-                self.cluster_policy_users.remove(&key);
                 if let Some(old) = self.endpoints.remove(&key) {
                     self.forget_users(&key, &old.policies);
                     self.free_ids.insert(old.id);
@@ -587,14 +581,6 @@ impl NodeCompiler {
                 continue;
             };
             report.recompiled += 1;
-            // Audited cluster policies too: their peers' changes reach the audit tables.
-            let cluster_user =
-                self.state.with_view(crate::audit::View::Audit, |s| Direction::BOTH.iter().any(|d| crate::cnp::eval::applies(s, &pod, *d)));
-            if cluster_user {
-                self.cluster_policy_users.insert(key.clone());
-            } else {
-                self.cluster_policy_users.remove(&key);
-            }
             let policies: Vec<ObjectKey> =
                 self.state.policies_in(&pod.key.namespace).filter(|p| self.state.selects(p, &pod)).map(|p| p.key.clone()).collect();
             let old_policies = self.endpoints.get(&key).map(|e| e.policies.clone()).unwrap_or_default();
