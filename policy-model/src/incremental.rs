@@ -357,7 +357,9 @@ impl NodeCompiler {
         let new_ips = new.map(|p| p.ips.as_slice()).unwrap_or(&[]);
         // Every holder, not only the owner: one behind the owner takes over when the
         // owner goes.
-        let other_holders: Vec<&Pod> = if old_ips != new_ips {
+        // A pod turning hostNetwork keeps its addresses but stops holding them as a pod.
+        let holders_change = old_ips != new_ips || old.map(|p| p.host_network) != new.map(|p| p.host_network);
+        let other_holders: Vec<&Pod> = if holders_change {
             old_ips
                 .iter()
                 .chain(new_ips)
@@ -379,7 +381,7 @@ impl NodeCompiler {
             if old_any != new_any || (new_any && old_bits != new_bits) {
                 return true;
             }
-            if old_ips != new_ips {
+            if holders_change {
                 return old_any
                     || new_any
                     || other_holders.iter().any(|h| crate::cnp::pod_peer_bits(&self.state, rule, h).iter().any(|b| *b));
@@ -498,6 +500,11 @@ impl NodeCompiler {
     /// As [`Self::mark_pod`]; holders of its addresses equal to one of `marked` are not
     /// walked again (`marked` includes `pod`, or the caller walks it).
     fn mark_pod_except(&self, pod: &Pod, marked: &[&Pod], dirty: &mut Dirty) {
+        // A pod wins an address over a node: a pod at this node's address takes it from
+        // (or gives it back to) every local endpoint's own-node entries.
+        if !pod.host_network && pod.ips.iter().any(|ip| self.state.node_claims(*ip, &self.node)) {
+            dirty.extend(self.endpoints.keys().cloned());
+        }
         if pod.node.as_deref() == Some(self.node.as_str()) {
             dirty.insert(pod.key.clone());
             if pod.host_network {

@@ -225,6 +225,12 @@ impl ClusterState {
         self.addresses.get(&addr).is_some_and(|h| !h.nodes.is_empty())
     }
 
+    /// Whether node `node` (its Node's addresses, or a hostNetwork pod on it) claims
+    /// `addr`, owned or not.
+    pub fn node_claims(&self, addr: IpAddr, node: &str) -> bool {
+        self.addresses.get(&addr).is_some_and(|h| h.nodes.as_slice().iter().any(|n| n == node))
+    }
+
     /// The pod that owns `addr`, if any.
     pub fn pod_at(&self, addr: IpAddr) -> Option<&Pod> {
         match self.owner(addr) {

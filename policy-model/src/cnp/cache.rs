@@ -137,7 +137,8 @@ impl TierCache {
             || new.is_some_and(|p| p.host_network)
             || old_ips.iter().chain(&new_ips).any(|ip| state.node_holds(*ip));
         // Other pods at these addresses: ownership may move to or from them.
-        let others: Vec<&Pod> = if old_ips != new_ips {
+        // (A pod turning hostNetwork keeps its addresses but stops holding them as a pod.)
+        let others: Vec<&Pod> = if old_ips != new_ips || old.map(|p| p.host_network) != new.map(|p| p.host_network) {
             old_ips.iter().chain(&new_ips).flat_map(|ip| state.pod_holders(*ip)).filter(|h| old.is_none_or(|o| h.key != o.key)).collect()
         } else {
             Vec::new()

@@ -436,3 +436,60 @@ fn check_full_with_audit(c: &NodeCompiler, before: &NodeCompiler, report: &crate
     }
     Ok(())
 }
+
+/// A Baseline policy's peers with NetworkPolicies isolating its subject in one
+/// view or the other (annotation, namespace, node switch).
+#[test]
+fn baseline_peers_reach_subjects_isolated_only_in_the_audit_view() {
+    for np_ann in [None, Some("audit")] {
+        for ns_audit in [false, true] {
+            for all in [false, true] {
+                for both_nps in [false, true] {
+                    let mut c = NodeCompiler::new("n1");
+                    c.set_audit_all(all);
+                    let mut q = crate::tests::mk_pod("y", "q", &[("app", "bad")], &["10.244.0.9"]);
+                    q.node = Some("n2".into());
+                    let mut init = vec![
+                        Change::UpsertNamespace(audited_ns("x", &[], ns_audit)),
+                        Change::UpsertNamespace(audited_ns("y", &[], false)),
+                        Change::UpsertPod(crate::tests::mk_pod("x", "a", &[], &["10.244.0.1"])),
+                        Change::UpsertPolicy(Box::new(annotated_policy("x", "np", DENY_ALL_INGRESS(), np_ann))),
+                        Change::UpsertClusterPolicy(Box::new(crate::cnp::tests::mk_cnp("base", json!({"tier": "Baseline", "priority": 1,
+                            "subject": {"namespaces": {}},
+                            "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "bad"}}}}]}],
+                            "egress": [{"action": "Deny", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "bad"}}}}]}]})))),
+                    ];
+                    if both_nps {
+                        init.push(Change::UpsertPolicy(Box::new(annotated_policy("x", "np2",
+                            json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [{"from": [{"podSelector": {}}]}]}), None))));
+                    }
+                    c.apply(init);
+                    let steps: Vec<Vec<Change>> = vec![
+                        vec![Change::UpsertPod(q.clone())],
+                        vec![Change::UpsertPod({ let mut q = q.clone(); q.labels = crate::tests::labels(&[]); q })],
+                        vec![Change::UpsertPod(q.clone()), Change::DeletePolicy(ObjectKey::new("x", "np"))],
+                        vec![Change::UpsertPolicy(Box::new(annotated_policy("x", "np", DENY_ALL_INGRESS(), np_ann)))],
+                        vec![Change::DeletePod(q.key.clone())],
+                        vec![Change::UpsertNamespace(audited_ns("x", &[], !ns_audit)), Change::UpsertPod(q.clone())],
+                        vec![Change::DeletePod(q.key.clone()), Change::UpsertNamespace(audited_ns("x", &[], ns_audit))],
+                        vec![Change::UpsertPolicy(Box::new(annotated_policy("x", "np", json!({"podSelector": {}, "policyTypes": ["Egress"]}), np_ann))), Change::UpsertPod(q.clone())],
+                        vec![Change::DeletePod(q.key.clone())],
+                        vec![Change::UpsertPolicy(Box::new(annotated_policy("x", "np", DENY_ALL_INGRESS(), np_ann.map_or(Some("audit"), |_| None))))],
+                        vec![Change::UpsertPod(q.clone())],
+                    ];
+                    for (i, batch) in steps.into_iter().enumerate() {
+                        let before = c.clone();
+                        let r = c.apply(batch);
+                        check_full_with_audit(&c, &before, &r).unwrap_or_else(|e| panic!("np_ann={np_ann:?} ns_audit={ns_audit} all={all} both={both_nps} step {i}: {e}"));
+                        let before = c.clone();
+                        let r = c.set_audit_all(!c.state().audit_all());
+                        check_full_with_audit(&c, &before, &r).unwrap();
+                        let before = c.clone();
+                        let r = c.set_audit_all(!c.state().audit_all());
+                        check_full_with_audit(&c, &before, &r).unwrap();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -202,3 +202,104 @@ proptest! {
         }
     }
 }
+
+/// A pod that stops being a pod holder of an address (it becomes hostNetwork,
+/// same address, e.g. deleted and recreated under one name during a relist) hands the
+/// address to the next holder; a CNP rule matching that holder must cover it.
+#[test]
+fn a_pod_turning_host_network_hands_its_address_to_a_matched_holder() {
+    let mut c = NodeCompiler::new("n1");
+    let mut a = crate::tests::mk_pod("y", "a", &[], &["10.244.0.3"]);
+    a.node = Some("n2".into());
+    let mut z = crate::tests::mk_pod("y", "z", &[("app", "bad")], &["10.244.0.3"]);
+    z.node = Some("n2".into());
+    c.apply([
+        Change::UpsertNamespace(mk_ns("x", &[])),
+        Change::UpsertNamespace(mk_ns("y", &[])),
+        Change::UpsertPod(crate::tests::mk_pod("x", "a", &[], &["10.244.0.1"])),
+        Change::UpsertPod(a.clone()),
+        Change::UpsertPod(z),
+        upsert("deny", json!({"tier": "Admin", "priority": 1,
+            "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+            "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "bad"}}}}]}]})),
+    ]);
+    check_against_full(&c, None).unwrap();
+    let before = c.clone();
+    a.host_network = true;
+    let r = c.apply([Change::UpsertPod(a)]);
+    check_against_full(&c, Some((&before, &r))).unwrap();
+}
+
+/// A pod elsewhere taking this node's address changes every local endpoint's
+/// own-node entries.
+#[test]
+fn a_pod_elsewhere_taking_this_nodes_address_changes_own_node_entries() {
+    let mut c = NodeCompiler::new("n1");
+    c.apply([
+        Change::UpsertNamespace(mk_ns("x", &[])),
+        Change::UpsertNode(Node { name: "n1".into(), addresses: vec!["10.250.0.1".parse().unwrap()] }),
+        Change::UpsertPod(crate::tests::mk_pod("x", "a", &[], &["10.244.0.1"])),
+        Change::UpsertPolicy(Box::new(mk_policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]})))),
+    ]);
+    check_against_full(&c, None).unwrap();
+    let before = c.clone();
+    let mut z = crate::tests::mk_pod("y", "z", &[], &["10.250.0.1"]);
+    z.node = Some("n2".into());
+    let r = c.apply([Change::UpsertPod(z)]);
+    check_against_full(&c, Some((&before, &r))).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(500), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
+
+    /// As above, with pods recreated with hostNetwork flipped and the same
+    /// addresses (a relist), and the node's audit switch flipped between batches.
+    #[test]
+    fn incremental_with_host_network_flips_and_audit_switches_equals_full_compile(
+        ns in ns_labels(),
+        pods in prop::collection::vec(pod_spec(), 1..7),
+        cnps in prop::collection::vec(super::props::cnp_spec(), 1..3),
+        batches in prop::collection::vec(prop::collection::vec(prop_oneof![4 => step().prop_map(Some), 1 => (0..3usize, 0..7usize).prop_map(|(n, i)| None.or(Some(Step::DeletePod(100 + n, i))))], 1..4), 1..6),
+        audit_flips in prop::collection::vec(any::<bool>(), 6),
+    ) {
+        let mut c = NodeCompiler::new("n1");
+        let mut initial = vec![];
+        for (i, l) in ns.iter().enumerate() {
+            initial.push(Change::UpsertNamespace(mk_ns(NAMESPACES[i], l)));
+        }
+        initial.extend([Change::UpsertNode(node(0)), Change::UpsertNode(node(1))]);
+        for (i, s) in pods.iter().enumerate() {
+            initial.push(Change::UpsertPod(pod_from(i, s)));
+        }
+        for (i, spec) in cnps.iter().enumerate() {
+            initial.push(upsert(&format!("cnp{i}"), spec.clone()));
+        }
+        c.apply(initial);
+        for (b, batch) in batches.into_iter().enumerate() {
+            let before = c.clone();
+            let mut changes = vec![];
+            for s in batch.into_iter().flatten() {
+                match s {
+                    // (Encoded as a DeletePod of namespace 100 + n.) Flip hostNetwork of an
+                    // existing pod, keeping its addresses.
+                    Step::DeletePod(n, i) if n >= 100 => {
+                        if let Some(p) = c.state().pod(&ObjectKey::new(NAMESPACES[n - 100], format!("p{i}"))) {
+                            let mut p = p.clone();
+                            p.host_network = !p.host_network;
+                            changes.push(Change::UpsertPod(p));
+                        }
+                    }
+                    s => changes.push(change(s)),
+                }
+            }
+            let mut report = c.apply(changes);
+            if audit_flips[b] {
+                let r = c.set_audit_all(!c.state().audit_all());
+                report.changed.extend(r.changed);
+            }
+            if !c.state().audit_all() {
+                check_against_full(&c, Some((&before, &report)))?;
+            }
+        }
+    }
+}
