@@ -241,10 +241,7 @@ impl ClusterState {
 
     /// The addresses `pod` is reachable at as a peer: the ones it owns.
     pub fn owned_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
-        // The first holder owns an address (`owner`). Holders are exactly the pods in
-        // `self.pods` (upsert_pod/remove_pod), so comparing keys is enough, and interned
-        // keys compare by pointer: this runs once per peer pod address in a compile.
-        pod.ips.iter().copied().filter(move |ip| self.addresses.get(ip).and_then(|h| h.pods.first()).is_some_and(|k| *k == pod.key))
+        pod.ips.iter().copied().filter(move |ip| self.owns(pod, *ip))
     }
 
     /// [`Self::owned_ips`] of a pod borrowed from this state (`peer_pods`, `pods_in`): with
@@ -252,10 +249,14 @@ impl ClusterState {
     pub(crate) fn peer_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
         debug_assert!(self.pods.get(&pod.key).is_some_and(|p| std::ptr::eq(p, pod)), "{} is not borrowed from the state", pod.key);
         let uncontested = self.contested == 0 && !pod.host_network;
-        pod.ips
-            .iter()
-            .copied()
-            .filter(move |ip| uncontested || self.addresses.get(ip).and_then(|h| h.pods.first()).is_some_and(|k| *k == pod.key))
+        pod.ips.iter().copied().filter(move |ip| uncontested || self.owns(pod, *ip))
+    }
+
+    /// Whether `pod` owns `addr`. The first holder owns an address (`owner`). Holders are
+    /// exactly the pods in `self.pods` (upsert_pod/remove_pod), so comparing keys is
+    /// enough, and interned keys compare by pointer.
+    fn owns(&self, pod: &Pod, addr: IpAddr) -> bool {
+        self.addresses.get(&addr).and_then(|h| h.pods.first()).is_some_and(|k| *k == pod.key)
     }
 
     /// The addresses traffic from node `name` comes from: the Node's addresses and its

@@ -168,6 +168,23 @@ fn change(s: Step) -> Change {
     }
 }
 
+/// The generated cluster as changes: namespaces, the two nodes, pods, then the cluster
+/// policies.
+fn initial_cluster(ns: &[Vec<(&str, &str)>], pods: &[PodSpec], cnps: &[Value]) -> Vec<Change> {
+    let mut initial = vec![];
+    for (i, l) in ns.iter().enumerate() {
+        initial.push(Change::UpsertNamespace(mk_ns(NAMESPACES[i], l)));
+    }
+    initial.extend([Change::UpsertNode(node(0)), Change::UpsertNode(node(1))]);
+    for (i, s) in pods.iter().enumerate() {
+        initial.push(Change::UpsertPod(pod_from(i, s)));
+    }
+    for (i, spec) in cnps.iter().enumerate() {
+        initial.push(upsert(&format!("cnp{i}"), spec.clone()));
+    }
+    initial
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(500), max_shrink_iters: 2_000, ..ProptestConfig::default() })]
 
@@ -181,17 +198,7 @@ proptest! {
         batches in prop::collection::vec(prop::collection::vec(step(), 1..4), 1..6),
     ) {
         let mut c = NodeCompiler::new("n1");
-        let mut initial = vec![];
-        for (i, l) in ns.iter().enumerate() {
-            initial.push(Change::UpsertNamespace(mk_ns(NAMESPACES[i], l)));
-        }
-        initial.extend([Change::UpsertNode(node(0)), Change::UpsertNode(node(1))]);
-        for (i, s) in pods.iter().enumerate() {
-            initial.push(Change::UpsertPod(pod_from(i, s)));
-        }
-        for (i, spec) in cnps.iter().enumerate() {
-            initial.push(upsert(&format!("cnp{i}"), spec.clone()));
-        }
+        let initial = initial_cluster(&ns, &pods, &cnps);
         let r = c.apply(initial);
         prop_assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         check_against_full(&c, None)?;
@@ -263,17 +270,7 @@ proptest! {
         audit_flips in prop::collection::vec(any::<bool>(), 6),
     ) {
         let mut c = NodeCompiler::new("n1");
-        let mut initial = vec![];
-        for (i, l) in ns.iter().enumerate() {
-            initial.push(Change::UpsertNamespace(mk_ns(NAMESPACES[i], l)));
-        }
-        initial.extend([Change::UpsertNode(node(0)), Change::UpsertNode(node(1))]);
-        for (i, s) in pods.iter().enumerate() {
-            initial.push(Change::UpsertPod(pod_from(i, s)));
-        }
-        for (i, spec) in cnps.iter().enumerate() {
-            initial.push(upsert(&format!("cnp{i}"), spec.clone()));
-        }
+        let initial = initial_cluster(&ns, &pods, &cnps);
         c.apply(initial);
         for (b, batch) in batches.into_iter().enumerate() {
             let before = c.clone();
