@@ -229,6 +229,11 @@ impl Rig {
     }
 
     /// Stops the agent and removes its pins: the links detach, no program is left on the path.
+    /// The host-side veth of every pod, by name.
+    pub fn pod_interfaces(&self) -> Vec<String> {
+        self.interfaces.values().map(|i| i.name.clone()).collect()
+    }
+
     pub fn detach(&mut self) {
         self.stop_agent();
         let _ = std::fs::remove_dir_all(&self.pin_dir);

@@ -948,3 +948,41 @@ fn masqueraded_service_traffic_is_judged_by_the_pod_that_sent_it() {
         assert!(rig.probe_addr("x/a", vip(v6), Protocol::Tcp, 8080), "x/a's egress admits x/b:80, the Service's backend");
     }
 }
+
+/// A connection opened while nothing isolated either end, whose server speaks first once
+/// that changes: replies are judged by the policies of the direction the connection was
+/// opened in, so the server's new egress policy and the client's new ingress policy do
+/// not stop them, and the server's ingress policy does. The datapath skips connection
+/// tracking for most packets of pods that nothing isolates, and relies on the entry that
+/// the connection's first packet (SYN) wrote to tell the server's data, sent before
+/// anything from the client, from a new flow of the server's.
+#[test]
+fn replies_sent_first_after_their_ends_become_isolated_pass_until_the_opening_direction_is_denied() {
+    use std::io::{Read, Write};
+    let mut rig = three_pods();
+    let listener = rig.pod("x/b").net.ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9001)).expect("bind")).unwrap();
+    let dst = std::net::SocketAddr::new(rig.ip("x/b", true), 9001);
+    let mut client =
+        rig.pod("x/a").net.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+    // The server speaks first; the client's stack then only acknowledges.
+    let mut pushed = |server: &mut std::net::TcpStream| {
+        let mut b = [0u8; 1];
+        server.write_all(b"y").is_ok() && matches!(client.read(&mut b), Ok(1))
+    };
+    for i in 0..5 {
+        assert!(pushed(&mut server), "no policy: the server's data reaches the client ({i})");
+    }
+    let none = |name: &str, pod: &str, direction: &str| policy("x", name, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": [direction]}));
+    rig.apply(vec![none("b-egress-none", "b", "Egress")]).unwrap();
+    for i in 0..5 {
+        assert!(pushed(&mut server), "x/b's egress policy does not judge its replies to x/a's connection ({i})");
+    }
+    rig.apply(vec![none("a-ingress-none", "a", "Ingress")]).unwrap();
+    for i in 0..5 {
+        assert!(pushed(&mut server), "x/a's ingress policy does not judge the replies to its own connection ({i})");
+    }
+    rig.apply(vec![none("b-ingress-none", "b", "Ingress")]).unwrap();
+    assert!(!pushed(&mut server), "x/b's ingress policy denies x/a: the connection stops, replies too");
+}

@@ -70,6 +70,8 @@ pub mod program_names {
     /// the node translates them (NodePort, LoadBalancer), so that `pod_ingress` judges the
     /// real client.
     pub const NODE_INGRESS: &str = "node_ingress";
+    /// Passes every packet: only the datapath bench's floor attaches it.
+    pub const PASS_ALL: &str = "pass_all";
 }
 
 /// `ENDPOINTS` key: a local pod's address.

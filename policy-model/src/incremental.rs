@@ -468,11 +468,15 @@ impl NodeCompiler {
     }
 
     /// Local pods a ClusterNetworkPolicy selects, in the directions it has rules for.
+    /// Only the endpoints are walked, not the cluster's pods: a local pod that is not an
+    /// endpoint yet came in this batch, and its own change marked it in both directions.
     fn mark_cluster_policy_subjects(&self, policy: &ClusterPolicy, dirty: &mut Dirty) {
         let dirs = Dirs::of(|d| !policy.rules(d).is_empty());
-        for pod in self.state.pods() {
-            if self.is_local(pod) && crate::cnp::eval::selects(&self.state, policy, pod) {
-                dirty.mark(pod.key.clone(), dirs);
+        for key in self.endpoints.keys() {
+            if let Some(pod) = self.state.pod(key).filter(|p| self.is_local(p))
+                && crate::cnp::eval::selects(&self.state, policy, pod)
+            {
+                dirty.mark(key.clone(), dirs);
             }
         }
     }

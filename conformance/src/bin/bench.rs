@@ -70,8 +70,11 @@ struct Args {
     /// both without and with them, side by side in each round (`+cnp` in the names).
     #[arg(long, value_delimiter = ',', num_args = 0..=1, default_missing_value = "on", default_value = "off", value_parser = ["off", "on"])]
     cluster_policies: Vec<String>,
-    /// The mechanisms to measure (of none, policy-agent, iptables, nftables). `none` is
-    /// always measured: every ratio is against it.
+    /// The mechanisms to measure (of none, floor, policy-agent, iptables, nftables).
+    /// `none` is always measured: every ratio is against it. `floor` attaches a program
+    /// that passes every packet where policy-agent attaches its pod programs (tcx ingress
+    /// and egress of each pod's host veth): what policy-agent's own work adds is the
+    /// difference between the two.
     #[arg(long, value_delimiter = ',', default_value = "none,policy-agent,iptables,nftables")]
     mechanisms: Vec<String>,
     /// policy-agent once per flow-event setting (none, denied, sampled:N, all), so the
@@ -120,6 +123,9 @@ enum Mechanism {
     Agent { events: usize, tiers: bool },
     Iptables,
     Nftables,
+    /// A program that passes every packet, on the same hooks as policy-agent's pod
+    /// programs: the floor of any enforcement by tc programs.
+    Floor,
 }
 
 impl Mechanism {
@@ -136,7 +142,8 @@ impl Mechanism {
                 }
                 "iptables" => out.push(Mechanism::Iptables),
                 "nftables" => out.push(Mechanism::Nftables),
-                other => bail!("--mechanisms: {other:?} is none of none, policy-agent, iptables, nftables"),
+                "floor" => out.push(Mechanism::Floor),
+                other => bail!("--mechanisms: {other:?} is none of none, floor, policy-agent, iptables, nftables"),
             }
         }
         out.dedup();
@@ -288,6 +295,9 @@ struct Bench {
     mechanisms: Vec<Mechanism>,
     /// `--flow-events`, parsed: `Mechanism::Agent { events: i, .. }` runs with the i-th.
     flow_events: Vec<(String, FlowConfig)>,
+    /// While `Mechanism::Floor` is on the path: its programs (dropping them detaches them)
+    /// and the directory of their (unused) maps' pins.
+    floor: Option<(aya::Ebpf, PathBuf)>,
     /// Held while BPF statistics are wanted (`--program-stats`).
     _stats: Option<std::os::fd::OwnedFd>,
 }
@@ -305,6 +315,7 @@ impl Bench {
             }
             Mechanism::Iptables => "iptables".into(),
             Mechanism::Nftables => "nftables".into(),
+            Mechanism::Floor => "floor".into(),
         }
     }
 
@@ -343,6 +354,7 @@ impl Bench {
                 let file = self.rules_file(n, "nft")?;
                 self.node_exec("nft", &["-f", file.to_str().unwrap()])?;
             }
+            Mechanism::Floor => self.floor = Some(attach_floor(&self.rig)?),
         }
         Ok(t.elapsed())
     }
@@ -371,6 +383,24 @@ impl Bench {
             Mechanism::Nftables => {
                 self.node_exec("nft", &["delete", "table", "ip", NFT_TABLE])?;
             }
+            Mechanism::Floor => {
+                if let Some((ebpf, pins)) = self.floor.take() {
+                    drop(ebpf);
+                    std::fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
+                }
+                // Closing the last descriptors detached and unloads it (the kernel frees it
+                // after a grace period).
+                let loaded = || {
+                    aya::programs::loaded_programs()
+                        .filter_map(Result::ok)
+                        .any(|p| p.name_as_str() == Some(policy_ebpf::program_names::PASS_ALL))
+                };
+                let t = Instant::now();
+                while loaded() && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                ensure!(!loaded(), "the floor's program is still loaded after it was detached");
+            }
         }
         let nft = self.node_exec("nft", &["list", "ruleset"])?;
         ensure!(nft.trim().is_empty(), "nftables rules left in the node's namespace after {}:\n{nft}", self.name(mechanism));
@@ -386,7 +416,7 @@ impl Bench {
         let rig = &self.rig;
         let server = rig.ip(SERVER, true);
         let intruder = rig.ip(INTRUDER, true);
-        let enforced = mechanism != Mechanism::None;
+        let enforced = !matches!(mechanism, Mechanism::None | Mechanism::Floor);
         let probes: [(&str, &str, IpAddr, Protocol, u16, bool); 7] = [
             ("client → server TCP", CLIENT, server, Protocol::Tcp, RR_PORT, true),
             ("client → server UDP", CLIENT, server, Protocol::Udp, RR_PORT, true),
@@ -412,7 +442,7 @@ impl Bench {
     fn measure(&self, mechanism: Mechanism) -> Result<Figures> {
         let a = &self.args;
         // Per-program costs: only where there are programs, and only when asked for.
-        let stats = self._stats.is_some() && matches!(mechanism, Mechanism::Agent { .. });
+        let stats = self._stats.is_some() && matches!(mechanism, Mechanism::Agent { .. } | Mechanism::Floor);
         let mut programs = BTreeMap::new();
         let mut cost = |traffic: &str, before: Option<RunStats>, ops: f64| {
             let Some(before) = before else { return };
@@ -454,6 +484,31 @@ impl Bench {
         self.deactivate(mechanism)?;
         Ok(f)
     }
+}
+
+/// Loads the agent's kernel object with its maps pinned apart, and attaches `pass_all`
+/// (tcx, ingress and egress) to every pod's host veth, in the node's namespace.
+fn attach_floor(rig: &Rig) -> Result<(aya::Ebpf, PathBuf)> {
+    use aya::programs::tc::TcAttachOptions;
+    use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+    let pins = PathBuf::from(format!("/sys/fs/bpf/pa-bench-floor-{}", std::process::id()));
+    std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
+    let interfaces = rig.pod_interfaces();
+    let dir = pins.clone();
+    let ebpf = rig.node.ns.run(move || -> Result<aya::Ebpf> {
+        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&dir).load(policy_agent::datapath::program_bytes())?;
+        let name = policy_ebpf::program_names::PASS_ALL;
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("pass_all missing")?.try_into()?;
+        prog.load()?;
+        for interface in &interfaces {
+            for point in [TcAttachType::Ingress, TcAttachType::Egress] {
+                prog.attach_with_options(interface, point, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .with_context(|| format!("attaching {name} to {interface}"))?;
+            }
+        }
+        Ok(ebpf)
+    })??;
+    Ok((ebpf, pins))
 }
 
 fn main() -> Result<()> {
@@ -500,6 +555,7 @@ fn main() -> Result<()> {
         policies,
         mechanisms,
         flow_events,
+        floor: None,
         _stats: stats,
     };
     let result = run(&mut bench);
@@ -647,9 +703,11 @@ fn report(
 fn report_program_stats(bench: &Bench, rules: &[usize], medians: &BTreeMap<(Mechanism, usize), Figures>, agents: &[Mechanism]) {
     println!("\nPer-program cost from BPF statistics: ns per run (runs per TCP connection, per UDP request/response, per 64 KiB of bulk)");
     println!("{:>7} {:>16} {:>12} {:>18} {:>18} {:>18}", "rules", "configuration", "program", "tcp", "udp", "bulk");
+    let floor = bench.mechanisms.iter().copied().filter(|m| *m == Mechanism::Floor);
     for &n in rules {
-        for &ag in agents {
-            for prog in PROGRAMS {
+        for ag in floor.clone().chain(agents.iter().copied()) {
+            let programs: &[&str] = if ag == Mechanism::Floor { &[policy_ebpf::program_names::PASS_ALL] } else { &PROGRAMS };
+            for &prog in programs {
                 let cell = |traffic: &str| {
                     medians[&(ag, n)].programs.get(&format!("{prog} {traffic}")).map_or("-".to_string(), |(runs, ns)| format!("{ns:.0} ({runs:.1})"))
                 };

@@ -208,6 +208,10 @@ fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
     let ack = tcp(i, c, 40001, 80, TCP_ACK);
     put("not isolated, established: egress", POD_EGRESS, repeated(&egress, &ack, v.intruder, PASS, args))?;
     put("not isolated, established: ingress", POD_INGRESS, repeated(&ingress, &ack, v.client, PASS, args))?;
+    // The client's reply at the intruder's ingress: a pod nothing isolates in either
+    // direction (the client is isolated for egress, so its hooks track every flow).
+    let reply = tcp(c, i, 80, 40001, TCP_ACK);
+    put("nothing isolates, reply: ingress", POD_INGRESS, repeated(&ingress, &reply, v.intruder, PASS, args))?;
 
     // New flows, one run each (a repeated run would find the flow tracked): the mean of
     // single runs also carries one clock read each.

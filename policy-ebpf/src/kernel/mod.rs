@@ -481,6 +481,29 @@ fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32, from: &Add
     Some(src.revision)
 }
 
+/// Flags of an endpoint whose packets may need connection tracking: isolation in either
+/// direction, an audit table, fail-closed.
+const NEEDS_TRACKING: u32 =
+    ENDPOINT_INGRESS_ISOLATED | ENDPOINT_EGRESS_ISOLATED | ENDPOINT_FAIL_CLOSED | ENDPOINT_AUDIT_INGRESS | ENDPOINT_AUDIT_EGRESS;
+
+/// Whether packet `p` of endpoint `ep` passes without a connection tracking lookup: a TCP
+/// packet that neither opens nor closes its flow (no SYN, FIN or RST), of an endpoint that
+/// nothing isolates in either direction (and that has no audit table and is not held
+/// fail-closed). Such an endpoint allows all its traffic, and its side of a flow needs
+/// nothing from the entry beyond what the flow's first packet wrote: its opening SYN, and
+/// its FIN or RST, still take the full path, so the entry exists, records who originated
+/// the flow (which is what its replies are judged by if the endpoint becomes isolated
+/// later), and ages out as before once the flow closes. An isolated peer on this node
+/// reads and refreshes the entry from its own hook (no hand-off is left for it). What is
+/// skipped is the lookup on most packets of most pods in a cluster where most pods are
+/// not selected by any policy; the cost is that a flow between two such pods is not
+/// refreshed in the table while it runs (it is kept `CT_TIMEOUT_TCP_NS` from its start,
+/// and is the least recently used entry if the table fills).
+#[inline(always)]
+fn untracked(ep: &EndpointValue, p: &Packet) -> bool {
+    ep.flags & NEEDS_TRACKING == 0 && p.l4 == L4::Ports && p.protocol == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
+
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
     match try_pod_egress(&ctx) {
@@ -499,7 +522,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     let ifindex = ifindex(ctx);
     // Anti-spoofing: the source must be this veth's pod.
     let Some(ep) = endpoint_on(ifindex, &s.packet.src) else { return Ok(DROP) };
-    if s.packet.l4 == L4::Error && s.packet.related_tracked {
+    if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
@@ -553,7 +576,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let ifindex = ifindex(ctx);
     // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
     let Some(ep) = endpoint_on(ifindex, &s.packet.dst) else { return Ok(PASS) };
-    if s.packet.l4 == L4::Error && s.packet.related_tracked {
+    if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
         count(&ep, DIRECTION_INGRESS, true, len);
         return Ok(PASS);
     }
@@ -707,6 +730,14 @@ fn note_arrival(ctx: &TcContext, a: &mut Arrival, p: &Packet, now: u64) {
     unsafe { (*ctx.skb.skb).tc_index = tag };
 }
 
+/// Passes every packet and reads nothing: the datapath bench's floor (`bench --mechanisms
+/// floor`), what any tc program on the pods' hooks costs before it does anything. The
+/// agent never loads it.
+#[classifier]
+pub fn pass_all(_ctx: TcContext) -> i32 {
+    PASS
+}
+
 #[classifier]
 pub fn node_egress(ctx: TcContext) -> i32 {
     // Packets this program cannot read are not a pod's: leave them alone.
@@ -722,6 +753,9 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
     let Some(ep) = endpoint(&s.packet.src) else {
         return Ok(PASS);
     };
+    if untracked(&ep, &s.packet) {
+        return Ok(PASS);
+    }
     let now = now();
     let ifindex = ifindex(ctx);
     let (src_is_lo, known) = tracked(ctx, s, &ep, true, now, ifindex);
