@@ -986,3 +986,37 @@ fn replies_sent_first_after_their_ends_become_isolated_pass_until_the_opening_di
     rig.apply(vec![none("b-ingress-none", "b", "Ingress")]).unwrap();
     assert!(!pushed(&mut server), "x/b's ingress policy denies x/a: the connection stops, replies too");
 }
+
+/// A half-closed connection (the client shut its side with a FIN; the server still sends)
+/// between pods that nothing isolates, kept open longer than the closing timeout: its
+/// entry must outlive one FIN, so that when the server's egress or the client's ingress
+/// becomes isolated, the server's data is still a reply of the client's connection, not
+/// a new flow of the server's. (Packets of pods that nothing isolates do not refresh the
+/// entry; the closing timeout starts at the second FIN.)
+#[test]
+fn a_half_closed_connection_outlives_the_closing_timeout_and_stays_a_reply() {
+    use std::io::{Read, Write};
+    let mut rig = three_pods();
+    let listener = rig.pod("x/b").net.ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9002)).expect("bind")).unwrap();
+    let dst = std::net::SocketAddr::new(rig.ip("x/b", true), 9002);
+    let mut client =
+        rig.pod("x/a").net.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut pushed = |server: &mut std::net::TcpStream| {
+        let mut b = [0u8; 1];
+        server.write_all(b"y").is_ok() && matches!(client.read(&mut b), Ok(1))
+    };
+    // Past the closing timeout (10 s), the server sending all along.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_nanos(policy_ebpf::CT_TIMEOUT_TCP_CLOSING_NS) + Duration::from_secs(1) {
+        assert!(pushed(&mut server), "no policy: the half-closed connection's data reaches the client");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let none = |name: &str, pod: &str, direction: &str| policy("x", name, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": [direction]}));
+    rig.apply(vec![none("b-egress-none", "b", "Egress")]).unwrap();
+    assert!(pushed(&mut server), "x/b's egress policy does not judge its replies on x/a's half-closed connection");
+    rig.apply(vec![none("a-ingress-none", "a", "Ingress")]).unwrap();
+    assert!(pushed(&mut server), "x/a's ingress policy does not judge the replies on its own half-closed connection");
+}

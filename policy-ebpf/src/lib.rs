@@ -271,7 +271,8 @@ pub const SERVICE_DEFER_TCP: u32 = 2;
 pub const CT_ORIG_IS_LO: u16 = 1;
 /// The destination was a Service address: egress is judged after translation.
 pub const CT_VIA_SERVICE: u16 = 2;
-/// A FIN was seen: the entry expires soon.
+/// Both ends sent a FIN (`CT_TCP_FIN_ORIG` and `CT_TCP_FIN_REPLY`): the entry expires
+/// soon (`CT_TIMEOUT_TCP_CLOSING_NS`). Layouts before 8 set it at the first FIN.
 pub const CT_TCP_CLOSING: u16 = 4;
 /// A RST was seen: the entry expires at once (after the other hooks on the path saw it).
 pub const CT_TCP_RESET: u16 = 8;
@@ -282,6 +283,13 @@ pub const CT_FROM_NODE: u16 = 16;
 /// and `nat_port` hold the client's address and port from before translation (recorded
 /// by `node_ingress`), by which the destination's ingress is judged.
 pub const CT_CLIENT_IN_NAT: u16 = 32;
+/// The originator sent a FIN. One FIN closes one direction only: a half-closed flow (the
+/// client shut its side; the server still sends) keeps the established timeout, since
+/// its packets need not refresh the entry (the hooks of a pod that nothing isolates skip
+/// connection tracking for most TCP packets).
+pub const CT_TCP_FIN_ORIG: u16 = 64;
+/// The other end sent a FIN.
+pub const CT_TCP_FIN_REPLY: u16 = 128;
 
 /// `PENDING` key: the originator of a Service flow whose egress is judged after DNAT.
 /// The source address, port and protocol survive DNAT, so the later hook finds it.

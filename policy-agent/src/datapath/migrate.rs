@@ -386,14 +386,14 @@ mod tests {
         assert_eq!(maps_dir_in_force(tmp.path()).unwrap(), tmp.path().join(&ours));
     }
 
-    /// Maps of an older layout (3 to 6) are migrated (a new generation), with connection
+    /// Maps of an older layout (3 to 7) are migrated (a new generation), with connection
     /// tracking and pending judgments shared: layout 4 added the flow event maps, layout 5
-    /// audit mode (flags, directions and a verdict: constants only), layouts 6 and 7
+    /// audit mode (flags, directions and a verdict: constants only), layouts 6, 7 and 8
     /// constants only.
     #[test]
     fn older_layouts_are_migrated_sharing_connection_tracking() {
-        assert_eq!(LAYOUT_VERSION, 7);
-        for old in [3, 4, 5, 6] {
+        assert_eq!(LAYOUT_VERSION, 8);
+        for old in [3, 4, 5, 6, 7] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = dir_name(old, &sizes(), 5);
             mk(tmp.path(), &["links", &dir]);
@@ -414,6 +414,8 @@ mod tests {
         assert!(!policy_ebpf::layout::same_items(5, 6, &["PEER_OWN_NODE"]), "v5 has no own-node entries");
         assert!(policy_ebpf::layout::same_items(6, 7, &tables), "layout 7 changes no type nor map");
         assert!(!policy_ebpf::layout::same_items(6, 7, &["SERVICE_DEFER_TCP"]), "v6 defers every protocol");
+        assert!(policy_ebpf::layout::same_items(7, 8, &tables), "layout 8 changes no type nor map");
+        assert!(!policy_ebpf::layout::same_items(7, 8, &["CT_TCP_FIN_ORIG"]), "v7 closes at the first FIN");
     }
 
     #[test]

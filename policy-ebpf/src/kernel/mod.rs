@@ -312,8 +312,14 @@ fn established(
         if now.wrapping_sub(c.last_seen_ns) > CT_REFRESH_NS {
             c.last_seen_ns = now;
         }
-        if p.tcp_flags & TCP_FIN != 0 && c.flags & CT_TCP_CLOSING == 0 {
-            c.flags |= CT_TCP_CLOSING;
+        if p.tcp_flags & TCP_FIN != 0 {
+            let fin = if orig { CT_TCP_FIN_ORIG } else { CT_TCP_FIN_REPLY };
+            if c.flags & fin == 0 {
+                // The closing timeout once both directions are closed: a half-closed flow
+                // runs on, and its packets may not refresh the entry (see `untracked`).
+                let both = CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY;
+                c.flags |= fin | if (c.flags | fin) & both == both { CT_TCP_CLOSING } else { 0 };
+            }
         }
         if p.tcp_flags & TCP_RST != 0 && c.flags & CT_TCP_RESET == 0 {
             // Not deleted here: the other hooks on this packet's path must still find it.
@@ -491,14 +497,16 @@ const NEEDS_TRACKING: u32 =
 /// nothing isolates in either direction (and that has no audit table and is not held
 /// fail-closed). Such an endpoint allows all its traffic, and its side of a flow needs
 /// nothing from the entry beyond what the flow's first packet wrote: its opening SYN, and
-/// its FIN or RST, still take the full path, so the entry exists, records who originated
-/// the flow (which is what its replies are judged by if the endpoint becomes isolated
-/// later), and ages out as before once the flow closes. An isolated peer on this node
-/// reads and refreshes the entry from its own hook (no hand-off is left for it). What is
-/// skipped is the lookup on most packets of most pods in a cluster where most pods are
-/// not selected by any policy; the cost is that a flow between two such pods is not
-/// refreshed in the table while it runs (it is kept `CT_TIMEOUT_TCP_NS` from its start,
-/// and is the least recently used entry if the table fills).
+/// its FINs and RST, still take the full path, so the entry exists, records who
+/// originated the flow (which is what its replies are judged by if the endpoint becomes
+/// isolated later), and ages out as before once the flow closes: the closing timeout
+/// starts at the second FIN, not the first, since a half-closed flow runs on without
+/// refreshing the entry (`CT_TCP_FIN_ORIG`). An isolated peer on this node reads and
+/// refreshes the entry from its own hook (no hand-off is left for it). What is skipped is
+/// the lookup on most packets of most pods in a cluster where most pods are not selected
+/// by any policy; the cost is that a flow between two such pods is not refreshed in the
+/// table while it runs (it is kept `CT_TIMEOUT_TCP_NS` from its start, or from its last
+/// FIN, and is the least recently used entry if the table fills).
 #[inline(always)]
 fn untracked(ep: &EndpointValue, p: &Packet) -> bool {
     ep.flags & NEEDS_TRACKING == 0 && p.l4 == L4::Ports && p.protocol == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
