@@ -949,6 +949,31 @@ fn masqueraded_service_traffic_is_judged_by_the_pod_that_sent_it() {
     }
 }
 
+/// A connection from x/a to x/b:`port`, held by the test: (the server's end, the client's
+/// end, which reads with a 600 ms timeout).
+fn held_connection(rig: &Rig, port: u16) -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = rig.pod("x/b").net.ns.run(move || std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind")).unwrap();
+    let dst = std::net::SocketAddr::new(rig.ip("x/b", true), port);
+    let client =
+        rig.pod("x/a").net.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+    (server, client)
+}
+
+/// One byte from the server's end that reaches the client's (the client's stack only
+/// acknowledges: the server speaks first).
+fn pushed(server: &mut std::net::TcpStream, client: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    let mut b = [0u8; 1];
+    server.write_all(b"y").is_ok() && matches!(client.read(&mut b), Ok(1))
+}
+
+/// A policy of namespace x that isolates pod `pod` in `direction` and allows nothing.
+fn isolated(name: &str, pod: &str, direction: &str) -> Change {
+    policy("x", name, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": [direction]}))
+}
+
 /// A connection opened while nothing isolated either end, whose server speaks first once
 /// that changes: replies are judged by the policies of the direction the connection was
 /// opened in, so the server's new egress policy and the client's new ingress policy do
@@ -958,33 +983,21 @@ fn masqueraded_service_traffic_is_judged_by_the_pod_that_sent_it() {
 /// anything from the client, from a new flow of the server's.
 #[test]
 fn replies_sent_first_after_their_ends_become_isolated_pass_until_the_opening_direction_is_denied() {
-    use std::io::{Read, Write};
     let mut rig = three_pods();
-    let listener = rig.pod("x/b").net.ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9001)).expect("bind")).unwrap();
-    let dst = std::net::SocketAddr::new(rig.ip("x/b", true), 9001);
-    let mut client =
-        rig.pod("x/a").net.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
-    client.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
-    // The server speaks first; the client's stack then only acknowledges.
-    let mut pushed = |server: &mut std::net::TcpStream| {
-        let mut b = [0u8; 1];
-        server.write_all(b"y").is_ok() && matches!(client.read(&mut b), Ok(1))
-    };
+    let (mut server, mut client) = held_connection(&rig, 9001);
     for i in 0..5 {
-        assert!(pushed(&mut server), "no policy: the server's data reaches the client ({i})");
+        assert!(pushed(&mut server, &mut client), "no policy: the server's data reaches the client ({i})");
     }
-    let none = |name: &str, pod: &str, direction: &str| policy("x", name, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": [direction]}));
-    rig.apply(vec![none("b-egress-none", "b", "Egress")]).unwrap();
+    rig.apply(vec![isolated("b-egress-none", "b", "Egress")]).unwrap();
     for i in 0..5 {
-        assert!(pushed(&mut server), "x/b's egress policy does not judge its replies to x/a's connection ({i})");
+        assert!(pushed(&mut server, &mut client), "x/b's egress policy does not judge its replies to x/a's connection ({i})");
     }
-    rig.apply(vec![none("a-ingress-none", "a", "Ingress")]).unwrap();
+    rig.apply(vec![isolated("a-ingress-none", "a", "Ingress")]).unwrap();
     for i in 0..5 {
-        assert!(pushed(&mut server), "x/a's ingress policy does not judge the replies to its own connection ({i})");
+        assert!(pushed(&mut server, &mut client), "x/a's ingress policy does not judge the replies to its own connection ({i})");
     }
-    rig.apply(vec![none("b-ingress-none", "b", "Ingress")]).unwrap();
-    assert!(!pushed(&mut server), "x/b's ingress policy denies x/a: the connection stops, replies too");
+    rig.apply(vec![isolated("b-ingress-none", "b", "Ingress")]).unwrap();
+    assert!(!pushed(&mut server, &mut client), "x/b's ingress policy denies x/a: the connection stops, replies too");
 }
 
 /// A half-closed connection (the client shut its side with a FIN; the server still sends)
@@ -995,28 +1008,89 @@ fn replies_sent_first_after_their_ends_become_isolated_pass_until_the_opening_di
 /// entry; the closing timeout starts at the second FIN.)
 #[test]
 fn a_half_closed_connection_outlives_the_closing_timeout_and_stays_a_reply() {
-    use std::io::{Read, Write};
     let mut rig = three_pods();
-    let listener = rig.pod("x/b").net.ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9002)).expect("bind")).unwrap();
-    let dst = std::net::SocketAddr::new(rig.ip("x/b", true), 9002);
-    let mut client =
-        rig.pod("x/a").net.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
-    client.set_read_timeout(Some(Duration::from_millis(600))).unwrap();
+    let (mut server, mut client) = held_connection(&rig, 9002);
     client.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut pushed = |server: &mut std::net::TcpStream| {
-        let mut b = [0u8; 1];
-        server.write_all(b"y").is_ok() && matches!(client.read(&mut b), Ok(1))
-    };
     // Past the closing timeout (10 s), the server sending all along.
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_nanos(policy_ebpf::CT_TIMEOUT_TCP_CLOSING_NS) + Duration::from_secs(1) {
-        assert!(pushed(&mut server), "no policy: the half-closed connection's data reaches the client");
+        assert!(pushed(&mut server, &mut client), "no policy: the half-closed connection's data reaches the client");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let none = |name: &str, pod: &str, direction: &str| policy("x", name, json!({"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": [direction]}));
-    rig.apply(vec![none("b-egress-none", "b", "Egress")]).unwrap();
-    assert!(pushed(&mut server), "x/b's egress policy does not judge its replies on x/a's half-closed connection");
-    rig.apply(vec![none("a-ingress-none", "a", "Ingress")]).unwrap();
-    assert!(pushed(&mut server), "x/a's ingress policy does not judge the replies on its own half-closed connection");
+    rig.apply(vec![isolated("b-egress-none", "b", "Egress")]).unwrap();
+    assert!(pushed(&mut server, &mut client), "x/b's egress policy does not judge its replies on x/a's half-closed connection");
+    rig.apply(vec![isolated("a-ingress-none", "a", "Ingress")]).unwrap();
+    assert!(pushed(&mut server, &mut client), "x/a's ingress policy does not judge the replies on its own half-closed connection");
+}
+
+/// A Service connection from x/a to a backend off the node (no masquerade), closed by the
+/// server, then opened again from the same source port after the closing timeout. Such a
+/// flow has two entries: the Service address's (`pod_egress`, and the translated replies
+/// at `pod_ingress`) and the backend's (`node_egress`, which never sees a reply). The
+/// backend's entry must close at the first FIN, and a SYN that finds a closing entry is a
+/// new connection: else the second connection passes `node_egress` on the old entry
+/// unjudged, and its reply is judged against the Service address, which x/a's egress
+/// (the backend's network only) does not allow. (Found by review.)
+#[test]
+fn a_service_connection_to_a_backend_off_the_node_can_reuse_its_source_port() {
+    use std::io::{Read, Write};
+    let mut rig = ns_rig();
+    let ext = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
+    rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ext.name()]).unwrap();
+    rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
+    rig.node.ns.ip(&["link", "set", "up0", "up"]).unwrap();
+    ext.ip(&["-4", "addr", "add", "198.51.100.10/24", "dev", "eth0"]).unwrap();
+    ext.ip(&["link", "set", "eth0", "up"]).unwrap();
+    ext.ip(&["-4", "route", "add", "10.244.0.0/16", "via", "198.51.100.1"]).unwrap();
+    rig.attach_node_devices(&["up0"]).unwrap();
+    rig.node.dnat("10.96.0.20".parse().unwrap(), 8080, "198.51.100.10".parse().unwrap(), 80, "tcp").unwrap();
+    rig.set_services(vec!["10.96.0.0/16".parse().unwrap()]).unwrap();
+    // One byte back, then the server closes first (the client keeps no TIME_WAIT).
+    let listener = ext.run(|| std::net::TcpListener::bind(("0.0.0.0", 80)).unwrap()).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut b = [0u8; 1];
+            if s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        }
+    });
+    rig.apply(vec![policy(
+        "x",
+        "a-to-backend",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"protocol": "TCP", "port": 80}]}]}),
+    )])
+    .unwrap();
+    let ns = rig.pod("x/a").net.ns.handle();
+    let connect = move |port: u16| -> Result<(), String> {
+        ns.run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into()).map_err(|e| format!("bind: {e}"))?;
+            let vip = std::net::SocketAddr::from(([10, 96, 0, 20], 8080));
+            s.connect_timeout(&vip.into(), Duration::from_secs(3)).map_err(|e| format!("connect: {e}"))?;
+            let mut s: std::net::TcpStream = s.into();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 1];
+            s.write_all(b"x").map_err(|e| format!("write: {e}"))?;
+            s.read_exact(&mut b).map_err(|e| format!("read: {e}"))?;
+            if s.read(&mut b).map_err(|e| format!("eof: {e}"))? != 0 {
+                return Err("no EOF".into());
+            }
+            Ok(())
+        })
+        .unwrap()
+    };
+    assert_eq!(connect(40123), Ok(()), "the first connection through the Service");
+    std::thread::sleep(Duration::from_millis(100));
+    let backend = rig.conntrack().into_iter().find(|(k, _)| {
+        let ends = [(policy_agent::datapath::decode_addr(&k.lo_addr), k.lo_port), (policy_agent::datapath::decode_addr(&k.hi_addr), k.hi_port)];
+        ends.contains(&(rig.ip("x/a", true), 40123)) && ends.contains(&("198.51.100.10".parse().unwrap(), 80))
+    });
+    let (_, v) = backend.expect("node_egress's entry of the translated flow");
+    assert_ne!(v.flags & policy_ebpf::CT_TCP_CLOSING, 0, "the entry no reply reaches closes at the client's FIN (flags {:#x})", v.flags);
+    std::thread::sleep(Duration::from_nanos(policy_ebpf::CT_TIMEOUT_TCP_CLOSING_NS) + Duration::from_secs(1));
+    assert_eq!(connect(40123), Ok(()), "a second connection from the same port through the same Service");
 }

@@ -48,7 +48,8 @@
 /// - 8: connection tracking flags `CT_TCP_FIN_ORIG` and `CT_TCP_FIN_REPLY` (which ends
 ///   sent a FIN); `CT_TCP_CLOSING` (the short timeout) is set at the second FIN, not the
 ///   first (a half-closed flow of pods that nothing isolates does not refresh its entry:
-///   their hooks skip connection tracking for most TCP packets). Types and maps are
+///   their hooks skip connection tracking for most TCP packets), or at the first for an
+///   entry whose replies no hook sees (`CT_ONE_WAY`). Types and maps are
 ///   layout 7's: connection tracking and pending judgments are shared with layout 7
 ///   programs during a migration, which ignore the two flags and set `CT_TCP_CLOSING`
 ///   at the first FIN (a flow they see close is closed as before).
@@ -193,6 +194,7 @@ mod tests {
             CT_CLIENT_IN_NAT,
             CT_TCP_FIN_ORIG,
             CT_TCP_FIN_REPLY,
+            CT_ONE_WAY,
             SERVICE_DEFER_ALL,
             SERVICE_DEFER_TCP,
             FLOW_VERDICT_ALLOWED,

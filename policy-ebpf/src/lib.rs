@@ -290,6 +290,10 @@ pub const CT_CLIENT_IN_NAT: u16 = 32;
 pub const CT_TCP_FIN_ORIG: u16 = 64;
 /// The other end sent a FIN.
 pub const CT_TCP_FIN_REPLY: u16 = 128;
+/// No hook sees this entry's replies: `node_egress`'s entry of a Service flow after DNAT,
+/// toward a backend off the node (the replies are translated back before `pod_ingress`,
+/// which finds the Service address's entry). Its closing timeout starts at the first FIN.
+pub const CT_ONE_WAY: u16 = 256;
 
 /// `PENDING` key: the originator of a Service flow whose egress is judged after DNAT.
 /// The source address, port and protocol survive DNAT, so the later hook finds it.

@@ -317,8 +317,10 @@ fn established(
             if c.flags & fin == 0 {
                 // The closing timeout once both directions are closed: a half-closed flow
                 // runs on, and its packets may not refresh the entry (see `untracked`).
+                // An entry that never sees the other direction closes at the first FIN.
                 let both = CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY;
-                c.flags |= fin | if (c.flags | fin) & both == both { CT_TCP_CLOSING } else { 0 };
+                let closing = (c.flags | fin) & both == both || c.flags & CT_ONE_WAY != 0;
+                c.flags |= fin | if closing { CT_TCP_CLOSING } else { 0 };
             }
         }
         if p.tcp_flags & TCP_RST != 0 && c.flags & CT_TCP_RESET == 0 {
@@ -365,7 +367,11 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
     // SAFETY: `ct` points into a map value, valid for this program run; its fields are
     // plain integers, so a racing writer can only make us judge again.
     let c = unsafe { &mut *ct };
-    if expired(c, p.protocol, now) {
+    // A SYN on a flow that was closing is a new connection reusing the ports (its entry
+    // can outlive the close: one FIN seen, or the closing timeout), judged afresh; its
+    // entry then replaces the old one.
+    let reopened = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && c.flags & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY | CT_TCP_RESET) != 0;
+    if reopened || expired(c, p.protocol, now) {
         return (src_is_lo, None);
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
@@ -427,7 +433,9 @@ fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u1
         zero_addr(&mut v.nat_addr);
         put(&mut v.nat_port, 0);
     }
-    put(&mut v.flags, flags | if src_is_lo { CT_ORIG_IS_LO } else { 0 });
+    // A FIN that opens an entry (a flow whose entry was lost) closed the original direction.
+    let fin = if s.packet.tcp_flags & TCP_FIN != 0 { CT_TCP_FIN_ORIG } else { 0 };
+    put(&mut v.flags, flags | fin | if src_is_lo { CT_ORIG_IS_LO } else { 0 });
     put(&mut v._pad, 0);
     // A full LRU map evicts its oldest entry; a failure here only means the next packet
     // is judged again.
@@ -777,7 +785,8 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
     match judge_deferred(s, &ep, ifindex, &from, sport) {
         Some(rev) => {
             if s.packet.l4 != L4::Echo || s.packet.echo_request {
-                track(s, src_is_lo, rev, CT_NOT_LOCAL, 0, now);
+                // Its replies come back translated, to the Service address's entry.
+                track(s, src_is_lo, rev, CT_NOT_LOCAL, CT_ONE_WAY, now);
             }
             Ok(PASS)
         }
