@@ -1094,3 +1094,47 @@ fn a_service_connection_to_a_backend_off_the_node_can_reuse_its_source_port() {
     std::thread::sleep(Duration::from_nanos(policy_ebpf::CT_TIMEOUT_TCP_CLOSING_NS) + Duration::from_secs(1));
     assert_eq!(connect(40123), Ok(()), "a second connection from the same port through the same Service");
 }
+
+/// A FIN that opens an entry (its flow's entry was lost: evicted, or not carried over by
+/// a migration) records itself, so that the other end's FIN closes the entry. Here the
+/// first FIN comes from a peer off the node, which only the pod's own hook sees.
+#[test]
+fn a_fin_that_opens_an_entry_counts_toward_closing_it() {
+    let rig = ns_rig();
+    let ext = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
+    rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ext.name()]).unwrap();
+    rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
+    rig.node.ns.ip(&["link", "set", "up0", "up"]).unwrap();
+    ext.ip(&["-4", "addr", "add", "198.51.100.10/24", "dev", "eth0"]).unwrap();
+    ext.ip(&["link", "set", "eth0", "up"]).unwrap();
+    ext.ip(&["-4", "route", "add", "10.244.0.0/16", "via", "198.51.100.1"]).unwrap();
+    let listener = rig.pod("x/a").net.ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9004)).expect("bind")).unwrap();
+    let dst = std::net::SocketAddr::new(rig.ip("x/a", true), 9004);
+    let remote = ext.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
+    let (local, peer) = listener.accept().unwrap();
+    let a = rig.ip("x/a", true);
+    let matches = |k: &policy_ebpf::CtKey| {
+        let ends = [(policy_agent::datapath::decode_addr(&k.lo_addr), k.lo_port), (policy_agent::datapath::decode_addr(&k.hi_addr), k.hi_port)];
+        ends.contains(&(a, 9004)) && ends.contains(&(peer.ip(), peer.port()))
+    };
+    let find = || rig.conntrack().into_iter().find(|(k, _)| matches(k)).map(|(_, v)| v);
+    assert!(find().is_some(), "the connection is tracked");
+    // The entry is lost.
+    let dir = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let data = aya::maps::MapData::from_pin(dir.join(policy_ebpf::map_names::CONNTRACK)).unwrap();
+    let mut ct: aya::maps::HashMap<_, policy_ebpf::CtKey, policy_ebpf::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+    let lost: Vec<policy_ebpf::CtKey> = ct.keys().filter_map(Result::ok).filter(|k| matches(k)).collect();
+    for k in &lost {
+        ct.remove(k).unwrap();
+    }
+    assert!(find().is_none(), "the entry is gone");
+    remote.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let v = find().expect("the remote's FIN opened an entry");
+    assert_eq!(v.flags & policy_ebpf::CT_TCP_CLOSING, 0, "one FIN: not closing yet (flags {:#x})", v.flags);
+    local.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let v = find().expect("the entry");
+    assert_ne!(v.flags & policy_ebpf::CT_TCP_CLOSING, 0, "both FINs seen: closing (flags {:#x})", v.flags);
+}
