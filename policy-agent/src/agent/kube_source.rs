@@ -277,10 +277,12 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, tx: mpsc::Unbou
             let _ = tx.send(SourceMessage::Changes(changes));
         }
         Err(error) => {
+            // The report first: a drain that hands the compiler this change (which it
+            // rejects) has the report too, never one without the other.
+            let _ = tx.send(SourceMessage::Invalid(Box::new((obj.object_ref(&()), error))));
             if let Some(change) = obj.when_invalid() {
                 let _ = tx.send(SourceMessage::Changes(vec![change]));
             }
-            let _ = tx.send(SourceMessage::Invalid(Box::new((obj.object_ref(&()), error))));
         }
     };
     while let Some(ev) = stream.next().await {
