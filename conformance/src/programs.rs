@@ -3,14 +3,15 @@
 //! and `BPF_PROG_TEST_RUN` of one program on one packet.
 //!
 //! Programs are found by name among every program loaded on the host (the benches run
-//! one agent at a time), so no handle has to cross from the agent's thread.
+//! one agent at a time), so no handle has to cross from the agent's thread, or, for tests
+//! that run beside other agents, by the interface they are attached to.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use aya::programs::{ProgramInfo, SchedClassifier, TestRun, TestRunOptions, loaded_programs};
+use aya::programs::{ProgramInfo, SchedClassifier, TcAttachType, TestRun, TestRunOptions, loaded_programs};
 use policy_ebpf::program_names;
 
 /// The agent's programs, in the order the benches print them.
@@ -100,6 +101,22 @@ impl TestProgram {
         Ok(TestProgram { name, prog })
     }
 
+    /// The agent's program attached with tcx to `interface` (of the calling thread's
+    /// network namespace) at `attach_type`: `Ingress` of a pod's host veth is
+    /// `pod_egress`, `Egress` is `pod_ingress`. Unlike `find`, any number of agents may
+    /// run beside it.
+    pub fn attached(interface: &str, attach_type: TcAttachType) -> Result<TestProgram, ProgramsError> {
+        let program = |error: String| ProgramsError::Program { name: "attached", error: format!("{interface}: {error}") };
+        let (_, infos) = SchedClassifier::query_tcx(interface, attach_type).map_err(|e| program(e.to_string()))?;
+        let (name, info) = infos
+            .into_iter()
+            .find_map(|info| PROGRAMS.into_iter().find(|n| info.name_as_str() == Some(*n)).map(|n| (n, info)))
+            .ok_or_else(|| program("none of the agent's programs is attached".into()))?;
+        let prog = SchedClassifier::from_program_info(info, Cow::Borrowed(name))
+            .map_err(|e| ProgramsError::Program { name, error: e.to_string() })?;
+        Ok(TestProgram { name, prog })
+    }
+
     /// Runs the program `repeat` times on `frame` (an Ethernet frame) as if it had come to
     /// interface `ifindex` (of the calling thread's network namespace): the program's
     /// return value, and the kernel's mean time per run.
@@ -113,4 +130,36 @@ impl TestProgram {
         let r = self.prog.test_run(opts).map_err(|e| ProgramsError::Program { name: self.name, error: e.to_string() })?;
         Ok((r.return_value as i32, r.duration))
     }
+}
+
+/// tc verdicts as the programs return them.
+pub const PASS: i32 = -1;
+pub const DROP: i32 = 2;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An Ethernet frame with an IPv4 TCP segment of `flags` (checksums are not the programs'
+/// business).
+pub fn tcp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 20];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let t = &mut f[34..54];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    f
 }

@@ -1138,3 +1138,125 @@ fn a_fin_that_opens_an_entry_counts_toward_closing_it() {
     let v = find().expect("the entry");
     assert_ne!(v.flags & policy_ebpf::CT_TCP_CLOSING, 0, "both FINs seen: closing (flags {:#x})", v.flags);
 }
+
+/// x/b's ingress admits the pods labelled `pod: a` of namespace `ns` on TCP 9000.
+fn b_admits_a_of(ns: &str) -> Change {
+    policy("x", "b-from-a", json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                               "podSelector": {"matchLabels": {"pod": "a"}}}],
+                     "ports": [{"protocol": "TCP", "port": 9000}]}]}))
+}
+
+/// Runs `f` in the node's namespace on a thread pinned to CPU 0, with x/b's `pod_ingress`
+/// (the program attached to its host veth's tc egress) and that veth's ifindex: packets
+/// run through it one after another on one CPU (`BPF_PROG_TEST_RUN`), as a flow's
+/// packets cross a hook, so the CPU's flow records (`FlowSlot` in the kernel programs) are
+/// in play. The programs are found by interface, so other tests' agents may run beside.
+fn at_b_ingress<T: Send + 'static>(
+    rig: &Rig,
+    f: impl FnOnce(conformance::programs::TestProgram, u32) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let veth = rig.pod("x/b").net.host_veth.clone();
+    rig.node
+        .ns
+        .spawn(move || {
+            let mut one = nix::sched::CpuSet::new();
+            one.set(0).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+            let prog = conformance::programs::TestProgram::attached(&veth, aya::programs::TcAttachType::Egress).unwrap();
+            let ifindex = nix::net::if_::if_nametoindex(veth.as_str()).unwrap();
+            f(prog, ifindex)
+        })
+        .unwrap()
+}
+
+/// x/a → x/b:9000 from port 41000: its SYN, then an ACK, through x/b's ingress (x/a's
+/// egress is not isolated: its hook keeps no record). The SYN must pass.
+fn open_a_to_b(prog: &conformance::programs::TestProgram, ifindex: u32) -> Vec<u8> {
+    use conformance::programs::{PASS, TCP_ACK, TCP_SYN, tcp_frame};
+    let (a, b) = ([10, 244, 0, 10], [10, 244, 0, 11]);
+    assert_eq!(prog.run(&tcp_frame(a, b, 41000, 9000, TCP_SYN), ifindex, 1).unwrap().0, PASS, "x/a's SYN reaches x/b");
+    tcp_frame(a, b, 41000, 9000, TCP_ACK)
+}
+
+/// A CPU's record of a flow lets the flow's next packets in the same clock tick pass
+/// without the connection-tracking lookup, and must still never pass a packet under a
+/// revision that has not approved the flow: x/b's ingress runs x/a's ACKs back to back
+/// while the agent replaces the policy that admitted x/a, and no ACK may pass once x/b's
+/// new revision is in the maps (read before each run).
+#[test]
+fn a_flow_record_never_passes_a_packet_under_a_revision_that_did_not_approve_it() {
+    let mut rig = three_pods();
+    rig.apply(vec![b_admits_a_of("x")]).unwrap();
+    let ifaces = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap().join(policy_ebpf::map_names::IFACES);
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = stop.clone();
+    let ingress = at_b_ingress(&rig, move |prog, ifindex| {
+        use conformance::programs::PASS;
+        let data = aya::maps::MapData::from_pin(&ifaces).unwrap();
+        let slots: aya::maps::Array<_, policy_ebpf::IfaceValue> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        let revision = || slots.get(&ifindex, 0).unwrap().revision;
+        let ack = open_a_to_b(&prog, ifindex);
+        let first = revision();
+        let (mut before, mut after, mut passed_after) = (0u64, 0u64, 0u64);
+        while !running.load(Ordering::Relaxed) {
+            let r = revision();
+            let verdict = prog.run(&ack, ifindex, 1).unwrap().0;
+            if r != first {
+                after += 1;
+                passed_after += u64::from(verdict == PASS);
+            } else if revision() == first {
+                // (A run that the new revision may have met halfway counts for neither.)
+                assert_eq!(verdict, PASS, "the ACK passes while x/b's first revision admits x/a");
+                before += 1;
+            }
+        }
+        (before, after, passed_after)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // x/b now admits y/a only: a new revision of its ingress.
+    rig.apply(vec![b_admits_a_of("y")]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (before, after, passed_after) = ingress.join().unwrap();
+    assert!(before > 100 && after > 100, "ACKs ran under both revisions ({before} before, {after} after)");
+    assert_eq!(passed_after, 0, "{passed_after} of {after} ACKs passed under the revision that no longer admits x/a");
+}
+
+/// When the connection-tracking entry of x/a's flow from port 41000 (in the maps pinned
+/// at `maps`) was last refreshed.
+fn last_seen_from_41000(maps: &std::path::Path) -> u64 {
+    let data = aya::maps::MapData::from_pin(maps.join(policy_ebpf::map_names::CONNTRACK)).unwrap();
+    let ct: aya::maps::HashMap<_, policy_ebpf::CtKey, policy_ebpf::CtValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
+    let a = std::net::IpAddr::from([10, 244, 0, 10]);
+    ct.iter()
+        .filter_map(Result::ok)
+        .find(|(k, _)| {
+            let decode = policy_agent::datapath::decode_addr;
+            k.protocol == 6 && [(decode(&k.lo_addr), k.lo_port), (decode(&k.hi_addr), k.hi_port)].contains(&(a, 41000))
+        })
+        .map(|(_, v)| v.last_seen_ns)
+        .expect("x/a → x/b is tracked")
+}
+
+/// A flow whose packets keep coming keeps its connection-tracking entry fresh although
+/// the CPU's record of it answers for most of them: the record lasts one clock tick, and
+/// the first packet of each tick looks the entry up (and refreshes it, once a second).
+#[test]
+fn a_busy_flow_keeps_refreshing_its_entry_while_its_record_answers() {
+    let mut rig = three_pods();
+    rig.apply(vec![b_admits_a_of("x")]).unwrap();
+    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let ingress = at_b_ingress(&rig, move |prog, ifindex| {
+        let ack = open_a_to_b(&prog, ifindex);
+        let first = last_seen_from_41000(&maps);
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(2500) {
+            assert_eq!(prog.run(&ack, ifindex, 1).unwrap().0, conformance::programs::PASS, "the ACK passes");
+        }
+        (first, last_seen_from_41000(&maps))
+    });
+    let (first, last) = ingress.join().unwrap();
+    assert!(last >= first + 1_500_000_000, "the entry was refreshed while the flow ran: last seen at {first}, then {last} ns");
+}

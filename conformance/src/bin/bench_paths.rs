@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use conformance::bench_rules::{BenchPolicy, RR_PORT};
-use conformance::programs::{TestProgram, instruction_counts};
+use conformance::programs::{DROP, PASS, TCP_ACK, TCP_RST, TCP_SYN, TestProgram, instruction_counts, tcp_frame as tcp};
 use conformance::rig::{NODE, Rig};
 use policy_agent::datapath::{FlowConfig, MapSizes};
 use policy_ebpf::program_names::{NODE_INGRESS, POD_EGRESS, POD_INGRESS};
@@ -65,14 +65,6 @@ const CLIENT: (&str, [u8; 4]) = ("x/client", [10, 244, 0, 10]);
 const SERVER: (&str, [u8; 4]) = ("x/server", [10, 244, 0, 11]);
 const INTRUDER: (&str, [u8; 4]) = ("x/intruder", [10, 244, 0, 12]);
 
-/// tc verdicts as the programs return them.
-const PASS: i32 = -1;
-const DROP: i32 = 2;
-
-const TCP_RST: u8 = 0x04;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
 fn pod((key, ip): (&str, [u8; 4])) -> Pod {
     Pod {
         key: ObjectKey::parse(key).unwrap(),
@@ -82,28 +74,6 @@ fn pod((key, ip): (&str, [u8; 4])) -> Pod {
         host_network: false,
         named_ports: vec![],
     }
-}
-
-/// An Ethernet frame with an IPv4 TCP segment (checksums are not the programs' business).
-fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut f = vec![0u8; 14 + 20 + 20];
-    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let t = &mut f[34..54];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    f
 }
 
 /// An ARP request: no IP, so the programs parse it and let it pass.
@@ -148,7 +118,7 @@ fn repeated(prog: &TestProgram, frame: &[u8], ifindex: u32, expect: i32, args: &
 }
 
 fn measure(args: &Args, v: &Veths) -> Result<Vec<Figure>> {
-    // One CPU for the whole run: per-CPU state (the hand-off between hooks) is what a
+    // One CPU for the whole run: per-CPU state (the flow records between hooks) is what a
     // packet crossing two hooks sees.
     let mut one = nix::sched::CpuSet::new();
     one.set(0)?;

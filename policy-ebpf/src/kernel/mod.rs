@@ -13,7 +13,9 @@
 //!
 //! Connection tracking records, per flow, under which revision each local end approved it,
 //! so replies pass, established packets skip the tables, and a policy change makes the
-//! next packet of an existing flow be judged again.
+//! next packet of an existing flow be judged again. Each CPU also keeps a record of the
+//! flows it found there in the current clock tick (`FlowSlot`), so most established
+//! packets skip the connection-tracking lookup too.
 
 mod flow;
 mod packet;
@@ -21,7 +23,7 @@ mod verdict;
 
 use aya_ebpf::Global;
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
@@ -69,8 +71,8 @@ pub struct Scratch {
     /// An ICMP error's quoted flow; the pre-DNAT flow of a deferred judgment.
     other: CtKey,
     value: CtValue,
-    /// Left by the sender's hook for the receiver's (see `Handoff`).
-    handoff: Handoff,
+    /// Recently confirmed flows of this CPU (see `FlowSlot`).
+    flows: [FlowSlot; FLOW_SLOTS],
     /// Left by `node_ingress` for `pod_ingress` (see `Arrival`).
     arrival: Arrival,
 }
@@ -102,27 +104,43 @@ pub struct Arrival {
 /// How old an `Arrival` may be when `pod_ingress` reads it (the same softirq: far less).
 const ARRIVAL_MAX_AGE_NS: u64 = 100_000_000;
 
-/// What the sender's hook (`pod_egress`) found of an established flow, for the receiver's
-/// hook (`pod_ingress` of another local pod) to use instead of a second lookup of the
-/// same entry. A packet between two pods of the node crosses both hooks on one CPU, one
-/// right after the other (veth receive, forwarding and the other veth's transmit run in
-/// one softirq), and programs do not nest on a CPU, so what the receiver finds here was
-/// written moments before, by this CPU. It is used only if it is about the same flow (the
-/// whole key), from the same clock tick, and shows the receiver's side approved under its
-/// current revision: an approval only ends with a revision change, which the receiver
-/// reads afresh. Anything else (a packet that opens or closes a flow, another flow, a
-/// record already used) takes the lookup.
+/// A flow that a hook of this CPU found in connection tracking during the current clock
+/// tick (`bpf_jiffies64`): the entry's approvals as they were then. A later packet of the
+/// flow in the same tick, on this CPU, at either end's hook, passes on this record without
+/// the connection-tracking lookup if it shows that end's side approved under the end's
+/// current revision (read afresh from `IFACES` for every packet: a policy change still
+/// cuts the flow at its next packet). That is what the lookup would answer: an approval
+/// only ends with a revision change, and an entry confirmed fresh in this tick cannot
+/// have timed out (the shortest timeout is a second). What a hit skips is only the
+/// lookup and the entry's refresh (which the first packet of each tick does) and never a
+/// packet that opens or closes a flow: SYN, FIN and RST always take the lookup, and a
+/// lookup that finds no usable entry, or an approval denied, clears the record. Another
+/// CPU's record of the same flow can outlive a change to the entry by the rest of its
+/// tick (a port reused by a new connection, an entry evicted): for that tick its end
+/// passes non-SYN packets of the flow as the previous entry did. Every packet is one
+/// program run on one CPU and programs do not nest, so a record is written and read by
+/// one run at a time.
+///
+/// One cache line; `FLOW_SLOTS` of them per CPU, indexed by a hash of the key, so a
+/// packet between two pods of this node (both hooks run on one CPU, one right after the
+/// other) crosses its second hook on the record its first hook left, and a busy flow
+/// looks its entry up once per tick per CPU.
 #[repr(C)]
-pub struct Handoff {
+pub struct FlowSlot {
     key: CtKey,
     src_rev: u32,
     dst_rev: u32,
-    /// The entry's `CT_*` flags.
+    /// The entry's `CT_*` flags (`CT_ORIG_IS_LO` tells the roles).
     flags: u16,
     _pad: [u8; 6],
-    /// `now()` when written; 0: used or never written.
-    now: u64,
+    /// The tick it was written in; a past tick: no record.
+    tick: u64,
 }
+
+/// Records per CPU: a power of two (the index is the top bits of a hash), and the whole
+/// `Scratch` must stay within a per-CPU value's 32 KiB.
+const FLOW_SLOT_BITS: u32 = 8;
+const FLOW_SLOTS: usize = 1 << FLOW_SLOT_BITS;
 
 #[map(name = "PA_SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -162,6 +180,55 @@ fn same_key(a: &CtKey, b: &CtKey) -> bool {
     // `ct_key`), so it reads as five u64s.
     let (x, y) = unsafe { (&*(a as *const CtKey as *const [u64; 5]), &*(b as *const CtKey as *const [u64; 5])) };
     x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4]
+}
+
+/// The index of `key`'s record in `Scratch::flows`: a multiplicative hash of its five
+/// words, top bits.
+#[inline(always)]
+fn slot_index(key: &CtKey) -> usize {
+    // SAFETY: as in `same_key`.
+    let w = unsafe { &*(key as *const CtKey as *const [u64; 5]) };
+    let h = (w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> (64 - FLOW_SLOT_BITS)) as usize
+}
+
+/// The clock tick (`jiffies`), which the verifier inlines as one load: the flow records'
+/// clock.
+#[inline(always)]
+fn tick() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_jiffies64() }
+}
+
+/// Whether this CPU's record of the flow `key` (packet `p`, whose source is the key's
+/// `lo` end iff `src_is_lo`) shows endpoint `ep`'s side approved under its current
+/// revision, in tick `tick` (see `FlowSlot`).
+#[inline(always)]
+fn cached(slot: &FlowSlot, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, src_is_lo: bool, tick: u64) -> bool {
+    if slot.tick != tick || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || !same_key(&slot.key, key) {
+        return false;
+    }
+    let orig = (slot.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
+    // `ep` originated the flow iff it sends in the original direction or receives a reply.
+    let approved = if ep_is_src == orig { slot.src_rev } else { slot.dst_rev };
+    approved == ep.revision
+}
+
+/// Records the flow `key`'s entry `c` as confirmed in tick `tick`.
+#[inline(always)]
+fn remember(slot: &mut FlowSlot, key: &CtKey, c: &CtValue, tick: u64) {
+    slot.key = *key;
+    slot.src_rev = c.src_rev;
+    slot.dst_rev = c.dst_rev;
+    slot.flags = c.flags;
+    slot.tick = tick;
+}
+
+/// Clears the record in `slot` (whichever flow it is of: the next packet of that flow
+/// only takes the lookup).
+#[inline(always)]
+fn forget(slot: &mut FlowSlot, tick: u64) {
+    slot.tick = tick.wrapping_sub(1);
 }
 
 #[inline(always)]
@@ -332,13 +399,24 @@ fn established(
     ok
 }
 
-/// Writes the packet's flow key into `s.key` and looks it up: `Some(verdict)` if the flow
-/// is tracked and fresh. Returns whether the packet's source is the key's `lo` end too.
+/// What `tracked` found of a packet's flow.
+struct Tracked {
+    /// The packet's source is the key's `lo` end.
+    src_is_lo: bool,
+    /// `Some(verdict)` if the flow is tracked and fresh; `None`: a new flow.
+    known: Option<bool>,
+    /// `now()`, read for a new flow (0 when a flow record answered).
+    now: u64,
+}
+
+/// Writes the packet's flow key into `s.key` and finds the flow: in this CPU's flow
+/// records (see `FlowSlot`), else in connection tracking.
 #[inline(always)]
-fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, now: u64, ifindex: u32) -> (bool, Option<bool>) {
+fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool, ifindex: u32) -> Tracked {
     let p = &s.packet;
     let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
+        let now = now();
         // Nothing passes a fail-closed endpoint, tracked or not. A flow this endpoint has
         // not judged yet (untracked, or tracked by its peer's hook only) is new to it, so
         // it is reported; one it approved before is being cut, as a revision's re-judgment
@@ -356,13 +434,17 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
         if !judged {
             fail_closed_event(p, ep, ep_is_src, ifindex);
         }
-        return (src_is_lo, Some(false));
+        return Tracked { src_is_lo, known: Some(false), now };
     }
-    if !ep_is_src && handed_off(&mut s.handoff, &s.key, p, ep, src_is_lo, now) {
-        return (src_is_lo, Some(true));
+    let tick = tick();
+    let slot = &mut s.flows[slot_index(&s.key)];
+    if cached(slot, &s.key, p, ep, ep_is_src, src_is_lo, tick) {
+        return Tracked { src_is_lo, known: Some(true), now: 0 };
     }
+    let now = now();
     let Some(ct) = ct_entry(&s.key) else {
-        return (src_is_lo, None);
+        forget(slot, tick);
+        return Tracked { src_is_lo, known: None, now };
     };
     // SAFETY: `ct` points into a map value, valid for this program run; its fields are
     // plain integers, so a racing writer can only make us judge again.
@@ -372,34 +454,17 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
     // entry then replaces the old one.
     let reopened = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && c.flags & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY | CT_TCP_RESET) != 0;
     if reopened || expired(c, p.protocol, now) {
-        return (src_is_lo, None);
+        forget(slot, tick);
+        return Tracked { src_is_lo, known: None, now };
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
     let ok = established(ctx, c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
-    if ok && ep_is_src {
-        let h = &mut s.handoff;
-        h.key = s.key;
-        h.src_rev = c.src_rev;
-        h.dst_rev = c.dst_rev;
-        h.flags = c.flags;
-        h.now = now;
+    if ok {
+        remember(slot, &s.key, c, tick);
+    } else {
+        forget(slot, tick);
     }
-    (src_is_lo, Some(ok))
-}
-
-/// Whether the sender's hook, just before on this CPU, found this packet's flow approved
-/// by receiving endpoint `ep` under its current revision (see `Handoff`). Consumes the
-/// record when it matches.
-#[inline(always)]
-fn handed_off(h: &mut Handoff, key: &CtKey, p: &Packet, ep: &EndpointValue, src_is_lo: bool, now: u64) -> bool {
-    if h.now != now || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || !same_key(&h.key, key) {
-        return false;
-    }
-    h.now = 0;
-    // The receiver originated the flow iff this packet is a reply.
-    let orig = (h.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
-    let approved = if orig { h.dst_rev } else { h.src_rev };
-    approved == ep.revision
+    Tracked { src_is_lo, known: Some(ok), now }
 }
 
 /// The flow event of a new flow that fail-closed endpoint `ep` drops: judged as the
@@ -542,8 +607,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
-    let now = now();
-    let (src_is_lo, known) = tracked(ctx, s, &ep, true, now, ifindex);
+    let Tracked { src_is_lo, known, now } = tracked(ctx, s, &ep, true, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_EGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -596,8 +660,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_INGRESS, true, len);
         return Ok(PASS);
     }
-    let now = now();
-    let (src_is_lo, known) = tracked(ctx, s, &ep, false, now, ifindex);
+    let Tracked { src_is_lo, known, now } = tracked(ctx, s, &ep, false, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_INGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -772,9 +835,8 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
     if untracked(&ep, &s.packet) {
         return Ok(PASS);
     }
-    let now = now();
     let ifindex = ifindex(ctx);
-    let (src_is_lo, known) = tracked(ctx, s, &ep, true, now, ifindex);
+    let Tracked { src_is_lo, known, now } = tracked(ctx, s, &ep, true, ifindex);
     if let Some(ok) = known {
         if !ok {
             count(&ep, DIRECTION_EGRESS, false, ctx.len());
