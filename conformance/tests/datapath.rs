@@ -1183,19 +1183,31 @@ fn open_a_to_b(prog: &conformance::programs::TestProgram, ifindex: u32) -> Vec<u
 /// without the connection-tracking lookup, and must still never pass a packet under a
 /// revision that has not approved the flow: x/b's ingress runs x/a's ACKs back to back
 /// while the agent replaces the policy that admitted x/a, and no ACK may pass once x/b's
-/// new revision is in the maps (read before each run).
+/// new revision is in the maps (read before each run). Revisions are per endpoint, so
+/// the flow's two sides can hold the same number: x/a's side is made to hold the
+/// revision x/b's change will bring (its endpoint's revision is planted before the flow
+/// opens), so that a record read from the wrong side would pass the ACKs.
 #[test]
 fn a_flow_record_never_passes_a_packet_under_a_revision_that_did_not_approve_it() {
     let mut rig = three_pods();
     rig.apply(vec![b_admits_a_of("x")]).unwrap();
-    let ifaces = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap().join(policy_ebpf::map_names::IFACES);
+    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let running = stop.clone();
     let ingress = at_b_ingress(&rig, move |prog, ifindex| {
         use conformance::programs::PASS;
-        let data = aya::maps::MapData::from_pin(&ifaces).unwrap();
+        let data = aya::maps::MapData::from_pin(maps.join(policy_ebpf::map_names::IFACES)).unwrap();
         let slots: aya::maps::Array<_, policy_ebpf::IfaceValue> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
         let revision = || slots.get(&ifindex, 0).unwrap().revision;
+        // x/a's side of the flow: the revision x/b gets next (see `next_revision`).
+        let data = aya::maps::MapData::from_pin(maps.join(policy_ebpf::map_names::ENDPOINTS)).unwrap();
+        let mut endpoints: aya::maps::HashMap<_, policy_ebpf::EndpointKey, policy_ebpf::EndpointValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        let a = policy_ebpf::EndpointKey { addr: policy_agent::datapath::encode_addr(std::net::IpAddr::from([10, 244, 0, 10])) };
+        let mut xa = endpoints.get(&a, 0).unwrap();
+        let planted = revision() + 1;
+        xa.revision = planted;
+        endpoints.insert(a, xa, 0).unwrap();
         let ack = open_a_to_b(&prog, ifindex);
         let first = revision();
         let (mut before, mut after, mut passed_after) = (0u64, 0u64, 0u64);
@@ -1211,15 +1223,16 @@ fn a_flow_record_never_passes_a_packet_under_a_revision_that_did_not_approve_it(
                 before += 1;
             }
         }
-        (before, after, passed_after)
+        (before, after, passed_after, planted, revision())
     });
     std::thread::sleep(Duration::from_millis(300));
     // x/b now admits y/a only: a new revision of its ingress.
     rig.apply(vec![b_admits_a_of("y")]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let (before, after, passed_after) = ingress.join().unwrap();
+    let (before, after, passed_after, planted, last) = ingress.join().unwrap();
     assert!(before > 100 && after > 100, "ACKs ran under both revisions ({before} before, {after} after)");
+    assert_eq!(last, planted, "x/b's new revision is the one x/a's side holds");
     assert_eq!(passed_after, 0, "{passed_after} of {after} ACKs passed under the revision that no longer admits x/a");
 }
 

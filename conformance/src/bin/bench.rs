@@ -46,6 +46,14 @@ struct Args {
     /// Seconds of sequential connects for the latency percentiles.
     #[arg(long, default_value_t = 1.0)]
     latency_seconds: f64,
+    /// Seconds of the TCP connection loop run before each configuration's measurements
+    /// and not counted. The first seconds after a configuration is put on the path
+    /// (namespaces made, 20,000 rules loaded, another configuration taken off) run with
+    /// idle CPU time that the rest do not have, whichever configuration it is (seen in
+    /// `perf` as 7–30 % idle in the first 1–3 s, then 1 %), so without it a short
+    /// measurement reads that transient as the configuration's cost. 0: none.
+    #[arg(long, default_value_t = 3.0)]
+    warmup_seconds: f64,
     /// Rounds: every configuration is measured once per round, in turn; figures are
     /// medians over rounds.
     #[arg(long, default_value_t = 3)]
@@ -451,6 +459,9 @@ impl Bench {
             }
         };
         let snap = || stats.then(RunStats::snapshot);
+        if a.warmup_seconds > 0.0 {
+            rate(&self.client, a.clients, a.warmup_seconds, ("TCP connect (warm-up)", tcp_connect), self.rr)?;
+        }
         let before = snap();
         let tcp_connections_per_s = rate(&self.client, a.clients, a.seconds, ("TCP connect", tcp_connect), self.rr)?;
         cost("tcp", before, tcp_connections_per_s * a.seconds);
@@ -760,7 +771,7 @@ fn write_json(
         .collect();
     let doc = json!({
         "settings": {
-            "seconds": a.seconds, "bulk_seconds": a.bulk_seconds, "latency_seconds": a.latency_seconds,
+            "seconds": a.seconds, "bulk_seconds": a.bulk_seconds, "latency_seconds": a.latency_seconds, "warmup_seconds": a.warmup_seconds,
             "rounds": a.rounds, "clients": a.clients, "rules_per_side": rules, "iptables": a.iptables,
             "statistic": "median over rounds; ratio_vs_X = this / X (for latency, < 1 is better)",
         },

@@ -110,16 +110,17 @@ const ARRIVAL_MAX_AGE_NS: u64 = 100_000_000;
 /// the connection-tracking lookup if it shows that end's side approved under the end's
 /// current revision (read afresh from `IFACES` for every packet: a policy change still
 /// cuts the flow at its next packet). That is what the lookup would answer: an approval
-/// only ends with a revision change, and an entry confirmed fresh in this tick cannot
-/// have timed out (the shortest timeout is a second). What a hit skips is only the
-/// lookup and the entry's refresh (which the first packet of each tick does) and never a
-/// packet that opens or closes a flow: SYN, FIN and RST always take the lookup, and a
-/// lookup that finds no usable entry, or an approval denied, clears the record. Another
-/// CPU's record of the same flow can outlive a change to the entry by the rest of its
-/// tick (a port reused by a new connection, an entry evicted): for that tick its end
-/// passes non-SYN packets of the flow as the previous entry did. Every packet is one
-/// program run on one CPU and programs do not nest, so a record is written and read by
-/// one run at a time.
+/// only ends with a revision change, and an entry confirmed fresh in this tick has at
+/// most the rest of the tick left past its timeout (the shortest, after a reset, is a
+/// second). What a hit skips is only the lookup and the entry's refresh (which the first
+/// packet of each tick does) and never a packet that opens or closes a flow: SYN, FIN and
+/// RST always take the lookup, and a lookup that finds no usable entry, or an approval
+/// denied, clears the record. A change to the entry that this CPU's hooks do not make
+/// through `tracked` (another CPU's packet reusing the ports for a new connection, an
+/// entry evicted by any CPU's insert, the agent's writes during a migration) is missed
+/// by the record for the rest of its tick: for that tick the flow's non-SYN packets pass
+/// as the previous entry passed them. Every packet is one program run on one CPU and
+/// programs do not nest, so a record is written and read by one run at a time.
 ///
 /// One cache line; `FLOW_SLOTS` of them per CPU, indexed by a hash of the key, so a
 /// packet between two pods of this node (both hooks run on one CPU, one right after the
