@@ -339,6 +339,20 @@ fn external_with(rig: &Rig, attach: bool) -> External {
     External { _ns: ns, _servers: servers }
 }
 
+/// A host off the node (198.51.100.10 behind the node's `up0`, 198.51.100.1) that routes
+/// to the pods itself: unlike [`external`], nothing masquerades, so the pods see its own
+/// address (IPv4 only).
+fn routed_peer(rig: &Rig) -> conformance::netns::Netns {
+    let ext = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
+    rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ext.name()]).unwrap();
+    rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
+    rig.node.ns.ip(&["link", "set", "up0", "up"]).unwrap();
+    ext.ip(&["-4", "addr", "add", "198.51.100.10/24", "dev", "eth0"]).unwrap();
+    ext.ip(&["link", "set", "eth0", "up"]).unwrap();
+    ext.ip(&["-4", "route", "add", "10.244.0.0/16", "via", "198.51.100.1"]).unwrap();
+    ext
+}
+
 #[test]
 fn masqueraded_traffic_is_judged_by_egress_rules() {
     let mut rig = ns_rig();
@@ -1035,13 +1049,7 @@ fn a_half_closed_connection_outlives_the_closing_timeout_and_stays_a_reply() {
 fn a_service_connection_to_a_backend_off_the_node_can_reuse_its_source_port() {
     use std::io::{Read, Write};
     let mut rig = ns_rig();
-    let ext = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
-    rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ext.name()]).unwrap();
-    rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
-    rig.node.ns.ip(&["link", "set", "up0", "up"]).unwrap();
-    ext.ip(&["-4", "addr", "add", "198.51.100.10/24", "dev", "eth0"]).unwrap();
-    ext.ip(&["link", "set", "eth0", "up"]).unwrap();
-    ext.ip(&["-4", "route", "add", "10.244.0.0/16", "via", "198.51.100.1"]).unwrap();
+    let ext = routed_peer(&rig);
     rig.attach_node_devices(&["up0"]).unwrap();
     rig.node.dnat("10.96.0.20".parse().unwrap(), 8080, "198.51.100.10".parse().unwrap(), 80, "tcp").unwrap();
     rig.set_services(vec!["10.96.0.0/16".parse().unwrap()]).unwrap();
@@ -1101,13 +1109,7 @@ fn a_service_connection_to_a_backend_off_the_node_can_reuse_its_source_port() {
 #[test]
 fn a_fin_that_opens_an_entry_counts_toward_closing_it() {
     let rig = ns_rig();
-    let ext = conformance::netns::Netns::create(&conformance::netns::unique("pax")).unwrap();
-    rig.node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", ext.name()]).unwrap();
-    rig.node.ns.ip(&["-4", "addr", "add", "198.51.100.1/24", "dev", "up0"]).unwrap();
-    rig.node.ns.ip(&["link", "set", "up0", "up"]).unwrap();
-    ext.ip(&["-4", "addr", "add", "198.51.100.10/24", "dev", "eth0"]).unwrap();
-    ext.ip(&["link", "set", "eth0", "up"]).unwrap();
-    ext.ip(&["-4", "route", "add", "10.244.0.0/16", "via", "198.51.100.1"]).unwrap();
+    let ext = routed_peer(&rig);
     let listener = rig.pod("x/a").net.ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 9004)).expect("bind")).unwrap();
     let dst = std::net::SocketAddr::new(rig.ip("x/a", true), 9004);
     let remote = ext.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)).expect("connect")).unwrap();
