@@ -1238,9 +1238,9 @@ fn a_flow_record_never_passes_a_packet_under_a_revision_that_did_not_approve_it(
     assert_eq!(passed_after, 0, "{passed_after} of {after} ACKs passed under the revision that no longer admits x/a");
 }
 
-/// When the connection-tracking entry of x/a's flow from port 41000 (in the maps pinned
-/// at `maps`) was last refreshed.
-fn last_seen_from_41000(maps: &std::path::Path) -> u64 {
+/// The connection-tracking entry of x/a's flow from port 41000 (in the maps pinned at
+/// `maps`).
+fn entry_from_41000(maps: &std::path::Path) -> policy_ebpf::CtValue {
     let data = aya::maps::MapData::from_pin(maps.join(policy_ebpf::map_names::CONNTRACK)).unwrap();
     let ct: aya::maps::HashMap<_, policy_ebpf::CtKey, policy_ebpf::CtValue> =
         aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap();
@@ -1251,7 +1251,7 @@ fn last_seen_from_41000(maps: &std::path::Path) -> u64 {
             let decode = policy_agent::datapath::decode_addr;
             k.protocol == 6 && [(decode(&k.lo_addr), k.lo_port), (decode(&k.hi_addr), k.hi_port)].contains(&(a, 41000))
         })
-        .map(|(_, v)| v.last_seen_ns)
+        .map(|(_, v)| v)
         .expect("x/a → x/b is tracked")
 }
 
@@ -1265,13 +1265,39 @@ fn a_busy_flow_keeps_refreshing_its_entry_while_its_record_answers() {
     let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
     let ingress = at_b_ingress(&rig, move |prog, ifindex| {
         let ack = open_a_to_b(&prog, ifindex);
-        let first = last_seen_from_41000(&maps);
+        let first = entry_from_41000(&maps).last_seen_ns;
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_millis(2500) {
             assert_eq!(prog.run(&ack, ifindex, 1).unwrap().0, conformance::programs::PASS, "the ACK passes");
         }
-        (first, last_seen_from_41000(&maps))
+        (first, entry_from_41000(&maps).last_seen_ns)
     });
     let (first, last) = ingress.join().unwrap();
     assert!(last >= first + 1_500_000_000, "the entry was refreshed while the flow ran: last seen at {first}, then {last} ns");
+}
+
+/// A FIN or RST that finds the CPU's record of its flow (the flow's previous packet, in
+/// the same tick) still reaches the connection-tracking entry: the record answers for it
+/// only once the entry holds it.
+#[test]
+fn a_fin_and_a_reset_reach_the_entry_past_the_flow_record() {
+    use conformance::programs::{PASS, TCP_ACK, TCP_FIN, TCP_RST, tcp_frame};
+    let mut rig = three_pods();
+    rig.apply(vec![b_admits_a_of("x")]).unwrap();
+    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let ingress = at_b_ingress(&rig, move |prog, ifindex| {
+        let (a, b) = ([10, 244, 0, 10], [10, 244, 0, 11]);
+        let ack = open_a_to_b(&prog, ifindex);
+        let mut flags = Vec::new();
+        for extra in [TCP_FIN, TCP_RST] {
+            // The ACK leaves the record; the next packet finds it.
+            assert_eq!(prog.run(&ack, ifindex, 1).unwrap().0, PASS, "the ACK passes");
+            assert_eq!(prog.run(&tcp_frame(a, b, 41000, 9000, TCP_ACK | extra), ifindex, 1).unwrap().0, PASS, "x/a's {extra:#x} passes");
+            flags.push(entry_from_41000(&maps).flags);
+        }
+        flags
+    });
+    let flags = ingress.join().unwrap();
+    assert_ne!(flags[0] & policy_ebpf::CT_TCP_FIN_ORIG, 0, "x/a's FIN is in the entry (flags {:#x})", flags[0]);
+    assert_ne!(flags[1] & policy_ebpf::CT_TCP_RESET, 0, "x/a's RST is in the entry (flags {:#x})", flags[1]);
 }

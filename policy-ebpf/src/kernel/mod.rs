@@ -113,13 +113,14 @@ const ARRIVAL_MAX_AGE_NS: u64 = 100_000_000;
 /// only ends with a revision change, and an entry confirmed fresh in this tick has at
 /// most the rest of the tick left past its timeout (the shortest, after a reset, is a
 /// second). What a hit skips is only the lookup and the entry's refresh (which the first
-/// packet of each tick does) and never a packet that opens or closes a flow: SYN, FIN and
-/// RST always take the lookup, and a lookup that finds no usable entry, or an approval
-/// denied, clears the record. A change to the entry that this CPU's hooks do not make
-/// through `tracked` (another CPU's packet reusing the ports for a new connection, an
-/// entry evicted by any CPU's insert, the agent's writes during a migration) is missed
-/// by the record for the rest of its tick: for that tick the flow's non-SYN packets pass
-/// as the previous entry passed them. Every packet is one program run on one CPU and
+/// packet of each tick does), never a change to the entry: a SYN without ACK always takes
+/// the lookup, and so does a FIN or RST that the record does not hold yet (see `cached`);
+/// a lookup that finds no usable entry, or an approval denied, clears the record. A
+/// change to the entry that this CPU's hooks do not make through `tracked` (another
+/// CPU's packet reusing the ports for a new connection, an entry evicted by any CPU's
+/// insert, the agent's writes during a migration) is missed by the record for the rest
+/// of its tick: for that tick the flow's non-SYN packets pass as the previous entry
+/// passed them. Every packet is one program run on one CPU and
 /// programs do not nest, so a record is written and read by one run at a time.
 ///
 /// One cache line; `FLOW_SLOTS` of them per CPU, indexed by a hash of the key, so a
@@ -203,13 +204,21 @@ fn tick() -> u64 {
 
 /// Whether this CPU's record of the flow `key` (packet `p`, whose source is the key's
 /// `lo` end iff `src_is_lo`) shows endpoint `ep`'s side approved under its current
-/// revision, in tick `tick` (see `FlowSlot`).
+/// revision, in tick `tick` (see `FlowSlot`), for a packet that would change nothing in
+/// the entry: never a SYN without ACK (a new flow, or a port reused: `tracked` decides),
+/// and a FIN or RST only once the record holds it (the entry has it: the first hook the
+/// packet crossed recorded it, and the next hook's lookup would only find it there). So
+/// a SYN-ACK, and a FIN or RST at its second hook, pass on the record too.
 #[inline(always)]
 fn cached(slot: &FlowSlot, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, src_is_lo: bool, tick: u64) -> bool {
-    if slot.tick != tick || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || !same_key(&slot.key, key) {
+    if slot.tick != tick || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN || !same_key(&slot.key, key) {
         return false;
     }
     let orig = (slot.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
+    let fin = if orig { CT_TCP_FIN_ORIG } else { CT_TCP_FIN_REPLY };
+    if (p.tcp_flags & TCP_FIN != 0 && slot.flags & fin == 0) || (p.tcp_flags & TCP_RST != 0 && slot.flags & CT_TCP_RESET == 0) {
+        return false;
+    }
     // `ep` originated the flow iff it sends in the original direction or receives a reply.
     let approved = if ep_is_src == orig { slot.src_rev } else { slot.dst_rev };
     approved == ep.revision
