@@ -1301,3 +1301,92 @@ fn a_fin_and_a_reset_reach_the_entry_past_the_flow_record() {
     assert_ne!(flags[0] & policy_ebpf::CT_TCP_FIN_ORIG, 0, "x/a's FIN is in the entry (flags {:#x})", flags[0]);
     assert_ne!(flags[1] & policy_ebpf::CT_TCP_RESET, 0, "x/a's RST is in the entry (flags {:#x})", flags[1]);
 }
+
+/// A new connection on the ports of a closed one is judged afresh and tracked over the
+/// old entry: x/a resets its flow to x/b and opens another from the same port. The new
+/// flow passes and its entry is the new connection's (no reset left in it, seen now);
+/// after a second reset, once x/b no longer admits x/a, the next SYN from the port is
+/// dropped, whatever the old entry approved.
+#[test]
+fn a_connection_on_the_ports_of_a_closed_one_is_judged_afresh_and_tracked_anew() {
+    use conformance::programs::{DROP, PASS, TCP_ACK, TCP_RST, TCP_SYN, tcp_frame};
+    let mut rig = three_pods();
+    rig.apply(vec![b_admits_a_of("x")]).unwrap();
+    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let (a, b) = ([10, 244, 0, 10], [10, 244, 0, 11]);
+    let reset = tcp_frame(a, b, 41000, 9000, TCP_RST | TCP_ACK);
+    let syn = tcp_frame(a, b, 41000, 9000, TCP_SYN);
+    let m = maps.clone();
+    let (closed, reopened) = at_b_ingress(&rig, move |prog, ifindex| {
+        let ack = open_a_to_b(&prog, ifindex);
+        assert_eq!(prog.run(&ack, ifindex, 1).unwrap().0, PASS, "the ACK passes");
+        assert_eq!(prog.run(&reset, ifindex, 1).unwrap().0, PASS, "x/a's RST passes");
+        let closed = entry_from_41000(&m);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(prog.run(&syn, ifindex, 1).unwrap().0, PASS, "x/a's new SYN from the same port passes");
+        (closed, entry_from_41000(&m))
+    })
+    .join()
+    .unwrap();
+    assert_ne!(closed.flags & policy_ebpf::CT_TCP_RESET, 0, "the reset is in the entry (flags {:#x})", closed.flags);
+    assert_eq!(reopened.flags & policy_ebpf::CT_TCP_RESET, 0, "the new connection's entry holds no reset (flags {:#x})", reopened.flags);
+    assert!(reopened.last_seen_ns > closed.last_seen_ns, "the new connection's entry is seen at its SYN");
+
+    let (reset, syn) = (tcp_frame(a, b, 41000, 9000, TCP_RST | TCP_ACK), tcp_frame(a, b, 41000, 9000, TCP_SYN));
+    at_b_ingress(&rig, move |prog, ifindex| {
+        assert_eq!(prog.run(&reset, ifindex, 1).unwrap().0, PASS, "x/a's second RST passes");
+    })
+    .join()
+    .unwrap();
+    rig.apply(vec![b_admits_a_of("y")]).unwrap();
+    at_b_ingress(&rig, move |prog, ifindex| {
+        assert_eq!(prog.run(&syn, ifindex, 1).unwrap().0, DROP, "x/a's SYN is judged by the policy now in force");
+    })
+    .join()
+    .unwrap();
+}
+
+/// A CPU keeps the judgments its programs made in the current clock tick, and a new flow
+/// of the same endpoint, remote and port takes one instead of the table lookups; it must
+/// never take one made under another revision. x/b's ingress admits x/a's first SYN
+/// (judged, kept); then, as an update of x/b's table would, every entry of that table
+/// stops allowing anything and x/b's revision is bumped (written straight into the maps,
+/// microseconds later: the same tick); x/a's SYN from another port must be dropped.
+#[test]
+fn a_kept_judgment_never_answers_under_another_revision() {
+    use conformance::programs::{DROP, TCP_SYN, tcp_frame};
+    use policy_ebpf::{DIRECTION_INGRESS, EndpointKey, EndpointValue, IfaceValue, NO_PORT_SET, PeerKey, PeerValue, map_names};
+    let mut rig = three_pods();
+    rig.apply(vec![b_admits_a_of("x")]).unwrap();
+    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let ingress = at_b_ingress(&rig, move |prog, ifindex| {
+        let map = |name: &str| aya::maps::MapData::from_pin(maps.join(name)).unwrap();
+        let mut ifaces: aya::maps::Array<_, IfaceValue> = aya::maps::Array::try_from(aya::maps::Map::Array(map(map_names::IFACES))).unwrap();
+        let mut endpoints: aya::maps::HashMap<_, EndpointKey, EndpointValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map(map_names::ENDPOINTS))).unwrap();
+        let mut peers: aya::maps::LpmTrie<_, PeerKey, PeerValue> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(map(map_names::PEERS))).unwrap();
+        let b_key = EndpointKey { addr: policy_agent::datapath::encode_addr(std::net::IpAddr::from([10, 244, 0, 11])) };
+        let mut b = endpoints.get(&b_key, 0).unwrap();
+        let tables: Vec<_> = peers
+            .keys()
+            .map(Result::unwrap)
+            .filter(|k| k.data().endpoint == b.id && k.data().direction == DIRECTION_INGRESS)
+            .collect();
+        assert!(!tables.is_empty(), "x/b has an ingress table");
+        open_a_to_b(&prog, ifindex);
+        for k in &tables {
+            let mut v = peers.get(k, 0).unwrap();
+            v.port_set = NO_PORT_SET;
+            v.flags = 0;
+            peers.insert(k, v, 0).unwrap();
+        }
+        b.revision += 1;
+        endpoints.insert(b_key, b, 0).unwrap();
+        let mut slot = ifaces.get(&ifindex, 0).unwrap();
+        slot.revision = b.revision;
+        ifaces.set(ifindex, slot, 0).unwrap();
+        prog.run(&tcp_frame([10, 244, 0, 10], [10, 244, 0, 11], 41001, 9000, TCP_SYN), ifindex, 1).unwrap().0
+    });
+    assert_eq!(ingress.join().unwrap(), DROP, "x/a's SYN from another port is judged under x/b's new revision: dropped");
+}

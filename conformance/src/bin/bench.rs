@@ -267,8 +267,9 @@ fn bulk(ns: &NetnsHandle, dst: SocketAddr, secs: f64) -> Result<f64> {
 }
 
 /// One client connecting in sequence for `secs` (each connection also does the 1-byte
-/// exchange and closes, as in the rate loop): (p50, p99) of the connect() time, µs.
-fn connect_latency(ns: &NetnsHandle, dst: SocketAddr, secs: f64) -> Result<(f64, f64)> {
+/// exchange and closes, as in the rate loop): (p50, p99) of the connect() time, µs, and
+/// the number of connections.
+fn connect_latency(ns: &NetnsHandle, dst: SocketAddr, secs: f64) -> Result<(f64, f64, usize)> {
     let mut samples = ns.run(move || {
         let (start, mut samples) = (Instant::now(), Vec::new());
         while start.elapsed().as_secs_f64() < secs {
@@ -283,7 +284,7 @@ fn connect_latency(ns: &NetnsHandle, dst: SocketAddr, secs: f64) -> Result<(f64,
     ensure!(samples.len() >= 100, "only {} connects succeeded in the latency loop", samples.len());
     samples.sort_by(f64::total_cmp);
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
-    Ok((pct(0.50), pct(0.99)))
+    Ok((pct(0.50), pct(0.99), samples.len()))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -472,7 +473,9 @@ impl Bench {
         let bulk_gbit_per_s = bulk(&self.client, self.bulk, a.bulk_seconds)?;
         // Per 64 KiB written: the size of a full segment with offloads.
         cost("bulk", before, bulk_gbit_per_s * 1e9 / 8.0 * a.bulk_seconds / 65536.0);
-        let (connect_p50_us, connect_p99_us) = connect_latency(&self.client, self.rr, a.latency_seconds)?;
+        let before = snap();
+        let (connect_p50_us, connect_p99_us, connects) = connect_latency(&self.client, self.rr, a.latency_seconds)?;
+        cost("connect", before, connects as f64);
         Ok(Figures { tcp_connections_per_s, udp_rr_per_s, bulk_gbit_per_s, connect_p50_us, connect_p99_us, programs })
     }
 
@@ -712,8 +715,10 @@ fn report(
 
 /// The cost of each program per run (kernel BPF statistics), per kind of traffic.
 fn report_program_stats(bench: &Bench, rules: &[usize], medians: &BTreeMap<(Mechanism, usize), Figures>, agents: &[Mechanism]) {
-    println!("\nPer-program cost from BPF statistics: ns per run (runs per TCP connection, per UDP request/response, per 64 KiB of bulk)");
-    println!("{:>7} {:>16} {:>12} {:>18} {:>18} {:>18}", "rules", "configuration", "program", "tcp", "udp", "bulk");
+    println!(
+        "\nPer-program cost from BPF statistics: ns per run (runs per TCP connection, per UDP request/response, per 64 KiB of bulk, per sequential connection of the latency loop)"
+    );
+    println!("{:>7} {:>16} {:>12} {:>18} {:>18} {:>18} {:>18}", "rules", "configuration", "program", "tcp", "udp", "bulk", "connect");
     let floor = bench.mechanisms.iter().copied().filter(|m| *m == Mechanism::Floor);
     for &n in rules {
         for ag in floor.clone().chain(agents.iter().copied()) {
@@ -722,7 +727,14 @@ fn report_program_stats(bench: &Bench, rules: &[usize], medians: &BTreeMap<(Mech
                 let cell = |traffic: &str| {
                     medians[&(ag, n)].programs.get(&format!("{prog} {traffic}")).map_or("-".to_string(), |(runs, ns)| format!("{ns:.0} ({runs:.1})"))
                 };
-                println!("{n:>7} {:>16} {prog:>12} {:>18} {:>18} {:>18}", bench.name(ag), cell("tcp"), cell("udp"), cell("bulk"));
+                println!(
+                    "{n:>7} {:>16} {prog:>12} {:>18} {:>18} {:>18} {:>18}",
+                    bench.name(ag),
+                    cell("tcp"),
+                    cell("udp"),
+                    cell("bulk"),
+                    cell("connect")
+                );
             }
         }
     }

@@ -197,7 +197,7 @@ fn slot_index(key: &CtKey) -> usize {
 /// The clock tick (`jiffies`), which the verifier inlines as one load: the flow records'
 /// clock.
 #[inline(always)]
-fn tick() -> u64 {
+pub(crate) fn tick() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_jiffies64() }
 }
@@ -417,6 +417,9 @@ struct Tracked {
     known: Option<bool>,
     /// `now()`, read for a new flow (0 when a flow record answered).
     now: u64,
+    /// For a new flow: the entry of the flow's key that it replaces (closed, or timed
+    /// out), if any; `track` writes the new flow over it.
+    stale: Option<core::ptr::NonNull<CtValue>>,
 }
 
 /// Writes the packet's flow key into `s.key` and finds the flow: in this CPU's flow
@@ -444,17 +447,17 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
         if !judged {
             fail_closed_event(p, ep, ep_is_src, ifindex);
         }
-        return Tracked { src_is_lo, known: Some(false), now };
+        return Tracked { src_is_lo, known: Some(false), now, stale: None };
     }
     let tick = tick();
     let slot = &mut s.flows[slot_index(&s.key)];
     if cached(slot, &s.key, p, ep, ep_is_src, src_is_lo, tick) {
-        return Tracked { src_is_lo, known: Some(true), now: 0 };
+        return Tracked { src_is_lo, known: Some(true), now: 0, stale: None };
     }
     let now = now();
     let Some(ct) = ct_entry(&s.key) else {
         forget(slot, tick);
-        return Tracked { src_is_lo, known: None, now };
+        return Tracked { src_is_lo, known: None, now, stale: None };
     };
     // SAFETY: `ct` points into a map value, valid for this program run; its fields are
     // plain integers, so a racing writer can only make us judge again.
@@ -465,7 +468,7 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
     let reopened = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && c.flags & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY | CT_TCP_RESET) != 0;
     if reopened || expired(c, p.protocol, now) {
         forget(slot, tick);
-        return Tracked { src_is_lo, known: None, now };
+        return Tracked { src_is_lo, known: None, now, stale: core::ptr::NonNull::new(ct) };
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
     let ok = established(ctx, c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
@@ -474,7 +477,7 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
     } else {
         forget(slot, tick);
     }
-    Tracked { src_is_lo, known: Some(ok), now }
+    Tracked { src_is_lo, known: Some(ok), now, stale: None }
 }
 
 /// The flow event of a new flow that fail-closed endpoint `ep` drops: judged as the
@@ -490,9 +493,10 @@ fn fail_closed_event(p: &Packet, ep: &EndpointValue, ep_is_src: bool, ifindex: u
     }
 }
 
-/// Tracks the flow in `s.key`.
+/// Tracks the flow in `s.key`: over `stale`, the key's entry that `tracked` found closed
+/// or timed out, if there is one.
 #[inline(always)]
-fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u16, now: u64) {
+fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u16, now: u64, stale: Option<core::ptr::NonNull<CtValue>>) {
     if s.packet.tcp_flags & TCP_RST != 0 {
         // A reset never starts a flow.
         return;
@@ -512,12 +516,27 @@ fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u1
     let fin = if s.packet.tcp_flags & TCP_FIN != 0 { CT_TCP_FIN_ORIG } else { 0 };
     put(&mut v.flags, flags | fin | if src_is_lo { CT_ORIG_IS_LO } else { 0 });
     put(&mut v._pad, 0);
-    // A full LRU map evicts its oldest entry; a failure here only means the next packet
-    // is judged again.
-    let _ = CONNTRACK.insert(&s.key, &s.value, 0);
     if PA_PREV_CT.load() != 0 {
-        // The previous programs, still in some links, must know the flow too.
+        // The previous programs, still in some links, must know the flow too (and
+        // `stale` may be theirs).
+        let _ = CONNTRACK.insert(&s.key, &s.value, 0);
         let _ = CONNTRACK_PREV.insert(&s.key, &s.value, 0);
+    } else if let Some(c) = stale {
+        // A new connection on the ports of a closed one (a busy client reuses its ports
+        // within seconds, while their entries still close): written over the old entry in
+        // place. An insert would pop a free element (cold memory, and the free list's
+        // lock), lock the bucket and free the old element: on real traffic most of a new
+        // flow's cost. A reader on another CPU may see the entry half written; every
+        // field it could then take from the old connection judged the same key, and the
+        // old connection's late packets are what it would pass them for.
+        // SAFETY: `c` points into a `CONNTRACK` value found in this program run (`ct_entry`;
+        // not `CONNTRACK_PREV`, which is only looked up while `PA_PREV_CT` is set), valid
+        // until it ends; `CtValue` is plain integers.
+        unsafe { *c.as_ptr() = s.value };
+    } else {
+        // A full LRU map evicts its oldest entry; a failure here only means the next
+        // packet is judged again.
+        let _ = CONNTRACK.insert(&s.key, &s.value, 0);
     }
 }
 
@@ -617,7 +636,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
-    let Tracked { src_is_lo, known, now } = tracked(ctx, s, &ep, true, ifindex);
+    let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, true, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_EGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -629,7 +648,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     if p.l4 != L4::Error && deferred_to_dnat(&p.dst, p.protocol) {
         // Judged after DNAT, against the backend; remember where the flow started.
         let pk = pending_key(p);
-        track(s, src_is_lo, 0, CT_NOT_LOCAL, CT_VIA_SERVICE, now);
+        track(s, src_is_lo, 0, CT_NOT_LOCAL, CT_VIA_SERVICE, now, stale);
         let _ = PENDING.insert(&pk, &s.key, 0);
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
@@ -643,7 +662,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     // The destination's side is judged by its own hook if it is local (0: not yet); if it
     // is not, nothing on this node ever reads it.
     if p.l4 != L4::Echo || p.echo_request {
-        track(s, src_is_lo, ep.revision, 0, 0, now);
+        track(s, src_is_lo, ep.revision, 0, 0, now, stale);
     }
     count(&ep, DIRECTION_EGRESS, true, len);
     Ok(PASS)
@@ -670,7 +689,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_INGRESS, true, len);
         return Ok(PASS);
     }
-    let Tracked { src_is_lo, known, now } = tracked(ctx, s, &ep, false, ifindex);
+    let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, false, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_INGRESS, ok, len);
         return Ok(if ok { PASS } else { DROP });
@@ -711,7 +730,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(DROP);
     }
     if p.l4 != L4::Echo || p.echo_request {
-        track(s, src_is_lo, src_rev, ep.revision, flags, now);
+        track(s, src_is_lo, src_rev, ep.revision, flags, now, stale);
     }
     count(&ep, DIRECTION_INGRESS, true, len);
     Ok(PASS)
@@ -846,7 +865,7 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(PASS);
     }
     let ifindex = ifindex(ctx);
-    let Tracked { src_is_lo, known, now } = tracked(ctx, s, &ep, true, ifindex);
+    let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, true, ifindex);
     if let Some(ok) = known {
         if !ok {
             count(&ep, DIRECTION_EGRESS, false, ctx.len());
@@ -858,7 +877,7 @@ fn try_node_egress(ctx: &TcContext) -> Result<i32, ()> {
         Some(rev) => {
             if s.packet.l4 != L4::Echo || s.packet.echo_request {
                 // Its replies come back translated, to the Service address's entry.
-                track(s, src_is_lo, rev, CT_NOT_LOCAL, CT_ONE_WAY, now);
+                track(s, src_is_lo, rev, CT_NOT_LOCAL, CT_ONE_WAY, now, stale);
             }
             Ok(PASS)
         }

@@ -1,10 +1,48 @@
 //! The table lookups: at most two per new flow (peer prefix, then port), whatever the
-//! number of rules.
+//! number of rules, and none for a judgment this CPU made in the current clock tick
+//! (`JudgmentSlot`).
 
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_ebpf::*;
 
-use super::{COUNTERS, PEERS, PORTS};
+use super::{COUNTERS, PEERS, PORTS, same_addr, tick};
+
+/// A judgment this CPU's programs made from an endpoint's tables in the current clock
+/// tick (`bpf_jiffies64`), and what it was of. A later judgment in the same tick, on this
+/// CPU, of the same endpoint (id, interface and flags) under the same revision, with the
+/// same remote, protocol, port and node exemption, takes it instead of the two table
+/// lookups: that is what they would answer, since the agent bumps the revision once a
+/// change of the tables is complete (while a change runs, the tables themselves give
+/// each address its old or its new answer, and this one is the old). The tables are
+/// large and a new flow finds them cold on real traffic: the lookups are about a quarter
+/// of the programs' time on short connections. The tick bounds how long a judgment is
+/// kept whatever happens to the endpoint (an id and revision given to a new pod come
+/// with another interface too).
+#[repr(C)]
+pub struct JudgmentSlot {
+    remote: Addr,
+    tick: u64,
+    id: u32,
+    revision: u32,
+    ifindex: u32,
+    flags: u32,
+    /// Direction, protocol, port and the two booleans, in one word (see `what`).
+    what: u64,
+    port_set: u32,
+    allowed: u8,
+    decided: u8,
+    _pad: [u8; 2],
+}
+
+/// Judgments per CPU: a power of two (the index is the top bits of a hash).
+const JUDGMENT_SLOT_BITS: u32 = 6;
+const JUDGMENT_SLOTS: usize = 1 << JUDGMENT_SLOT_BITS;
+
+/// Kept per program load, not pinned: a new load starts with none.
+#[map(name = "PA_JUDGMENTS")]
+static JUDGMENTS: PerCpuArray<[JudgmentSlot; JUDGMENT_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
 
 /// A table's answer for one new flow, and what in the table gave it (for flow events).
 #[derive(Clone, Copy)]
@@ -42,6 +80,46 @@ pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, po
     if ep.flags & isolated == 0 {
         return judgment(true, FLOW_DECIDED_NOT_ISOLATED, 0);
     }
+    let what = (direction as u64) << 32 | (protocol as u64) << 24 | (port as u64) << 8 | (has_ports as u64) << 1 | node_stack as u64;
+    let Some(slots) = JUDGMENTS.get_ptr_mut(0) else {
+        return look_up(ep, direction, remote, protocol, port, has_ports, node_stack);
+    };
+    // SAFETY: this CPU's value; programs do not nest on a CPU, so nothing else uses it
+    // while this run does.
+    let slots = unsafe { &mut *slots };
+    // SAFETY: `Addr` is 16 bytes with 8-byte alignment, so it reads as two u64s.
+    let a = unsafe { *(remote as *const Addr as *const [u64; 2]) };
+    let h = (a[0] ^ a[1] ^ what ^ (ep.id as u64) << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let slot = &mut slots[(h >> (64 - JUDGMENT_SLOT_BITS)) as usize];
+    let tick = tick();
+    if slot.tick == tick
+        && slot.what == what
+        && slot.id == ep.id
+        && slot.revision == ep.revision
+        && slot.ifindex == ep.ifindex
+        && slot.flags == ep.flags
+        && same_addr(&slot.remote, remote)
+    {
+        return judgment(slot.allowed != 0, slot.decided, slot.port_set);
+    }
+    let j = look_up(ep, direction, remote, protocol, port, has_ports, node_stack);
+    slot.remote = *remote;
+    slot.what = what;
+    slot.id = ep.id;
+    slot.revision = ep.revision;
+    slot.ifindex = ep.ifindex;
+    slot.flags = ep.flags;
+    slot.port_set = j.port_set;
+    slot.allowed = j.allowed as u8;
+    slot.decided = j.decided;
+    slot.tick = tick;
+    j
+}
+
+/// `judge`'s answer from the tables (`PEERS`, then `PORTS`), for an isolated direction of
+/// an endpoint that is not fail-closed.
+#[inline(always)]
+fn look_up(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool, node_stack: bool) -> Judgment {
     let key = Key::new(PEER_KEY_FIXED_BITS + 128, PeerKey { endpoint: ep.id, direction, addr: *remote });
     let (port_set, flags) = match PEERS.get(&key) {
         Some(v) => (v.port_set, v.flags),
