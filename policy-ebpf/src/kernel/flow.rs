@@ -14,7 +14,7 @@ use aya_ebpf::maps::{PerCpuArray, RingBuf};
 use policy_ebpf::*;
 
 use super::packet::{L4, PROTO_ICMP, PROTO_ICMPV6, Packet};
-use super::verdict::{Judgment, judge};
+use super::verdict::{Judgment, judge_tables};
 
 #[map(name = "PA_FLOWS")]
 static FLOWS: RingBuf = RingBuf::pinned(FLOW_RING_BYTES, 0);
@@ -41,7 +41,7 @@ pub fn emit(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, j: &Ju
     if j.allowed {
         let audit = if direction == DIRECTION_INGRESS { ENDPOINT_AUDIT_INGRESS } else { ENDPOINT_AUDIT_EGRESS };
         if ep.flags & audit != 0 {
-            let a = judge(ep, direction | DIRECTION_AUDIT, remote, p.protocol, port, p.l4 == L4::Ports, node_stack);
+            let a = judge_tables(ep, direction | DIRECTION_AUDIT, remote, p.protocol, port, p.l4 == L4::Ports, node_stack);
             if !a.allowed {
                 if PA_FLOW_DENIED.load() != 0 {
                     write(p, ep, ifindex, direction, FLOW_VERDICT_AUDIT, &a, remote);

@@ -30,7 +30,7 @@ use aya_ebpf::programs::TcContext;
 use policy_ebpf::*;
 
 use packet::{L4, PROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ct_key, parse, put, zero_addr, zero_bytes};
-use verdict::{count, judge};
+use verdict::{Kept, count, judge, judge_tables};
 
 #[map(name = "PA_ENDPOINTS")]
 static ENDPOINTS: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(DEFAULT_MAX_ENDPOINT_ADDRESSES, 0);
@@ -73,6 +73,8 @@ pub struct Scratch {
     value: CtValue,
     /// Recently confirmed flows of this CPU (see `FlowSlot`).
     flows: [FlowSlot; FLOW_SLOTS],
+    /// Judgments made in this tick (see `verdict::JudgmentSlot`).
+    judgments: Kept,
     /// Left by `node_ingress` for `pod_ingress` (see `Arrival`).
     arrival: Arrival,
 }
@@ -308,6 +310,7 @@ fn expired(ct: &CtValue, protocol: u8, now: u64) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn established(
     ctx: &TcContext,
+    kept: &mut Kept,
     c: &mut CtValue,
     key: &CtKey,
     p: &Packet,
@@ -340,7 +343,7 @@ fn established(
             } else {
                 (p.src, p.sport)
             };
-            let j = judge(ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports, false);
+            let j = judge(kept, ep, DIRECTION_EGRESS, &remote, key.protocol, port, p.l4 == L4::Ports, false);
             if c.src_rev == 0 {
                 // Its first judgment of the flow (not a revision's re-judgment): an event.
                 flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &remote, port, false);
@@ -371,7 +374,7 @@ fn established(
             remote = c.nat_addr;
         }
         let node_stack = c.flags & CT_FROM_NODE != 0;
-        let j = judge(ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports, node_stack);
+        let j = judge(kept, ep, DIRECTION_INGRESS, &remote, key.protocol, port, p.l4 == L4::Ports, node_stack);
         if c.dst_rev == 0 {
             // The destination's first judgment of a flow its peer's hook started (a local
             // source): a new flow for this endpoint, so an event.
@@ -471,7 +474,7 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
         return Tracked { src_is_lo, known: None, now, stale: core::ptr::NonNull::new(ct) };
     }
     let orig = (c.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
-    let ok = established(ctx, c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
+    let ok = established(ctx, &mut s.judgments, c, &s.key, p, ep, ep_is_src, orig, now, ifindex);
     if ok {
         remember(slot, &s.key, c, tick);
     } else {
@@ -485,10 +488,10 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
 #[inline(never)]
 fn fail_closed_event(p: &Packet, ep: &EndpointValue, ep_is_src: bool, ifindex: u32) {
     if ep_is_src {
-        let j = judge(ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
+        let j = judge_tables(ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
         flow::emit(p, ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     } else {
-        let j = judge(ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports, false);
+        let j = judge_tables(ep, DIRECTION_INGRESS, &p.src, p.protocol, p.dport, p.l4 == L4::Ports, false);
         flow::emit(p, ep, ifindex, DIRECTION_INGRESS, &j, &p.src, p.dport, false);
     }
 }
@@ -562,7 +565,7 @@ fn deferred_to_dnat(addr: &Addr, protocol: u8) -> bool {
 #[inline(always)]
 fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32, from: &Addr, sport: u16) -> Option<u32> {
     let p = &s.packet;
-    let j = judge(src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
+    let j = judge(&mut s.judgments, src, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
     flow::emit(p, src, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     if !j.allowed {
         return None;
@@ -653,7 +656,7 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);
     }
-    let j = judge(&ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
+    let j = judge(&mut s.judgments, &ep, DIRECTION_EGRESS, &p.dst, p.protocol, p.dport, p.l4 == L4::Ports, false);
     flow::emit(p, &ep, ifindex, DIRECTION_EGRESS, &j, &p.dst, p.dport, false);
     if !j.allowed {
         count(&ep, DIRECTION_EGRESS, false, len);
@@ -723,7 +726,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let p = &s.packet;
     let remote = if flags & CT_CLIENT_IN_NAT != 0 { &s.arrival.src } else { &p.src };
     let node_stack = flags & CT_FROM_NODE != 0;
-    let j = judge(&ep, DIRECTION_INGRESS, remote, p.protocol, p.dport, p.l4 == L4::Ports, node_stack);
+    let j = judge(&mut s.judgments, &ep, DIRECTION_INGRESS, remote, p.protocol, p.dport, p.l4 == L4::Ports, node_stack);
     flow::emit(p, &ep, ifindex, DIRECTION_INGRESS, &j, remote, p.dport, node_stack);
     if !j.allowed {
         count(&ep, DIRECTION_INGRESS, false, len);

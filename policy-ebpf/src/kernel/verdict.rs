@@ -2,8 +2,6 @@
 //! number of rules, and none for a judgment this CPU made in the current clock tick
 //! (`JudgmentSlot`).
 
-use aya_ebpf::macros::map;
-use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_ebpf::*;
 
@@ -20,6 +18,9 @@ use super::{COUNTERS, PEERS, PORTS, same_addr, tick};
 /// of the programs' time on short connections. The tick bounds how long a judgment is
 /// kept whatever happens to the endpoint (an id and revision given to a new pod come
 /// with another interface too).
+///
+/// Kept in `Scratch` (per CPU, not pinned: a new load starts with none, and the pinned
+/// maps' layout is untouched).
 #[repr(C)]
 pub struct JudgmentSlot {
     remote: Addr,
@@ -38,11 +39,10 @@ pub struct JudgmentSlot {
 
 /// Judgments per CPU: a power of two (the index is the top bits of a hash).
 const JUDGMENT_SLOT_BITS: u32 = 6;
-const JUDGMENT_SLOTS: usize = 1 << JUDGMENT_SLOT_BITS;
+pub const JUDGMENT_SLOTS: usize = 1 << JUDGMENT_SLOT_BITS;
 
-/// Kept per program load, not pinned: a new load starts with none.
-#[map(name = "PA_JUDGMENTS")]
-static JUDGMENTS: PerCpuArray<[JudgmentSlot; JUDGMENT_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
+/// This CPU's kept judgments (`Scratch::judgments`).
+pub type Kept = [JudgmentSlot; JUDGMENT_SLOTS];
 
 /// A table's answer for one new flow, and what in the table gave it (for flow events).
 #[derive(Clone, Copy)]
@@ -59,16 +59,12 @@ fn judgment(allowed: bool, decided: u8, port_set: u32) -> Judgment {
     Judgment { allowed, decided, port_set }
 }
 
-/// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
-/// `direction` (`DIRECTION_AUDIT_*`: its audit table, which a clear `ENDPOINT_AUDIT_*`
-/// flag makes allow everything), for `protocol`/`port` (`has_ports` false: a protocol without ports,
-/// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot),
-/// and what in the table decided. `node_stack`: the node's own stack sent the packet,
-/// which a `PEER_OWN_NODE` entry exempts (false for every egress judgment).
+/// The judgment that needs no table: a fail-closed endpoint, or a direction that is not
+/// isolated.
 #[inline(always)]
-pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool, node_stack: bool) -> Judgment {
+fn without_tables(ep: &EndpointValue, direction: u32) -> Option<Judgment> {
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
-        return judgment(false, FLOW_DECIDED_FAIL_CLOSED, 0);
+        return Some(judgment(false, FLOW_DECIDED_FAIL_CLOSED, 0));
     }
     // `direction` is a constant at every call: the compiler keeps one branch.
     let isolated = match direction {
@@ -78,19 +74,40 @@ pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, po
         _ => ENDPOINT_AUDIT_EGRESS,
     };
     if ep.flags & isolated == 0 {
-        return judgment(true, FLOW_DECIDED_NOT_ISOLATED, 0);
+        return Some(judgment(true, FLOW_DECIDED_NOT_ISOLATED, 0));
+    }
+    None
+}
+
+/// Whether endpoint `ep`'s tables allow traffic with `remote` on the other side, in
+/// `direction` (`DIRECTION_AUDIT_*`: its audit table, which a clear `ENDPOINT_AUDIT_*`
+/// flag makes allow everything), for `protocol`/`port` (`has_ports` false: a protocol without ports,
+/// allowed by "all traffic" entries and by port sets with the `PORT_PROTOCOL_OTHER` slot),
+/// and what in the table decided. `node_stack`: the node's own stack sent the packet,
+/// which a `PEER_OWN_NODE` entry exempts (false for every egress judgment).
+///
+/// Takes a judgment kept in `kept` (see `JudgmentSlot`) when one matches, and keeps the one
+/// it makes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn judge(
+    kept: &mut Kept,
+    ep: &EndpointValue,
+    direction: u32,
+    remote: &Addr,
+    protocol: u8,
+    port: u16,
+    has_ports: bool,
+    node_stack: bool,
+) -> Judgment {
+    if let Some(j) = without_tables(ep, direction) {
+        return j;
     }
     let what = (direction as u64) << 32 | (protocol as u64) << 24 | (port as u64) << 8 | (has_ports as u64) << 1 | node_stack as u64;
-    let Some(slots) = JUDGMENTS.get_ptr_mut(0) else {
-        return look_up(ep, direction, remote, protocol, port, has_ports, node_stack);
-    };
-    // SAFETY: this CPU's value; programs do not nest on a CPU, so nothing else uses it
-    // while this run does.
-    let slots = unsafe { &mut *slots };
     // SAFETY: `Addr` is 16 bytes with 8-byte alignment, so it reads as two u64s.
     let a = unsafe { *(remote as *const Addr as *const [u64; 2]) };
     let h = (a[0] ^ a[1] ^ what ^ (ep.id as u64) << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let slot = &mut slots[(h >> (64 - JUDGMENT_SLOT_BITS)) as usize];
+    let slot = &mut kept[(h >> (64 - JUDGMENT_SLOT_BITS)) as usize];
     let tick = tick();
     if slot.tick == tick
         && slot.what == what
@@ -114,6 +131,16 @@ pub fn judge(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, po
     slot.decided = j.decided;
     slot.tick = tick;
     j
+}
+
+/// `judge` without kept judgments: for the rare judgments (an audit table, a fail-closed
+/// endpoint's event) that should not take the slots of the common ones.
+#[inline(always)]
+pub fn judge_tables(ep: &EndpointValue, direction: u32, remote: &Addr, protocol: u8, port: u16, has_ports: bool, node_stack: bool) -> Judgment {
+    match without_tables(ep, direction) {
+        Some(j) => j,
+        None => look_up(ep, direction, remote, protocol, port, has_ports, node_stack),
+    }
 }
 
 /// `judge`'s answer from the tables (`PEERS`, then `PORTS`), for an isolated direction of
