@@ -160,6 +160,15 @@ fn scratch() -> Result<&'static mut Scratch, ()> {
 /// How stale `last_seen_ns` may get before a packet refreshes it.
 const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// Marks the branch it is on as rare, so that LLVM lays its blocks out after the common
+/// path's: a packet of an established flow then runs through fewer instruction-cache
+/// lines, which on real traffic (the kernel's own code evicts ours between two packets)
+/// are most of what a run costs.
+#[inline(always)]
+pub(crate) fn cold() {
+    core::hint::cold_path()
+}
+
 /// Let the packet go on (and later tc programs, if any, see it).
 const PASS: i32 = TC_ACT_UNSPEC;
 const DROP: i32 = TC_ACT_SHOT as i32;
@@ -259,12 +268,14 @@ fn endpoint_on(ifindex: u32, addr: &Addr) -> Option<EndpointValue> {
             // A veth held fail-closed before its pod is known: everything is denied,
             // whatever the addresses.
             if v.flags & ENDPOINT_FAIL_CLOSED != 0 {
+                cold();
                 return Some(EndpointValue { id: v.id, revision: v.revision, ifindex, flags: ENDPOINT_FAIL_CLOSED });
             }
             let ours = (v.flags & IFACE_HAS_V4 != 0 && same_addr(addr, &v.v4)) || (v.flags & IFACE_HAS_V6 != 0 && same_addr(addr, &v.v6));
             return ours.then_some(EndpointValue { id: v.id, revision: v.revision, ifindex, flags: v.flags & 0xffff });
         }
     }
+    cold();
     endpoint(addr).filter(|ep| ep.ifindex == ifindex)
 }
 
@@ -326,6 +337,7 @@ fn established(
         if c.src_rev == ep.revision || (c.src_rev == 0 && c.flags & CT_VIA_SERVICE != 0 && ep_is_src) {
             true
         } else {
+            cold();
             // The originator's egress again, toward the backend it was judged against (or
             // the plain destination).
             // The reply of a Service flow that no hook judged after DNAT: judged here,
@@ -367,6 +379,7 @@ fn established(
     } else if c.dst_rev == ep.revision {
         true
     } else {
+        cold();
         // The destination's ingress from the originator, again: by the client the node
         // translated, if it did; with the node exemption if the node's stack sent it.
         let (mut remote, port) = if orig { (p.src, p.dport) } else { (p.dst, p.sport) };
@@ -432,6 +445,7 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
     let p = &s.packet;
     let src_is_lo = ct_key(&mut s.key, &p.src, p.sport, &p.dst, p.dport, p.protocol);
     if ep.flags & ENDPOINT_FAIL_CLOSED != 0 {
+        cold();
         let now = now();
         // Nothing passes a fail-closed endpoint, tracked or not. A flow this endpoint has
         // not judged yet (untracked, or tracked by its peer's hook only) is new to it, so
@@ -634,7 +648,10 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     let len = ctx.len();
     let ifindex = ifindex(ctx);
     // Anti-spoofing: the source must be this veth's pod.
-    let Some(ep) = endpoint_on(ifindex, &s.packet.src) else { return Ok(DROP) };
+    let Some(ep) = endpoint_on(ifindex, &s.packet.src) else {
+        cold();
+        return Ok(DROP);
+    };
     if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
         count(&ep, DIRECTION_EGRESS, true, len);
         return Ok(PASS);

@@ -6,6 +6,8 @@
 use aya_ebpf::programs::TcContext;
 use policy_ebpf::{Addr, CtKey};
 
+use super::cold;
+
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -120,6 +122,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet, quoted: &mut CtKey) -> Result<bool
     let mut l3 = 14usize;
     let mut ethertype = be16(load(ctx, 12)?);
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        cold();
         ethertype = be16(load(ctx, 16)?);
         l3 = 18;
     }
@@ -133,7 +136,10 @@ pub fn parse(ctx: &TcContext, p: &mut Packet, quoted: &mut CtKey) -> Result<bool
     match ethertype {
         ETH_P_IP => parse_v4(ctx, l3, p, quoted).map(|_| true),
         ETH_P_IPV6 => parse_v6(ctx, l3, p, quoted).map(|_| true),
-        _ => Ok(false),
+        _ => {
+            cold();
+            Ok(false)
+        }
     }
 }
 
@@ -146,10 +152,12 @@ fn is_tracked(key: &CtKey) -> bool {
 fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> Result<(), ()> {
     let hdr: [u8; 20] = load(ctx, l3)?;
     if hdr[0] >> 4 != 4 {
+        cold();
         return Err(());
     }
     let ihl = ((hdr[0] & 0x0f) as usize) * 4;
     if ihl < 20 {
+        cold();
         return Err(());
     }
     let frag_off = be16([hdr[6], hdr[7]]) & 0x1fff;
@@ -158,6 +166,7 @@ fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> R
     p.protocol = hdr[9];
     if frag_off != 0 {
         // A non-first fragment carries no L4 header.
+        cold();
         return Ok(());
     }
     parse_l4(ctx, l3 + ihl, p, false, quoted)
@@ -167,6 +176,7 @@ fn parse_v4(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> R
 fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> Result<(), ()> {
     let fixed: [u8; 8] = load(ctx, l3)?;
     if fixed[0] >> 4 != 6 {
+        cold();
         return Err(());
     }
     p.src = Addr(load(ctx, l3 + 8)?);
@@ -177,11 +187,13 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> R
     for _ in 0..6 {
         match p.protocol {
             0 | 43 | 60 => {
+                cold();
                 let h: [u8; 2] = load(ctx, off)?;
                 p.protocol = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             44 => {
+                cold();
                 let h: [u8; 4] = load(ctx, off)?;
                 p.protocol = h[0];
                 off += 8;
@@ -190,6 +202,7 @@ fn parse_v6(ctx: &TcContext, l3: usize, p: &mut Packet, quoted: &mut CtKey) -> R
                 }
             }
             51 => {
+                cold();
                 let h: [u8; 2] = load(ctx, off)?;
                 p.protocol = h[0];
                 off += (h[1] as usize + 2) * 4;
@@ -216,6 +229,7 @@ fn parse_l4(ctx: &TcContext, l4: usize, p: &mut Packet, v6: bool, quoted: &mut C
             }
         }
         PROTO_ICMP if !v6 => {
+            cold();
             let h: [u8; 8] = load(ctx, l4)?;
             p.icmp = (h[0] as u16) << 8 | h[1] as u16;
             match h[0] {
@@ -234,6 +248,7 @@ fn parse_l4(ctx: &TcContext, l4: usize, p: &mut Packet, v6: bool, quoted: &mut C
             }
         }
         PROTO_ICMPV6 if v6 => {
+            cold();
             let h: [u8; 8] = load(ctx, l4)?;
             p.icmp = (h[0] as u16) << 8 | h[1] as u16;
             match h[0] {
