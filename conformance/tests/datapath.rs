@@ -1191,9 +1191,7 @@ fn open_a_to_b(prog: &conformance::programs::TestProgram, ifindex: u32) -> Vec<u
 /// opens), so that a record read from the wrong side would pass the ACKs.
 #[test]
 fn a_flow_record_never_passes_a_packet_under_a_revision_that_did_not_approve_it() {
-    let mut rig = three_pods();
-    rig.apply(vec![b_admits_a_of("x")]).unwrap();
-    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let (mut rig, maps) = x_b_admitting_x_a();
     let stop = Arc::new(AtomicBool::new(false));
     let running = stop.clone();
     let ingress = at_b_ingress(&rig, move |prog, ifindex| {
@@ -1238,6 +1236,15 @@ fn a_flow_record_never_passes_a_packet_under_a_revision_that_did_not_approve_it(
     assert_eq!(passed_after, 0, "{passed_after} of {after} ACKs passed under the revision that no longer admits x/a");
 }
 
+/// Three pods, x/b admitting x/a (`b_admits_a_of("x")`): the rig, and the directory of
+/// the maps in force.
+fn x_b_admitting_x_a() -> (Rig, std::path::PathBuf) {
+    let mut rig = three_pods();
+    rig.apply(vec![b_admits_a_of("x")]).unwrap();
+    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    (rig, maps)
+}
+
 /// The connection-tracking entry of x/a's flow from port 41000 (in the maps pinned at
 /// `maps`).
 fn entry_from_41000(maps: &std::path::Path) -> policy_ebpf::CtValue {
@@ -1260,9 +1267,7 @@ fn entry_from_41000(maps: &std::path::Path) -> policy_ebpf::CtValue {
 /// the first packet of each tick looks the entry up (and refreshes it, once a second).
 #[test]
 fn a_busy_flow_keeps_refreshing_its_entry_while_its_record_answers() {
-    let mut rig = three_pods();
-    rig.apply(vec![b_admits_a_of("x")]).unwrap();
-    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let (rig, maps) = x_b_admitting_x_a();
     let ingress = at_b_ingress(&rig, move |prog, ifindex| {
         let ack = open_a_to_b(&prog, ifindex);
         let first = entry_from_41000(&maps).last_seen_ns;
@@ -1282,9 +1287,7 @@ fn a_busy_flow_keeps_refreshing_its_entry_while_its_record_answers() {
 #[test]
 fn a_fin_and_a_reset_reach_the_entry_past_the_flow_record() {
     use conformance::programs::{PASS, TCP_ACK, TCP_FIN, TCP_RST, tcp_frame};
-    let mut rig = three_pods();
-    rig.apply(vec![b_admits_a_of("x")]).unwrap();
-    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let (rig, maps) = x_b_admitting_x_a();
     let ingress = at_b_ingress(&rig, move |prog, ifindex| {
         let (a, b) = ([10, 244, 0, 10], [10, 244, 0, 11]);
         let ack = open_a_to_b(&prog, ifindex);
@@ -1310,9 +1313,7 @@ fn a_fin_and_a_reset_reach_the_entry_past_the_flow_record() {
 #[test]
 fn a_connection_on_the_ports_of_a_closed_one_is_judged_afresh_and_tracked_anew() {
     use conformance::programs::{DROP, PASS, TCP_ACK, TCP_RST, TCP_SYN, tcp_frame};
-    let mut rig = three_pods();
-    rig.apply(vec![b_admits_a_of("x")]).unwrap();
-    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let (mut rig, maps) = x_b_admitting_x_a();
     let (a, b) = ([10, 244, 0, 10], [10, 244, 0, 11]);
     let reset = tcp_frame(a, b, 41000, 9000, TCP_RST | TCP_ACK);
     let syn = tcp_frame(a, b, 41000, 9000, TCP_SYN);
@@ -1356,9 +1357,7 @@ fn a_connection_on_the_ports_of_a_closed_one_is_judged_afresh_and_tracked_anew()
 fn a_kept_judgment_never_answers_under_another_revision() {
     use conformance::programs::{DROP, TCP_SYN, tcp_frame};
     use policy_ebpf::{DIRECTION_INGRESS, EndpointKey, EndpointValue, IfaceValue, NO_PORT_SET, PeerKey, PeerValue, map_names};
-    let mut rig = three_pods();
-    rig.apply(vec![b_admits_a_of("x")]).unwrap();
-    let maps = policy_agent::datapath::migrate::maps_dir_in_force(&rig.pin_dir).unwrap();
+    let (rig, maps) = x_b_admitting_x_a();
     let ingress = at_b_ingress(&rig, move |prog, ifindex| {
         let map = |name: &str| aya::maps::MapData::from_pin(maps.join(name)).unwrap();
         let mut ifaces: aya::maps::Array<_, IfaceValue> = aya::maps::Array::try_from(aya::maps::Map::Array(map(map_names::IFACES))).unwrap();
