@@ -679,6 +679,9 @@ fn report(
             println!("{line}");
         }
     }
+    if a.rounds > 1 {
+        report_round_ratios(bench, rules, samples, &agents);
+    }
     if a.program_stats {
         report_program_stats(bench, rules, medians, &agents);
     }
@@ -711,6 +714,34 @@ fn report(
         eprintln!("figures written to {}", path.display());
     }
     Ok(())
+}
+
+/// Each round's ratio of one configuration to another, over the rounds: their median and
+/// range. The two figures of a pair come from the same round, so what drifts between
+/// rounds (other tenants of the host, the kernel's state) cancels in each ratio, and the
+/// range shows how far one round can be off. Against `none` for every configuration, and
+/// each policy-agent configuration against `floor` when it was measured.
+fn report_round_ratios(bench: &Bench, rules: &[usize], samples: &BTreeMap<(Mechanism, usize), Vec<Figures>>, agents: &[Mechanism]) {
+    let mut pairs: Vec<(Mechanism, Mechanism)> = bench.mechanisms.iter().filter(|m| **m != Mechanism::None).map(|&m| (m, Mechanism::None)).collect();
+    if bench.mechanisms.contains(&Mechanism::Floor) {
+        pairs.extend(agents.iter().map(|&ag| (ag, Mechanism::Floor)));
+    }
+    println!("\nPer-round ratios: the median of each round's a:b (least–most over {} rounds)", bench.args.rounds);
+    for &n in rules {
+        println!("  {n} rules");
+        for (_, title, get) in METRICS {
+            let what = title.split(" (").next().unwrap_or(title);
+            let mut line = format!("    {what:<26}");
+            for &(m, other) in &pairs {
+                let ratios: Vec<f64> = samples[&(m, n)].iter().zip(&samples[&(other, n)]).map(|(x, y)| get(x) / get(y)).collect();
+                let least = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+                let most = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let name = format!("{}:{}", bench.name(m), bench.name(other));
+                line += &format!("  {name} {:.3} ({least:.3}–{most:.3})", median(ratios));
+            }
+            println!("{line}");
+        }
+    }
 }
 
 /// The cost of each program per run (kernel BPF statistics), per kind of traffic.
