@@ -17,7 +17,9 @@ use crate::state::ClusterState;
 use crate::table::{EndpointId, EndpointTables, same_audit_datapath};
 
 mod dirty;
-use dirty::{Dirs, Dirty};
+use dirty::{Dirs, Dirty, Work};
+
+use crate::cnp::patch::{PeerPod, patch_peer_pods};
 
 /// One change to the cluster, as a watch reports it.
 #[derive(Debug, Clone)]
@@ -182,14 +184,20 @@ impl NodeCompiler {
         // whose peers match it differently; a node's addresses or labels the subjects of
         // the policies with `nodes` peers. NetworkPolicy changes only touch their own
         // targets (below).
+        match &change {
+            Change::UpsertPod(Pod { key, .. }) | Change::DeletePod(key) => {
+                dirty.note_pod(key, self.state.pod(key).map(|p| p.ips.as_slice()).unwrap_or(&[]));
+            }
+            _ => {}
+        }
         if self.state.cluster_policies().next().is_some() {
             match &change {
                 Change::UpsertPolicy(_) | Change::DeletePolicy(_) | Change::UpsertClusterPolicy(_) | Change::DeleteClusterPolicy(_) => {}
                 // Pods come and go all the time: only one whose change a cluster policy's
                 // peers can see reaches their subjects (every local subject recompiled for
                 // every pod change cost seconds with 100 policies and 10,000 pods).
-                Change::UpsertPod(pod) => self.mark_pod_change_for_cluster_policies(self.state.pod(&pod.key), Some(pod), dirty),
-                Change::DeletePod(key) => self.mark_pod_change_for_cluster_policies(self.state.pod(key), None, dirty),
+                Change::UpsertPod(pod) => self.mark_pod_peer_of_cluster_policies(&pod.key, Some(pod), dirty),
+                Change::DeletePod(key) => self.mark_pod_peer_of_cluster_policies(key, None, dirty),
                 Change::UpsertNamespace(Namespace { name, labels, .. }) => {
                     let old = self.state.namespace_labels(name).into_owned();
                     self.mark_namespace_for_cluster_policies(name, &old, labels, dirty);
@@ -391,6 +399,25 @@ impl NodeCompiler {
         self.mark_cluster_policies_where(sees, dirty);
     }
 
+    /// A pod's change (`new`; `None`: deleted) as a peer of the cluster policies. When its
+    /// addresses are its own, before and after (no other pod, no node holds them), what
+    /// it reaches changes at those addresses only, and is marked to be patched there
+    /// (`crate::cnp::patch`): a pod coming or going under a Baseline peer that covers
+    /// every pod would otherwise rebuild every subject's table, one entry per pod.
+    fn mark_pod_peer_of_cluster_policies(&self, key: &ObjectKey, new: Option<&Pod>, dirty: &mut Dirty) {
+        let old = self.state.pod(key);
+        let versions = || old.into_iter().chain(new);
+        let own_addresses = versions().all(|p| !p.host_network)
+            && versions().flat_map(|p| &p.ips).all(|ip| !self.state.node_holds(*ip) && self.state.pod_holders(*ip).all(|h| h.key == *key));
+        if !own_addresses {
+            self.mark_pod_change_for_cluster_policies(old, new, dirty);
+            return;
+        }
+        let mut marks = Dirty::default();
+        self.mark_pod_change_for_cluster_policies(old, new, &mut marks);
+        dirty.mark_peer(key, marks);
+    }
+
     /// A namespace's labels change from `old` to `new` (see `apply_one`).
     fn mark_namespace_for_cluster_policies(&self, namespace: &str, old: &Labels, new: &Labels, dirty: &mut Dirty) {
         if old == new {
@@ -576,12 +603,12 @@ impl NodeCompiler {
         }
     }
 
-    fn recompile(&mut self, dirty: Dirty, report: &mut ChangeReport) {
+    fn recompile(&mut self, mut dirty: Dirty, report: &mut ChangeReport) {
         if dirty.is_empty() {
             return;
         }
         let node_addresses = self.state.node_addresses(&self.node);
-        for (key, dirs) in dirty {
+        for (key, work) in dirty.work() {
             let pod = self.state.pod(&key).filter(|p| self.is_local(p)).cloned();
             let Some(pod) = pod else {
                 if let Some(old) = self.endpoints.remove(&key) {
@@ -601,7 +628,8 @@ impl NodeCompiler {
             }
             match self.endpoints.get_mut(&key) {
                 Some(ep) => {
-                    if update_tables(&mut self.state, &mut self.tier_cache, &pod, &node_addresses, dirs, &mut ep.tables) {
+                    let (patched, rebuild) = patch_tables(&self.state, &pod, &work, &dirty, &mut ep.tables);
+                    if update_tables(&mut self.state, &mut self.tier_cache, &pod, &node_addresses, rebuild, &mut ep.tables) || patched {
                         ep.revision = ep.revision.wrapping_add(1).max(1);
                         report.changed.push(key.clone());
                     }
@@ -631,6 +659,42 @@ impl NodeCompiler {
             }
         }
     }
+}
+
+/// Patches the `work.patch` tables of `pod` at the addresses of `work.pods`, where no
+/// audited policy applies (its audit table would need a rebuild too). Returns whether the
+/// datapath's view changed, and the directions to rebuild: `work.rebuild` and those that
+/// could not be patched.
+fn patch_tables(state: &ClusterState, pod: &Pod, work: &Work, dirty: &Dirty, tables: &mut EndpointTables) -> (bool, Dirs) {
+    let mut rebuild = work.rebuild;
+    let mut changed = false;
+    if work.patch.is_empty() {
+        return (false, rebuild);
+    }
+    let addresses: Vec<Vec<IpAddr>> = work
+        .pods
+        .iter()
+        .map(|p| {
+            let mut a = dirty.before(p).to_vec();
+            a.extend(state.pod(p).into_iter().flat_map(|p| p.ips.iter().copied()));
+            a.sort_unstable();
+            a.dedup();
+            a
+        })
+        .collect();
+    let peers: Vec<PeerPod> = work.pods.iter().zip(&addresses).map(|(key, a)| PeerPod { key, addresses: a }).collect();
+    for direction in work.patch.iter() {
+        let patched = if tables.audit.get(direction).is_none() && crate::audit::audited_for(state, pod, direction).is_empty() {
+            patch_peer_pods(state, pod, direction, tables.table_mut(direction), &peers)
+        } else {
+            None
+        };
+        match patched {
+            Some(c) => changed |= c,
+            None => rebuild = rebuild.union(Dirs::of(|d| d == direction)),
+        }
+    }
+    (changed, rebuild)
 }
 
 /// Recompiles the `dirs` tables of `pod` (enforced and audit) into `tables`, keeping the

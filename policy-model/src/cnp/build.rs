@@ -94,7 +94,12 @@ struct Here {
 
 /// The decision of the layers at one region: the allowed traffic and the rules that
 /// decided some of it.
-fn evaluate(layers: &[Layer], at: &BTreeMap<usize, PortSet>, np_rules: &[u32], all_np_rules: &[RuleRef]) -> (PortSet, Vec<RuleRef>) {
+pub(super) fn evaluate(
+    layers: &[Layer],
+    at: &BTreeMap<usize, PortSet>,
+    np_rules: &[u32],
+    all_np_rules: &[RuleRef],
+) -> (PortSet, Vec<RuleRef>) {
     let empty = PortSet::empty();
     let mut remaining = PortSet::all();
     let mut allowed = PortSet::empty();

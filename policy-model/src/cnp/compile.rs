@@ -15,8 +15,8 @@ use super::eval::{applies, tier_policies};
 use super::model::*;
 use crate::compile::{exempt_grants, policy_grants};
 use crate::ip::{Family, Prefix};
-use crate::objects::Pod;
-use crate::policy::{Direction, NamespaceScope, Peer};
+use crate::objects::{ObjectKey, Pod};
+use crate::policy::{Direction, NamespaceScope, Peer, Policy};
 use crate::ports::{PortRange, PortSet, Protocol};
 use crate::state::ClusterState;
 use crate::table::{Origin, PeerTable};
@@ -28,43 +28,19 @@ pub(crate) fn tiered_direction(state: &ClusterState, pod: &Pod, direction: Direc
     if !applies(state, pod, direction) {
         return None;
     }
-    // Layers in evaluation order; each rule's grants, cached (merged below) or the
-    // endpoint's own.
-    let mut layers: Vec<Layer> = vec![Layer::Exempt];
-    let mut isolated_by = Vec::new();
+    let tiers = tier_layers(state, pod, direction);
+    let TierLayers { layers, rules, isolated_by, np_layer, np_policies } = tiers;
+    // Each rule's grants, cached (merged below) or the endpoint's own.
     let mut cached: Vec<(RuleKey, usize, Arc<[RuleGrant]>)> = Vec::new();
     let mut own: Vec<(usize, Vec<RuleGrant>)> = Vec::new();
-    let mut add_tier = |tier: Tier, decides: bool, layers: &mut Vec<Layer>, isolated_by: &mut Vec<_>| {
-        for policy in tier_policies(state, pod, direction, tier) {
-            isolated_by.push(policy.key());
-            if !decides {
-                continue;
-            }
-            for (i, rule) in policy.rules(direction).iter().enumerate() {
-                let layer = layers.len();
-                layers.push(Layer::Rule {
-                    action: rule.effective_action(),
-                    rule: RuleRef::cluster_rule(ClusterRuleRef::new(policy, direction, i)),
-                });
-                match rule_grants_of(cache, state, pod, direction, policy, i) {
-                    Grants::Cached(key, grants) => cached.push((key, layer, grants)),
-                    Grants::Own(grants) => own.push((layer, grants)),
-                }
-            }
+    for (layer, policy, i) in rules {
+        match rule_grants_of(cache, state, pod, direction, policy, i) {
+            Grants::Cached(key, grants) => cached.push((key, layer, grants)),
+            Grants::Own(grants) => own.push((layer, grants)),
         }
-    };
-    add_tier(Tier::Admin, true, &mut layers, &mut isolated_by);
-    let np_policies: Vec<_> = state.isolating_policies(pod, direction).collect();
-    let np_layer = layers.len();
-    layers.push(Layer::NetworkPolicy { isolated: !np_policies.is_empty() });
+    }
     let mut np_rules = Vec::new();
     let np_grants = policy_grants(state, pod, direction, &np_policies, &mut np_rules);
-    isolated_by.extend(np_policies.iter().map(|p| p.key.clone()));
-    // NetworkPolicies that isolate the pod decide everything the Admin tier leaves: the
-    // Baseline rules then decide nothing, and their grants (often every pod of the
-    // cluster) need no walk.
-    add_tier(Tier::Baseline, np_policies.is_empty(), &mut layers, &mut isolated_by);
-
     let exempt = exempt_grants(state, pod);
     let mut local: Vec<LocalGrant> = Vec::with_capacity(exempt.len() + np_grants.len());
     // One reference per distinct port set: `build` recognises the grants that decide alike
@@ -85,6 +61,51 @@ pub(crate) fn tiered_direction(state: &ClusterState, pod: &Pod, direction: Direc
     let inputs = Inputs { layers: &layers, local: &local, merged: &merged, merged_layers: &merged_layers, np_rules: &np_rules };
     let (entries, port_sets) = build(&inputs);
     Some(PeerTable { isolated: true, isolated_by, entries, port_sets })
+}
+
+/// An endpoint's layers in evaluation order (see `build`), with what each rule layer is.
+pub(super) struct TierLayers<'a> {
+    pub(super) layers: Vec<Layer>,
+    /// The rule layers that decide: (layer, policy, rule index in the direction).
+    pub(super) rules: Vec<(usize, &'a ClusterPolicy, usize)>,
+    /// The CNPs (both tiers, deciding or not) and NetworkPolicies that apply.
+    pub(super) isolated_by: Vec<ObjectKey>,
+    pub(super) np_layer: usize,
+    /// The NetworkPolicies isolating the pod in this direction.
+    pub(super) np_policies: Vec<&'a Policy>,
+}
+
+/// The layers of `pod`'s tiered table in `direction`: the exemption, the Admin rules, the
+/// NetworkPolicy tier, and the Baseline rules unless NetworkPolicies isolate the pod.
+pub(super) fn tier_layers<'a>(state: &'a ClusterState, pod: &'a Pod, direction: Direction) -> TierLayers<'a> {
+    let mut t =
+        TierLayers { layers: vec![Layer::Exempt], rules: Vec::new(), isolated_by: Vec::new(), np_layer: 0, np_policies: Vec::new() };
+    let add_tier = |tier: Tier, decides: bool, t: &mut TierLayers<'a>| {
+        for policy in tier_policies(state, pod, direction, tier) {
+            t.isolated_by.push(policy.key());
+            if !decides {
+                continue;
+            }
+            for (i, rule) in policy.rules(direction).iter().enumerate() {
+                t.rules.push((t.layers.len(), policy, i));
+                t.layers.push(Layer::Rule {
+                    action: rule.effective_action(),
+                    rule: RuleRef::cluster_rule(ClusterRuleRef::new(policy, direction, i)),
+                });
+            }
+        }
+    };
+    add_tier(Tier::Admin, true, &mut t);
+    t.np_policies = state.isolating_policies(pod, direction).collect();
+    t.np_layer = t.layers.len();
+    t.layers.push(Layer::NetworkPolicy { isolated: !t.np_policies.is_empty() });
+    t.isolated_by.extend(t.np_policies.iter().map(|p| p.key.clone()));
+    // NetworkPolicies that isolate the pod decide everything the Admin tier leaves: the
+    // Baseline rules then decide nothing, and their grants (often every pod of the
+    // cluster) need no walk.
+    let decides = t.np_policies.is_empty();
+    add_tier(Tier::Baseline, decides, &mut t);
+    t
 }
 
 enum Grants {
@@ -136,24 +157,7 @@ fn rule_grants(state: &ClusterState, pod: &Pod, direction: Direction, rule: &Clu
         }
         None => {}
     }
-    // Numbered ports mean the same for every peer; named ones resolve on the destination
-    // pod: `pod` itself for ingress, each peer pod for egress.
-    let mut uniform = PortSet::empty();
-    let mut named: Vec<&str> = Vec::new();
-    match &rule.protocols {
-        None => uniform = PortSet::all(),
-        Some(ports) => {
-            for p in ports {
-                match p {
-                    ClusterPort::Range(proto, r) => uniform.insert(*proto, *r),
-                    ClusterPort::Named(name) => match direction {
-                        Direction::Ingress => uniform.union_with(&resolve(pod, &[name])),
-                        Direction::Egress => named.push(name),
-                    },
-                }
-            }
-        }
-    }
+    let (uniform, named) = rule_ports(pod, direction, rule);
     let uniform_shared = Arc::new(uniform.clone());
     // Per-peer port sets (egress named ports), one copy per distinct value.
     let mut shared: HashMap<PortSet, Arc<PortSet>> = HashMap::new();
@@ -205,8 +209,32 @@ fn rule_grants(state: &ClusterState, pod: &Pod, direction: Direction, rule: &Clu
     out
 }
 
+/// A rule's ports: those that mean the same for every peer, and the names that resolve on
+/// each peer pod. Numbered ports mean the same for every peer; named ones resolve on the
+/// destination pod: `pod` itself for ingress (so they join the first set), each peer pod
+/// for egress.
+pub(super) fn rule_ports<'r>(pod: &Pod, direction: Direction, rule: &'r ClusterRule) -> (PortSet, Vec<&'r str>) {
+    let mut uniform = PortSet::empty();
+    let mut named: Vec<&str> = Vec::new();
+    match &rule.protocols {
+        None => uniform = PortSet::all(),
+        Some(ports) => {
+            for p in ports {
+                match p {
+                    ClusterPort::Range(proto, r) => uniform.insert(*proto, *r),
+                    ClusterPort::Named(name) => match direction {
+                        Direction::Ingress => uniform.union_with(&resolve(pod, &[name])),
+                        Direction::Egress => named.push(name),
+                    },
+                }
+            }
+        }
+    }
+    (uniform, named)
+}
+
 /// The ports `names` resolve to on `pod`, each with the protocol of its container port.
-fn resolve(pod: &Pod, names: &[&str]) -> PortSet {
+pub(super) fn resolve(pod: &Pod, names: &[&str]) -> PortSet {
     let mut set = PortSet::empty();
     for name in names {
         for proto in Protocol::ALL {

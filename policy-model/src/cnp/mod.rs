@@ -14,6 +14,7 @@
 
 mod build;
 mod cache;
+pub(crate) mod patch;
 pub(crate) mod compile;
 pub mod eval;
 pub mod model;
