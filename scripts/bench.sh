@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (not tests). Installs what it needs (scripts/setup.sh: iptables, nftables, the
 # eBPF toolchain), then:
-#   1. the compiler (criterion): full compile, one pod change, one policy change, memory
-#      (skipped with BENCH_SKIP_COMPILE=1);
+#   1. the compiler (criterion): full compile, one pod change, one policy change, memory;
+#      and a pod coming and going under cluster policies, compiled and written into
+#      in-memory maps (both skipped with BENCH_SKIP_COMPILE=1);
 #   2. the datapath between two pods on an emulated node, for no enforcement, policy-agent,
 #      kube-router-style iptables and nftables with sets, at 10, 1,000 and 10,000 rules:
 #      TCP connections/s, UDP request/response/s, bulk TCP, connect latency p50/p99.
@@ -16,6 +17,7 @@ target="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target/bench"
 if [ "${BENCH_SKIP_COMPILE:-0}" != 1 ]; then
   cargo bench -p policy-model --bench compile
+  cargo bench -p policy-agent --bench sync
 fi
 cargo build --release -p conformance --bin bench
 "$target/release/bench" --seconds "${BENCH_SECONDS:-3}" --rounds "${BENCH_ROUNDS:-3}" --json "$target/bench/datapath.json" "$@"

@@ -6,7 +6,7 @@ use aya::maps::lpm_trie::Key;
 use policy_ebpf::{
     Addr, PEER_KEY_FIXED_BITS, PORT_BLOCK_BITS, PORT_BLOCK_SIZE, PORT_KEY_FIXED_BITS, PORT_PROTOCOL_OTHER, PeerKey, PortBits, PortKey,
 };
-use policy_model::{Family, PeerTable, PortRange, PortSet, Prefix, Protocol};
+use policy_model::{Family, PeerEntry, PeerTable, PortRange, PortSet, Prefix, Protocol};
 
 /// An address in the maps' 16-byte encoding (IPv4 mapped).
 pub fn encode_addr(ip: IpAddr) -> Addr {
@@ -78,32 +78,53 @@ fn ipv4_mapped_block() -> Prefix {
 ///
 /// The third field is [`policy_model::PeerEntry::own_node`] (`PEER_OWN_NODE`).
 pub fn peer_entries(t: &PeerTable, direction: u32) -> Vec<(PeerSlot, Allow, bool)> {
-    let mapped = ipv4_mapped_block();
-    let v6 = |p: &Prefix| p.family() == Family::Ipv6;
-    let mut out: Vec<(PeerSlot, Allow, bool)> = t
-        .entries
-        .iter()
-        .filter(|e| !(v6(&e.prefix) && mapped.contains(&e.prefix)))
-        .map(|e| {
-            let (addr, len) = encode_prefix(&e.prefix);
-            let set = t.port_set(e);
-            let allow = if set.is_all() {
-                Allow::All
-            } else if set.is_empty() {
-                Allow::Nothing
-            } else {
-                Allow::Ports(e.port_set as usize)
-            };
-            (PeerSlot { direction, addr, len }, allow, e.own_node)
-        })
-        .collect();
-    let v6_covers_v4 = t.entries.iter().any(|e| v6(&e.prefix) && e.prefix.len() < mapped.len() && e.prefix.contains(&mapped));
-    let v4_everything = t.entries.iter().any(|e| e.prefix.family() == Family::Ipv4 && e.prefix.len() == 0);
-    if v6_covers_v4 && !v4_everything {
-        let (addr, len) = encode_prefix(&mapped);
-        out.push((PeerSlot { direction, addr, len }, Allow::Nothing, false));
+    let mut out: Vec<(PeerSlot, Allow, bool)> = t.entries.iter().filter_map(|e| peer_entry(t, e, direction)).collect();
+    if let Some(slot) = mapped_block_stop(t, direction) {
+        out.push((slot, Allow::Nothing, false));
     }
     out
+}
+
+/// One entry of `t` as [`peer_entries`] gives it; `None` for an IPv6 prefix inside the
+/// IPv4-mapped block (left out).
+pub fn peer_entry(t: &PeerTable, e: &PeerEntry, direction: u32) -> Option<(PeerSlot, Allow, bool)> {
+    let slot = peer_slot(&e.prefix, direction)?;
+    let set = t.port_set(e);
+    let allow = if set.is_all() {
+        Allow::All
+    } else if set.is_empty() {
+        Allow::Nothing
+    } else {
+        Allow::Ports(e.port_set as usize)
+    };
+    Some((slot, allow, e.own_node))
+}
+
+/// The slot of an entry at `prefix`; `None` for an IPv6 prefix inside the IPv4-mapped
+/// block (left out).
+pub fn peer_slot(prefix: &Prefix, direction: u32) -> Option<PeerSlot> {
+    if prefix.family() == Family::Ipv6 && ipv4_mapped_block().contains(prefix) {
+        return None;
+    }
+    let (addr, len) = encode_prefix(prefix);
+    Some(PeerSlot { direction, addr, len })
+}
+
+/// The slot of the IPv4-mapped block, where IPv4 is encoded: the same as IPv4
+/// `0.0.0.0/0`'s.
+pub fn mapped_block_slot(direction: u32) -> PeerSlot {
+    let (addr, len) = encode_prefix(&ipv4_mapped_block());
+    PeerSlot { direction, addr, len }
+}
+
+/// The entry that stops IPv4 at an IPv6 prefix covering the mapped block, when `t` needs
+/// one (see [`peer_entries`]): its slot, which allows nothing.
+pub fn mapped_block_stop(t: &PeerTable, direction: u32) -> Option<PeerSlot> {
+    let mapped = ipv4_mapped_block();
+    let v6_covers_v4 =
+        t.entries.iter().any(|e| e.prefix.family() == Family::Ipv6 && e.prefix.len() < mapped.len() && e.prefix.contains(&mapped));
+    let v4_everything = t.entries.iter().any(|e| e.prefix.family() == Family::Ipv4 && e.prefix.len() == 0);
+    (v6_covers_v4 && !v4_everything).then(|| mapped_block_slot(direction))
 }
 
 /// One `PORTS` entry of a port set: the ports of `protocol` whose top `len` bits (of

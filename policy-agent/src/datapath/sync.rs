@@ -54,10 +54,14 @@
 //! whose removed entries, kept until the end, would not fit beside its new ones. That
 //! endpoint alone is made fail-closed for the time of its rewrite.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
+
+// The endpoints' `PEERS` entries are hashed by the hundreds of thousands per change: SipHash's
+// resistance to chosen keys buys nothing for keys the agent makes itself.
+use foldhash::{HashMap, HashMapExt};
 
 use aya::maps::MapError;
 use aya::maps::lpm_trie::Key;
@@ -67,9 +71,12 @@ use policy_ebpf::{
     IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PEER_OWN_NODE, PeerKey, PeerValue, PortBits, PortKey, SERVICE_DEFER_ALL,
     SERVICE_DEFER_TCP,
 };
-use policy_model::{EndpointTables, ObjectKey, PeerTable, Prefix};
+use policy_model::{EndpointTables, Family, ObjectKey, PeerEntry, PeerTable, Prefix};
 
-use super::encode::{Allow, PeerSlot, PortEntry, encode_addr, encode_prefix, peer_entries, port_set_entries};
+use super::encode::{
+    Allow, PeerSlot, PortEntry, encode_addr, encode_prefix, mapped_block_slot, mapped_block_stop, peer_entries, peer_entry, peer_slot,
+    port_set_entries,
+};
 use super::loader::{Datapath, MapSizes};
 
 /// How an endpoint stands in the datapath.
@@ -371,6 +378,16 @@ impl Budget {
     }
 }
 
+/// A `PEERS` value; `set_id`: the id of the table's port set of this index.
+fn peer_value(allow: Allow, own_node: bool, set_id: impl FnOnce(usize) -> u32) -> PeerValue {
+    let node = if own_node { PEER_OWN_NODE } else { 0 };
+    match allow {
+        Allow::All => PeerValue { port_set: NO_PORT_SET, flags: PEER_ALL | node },
+        Allow::Nothing => PeerValue { port_set: NO_PORT_SET, flags: node },
+        Allow::Ports(i) => PeerValue { port_set: set_id(i), flags: node },
+    }
+}
+
 /// An endpoint's tables as map entries: flags and `PEERS` values (port sets by id).
 struct Desired {
     flags: u32,
@@ -445,6 +462,8 @@ pub struct MapSync {
     /// New endpoints' first revision is above this (a migration sharing the previous
     /// maps' connection tracking: their entries' revisions must never match ours).
     revision_floor: u32,
+    /// Targets set from the entries that changed alone ([`MapSync::retarget_entries`]).
+    pub entry_retargets: u64,
 }
 
 fn keyed(addr: IpAddr) -> EndpointKey {
@@ -656,6 +675,9 @@ impl MapSync {
                 return Ok(());
             }
         }
+        if self.retarget_entries(pod, tables, ifindex) {
+            return Ok(());
+        }
         if !self.endpoints.contains_key(pod) {
             let Some(ep) = self.allocate_id(&tables.addresses, sizes.endpoints) else {
                 self.write_errors += 1;
@@ -672,6 +694,44 @@ impl MapSync {
         self.replan(&mut ep, &desired);
         self.endpoints.insert(pod.clone(), ep);
         Ok(())
+    }
+
+    /// [`MapSync::set_target`] for an endpoint whose maps hold its last target exactly (its
+    /// plan ran to the end, nothing failed or was held back) and whose new tables differ
+    /// from it in entries only (see [`MapSync::peers_delta`]), at the same addresses and
+    /// interface: the plan covers the entries that changed, as a whole-table comparison's
+    /// would. `false`: not such a case, nothing done.
+    fn retarget_entries(&mut self, pod: &ObjectKey, tables: &EndpointTables, ifindex: u32) -> bool {
+        let Some(mut ep) = self.endpoints.remove(pod) else { return false };
+        let settled = ep.plan.is_empty()
+            && ep.held_back.is_none()
+            && ep.listed
+            && ep.ifindex == ifindex
+            && ep.want_ifindex == ifindex
+            && ep.addresses == tables.addresses
+            && ep.want_addresses == tables.addresses;
+        let delta = match &ep.target {
+            Some(old) if settled => self.peers_delta(&ep.peers, old, tables).filter(|(_, want)| want.flags == ep.flags),
+            _ => None,
+        };
+        let Some((before, want)) = delta else {
+            self.endpoints.insert(pod.clone(), ep);
+            return false;
+        };
+        #[cfg(debug_assertions)]
+        if let Some(old) = &ep.target {
+            // The premise: what the maps hold is the last target's whole-table encoding.
+            let full = self.desired(old);
+            debug_assert!(full.peers == ep.peers && full.flags == ep.flags, "{pod}: the maps differ from the last target");
+        }
+        ep.target = Some(tables.clone());
+        let ops = plan_ops(ep.listed, ep.flags, &before, &want, false);
+        self.take_plan(&mut ep, ops);
+        ep.started = false;
+        ep.check_space = !ep.plan.is_empty();
+        self.endpoints.insert(pod.clone(), ep);
+        self.entry_retargets += 1;
+        true
     }
 
     /// A pod that left the node: its endpoint entries go, then its table.
@@ -699,16 +759,97 @@ impl MapSync {
             let ids: Vec<Option<u32>> =
                 table.port_sets.iter().map(|s| (!s.is_all() && !s.is_empty()).then(|| self.sets.intern(port_set_entries(s)))).collect();
             for (slot, allow, own_node) in peer_entries(table, dir) {
-                let node = if own_node { PEER_OWN_NODE } else { 0 };
-                let v = match allow {
-                    Allow::All => PeerValue { port_set: NO_PORT_SET, flags: PEER_ALL | node },
-                    Allow::Nothing => PeerValue { port_set: NO_PORT_SET, flags: node },
-                    Allow::Ports(i) => PeerValue { port_set: ids[i].unwrap_or(NO_PORT_SET), flags: node },
-                };
-                peers.insert(slot, v);
+                peers.insert(slot, peer_value(allow, own_node, |i| ids[i].unwrap_or(NO_PORT_SET)));
             }
         }
         Desired { flags, peers }
+    }
+
+    /// What changes in `PEERS` from `old` to `new`, two versions of one endpoint's tables
+    /// whose maps hold `old` exactly (`cur`: the entries written), when they differ in
+    /// entries only: the same tables isolated, the same audit tables. For each slot that
+    /// may change: its entry now (in the first map, if it has one) and the wanted one (in
+    /// the second's peers; absent: none), from a merge of the two sorted entry lists. A
+    /// pod that comes or goes under a peer that covers every pod changes one entry of
+    /// each subject's table of thousands; the whole tables' maps need not be built and
+    /// compared for it. `None`: the tables differ in more (compare whole tables).
+    fn peers_delta(
+        &mut self,
+        cur: &HashMap<PeerSlot, PeerValue>,
+        old: &EndpointTables,
+        new: &EndpointTables,
+    ) -> Option<(HashMap<PeerSlot, PeerValue>, Desired)> {
+        let shape = |t: &EndpointTables| directed_tables(t).map(|(t, d)| (d, t.isolated)).collect::<Vec<_>>();
+        let new_shape = shape(new);
+        if shape(old) != new_shape {
+            return None;
+        }
+        let flags = new_shape.iter().filter(|(_, isolated)| *isolated).fold(0, |f, (d, _)| f | isolation_bit(*d));
+        let mut before: HashMap<PeerSlot, PeerValue> = HashMap::new();
+        let mut want: HashMap<PeerSlot, PeerValue> = HashMap::new();
+        for ((a, dir), (b, _)) in directed_tables(old).zip(directed_tables(new)) {
+            if !b.isolated {
+                continue;
+            }
+            // The entries that differ: each with the new table's version, if it has one.
+            let mut touched: Vec<(&PeerEntry, Option<&PeerEntry>)> = Vec::new();
+            let (mut i, mut j) = (0, 0);
+            loop {
+                let (x, y) = (a.entries.get(i), b.entries.get(j));
+                let order = match (x, y) {
+                    (Some(x), Some(y)) => x.prefix.cmp(&y.prefix),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => break,
+                };
+                match order {
+                    std::cmp::Ordering::Less => {
+                        touched.push((&a.entries[i], None));
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => {
+                        touched.push((&b.entries[j], Some(&b.entries[j])));
+                        j += 1;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        let (x, y) = (&a.entries[i], &b.entries[j]);
+                        if x.own_node != y.own_node || a.port_set(x) != b.port_set(y) {
+                            touched.push((y, Some(y)));
+                        }
+                        i += 1;
+                        j += 1;
+                    }
+                }
+            }
+            let ids = &mut self.sets;
+            let mut value = |t: &PeerTable, allow, own_node| peer_value(allow, own_node, |i| ids.intern(port_set_entries(&t.port_sets[i])));
+            for (e, now) in touched {
+                // An IPv6 prefix in the mapped block has no entry in either version.
+                let Some(slot) = peer_slot(&e.prefix, dir) else { continue };
+                if let Some(v) = cur.get(&slot) {
+                    before.insert(slot, *v);
+                }
+                if let Some((_, allow, own_node)) = now.and_then(|e| peer_entry(b, e, dir)) {
+                    want.insert(slot, value(b, allow, own_node));
+                }
+            }
+            // IPv4's `0.0.0.0/0` and the stop in the mapped block share a slot, which
+            // entries elsewhere in the table decide (see `peer_entries`): always looked at
+            // again, as `desired` would give it.
+            let slot = mapped_block_slot(dir);
+            before.remove(&slot);
+            want.remove(&slot);
+            if let Some(v) = cur.get(&slot) {
+                before.insert(slot, *v);
+            }
+            let v4_everything = b.entries.binary_search_by(|e| e.prefix.cmp(&Prefix::everything(Family::Ipv4))).ok().map(|k| &b.entries[k]);
+            if let Some((_, allow, own_node)) = v4_everything.and_then(|e| peer_entry(b, e, dir)) {
+                want.insert(slot, value(b, allow, own_node));
+            } else if mapped_block_stop(b, dir).is_some() {
+                want.insert(slot, peer_value(Allow::Nothing, false, |_| NO_PORT_SET));
+            }
+        }
+        Some((before, Desired { flags, peers: want }))
     }
 
     /// Forgets the endpoint's remaining steps (the sets they would have used).
@@ -1449,5 +1590,125 @@ mod tests {
             assert_eq!(maps.ports.len(), sync.entry_counts().1);
         }
         assert!(writes > 1000, "the trials wrote something: {writes}");
+    }
+
+    /// A random prefix of either family, IPv4 `0.0.0.0/0` and IPv6 `::/0` (which covers the
+    /// IPv4-mapped block) among them.
+    fn random_prefix(rng: &mut Rng) -> Prefix {
+        match rng.below(8) {
+            0 => Prefix::everything(Family::Ipv4),
+            1 => Prefix::everything(Family::Ipv6),
+            2 => Prefix::new(
+                IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, rng.below(4) as u16)),
+                [64u8, 128][rng.below(2) as usize],
+            )
+            .unwrap(),
+            _ => {
+                let len = [8u8, 16, 24, 32, 32][rng.below(5) as usize];
+                let a = Ipv4Addr::new(10, rng.below(2) as u8, rng.below(4) as u8 * 16, rng.below(8) as u8 * 32);
+                Prefix::new(IpAddr::V4(a), len).unwrap()
+            }
+        }
+    }
+
+    /// One small change to an isolated table: an entry added, removed, given another port
+    /// set or another own-node mark.
+    fn mutate(t: &mut PeerTable, rng: &mut Rng) {
+        let pool = pool();
+        match rng.below(4) {
+            0 if !t.entries.is_empty() => {
+                t.entries.remove(rng.below(t.entries.len() as u64) as usize);
+            }
+            1 if !t.entries.is_empty() => {
+                let i = rng.below(t.entries.len() as u64) as usize;
+                let set = t.port_set_id(&pool[rng.below(pool.len() as u64) as usize]);
+                t.entries[i].port_set = set;
+            }
+            2 if !t.entries.is_empty() => {
+                let i = rng.below(t.entries.len() as u64) as usize;
+                t.entries[i].own_node = t.entries[i].prefix.is_host() && !t.entries[i].own_node;
+            }
+            _ => {
+                let prefix = random_prefix(rng);
+                if let Err(i) = t.entries.binary_search_by(|e| e.prefix.cmp(&prefix)) {
+                    let port_set = t.port_set_id(&pool[rng.below(pool.len() as u64) as usize]);
+                    t.entries.insert(
+                        i,
+                        PeerEntry { prefix, port_set, stands_for: Vec::new().into(), rules: Vec::new().into(), own_node: false },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A `PEERS` entry with its port set's `PORTS` entries: (endpoint, slot, flags, set).
+    type PeerContent = (u32, PeerSlot, u32, Vec<(u8, u16, u8, PortBits)>);
+
+    /// The endpoints' `PEERS` entries with their port sets' contents (ids differ between
+    /// two syncs).
+    fn peer_contents(maps: &ModelMaps) -> BTreeSet<PeerContent> {
+        maps.peers
+            .iter()
+            .map(|((ep, slot), v)| {
+                let mut set: Vec<(u8, u16, u8, PortBits)> = maps
+                    .ports
+                    .iter()
+                    .filter(|(k, _)| v.flags & PEER_ALL == 0 && k.0 == v.port_set)
+                    .map(|(k, b)| (k.1, k.2, k.3, *b))
+                    .collect();
+                set.sort();
+                (*ep, *slot, v.flags, set)
+            })
+            .collect()
+    }
+
+    /// Tables changed a few entries at a time, as a pod coming and going under a peer that
+    /// covers every pod changes them, go to the maps through the entries that changed
+    /// (`retarget_entries`), sometimes retargeted before a plan is done (whole tables
+    /// then): the maps end as a fresh sync of the final tables writes them, and every
+    /// address gets the final tables' answers.
+    #[test]
+    fn entry_changes_end_as_a_fresh_sync_of_the_final_tables() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let pod = ObjectKey::new("x", "a");
+        let ep: IpAddr = "10.250.9.1".parse().unwrap();
+        let sizes = MapSizes { peer_entries: 4096, port_entries: 4096, ..MapSizes::default() };
+        let mut addrs = probe_addrs(&mut rng);
+        // (Not IPv4-mapped IPv6: the maps take those for IPv4, see `peer_entries`.)
+        addrs.extend(["fd00::1", "fd00::3", "fd01::1"].map(|a| a.parse::<IpAddr>().unwrap()));
+        let mut retargets = 0;
+        for trial in 0..200 {
+            let mut maps = ModelMaps::new(sizes);
+            let mut sync = MapSync::new();
+            let mut t = tables(&pod, ep, &mut rng);
+            sync.set_target(&pod, &t, 10, &sizes).unwrap();
+            sync.run(&mut maps, None, &mut SyncReport::default());
+            for _ in 0..1 + rng.below(6) {
+                for d in policy_model::Direction::BOTH {
+                    for _ in 0..1 + rng.below(3) {
+                        if t.table(d).isolated {
+                            mutate(t.table_mut(d), &mut rng);
+                        }
+                    }
+                }
+                sync.set_target(&pod, &t, 10, &sizes).unwrap();
+                let mut budget = Budget { deadline: None, writes: (rng.below(3) == 0).then(|| 1 + rng.below(3) as usize) };
+                let mut report = SyncReport::default();
+                sync.run_with(&mut maps, &mut budget, &mut report);
+                assert!(report.errors.is_empty(), "{:?}", report.errors);
+            }
+            let mut report = SyncReport::default();
+            sync.run(&mut maps, None, &mut report);
+            assert!(report.errors.is_empty() && !report.more_work);
+            let mut fresh_maps = ModelMaps::new(sizes);
+            let mut fresh = MapSync::new();
+            fresh.set_target(&pod, &t, 10, &sizes).unwrap();
+            fresh.run(&mut fresh_maps, None, &mut SyncReport::default());
+            assert_eq!(peer_contents(&maps), peer_contents(&fresh_maps), "trial {trial}: {t:?}");
+            assert!(observed(&maps, ep, &addrs).unwrap().1 == expected(&t, &addrs), "trial {trial}: the maps answer otherwise than {t:?}");
+            assert_eq!(maps.peers.len(), sync.entry_counts().0);
+            retargets += sync.entry_retargets;
+        }
+        assert!(retargets > 300, "the entries' path was taken: {retargets}");
     }
 }
