@@ -1592,13 +1592,19 @@ mod tests {
         assert!(writes > 1000, "the trials wrote something: {writes}");
     }
 
-    /// A random prefix of either family, IPv4 `0.0.0.0/0` and IPv6 `::/0` (which covers the
-    /// IPv4-mapped block) among them.
+    /// A random prefix of either family, IPv4 `0.0.0.0/0` among them, and IPv6 prefixes
+    /// that cover the IPv4-mapped block, sit next to it or inside it.
     fn random_prefix(rng: &mut Rng) -> Prefix {
-        match rng.below(8) {
+        let v6 = |s: &str, len: u8| Prefix::new(s.parse::<IpAddr>().unwrap(), len).unwrap();
+        match rng.below(12) {
             0 => Prefix::everything(Family::Ipv4),
             1 => Prefix::everything(Family::Ipv6),
-            2 => Prefix::new(
+            2 => v6("::", 64),
+            3 => v6("::ffff:0:0", 96),
+            4 => v6("::ffff:10.0.0.0", 104),
+            5 => v6("::ffff:10.0.0.1", 128),
+            6 => v6("::fffe:0:0", 95),
+            7 => Prefix::new(
                 IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, rng.below(4) as u16)),
                 [64u8, 128][rng.below(2) as usize],
             )
@@ -1675,7 +1681,7 @@ mod tests {
         let sizes = MapSizes { peer_entries: 4096, port_entries: 4096, ..MapSizes::default() };
         let mut addrs = probe_addrs(&mut rng);
         // (Not IPv4-mapped IPv6: the maps take those for IPv4, see `peer_entries`.)
-        addrs.extend(["fd00::1", "fd00::3", "fd01::1"].map(|a| a.parse::<IpAddr>().unwrap()));
+        addrs.extend(["fd00::1", "fd00::3", "fd01::1", "::1", "::fffe:0:1"].map(|a| a.parse::<IpAddr>().unwrap()));
         let mut retargets = 0;
         for trial in 0..200 {
             let mut maps = ModelMaps::new(sizes);
@@ -1706,7 +1712,13 @@ mod tests {
             fresh.run(&mut fresh_maps, None, &mut SyncReport::default());
             assert_eq!(peer_contents(&maps), peer_contents(&fresh_maps), "trial {trial}: {t:?}");
             assert!(observed(&maps, ep, &addrs).unwrap().1 == expected(&t, &addrs), "trial {trial}: the maps answer otherwise than {t:?}");
+            // Every set in use is written, and no other.
+            let used: BTreeSet<u32> =
+                maps.peers.values().filter(|v| v.flags & PEER_ALL == 0 && v.port_set != NO_PORT_SET).map(|v| v.port_set).collect();
+            let present: BTreeSet<u32> = maps.ports.keys().map(|k| k.0).collect();
+            assert_eq!(present, used, "trial {trial}: the port sets written are not those in use");
             assert_eq!(maps.peers.len(), sync.entry_counts().0);
+            assert_eq!(maps.ports.len(), sync.entry_counts().1);
             retargets += sync.entry_retargets;
         }
         assert!(retargets > 300, "the entries' path was taken: {retargets}");

@@ -81,7 +81,34 @@ pub(crate) fn patch_peer_pods(
     for edit in edits {
         changed |= apply(table, edit);
     }
+    drop_unused_port_sets(table);
     Some(changed)
+}
+
+/// Keeps only the port sets some entry uses (an entry taken out may have used the last
+/// reference), in their order: the table lists what its entries use, as a compile's does.
+fn drop_unused_port_sets(table: &mut PeerTable) {
+    let mut used = vec![false; table.port_sets.len()];
+    for e in &table.entries {
+        used[e.port_set as usize] = true;
+    }
+    if used.iter().all(|u| *u) {
+        return;
+    }
+    let mut new_id = vec![0; used.len()];
+    let mut next = 0;
+    for (i, u) in used.iter().enumerate() {
+        new_id[i] = next;
+        next += u32::from(*u);
+    }
+    let mut i = 0;
+    table.port_sets.retain(|_| {
+        i += 1;
+        used[i - 1]
+    });
+    for e in &mut table.entries {
+        e.port_set = new_id[e.port_set as usize];
+    }
 }
 
 /// The edit at `addr`, an address `peer` held before the batch or holds now, or `None`

@@ -31,9 +31,12 @@ fn setup() -> NodeCompiler {
 #[test]
 fn a_cluster_policy_recompiles_its_subjects_and_isolates_them() {
     let mut c = setup();
-    let r = c.apply([upsert("deny", json!({"tier": "Admin", "priority": 1,
+    let r = c.apply([upsert(
+        "deny",
+        json!({"tier": "Admin", "priority": 1,
         "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
-        "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}))]);
+        "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}),
+    )]);
     assert_eq!(r.changed, vec![k("x/a"), k("x/b")]);
     assert!(r.rejected.is_empty() && r.cluster_policy_warnings.is_empty());
     assert!(c.endpoint(&k("x/a")).unwrap().tables.ingress.isolated);
@@ -62,19 +65,29 @@ fn a_rejected_update_keeps_the_last_valid_version() {
 #[test]
 fn fail_closed_peers_are_reported() {
     let mut c = setup();
-    let r = c.apply([upsert("dns", json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
-        "egress": [{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]}))]);
+    let r = c.apply([upsert(
+        "dns",
+        json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}},
+        "egress": [{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]}),
+    )]);
     assert_eq!(r.cluster_policy_warnings.len(), 1);
-    assert!(r.cluster_policy_warnings[0].to_string().starts_with("ClusterNetworkPolicy dns: spec.egress[0].to: "), "{}", r.cluster_policy_warnings[0]);
+    assert!(
+        r.cluster_policy_warnings[0].to_string().starts_with("ClusterNetworkPolicy dns: spec.egress[0].to: "),
+        "{}",
+        r.cluster_policy_warnings[0]
+    );
 }
 
 #[test]
 fn node_labels_recompile_the_users_of_node_peers() {
     let mut c = setup();
     c.apply([Change::UpsertNode(Node { name: "n2".into(), addresses: vec!["10.250.0.2".parse().unwrap()] })]);
-    c.apply([upsert("nodes", json!({"tier": "Admin", "priority": 1,
+    c.apply([upsert(
+        "nodes",
+        json!({"tier": "Admin", "priority": 1,
         "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
-        "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "db"}}}]}]}))]);
+        "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "db"}}}]}]}),
+    )]);
     let before = c.endpoint(&k("x/a")).unwrap().revision;
     let r = c.apply([Change::UpsertNodeLabels { node: "n2".into(), labels: labels(&[("role", "db")]) }]);
     assert_eq!(r.changed, vec![k("x/a"), k("x/b")]);
@@ -88,9 +101,12 @@ fn node_labels_recompile_the_users_of_node_peers() {
 fn a_host_network_pod_reaches_the_users_of_node_peers() {
     let mut c = setup();
     c.apply([Change::UpsertNodeLabels { node: "n2".into(), labels: labels(&[("role", "db")]) }]);
-    c.apply([upsert("nodes", json!({"tier": "Admin", "priority": 1,
+    c.apply([upsert(
+        "nodes",
+        json!({"tier": "Admin", "priority": 1,
         "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
-        "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "db"}}}]}]}))]);
+        "egress": [{"action": "Deny", "to": [{"nodes": {"matchLabels": {"role": "db"}}}]}]}),
+    )]);
     let ip = "10.250.0.9".parse().unwrap();
     assert!(c.endpoint(&k("x/a")).unwrap().tables.egress.allows(ip, crate::IpProtocol::TCP, 5432));
     let mut host = crate::tests::mk_pod("y", "agent", &[], &["10.250.0.9"]);
@@ -107,9 +123,12 @@ fn a_host_network_pod_reaches_the_users_of_node_peers() {
 #[test]
 fn ownership_moving_to_a_matched_pod_reaches_cluster_policy_subjects() {
     let mut c = setup();
-    c.apply([upsert("deny", json!({"tier": "Admin", "priority": 1,
+    c.apply([upsert(
+        "deny",
+        json!({"tier": "Admin", "priority": 1,
         "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
-        "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "bad"}}}}]}]}))]);
+        "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "bad"}}}}]}]}),
+    )]);
     // y/a holds 10.244.0.3; y/z (a later key, so not the owner) is matched and shares it.
     let mut z = crate::tests::mk_pod("y", "z", &[("app", "bad")], &["10.244.0.3"]);
     z.node = Some("n2".into());
@@ -164,7 +183,13 @@ fn change(s: Step) -> Change {
             node: NODES[i].0.into(),
             labels: if linux { labels(&[("kubernetes.io/os", "linux"), ("zone", "a")]) } else { labels(&[("zone", "b")]) },
         },
-        Step::Node(i, present) => if present { Change::UpsertNode(node(i)) } else { Change::DeleteNode(NODES[i].0.into()) },
+        Step::Node(i, present) => {
+            if present {
+                Change::UpsertNode(node(i))
+            } else {
+                Change::DeleteNode(NODES[i].0.into())
+            }
+        }
     }
 }
 
@@ -297,6 +322,123 @@ proptest! {
             if !c.state().audit_all() {
                 check_against_full(&c, Some((&before, &report)))?;
             }
+        }
+    }
+}
+
+// Pods drawing their addresses from a small shared pool: addresses move between pods and
+// collide, equal a node's (n2) or a `networks` /32 or /128 of the generator; several pod
+// changes per batch. What the patch (`crate::cnp::patch`) must refuse.
+
+const POOL: [&str; 9] =
+    ["10.244.0.1", "10.244.0.11", "10.244.1.6", "10.244.0.6", "fd10:244::1", "fd10:244:0:1::6", "fd10:244::6", "10.244.0.7", "10.250.0.2"];
+
+fn pooled_pod() -> impl Strategy<Value = Change> {
+    (0..5usize, pod_spec(), prop::collection::btree_set(0..POOL.len(), 0..3)).prop_map(|(i, spec, ips)| {
+        let mut pod = pod_from(i, &spec);
+        if !pod.host_network {
+            pod.ips = ips.into_iter().map(|j| POOL[j].parse().unwrap()).collect();
+        }
+        Change::UpsertPod(pod)
+    })
+}
+
+fn pooled_change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        6 => pooled_pod(),
+        2 => (0..3usize, 0..5usize).prop_map(|(n, i)| Change::DeletePod(ObjectKey::new(NAMESPACES[n], format!("p{i}")))),
+        1 => step().prop_map(change),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(500), max_shrink_iters: 4_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pooled_addresses_incremental_equals_full_compile(
+        ns in ns_labels(),
+        pods in prop::collection::vec(pooled_pod(), 1..7),
+        cnps in prop::collection::vec(super::props::cnp_spec(), 1..3),
+        batches in prop::collection::vec(prop::collection::vec(pooled_change(), 1..5), 1..6),
+    ) {
+        let mut c = NodeCompiler::new("n1");
+        let mut initial = initial_cluster(&ns, &[], &cnps);
+        initial.extend(pods);
+        c.apply(initial);
+        check_against_full(&c, None)?;
+        for batch in batches {
+            let before = c.clone();
+            let report = c.apply(batch);
+            check_against_full(&c, Some((&before, &report)))?;
+        }
+    }
+}
+
+/// `patch_peer_pods` called directly on each endpoint's last tables after a batch
+/// of pod changes only (every changed pod a peer, the subject itself unchanged): whenever
+/// it patches, the table must equal a fresh compile's.
+fn direct_patch(before: &NodeCompiler, after: &NodeCompiler, changed: &[ObjectKey]) -> Result<(), TestCaseError> {
+    use crate::cnp::patch::{PeerPod, patch_peer_pods};
+    let state = after.state();
+    let node_addrs = state.node_addresses("n1");
+    let addresses: Vec<Vec<std::net::IpAddr>> = changed
+        .iter()
+        .map(|k| {
+            let mut a: Vec<std::net::IpAddr> = before.state().pod(k).map(|p| p.ips.clone()).unwrap_or_default();
+            a.extend(state.pod(k).map(|p| p.ips.clone()).unwrap_or_default());
+            a.sort_unstable();
+            a.dedup();
+            a
+        })
+        .collect();
+    let peers: Vec<PeerPod> = changed.iter().zip(&addresses).map(|(key, a)| PeerPod { key, addresses: a }).collect();
+    for ep in after.endpoints() {
+        let key = &ep.tables.pod;
+        if changed.contains(key) {
+            continue;
+        }
+        let Some(old) = before.endpoint(key) else { continue };
+        let pod = state.pod(key).unwrap();
+        let fresh = crate::compile_endpoint(state, pod, &node_addrs);
+        for d in crate::policy::Direction::BOTH {
+            let mut t = old.tables.table(d).clone();
+            if patch_peer_pods(state, pod, d, &mut t, &peers).is_some() {
+                prop_assert!(t.same_datapath(fresh.table(d)), "{key} {d:?}: patched\n{t:?}\nfresh\n{:?}", fresh.table(d));
+                let unused = (0..t.port_sets.len() as u32).find(|i| !t.entries.iter().any(|e| e.port_set == *i));
+                prop_assert!(unused.is_none(), "{key} {d:?}: port set {unused:?} is left unused\n{t:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(500), max_shrink_iters: 4_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn patches_equal_a_full_compile_whenever_they_apply(
+        ns in ns_labels(),
+        pods in prop::collection::vec(pooled_pod(), 1..7),
+        cnps in prop::collection::vec(super::props::cnp_spec(), 1..3),
+        batches in prop::collection::vec(prop::collection::vec(prop_oneof![
+            3 => pooled_pod(),
+            1 => (0..3usize, 0..5usize).prop_map(|(n, i)| Change::DeletePod(ObjectKey::new(NAMESPACES[n], format!("p{i}")))),
+        ], 1..4), 1..6),
+    ) {
+        let mut c = NodeCompiler::new("n1");
+        let mut initial = initial_cluster(&ns, &[], &cnps);
+        initial.extend(pods);
+        c.apply(initial);
+        for batch in batches {
+            let before = c.clone();
+            let changed: Vec<ObjectKey> = batch.iter().map(|ch| match ch {
+                Change::UpsertPod(p) => p.key.clone(),
+                Change::DeletePod(k) => k.clone(),
+                _ => unreachable!(),
+            }).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let report = c.apply(batch);
+            check_against_full(&c, Some((&before, &report)))?;
+            direct_patch(&before, &c, &changed)?;
         }
     }
 }
