@@ -1389,3 +1389,46 @@ fn a_kept_judgment_never_answers_under_another_revision() {
     });
     assert_eq!(ingress.join().unwrap(), DROP, "x/a's SYN from another port is judged under x/b's new revision: dropped");
 }
+
+/// The programs read a common packet (IPv4 without options, not a fragment) on a short
+/// path of their own (`fast` in the kernel programs), and every other shape on the full
+/// path, from the start. A packet of another shape must be read as what it is, never as
+/// the common shape at the common offsets: here x/a's flow to x/b:9000 from port 41000 is
+/// open and recorded (its ACK passes on the CPU's record), and two packets from x/a carry
+/// that flow's ports and an ACK where a common packet has them, but are not of it:
+/// - one with four bytes of IPv4 options, whose real TCP header (after the options) is
+///   for port 9001, which x/b does not admit;
+/// - a non-first fragment, which has no ports at all.
+///
+/// Both must be dropped, as new flows that x/b's ingress does not admit.
+#[test]
+fn a_packet_of_another_shape_is_never_read_as_a_common_one() {
+    use conformance::programs::{DROP, PASS, TCP_ACK, tcp_frame};
+    let (rig, _maps) = x_b_admitting_x_a();
+    let ingress = at_b_ingress(&rig, move |prog, ifindex| {
+        let (a, b) = ([10, 244, 0, 10], [10, 244, 0, 11]);
+        let ack = open_a_to_b(&prog, ifindex);
+        // With options: the common offsets of the ports hold the options (41000, 9000),
+        // the real header follows them.
+        let real = tcp_frame(a, b, 41000, 9001, TCP_ACK);
+        let mut options = real[..34].to_vec();
+        options[14] = 0x46;
+        options[16..18].copy_from_slice(&44u16.to_be_bytes());
+        options.extend_from_slice(&41000u16.to_be_bytes());
+        options.extend_from_slice(&9000u16.to_be_bytes());
+        options.extend_from_slice(&real[34..]);
+        // A fragment at offset 8 × 8 bytes: what would be the TCP header is data.
+        let mut fragment = ack.clone();
+        fragment[20..22].copy_from_slice(&8u16.to_be_bytes());
+        let mut verdicts = Vec::new();
+        for (what, frame) in [("with IPv4 options", &options), ("a non-first fragment", &fragment)] {
+            assert_eq!(prog.run(&ack, ifindex, 1).unwrap().0, PASS, "the flow's ACK passes (and leaves the CPU's record)");
+            verdicts.push((what, prog.run(frame, ifindex, 1).unwrap().0));
+        }
+        assert_eq!(prog.run(&ack, ifindex, 1).unwrap().0, PASS, "the flow's ACK still passes");
+        verdicts
+    });
+    for (what, verdict) in ingress.join().unwrap() {
+        assert_eq!(verdict, DROP, "x/a's packet {what}, not of the open flow, is dropped");
+    }
+}

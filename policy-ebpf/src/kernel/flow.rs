@@ -13,7 +13,7 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{PerCpuArray, RingBuf};
 use policy_ebpf::*;
 
-use super::packet::{L4, PROTO_ICMP, PROTO_ICMPV6, Packet};
+use super::packet::{L4, PROTO_ICMP, PROTO_ICMPV6, Packet, put_words};
 use super::verdict::{Judgment, judge_tables};
 
 #[map(name = "PA_FLOWS")]
@@ -95,12 +95,14 @@ fn write(p: &Packet, ep: &EndpointValue, ifindex: u32, direction: u32, verdict: 
         (*e).time_ns = now;
         // An ingress judgment by a client other than either address (one the node
         // translated: `CT_CLIENT_IN_NAT`) reports that client as the source.
-        (*e).src = if direction == DIRECTION_INGRESS && !super::same_addr(remote, &p.src) && !super::same_addr(remote, &p.dst) {
-            *remote
+        let src = if direction == DIRECTION_INGRESS && !super::same_addr(remote, &p.src) && !super::same_addr(remote, &p.dst) {
+            remote
         } else {
-            p.src
+            &p.src
         };
-        (*e).dst = p.dst;
+        // As words: an `Addr` assignment into the record compiles to a `memmove` call.
+        put_words(&raw mut (*e).src, src);
+        put_words(&raw mut (*e).dst, &p.dst);
         (*e).endpoint = ep.id;
         (*e).revision = ep.revision;
         (*e).ifindex = ifindex;

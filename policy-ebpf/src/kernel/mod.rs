@@ -17,6 +17,7 @@
 //! flows it found there in the current clock tick (`FlowSlot`), so most established
 //! packets skip the connection-tracking lookup too.
 
+mod fast;
 mod flow;
 mod packet;
 mod verdict;
@@ -29,7 +30,8 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use policy_ebpf::*;
 
-use packet::{L4, PROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ct_key, parse, put, zero_addr, zero_bytes};
+use fast::Probe;
+use packet::{L4, PROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ct_key, parse, put, put_words, zero_addr, zero_bytes};
 use verdict::{Kept, count, judge, judge_tables};
 
 #[map(name = "PA_ENDPOINTS")]
@@ -221,13 +223,13 @@ pub(crate) fn tick() -> u64 {
 /// packet crossed recorded it, and the next hook's lookup would only find it there). So
 /// a SYN-ACK, and a FIN or RST at its second hook, pass on the record too.
 #[inline(always)]
-fn cached(slot: &FlowSlot, key: &CtKey, p: &Packet, ep: &EndpointValue, ep_is_src: bool, src_is_lo: bool, tick: u64) -> bool {
-    if slot.tick != tick || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN || !same_key(&slot.key, key) {
+fn cached(slot: &FlowSlot, key: &CtKey, tcp_flags: u8, ep: &EndpointValue, ep_is_src: bool, src_is_lo: bool, tick: u64) -> bool {
+    if slot.tick != tick || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN || !same_key(&slot.key, key) {
         return false;
     }
     let orig = (slot.flags & CT_ORIG_IS_LO != 0) == src_is_lo;
     let fin = if orig { CT_TCP_FIN_ORIG } else { CT_TCP_FIN_REPLY };
-    if (p.tcp_flags & TCP_FIN != 0 && slot.flags & fin == 0) || (p.tcp_flags & TCP_RST != 0 && slot.flags & CT_TCP_RESET == 0) {
+    if (tcp_flags & TCP_FIN != 0 && slot.flags & fin == 0) || (tcp_flags & TCP_RST != 0 && slot.flags & CT_TCP_RESET == 0) {
         return false;
     }
     // `ep` originated the flow iff it sends in the original direction or receives a reply.
@@ -468,7 +470,7 @@ fn tracked(ctx: &TcContext, s: &mut Scratch, ep: &EndpointValue, ep_is_src: bool
     }
     let tick = tick();
     let slot = &mut s.flows[slot_index(&s.key)];
-    if cached(slot, &s.key, p, ep, ep_is_src, src_is_lo, tick) {
+    if cached(slot, &s.key, p.tcp_flags, ep, ep_is_src, src_is_lo, tick) {
         return Tracked { src_is_lo, known: Some(true), now: 0, stale: None };
     }
     let now = now();
@@ -548,8 +550,8 @@ fn track(s: &mut Scratch, src_is_lo: bool, src_rev: u32, dst_rev: u32, flags: u1
         // old connection's late packets are what it would pass them for.
         // SAFETY: `c` points into a `CONNTRACK` value found in this program run (`ct_entry`;
         // not `CONNTRACK_PREV`, which is only looked up while `PA_PREV_CT` is set), valid
-        // until it ends; `CtValue` is plain integers.
-        unsafe { *c.as_ptr() = s.value };
+        // until it ends, 8-byte aligned; `CtValue` is plain integers, 40 bytes.
+        unsafe { put_words(c.as_ptr(), &s.value) };
     } else {
         // A full LRU map evicts its oldest entry; a failure here only means the next
         // packet is judged again.
@@ -589,7 +591,8 @@ fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32, from: &Add
     pk.port = sport;
     // SAFETY: copied out at once.
     if let Some(pre) = unsafe { PENDING.get(&pk) } {
-        s.other = *pre;
+        // SAFETY: `s.other` is a `CtKey` (40 bytes, 8-byte aligned).
+        unsafe { put_words(&mut s.other, pre) };
         if let Some(ct) = ct_entry(&s.other) {
             // SAFETY: see `tracked`.
             let c = unsafe { &mut *ct };
@@ -597,7 +600,8 @@ fn judge_deferred(s: &mut Scratch, src: &EndpointValue, ifindex: u32, from: &Add
             // stale record must not approve it).
             if c.flags & CT_VIA_SERVICE != 0 && c.src_rev == 0 {
                 c.src_rev = src.revision;
-                c.nat_addr = p.dst;
+                // SAFETY: a field of the entry `c`: an `Addr`, 16 bytes, 8-byte aligned.
+                unsafe { put_words(&raw mut c.nat_addr, &p.dst) };
                 c.nat_port = p.dport;
             }
         }
@@ -632,6 +636,9 @@ fn untracked(ep: &EndpointValue, p: &Packet) -> bool {
 }
 
 #[classifier]
+// Inlined into the entry the macro makes: a call to a subprogram costs every run a
+// return through the return thunk.
+#[inline(always)]
 pub fn pod_egress(ctx: TcContext) -> i32 {
     match try_pod_egress(&ctx) {
         Ok(action) => action,
@@ -640,22 +647,32 @@ pub fn pod_egress(ctx: TcContext) -> i32 {
     }
 }
 
+// Inlined: a call to a subprogram costs a return through the return thunk on every run.
+#[inline(always)]
 fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     let s = scratch()?;
-    if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
-        return Ok(PASS);
-    }
-    let len = ctx.len();
     let ifindex = ifindex(ctx);
-    // Anti-spoofing: the source must be this veth's pod.
-    let Some(ep) = endpoint_on(ifindex, &s.packet.src) else {
-        cold();
-        return Ok(DROP);
+    let ep = match fast::probe(ctx, s, true, ifindex) {
+        Probe::Passed => return Ok(PASS),
+        Probe::Judge(ep) => ep,
+        Probe::Other => {
+            // Not the common shape (see `fast`): parsed from the start.
+            cold();
+            if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
+                return Ok(PASS);
+            }
+            // Anti-spoofing: the source must be this veth's pod.
+            let Some(ep) = endpoint_on(ifindex, &s.packet.src) else {
+                return Ok(DROP);
+            };
+            if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
+                count(&ep, DIRECTION_EGRESS, true, ctx.len());
+                return Ok(PASS);
+            }
+            ep
+        }
     };
-    if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
-        count(&ep, DIRECTION_EGRESS, true, len);
-        return Ok(PASS);
-    }
+    let len = ctx.len();
     let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, true, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_EGRESS, ok, len);
@@ -689,6 +706,9 @@ fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
 }
 
 #[classifier]
+// Inlined into the entry the macro makes: a call to a subprogram costs every run a
+// return through the return thunk.
+#[inline(always)]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     match try_pod_ingress(&ctx) {
         Ok(action) => action,
@@ -696,19 +716,30 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+// Inlined: a call to a subprogram costs a return through the return thunk on every run.
+#[inline(always)]
 fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let s = scratch()?;
-    if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
-        return Ok(PASS);
-    }
-    let len = ctx.len();
     let ifindex = ifindex(ctx);
-    // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
-    let Some(ep) = endpoint_on(ifindex, &s.packet.dst) else { return Ok(PASS) };
-    if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
-        count(&ep, DIRECTION_INGRESS, true, len);
-        return Ok(PASS);
-    }
+    let ep = match fast::probe(ctx, s, false, ifindex) {
+        Probe::Passed => return Ok(PASS),
+        Probe::Judge(ep) => ep,
+        Probe::Other => {
+            // Not the common shape (see `fast`): parsed from the start.
+            cold();
+            if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
+                return Ok(PASS);
+            }
+            // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
+            let Some(ep) = endpoint_on(ifindex, &s.packet.dst) else { return Ok(PASS) };
+            if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
+                count(&ep, DIRECTION_INGRESS, true, ctx.len());
+                return Ok(PASS);
+            }
+            ep
+        }
+    };
+    let len = ctx.len();
     let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, false, ifindex);
     if let Some(ok) = known {
         count(&ep, DIRECTION_INGRESS, ok, len);

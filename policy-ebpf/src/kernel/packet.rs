@@ -95,6 +95,26 @@ pub fn put<T: Copy>(dst: &mut T, value: T) {
     unsafe { core::ptr::write_volatile(dst, value) }
 }
 
+/// Writes `value` over `*dst` as 64-bit words. A plain assignment of a struct through a
+/// raw pointer (a map value, a ring buffer record) compiles to a call of `memmove`, which
+/// BPF runs as a byte loop in a subprogram.
+///
+/// # Safety
+/// `dst` must be valid for writes of a `T`, 8-byte aligned; `T`'s size must be a multiple
+/// of 8 (checked at compile time) and every bit pattern of its words valid.
+#[inline(always)]
+pub unsafe fn put_words<T: Copy>(dst: *mut T, value: &T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0) };
+    let (d, s) = (dst as *mut u64, value as *const T as *const u64);
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 8 {
+        // SAFETY: word `i` of a `T` at each end (the caller's promise for `dst`; `value`
+        // is a reference to a `T`, whose size is a multiple of 8), read unaligned.
+        unsafe { core::ptr::write_volatile(d.add(i), s.add(i).read_unaligned()) };
+        i += 1;
+    }
+}
+
 /// Zeroes padding bytes one scalar store at a time.
 #[inline(always)]
 pub fn zero_bytes<const N: usize>(a: &mut [u8; N]) {
