@@ -635,6 +635,35 @@ fn untracked(ep: &EndpointValue, p: &Packet) -> bool {
     ep.flags & NEEDS_TRACKING == 0 && p.l4 == L4::Ports && p.protocol == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
 }
 
+/// The start of both pod hooks, at the pod whose host veth is `ifindex` (its egress
+/// hook, `egress`, or its ingress hook): the common path (`fast`) first, else a parse from
+/// the start. `Ok(ep)`: the packet, parsed into `s.packet`, is to be judged through
+/// connection tracking for endpoint `ep`. `Err(action)`: it is answered already (counted
+/// where the endpoint is known). The outer `Err`: truncated or malformed.
+#[inline(always)]
+fn start(ctx: &TcContext, s: &mut Scratch, egress: bool, ifindex: u32) -> Result<Result<EndpointValue, i32>, ()> {
+    match fast::probe(ctx, s, egress, ifindex) {
+        Probe::Passed => return Ok(Err(PASS)),
+        Probe::Judge(ep) => return Ok(Ok(ep)),
+        Probe::Other => {}
+    }
+    // Not the common shape (see `fast`): parsed from the start.
+    cold();
+    if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
+        return Ok(Err(PASS));
+    }
+    let Some(ep) = endpoint_on(ifindex, if egress { &s.packet.src } else { &s.packet.dst }) else {
+        // Egress: anti-spoofing, the source must be this veth's pod. Ingress: not
+        // addressed to this veth's pod (broadcast, multicast), the pod decides.
+        return Ok(Err(if egress { DROP } else { PASS }));
+    };
+    if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
+        count(&ep, if egress { DIRECTION_EGRESS } else { DIRECTION_INGRESS }, true, ctx.len());
+        return Ok(Err(PASS));
+    }
+    Ok(Ok(ep))
+}
+
 #[classifier]
 // Inlined into the entry the macro makes: a call to a subprogram costs every run a
 // return through the return thunk.
@@ -652,25 +681,9 @@ pub fn pod_egress(ctx: TcContext) -> i32 {
 fn try_pod_egress(ctx: &TcContext) -> Result<i32, ()> {
     let s = scratch()?;
     let ifindex = ifindex(ctx);
-    let ep = match fast::probe(ctx, s, true, ifindex) {
-        Probe::Passed => return Ok(PASS),
-        Probe::Judge(ep) => ep,
-        Probe::Other => {
-            // Not the common shape (see `fast`): parsed from the start.
-            cold();
-            if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
-                return Ok(PASS);
-            }
-            // Anti-spoofing: the source must be this veth's pod.
-            let Some(ep) = endpoint_on(ifindex, &s.packet.src) else {
-                return Ok(DROP);
-            };
-            if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
-                count(&ep, DIRECTION_EGRESS, true, ctx.len());
-                return Ok(PASS);
-            }
-            ep
-        }
+    let ep = match start(ctx, s, true, ifindex)? {
+        Ok(ep) => ep,
+        Err(action) => return Ok(action),
     };
     let len = ctx.len();
     let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, true, ifindex);
@@ -721,23 +734,9 @@ pub fn pod_ingress(ctx: TcContext) -> i32 {
 fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let s = scratch()?;
     let ifindex = ifindex(ctx);
-    let ep = match fast::probe(ctx, s, false, ifindex) {
-        Probe::Passed => return Ok(PASS),
-        Probe::Judge(ep) => ep,
-        Probe::Other => {
-            // Not the common shape (see `fast`): parsed from the start.
-            cold();
-            if !parse(ctx, &mut s.packet, &mut s.other)? || s.packet.l4 == L4::Neighbor {
-                return Ok(PASS);
-            }
-            // Not addressed to this veth's pod (broadcast, multicast): the pod decides.
-            let Some(ep) = endpoint_on(ifindex, &s.packet.dst) else { return Ok(PASS) };
-            if untracked(&ep, &s.packet) || (s.packet.l4 == L4::Error && s.packet.related_tracked) {
-                count(&ep, DIRECTION_INGRESS, true, ctx.len());
-                return Ok(PASS);
-            }
-            ep
-        }
+    let ep = match start(ctx, s, false, ifindex)? {
+        Ok(ep) => ep,
+        Err(action) => return Ok(action),
     };
     let len = ctx.len();
     let Tracked { src_is_lo, known, now, stale } = tracked(ctx, s, &ep, false, ifindex);
