@@ -496,6 +496,61 @@ fn directed_tables(tables: &EndpointTables) -> impl Iterator<Item = (&PeerTable,
         .filter_map(|(t, d)| t.map(|t| (t, d)))
 }
 
+/// The entries of two versions of one peer table (each sorted by prefix) that differ, each
+/// with the new version's entry, or `None` where the new table has none for the prefix:
+/// a prefix only one version has, or one whose node flag or port set changed.
+fn changed_entries<'t>(old: &'t PeerTable, new: &'t PeerTable) -> Vec<(&'t PeerEntry, Option<&'t PeerEntry>)> {
+    use std::cmp::Ordering;
+    let mut changed = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let order = match (old.entries.get(i), new.entries.get(j)) {
+            (Some(x), Some(y)) => x.prefix.cmp(&y.prefix),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => return changed,
+        };
+        match order {
+            Ordering::Less => {
+                changed.push((&old.entries[i], None));
+                i += 1;
+            }
+            Ordering::Greater => {
+                changed.push((&new.entries[j], Some(&new.entries[j])));
+                j += 1;
+            }
+            Ordering::Equal => {
+                let (x, y) = (&old.entries[i], &new.entries[j]);
+                if x.own_node != y.own_node || old.port_set(x) != new.port_set(y) {
+                    changed.push((y, Some(y)));
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+}
+
+/// The slot that IPv4's `0.0.0.0/0` and the stop in the mapped block share, and the value
+/// table `t` of direction `dir` wants in it (`None`: no entry). Entries elsewhere in the
+/// table decide it (see `peer_entries`), so a delta always looks at it again, as
+/// `desired` would give it. `value` makes an entry's value (interning its port set).
+fn mapped_block_entry(
+    t: &PeerTable,
+    dir: u32,
+    mut value: impl FnMut(&PeerTable, Allow, bool) -> PeerValue,
+) -> (PeerSlot, Option<PeerValue>) {
+    let v4_everything = t.entries.binary_search_by(|e| e.prefix.cmp(&Prefix::everything(Family::Ipv4))).ok().map(|k| &t.entries[k]);
+    let now = if let Some((_, allow, own_node)) = v4_everything.and_then(|e| peer_entry(t, e, dir)) {
+        Some(value(t, allow, own_node))
+    } else if mapped_block_stop(t, dir).is_some() {
+        Some(peer_value(Allow::Nothing, false, |_| NO_PORT_SET))
+    } else {
+        None
+    };
+    (mapped_block_slot(dir), now)
+}
+
 /// Whether the kernel reads `direction`'s table of an endpoint with these flags.
 fn visible(listed: bool, flags: u32, direction: u32) -> bool {
     listed && flags & ENDPOINT_FAIL_CLOSED == 0 && flags & isolation_bit(direction) != 0
@@ -791,39 +846,9 @@ impl MapSync {
             if !b.isolated {
                 continue;
             }
-            // The entries that differ: each with the new table's version, if it has one.
-            let mut touched: Vec<(&PeerEntry, Option<&PeerEntry>)> = Vec::new();
-            let (mut i, mut j) = (0, 0);
-            loop {
-                let (x, y) = (a.entries.get(i), b.entries.get(j));
-                let order = match (x, y) {
-                    (Some(x), Some(y)) => x.prefix.cmp(&y.prefix),
-                    (Some(_), None) => std::cmp::Ordering::Less,
-                    (None, Some(_)) => std::cmp::Ordering::Greater,
-                    (None, None) => break,
-                };
-                match order {
-                    std::cmp::Ordering::Less => {
-                        touched.push((&a.entries[i], None));
-                        i += 1;
-                    }
-                    std::cmp::Ordering::Greater => {
-                        touched.push((&b.entries[j], Some(&b.entries[j])));
-                        j += 1;
-                    }
-                    std::cmp::Ordering::Equal => {
-                        let (x, y) = (&a.entries[i], &b.entries[j]);
-                        if x.own_node != y.own_node || a.port_set(x) != b.port_set(y) {
-                            touched.push((y, Some(y)));
-                        }
-                        i += 1;
-                        j += 1;
-                    }
-                }
-            }
             let ids = &mut self.sets;
             let mut value = |t: &PeerTable, allow, own_node| peer_value(allow, own_node, |i| ids.intern(port_set_entries(&t.port_sets[i])));
-            for (e, now) in touched {
+            for (e, now) in changed_entries(a, b) {
                 // An IPv6 prefix in the mapped block has no entry in either version.
                 let Some(slot) = peer_slot(&e.prefix, dir) else { continue };
                 if let Some(v) = cur.get(&slot) {
@@ -833,20 +858,14 @@ impl MapSync {
                     want.insert(slot, value(b, allow, own_node));
                 }
             }
-            // IPv4's `0.0.0.0/0` and the stop in the mapped block share a slot, which
-            // entries elsewhere in the table decide (see `peer_entries`): always looked at
-            // again, as `desired` would give it.
-            let slot = mapped_block_slot(dir);
+            let (slot, now) = mapped_block_entry(b, dir, value);
             before.remove(&slot);
             want.remove(&slot);
             if let Some(v) = cur.get(&slot) {
                 before.insert(slot, *v);
             }
-            let v4_everything = b.entries.binary_search_by(|e| e.prefix.cmp(&Prefix::everything(Family::Ipv4))).ok().map(|k| &b.entries[k]);
-            if let Some((_, allow, own_node)) = v4_everything.and_then(|e| peer_entry(b, e, dir)) {
-                want.insert(slot, value(b, allow, own_node));
-            } else if mapped_block_stop(b, dir).is_some() {
-                want.insert(slot, peer_value(Allow::Nothing, false, |_| NO_PORT_SET));
+            if let Some(v) = now {
+                want.insert(slot, v);
             }
         }
         Some((before, Desired { flags, peers: want }))
