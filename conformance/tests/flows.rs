@@ -425,7 +425,7 @@ fn online_cpus() -> u64 {
 
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
-        .find(|l| l.split(|c| c == ' ' || c == '{').next() == Some(name))
+        .find(|l| l.split([' ', '{']).next() == Some(name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}")) as u64

@@ -63,7 +63,7 @@ impl Namespace {
     /// which the API server always sets (so a harness without one must too).
     pub fn new(name: impl Into<String>, mut labels: Labels) -> Namespace {
         let name = name.into();
-        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+        labels.insert(NAMESPACE_NAME_LABEL, name.clone());
         Namespace { name, labels, enforcement: crate::audit::Enforcement::Enforce }
     }
 

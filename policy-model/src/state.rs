@@ -30,17 +30,12 @@ struct AddressHolders {
 
 /// A small sorted set: almost always empty or one element, held inline then (a one-element
 /// Vec costs a heap allocation per address).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 enum SortedVec<T> {
+    #[default]
     Empty,
     One(T),
     Many(Vec<T>),
-}
-
-impl<T> Default for SortedVec<T> {
-    fn default() -> SortedVec<T> {
-        SortedVec::Empty
-    }
 }
 
 impl<T: Ord> SortedVec<T> {

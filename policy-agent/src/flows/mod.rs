@@ -92,12 +92,16 @@ impl Filter {
     }
 }
 
+/// A flow with its sequence number.
+pub type Sequenced = (u64, Arc<Flow>);
+
 /// The last flows, and the stream of new ones. Each flow has a sequence number, so a
 /// reader that takes the stored ones and then follows sees each flow once.
 pub struct Hub {
-    ring: Mutex<(VecDeque<(u64, Arc<Flow>)>, u64)>,
+    /// The stored flows, oldest first, and the next sequence number.
+    ring: Mutex<(VecDeque<Sequenced>, u64)>,
     capacity: usize,
-    tx: broadcast::Sender<(u64, Arc<Flow>)>,
+    tx: broadcast::Sender<Sequenced>,
 }
 
 impl Hub {
@@ -120,7 +124,7 @@ impl Hub {
         let _ = self.tx.send((seq, flow));
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Arc<Flow>)> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Sequenced> {
         self.tx.subscribe()
     }
 

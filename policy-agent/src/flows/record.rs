@@ -167,19 +167,6 @@ pub fn rfc3339(unix_ns: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", rem / 3600, (rem / 60) % 60, rem % 60)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
-        // 2026-11-30T12:01:02.345678Z
-        assert_eq!(rfc3339(1_796_040_062_345_678_000), "2026-11-30T12:01:02.345678Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
-    }
-}
-
 /// A flow record for tests: `subject`'s ingress, denied, from a world address, naming
 /// `policies` (JSON [`PolicyRef`]s).
 #[cfg(test)]
@@ -192,4 +179,17 @@ pub(crate) fn sample(subject: &str, policies: serde_json::Value) -> Flow {
         "revision": 1, "tables_exact": true,
     }))
     .expect("a flow record")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        // 2026-11-30T12:01:02.345678Z
+        assert_eq!(rfc3339(1_796_040_062_345_678_000), "2026-11-30T12:01:02.345678Z");
+        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+    }
 }
