@@ -28,6 +28,7 @@ enum Command {
     ApplyStepwise(Vec<Change>, usize, Duration, mpsc::Sender<Result<Vec<Step>, String>>),
     EntryCounts(mpsc::Sender<(usize, usize)>),
     Services(Vec<Prefix>, mpsc::Sender<Result<(), String>>),
+    ServicePlacement([Vec<Prefix>; 3], mpsc::Sender<Result<(), String>>),
     AttachNodeDevices(Vec<String>, mpsc::Sender<Result<(), String>>),
     Counters(ObjectKey, mpsc::Sender<Option<[Counters; 2]>>),
     Conntrack(mpsc::Sender<Vec<(CtKey, CtValue)>>),
@@ -148,6 +149,9 @@ fn agent_loop(
             }
             Command::Services(p, reply) => {
                 let _ = reply.send(enforcer.set_services(&p));
+            }
+            Command::ServicePlacement([all, tcp_only, before], reply) => {
+                let _ = reply.send(enforcer.set_service_deferrals(&all, &tcp_only, &before));
             }
             Command::AttachNodeDevices(names, reply) => {
                 let wanted = names.into_iter().collect();
@@ -361,6 +365,15 @@ impl Rig {
     pub fn set_services(&self, prefixes: Vec<Prefix>) -> Result<(), RigError> {
         let (tx, rx) = mpsc::channel();
         self.sender()?.send(Command::Services(prefixes, tx)).map_err(|e| RigError::Agent(e.to_string()))?;
+        rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
+    }
+
+    /// Where flows to Service addresses are judged, as the agent sets it from Services:
+    /// after DNAT for every protocol (`all`), for TCP only (`tcp_only`), or `before`
+    /// translation (an address inside a prefix of `all`).
+    pub fn set_service_placement(&self, all: Vec<Prefix>, tcp_only: Vec<Prefix>, before: Vec<Prefix>) -> Result<(), RigError> {
+        let (tx, rx) = mpsc::channel();
+        self.sender()?.send(Command::ServicePlacement([all, tcp_only, before], tx)).map_err(|e| RigError::Agent(e.to_string()))?;
         rx.recv().map_err(|e| RigError::Agent(e.to_string()))?.map_err(RigError::Agent)
     }
 

@@ -339,6 +339,49 @@ fn external_with(rig: &Rig, attach: bool) -> External {
     External { _ns: ns, _servers: servers }
 }
 
+/// A Service inside the configured Service range (whose entry defers every protocol to
+/// DNAT) with an endpoint off the cluster, behind the node's masquerade: its flows are
+/// judged before translation, against the Service address. Judged after DNAT instead, the
+/// masquerade would hide them from `node_egress`, and a datagram the policy denies would
+/// reach the endpoint before its reply was judged and dropped.
+#[test]
+fn a_service_with_an_endpoint_off_the_cluster_is_judged_before_translation() {
+    let mut rig = ns_rig();
+    let ext = external(&rig);
+    let vip: std::net::IpAddr = "10.96.0.20".parse().unwrap();
+    let backend: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+    for proto in ["tcp", "udp"] {
+        rig.node.dnat(vip, 8080, backend, 80, proto).expect("DNAT rule");
+    }
+    rig.node.dnat(vip, 9090, backend, 90, "udp").expect("DNAT rule");
+    rig.set_service_placement(vec!["10.96.0.0/16".parse().unwrap()], vec![], vec!["10.96.0.20/32".parse().unwrap()]).unwrap();
+    // Where a datagram for 198.51.100.10:90 would land.
+    let sink = ext._ns.run(|| std::net::UdpSocket::bind("198.51.100.10:90")).unwrap().expect("bind the sink");
+    sink.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+    // Allowed by the Service address and port, the flow works through the translation.
+    rig.apply(vec![policy("x", "a-out", json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.96.0.20/32"}}], "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "UDP", "port": 8080}]}]}))])
+    .unwrap();
+    assert!(rig.probe_addr("x/a", vip, Protocol::Tcp, 8080), "allowed by the Service address and port");
+    assert!(rig.probe_addr("x/a", vip, Protocol::Udp, 8080), "UDP too");
+    // Allowed by the endpoint only: nothing leaves, not even the first datagram.
+    rig.apply(vec![policy(
+        "x",
+        "a-out",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.10/32"}}]}]}),
+    )])
+    .unwrap();
+    assert!(!rig.probe_addr("x/a", vip, Protocol::Tcp, 8080), "the endpoint's address does not open the Service");
+    assert!(!rig.probe_addr("x/a", vip, Protocol::Udp, 9090), "no reply");
+    let mut buf = [0u8; 64];
+    let leaked = sink.recv_from(&mut buf);
+    assert!(leaked.is_err(), "a datagram the policy denies reached the endpoint: {leaked:?}");
+    // Nothing isolates x/b: its datagram goes through (the sink works).
+    assert!(!rig.probe_addr("x/b", vip, Protocol::Udp, 9090), "the sink does not answer");
+    assert!(sink.recv_from(&mut buf).is_ok(), "x/b's datagram reaches the endpoint");
+}
+
 /// A host off the node (198.51.100.10 behind the node's `up0`, 198.51.100.1) that routes
 /// to the pods itself: unlike [`external`], nothing masquerades, so the pods see its own
 /// address (IPv4 only).

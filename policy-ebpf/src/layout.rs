@@ -53,7 +53,12 @@
 ///   layout 7's: connection tracking and pending judgments are shared with layout 7
 ///   programs during a migration, which ignore the two flags and set `CT_TCP_CLOSING`
 ///   at the first FIN (a flow they see close is closed as before).
-pub const LAYOUT_VERSION: u32 = 8;
+/// - 9: `SERVICES` value `SERVICE_BEFORE_DNAT`: a Service address inside a configured
+///   Service range whose endpoints include one that is neither a pod nor a node is judged
+///   before translation, as its address would be without the range. Types and maps are
+///   layout 8's: connection tracking and pending judgments are shared with layout 8
+///   programs during a migration, which defer every protocol for it (as layout 8 did).
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// The recorded fingerprint of every layout version (the last is `LAYOUT_VERSION`'s).
 pub const LAYOUTS: &[(u32, &str)] = &[
@@ -65,6 +70,7 @@ pub const LAYOUTS: &[(u32, &str)] = &[
     (6, include_str!("../layouts/v6.txt")),
     (7, include_str!("../layouts/v7.txt")),
     (8, include_str!("../layouts/v8.txt")),
+    (9, include_str!("../layouts/v9.txt")),
 ];
 
 /// The recorded fingerprint of a layout version, if this build knows it.
@@ -197,6 +203,7 @@ mod tests {
             CT_ONE_WAY,
             SERVICE_DEFER_ALL,
             SERVICE_DEFER_TCP,
+            SERVICE_BEFORE_DNAT,
             FLOW_VERDICT_ALLOWED,
             FLOW_VERDICT_DENIED,
             FLOW_VERDICT_AUDIT,

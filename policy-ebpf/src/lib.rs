@@ -267,6 +267,13 @@ pub const SERVICE_DEFER_ALL: u32 = 1;
 /// translation, against the Service address: a datagram would reach the node's stack
 /// before any judgment.
 pub const SERVICE_DEFER_TCP: u32 = 2;
+/// `SERVICES` value: judged before translation, against the Service address, as if the
+/// address had no entry: a Service with an endpoint that is neither a pod nor a node (an
+/// external address, which a masquerade on the way out would hide from the node's
+/// devices), inside a configured Service range (whose own entry defers every protocol).
+/// Programs of layouts before 9 defer every protocol for it, as they did for every
+/// address of the range.
+pub const SERVICE_BEFORE_DNAT: u32 = 3;
 /// The originator is the `lo` end of the key.
 pub const CT_ORIG_IS_LO: u16 = 1;
 /// The destination was a Service address: egress is judged after translation.

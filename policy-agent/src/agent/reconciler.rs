@@ -135,7 +135,7 @@ impl Reconciler {
         compiler.set_audit_all(p.audit_all);
         Reconciler {
             compiler,
-            deferred: Deferred { all: p.service_cidrs.iter().copied().collect(), tcp_only: BTreeSet::new() },
+            deferred: Deferred { all: p.service_cidrs.iter().copied().collect(), tcp_only: BTreeSet::new(), before: BTreeSet::new() },
             node: p.node,
             service_cidrs: p.service_cidrs,
             node_devices: p.node_devices,
@@ -343,13 +343,18 @@ impl Reconciler {
 
     /// Step 4: Service addresses whose egress waits for DNAT: the configured ranges, and
     /// every Service whose endpoints are pods (they follow pods: recomputed every pass).
+    /// A Service inside a range with another endpoint is marked for judgment before
+    /// translation: the range's entry would otherwise defer it, and a masquerade on the
+    /// way out hides its flows from the hook that would judge them after DNAT.
     fn update_service_addresses(&mut self) {
         let mut deferred = self.services.deferred(self.compiler.state());
         deferred.all.extend(self.service_cidrs.iter().copied());
+        deferred.before.retain(|p| self.service_cidrs.iter().any(|range| range.contains(p)));
         if deferred != self.deferred {
             let all: Vec<Prefix> = deferred.all.iter().copied().collect();
             let tcp_only: Vec<Prefix> = deferred.tcp_only.iter().copied().collect();
-            match self.enforcer.set_service_deferrals(&all, &tcp_only) {
+            let before: Vec<Prefix> = deferred.before.iter().copied().collect();
+            match self.enforcer.set_service_deferrals(&all, &tcp_only, &before) {
                 Ok(()) => self.deferred = deferred,
                 Err(e) => error!(error = %e, "cannot write the Service addresses"),
             }

@@ -76,9 +76,10 @@ impl Services {
         }
     }
 
-    /// The Service addresses whose egress judgment waits for DNAT: for every protocol,
-    /// those whose endpoints are all pods of `state`; for TCP only, those whose endpoints
-    /// are pods and node addresses, some of them node addresses.
+    /// Where each Service address's egress is judged: after DNAT for every protocol, those
+    /// whose endpoints are all pods of `state`; for TCP only, those whose endpoints are
+    /// pods and node addresses, some of them node addresses; before translation, those
+    /// with any other endpoint. An address without endpoints is in none of the sets.
     pub fn deferred(&self, state: &ClusterState) -> Deferred {
         let mut endpoints: BTreeMap<&ObjectKey, Vec<IpAddr>> = BTreeMap::new();
         for (service, addresses) in self.slices.values() {
@@ -89,8 +90,10 @@ impl Services {
             let eps = endpoints.get(service).map(Vec::as_slice).unwrap_or_default();
             let pods = eps.iter().filter(|a| state.pod_at(**a).is_some()).count();
             let nodes = eps.iter().filter(|a| state.pod_at(**a).is_none() && state.node_holds(**a)).count();
-            let set = if eps.is_empty() || pods + nodes < eps.len() {
+            let set = if eps.is_empty() {
                 continue;
+            } else if pods + nodes < eps.len() {
+                &mut out.before
             } else if nodes == 0 {
                 &mut out.all
             } else {
@@ -109,6 +112,9 @@ pub struct Deferred {
     pub all: BTreeSet<Prefix>,
     /// TCP only: other protocols are judged against the Service address.
     pub tcp_only: BTreeSet<Prefix>,
+    /// None: judged before translation, against the Service address. The datapath needs
+    /// these only inside a configured Service range, whose own entry defers everything.
+    pub before: BTreeSet<Prefix>,
 }
 
 #[cfg(test)]
@@ -155,9 +161,12 @@ mod tests {
         assert_eq!(all(&s), ["10.96.0.10/32", "fd10:96::10/128"]);
         // The API server is no node address the state knows: judged before translation.
         assert!(s.deferred(&state).tcp_only.is_empty());
+        let before = |s: &Services| s.deferred(&state).before.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(before(&s), ["10.96.0.1/32"]);
         // A mixed Service (one endpoint outside the pods) is judged before translation.
         s.apply([ServiceChange::UpsertSlice { slice: k("web-3"), service: k("web"), addresses: vec!["192.168.5.5".parse().unwrap()] }]);
         assert!(s.deferred(&state).all.is_empty());
+        assert_eq!(before(&s), ["10.96.0.1/32", "10.96.0.10/32", "fd10:96::10/128"]);
         s.apply([ServiceChange::DeleteSlice(k("web-3"))]);
         assert_eq!(s.deferred(&state).all.len(), 2);
         s.apply([ServiceChange::DeleteService(k("web"))]);
@@ -188,7 +197,9 @@ mod tests {
         assert_eq!(s.deferred(&state).tcp_only.len(), 1);
         // With an external endpoint: before translation.
         s.apply([ServiceChange::UpsertSlice { slice: extra, service: api, addresses: vec!["192.0.2.7".parse().unwrap()] }]);
-        assert_eq!(s.deferred(&state), Deferred::default());
+        let d = s.deferred(&state);
+        assert!(d.all.is_empty() && d.tcp_only.is_empty());
+        assert_eq!(d.before.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["10.96.0.1/32"]);
     }
 
     #[test]

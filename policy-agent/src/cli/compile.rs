@@ -11,8 +11,9 @@ use crate::tables_view::{NodeView, endpoint_view};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory of Kubernetes YAML (Namespaces, Pods with status.podIPs, Nodes,
-    /// NetworkPolicies), read recursively; repeat to combine directories.
+    /// Directory of Kubernetes YAML or JSON (Namespaces, Pods with status.podIPs, Nodes,
+    /// NetworkPolicies, ClusterNetworkPolicies, Services, EndpointSlices), read
+    /// recursively; repeat to combine directories.
     #[arg(long, required = true, value_name = "DIR")]
     pub manifests: Vec<PathBuf>,
     /// The node whose pods (spec.nodeName) to compile.

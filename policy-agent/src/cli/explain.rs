@@ -10,8 +10,9 @@ use crate::explain::{Party, explain, explain_node_port};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory of Kubernetes YAML (Namespaces, Pods with status.podIPs, Nodes,
-    /// NetworkPolicies), read recursively; repeat to combine directories.
+    /// Directory of Kubernetes YAML or JSON (Namespaces, Pods with status.podIPs, Nodes,
+    /// NetworkPolicies, ClusterNetworkPolicies, Services, EndpointSlices), read
+    /// recursively; repeat to combine directories.
     #[arg(long, required = true, value_name = "DIR")]
     pub manifests: Vec<PathBuf>,
     /// The client: NAMESPACE/POD or an IP address.

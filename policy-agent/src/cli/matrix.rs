@@ -8,8 +8,9 @@ use crate::matrix::{Probe, compute, default_probes};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory of Kubernetes YAML (Namespaces, Pods with status.podIPs, Nodes,
-    /// NetworkPolicies), read recursively; repeat to combine directories.
+    /// Directory of Kubernetes YAML or JSON (Namespaces, Pods with status.podIPs, Nodes,
+    /// NetworkPolicies, ClusterNetworkPolicies, Services, EndpointSlices), read
+    /// recursively; repeat to combine directories.
     #[arg(long, required = true, value_name = "DIR")]
     pub manifests: Vec<PathBuf>,
     /// PORT/PROTOCOL to judge, repeatable (default: 80 and 81 over TCP, UDP and SCTP).

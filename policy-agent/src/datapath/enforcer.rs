@@ -493,13 +493,14 @@ impl Enforcer {
 
     /// Service addresses whose flows of every protocol wait for DNAT to be judged.
     pub fn set_services(&mut self, prefixes: &[Prefix]) -> Result<(), String> {
-        self.sync.set_services(&mut self.datapath, prefixes, &[])
+        self.sync.set_services(&mut self.datapath, prefixes, &[], &[])
     }
 
-    /// Service addresses whose flows wait for DNAT: `all` for every protocol, `tcp_only`
-    /// for TCP (see `policy_ebpf::SERVICE_DEFER_TCP`).
-    pub fn set_service_deferrals(&mut self, all: &[Prefix], tcp_only: &[Prefix]) -> Result<(), String> {
-        self.sync.set_services(&mut self.datapath, all, tcp_only)
+    /// Where flows to Service addresses are judged: after DNAT, `all` for every protocol,
+    /// `tcp_only` for TCP (see `policy_ebpf::SERVICE_DEFER_TCP`); `before` translation,
+    /// addresses inside a prefix of `all` (see `policy_ebpf::SERVICE_BEFORE_DNAT`).
+    pub fn set_service_deferrals(&mut self, all: &[Prefix], tcp_only: &[Prefix], before: &[Prefix]) -> Result<(), String> {
+        self.sync.set_services(&mut self.datapath, all, tcp_only, before)
     }
 }
 

@@ -386,14 +386,14 @@ mod tests {
         assert_eq!(maps_dir_in_force(tmp.path()).unwrap(), tmp.path().join(&ours));
     }
 
-    /// Maps of an older layout (3 to 7) are migrated (a new generation), with connection
+    /// Maps of an older layout (3 to 8) are migrated (a new generation), with connection
     /// tracking and pending judgments shared: layout 4 added the flow event maps, layout 5
-    /// audit mode (flags, directions and a verdict: constants only), layouts 6, 7 and 8
+    /// audit mode (flags, directions and a verdict: constants only), layouts 6, 7, 8 and 9
     /// constants only.
     #[test]
     fn older_layouts_are_migrated_sharing_connection_tracking() {
-        assert_eq!(LAYOUT_VERSION, 8);
-        for old in [3, 4, 5, 6, 7] {
+        assert_eq!(LAYOUT_VERSION, 9);
+        for old in [3, 4, 5, 6, 7, 8] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = dir_name(old, &sizes(), 5);
             mk(tmp.path(), &["links", &dir]);
@@ -416,6 +416,8 @@ mod tests {
         assert!(!policy_ebpf::layout::same_items(6, 7, &["SERVICE_DEFER_TCP"]), "v6 defers every protocol");
         assert!(policy_ebpf::layout::same_items(7, 8, &tables), "layout 8 changes no type nor map");
         assert!(!policy_ebpf::layout::same_items(7, 8, &["CT_TCP_FIN_ORIG"]), "v7 closes at the first FIN");
+        assert!(policy_ebpf::layout::same_items(8, 9, &tables), "layout 9 changes no type nor map");
+        assert!(!policy_ebpf::layout::same_items(8, 9, &["SERVICE_BEFORE_DNAT"]), "v8 defers a whole Service range");
     }
 
     #[test]

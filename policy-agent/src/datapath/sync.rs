@@ -68,8 +68,8 @@ use aya::maps::lpm_trie::Key;
 use policy_ebpf::{
     Addr, DIRECTION_AUDIT_EGRESS, DIRECTION_AUDIT_INGRESS, DIRECTION_EGRESS, DIRECTION_INGRESS, ENDPOINT_AUDIT_EGRESS,
     ENDPOINT_AUDIT_INGRESS, ENDPOINT_EGRESS_ISOLATED, ENDPOINT_FAIL_CLOSED, ENDPOINT_INGRESS_ISOLATED, EndpointKey, EndpointValue,
-    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PEER_OWN_NODE, PeerKey, PeerValue, PortBits, PortKey, SERVICE_DEFER_ALL,
-    SERVICE_DEFER_TCP,
+    IFACE_HAS_V4, IFACE_HAS_V6, IfaceValue, NO_PORT_SET, PEER_ALL, PEER_OWN_NODE, PeerKey, PeerValue, PortBits, PortKey,
+    SERVICE_BEFORE_DNAT, SERVICE_DEFER_ALL, SERVICE_DEFER_TCP,
 };
 use policy_model::{EndpointTables, Family, ObjectKey, PeerEntry, PeerTable, Prefix};
 
@@ -1265,12 +1265,15 @@ impl MapSync {
         }
     }
 
-    /// Sets the Service addresses (VIPs, or Service CIDRs) whose egress judgment waits for
-    /// DNAT, each with its `SERVICE_DEFER_*` value (a prefix in both lists gets
-    /// `SERVICE_DEFER_TCP`): writes only what is new or changed, deletes what went away.
-    pub fn set_services(&mut self, dp: &mut Datapath, all: &[Prefix], tcp_only: &[Prefix]) -> Result<(), String> {
+    /// Sets where the egress of flows to Service addresses (VIPs, or Service CIDRs) is
+    /// judged: after DNAT for every protocol (`all`, `SERVICE_DEFER_ALL`), for TCP only
+    /// (`tcp_only`, `SERVICE_DEFER_TCP`), or before translation (`before`,
+    /// `SERVICE_BEFORE_DNAT`: a VIP inside a CIDR of `all`). A prefix in several lists gets
+    /// the last one's value. Writes only what is new or changed, deletes what went away.
+    pub fn set_services(&mut self, dp: &mut Datapath, all: &[Prefix], tcp_only: &[Prefix], before: &[Prefix]) -> Result<(), String> {
         let mut want: BTreeMap<(policy_ebpf::Addr, u32), u32> = all.iter().map(|p| (encode_prefix(p), SERVICE_DEFER_ALL)).collect();
         want.extend(tcp_only.iter().map(|p| (encode_prefix(p), SERVICE_DEFER_TCP)));
+        want.extend(before.iter().map(|p| (encode_prefix(p), SERVICE_BEFORE_DNAT)));
         for (&(addr, len), &value) in &want {
             if self.services.get(&(addr, len)) != Some(&value) {
                 dp.services

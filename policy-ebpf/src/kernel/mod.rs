@@ -570,7 +570,7 @@ fn pending_key(p: &Packet) -> PendingKey {
 #[inline(always)]
 fn deferred_to_dnat(addr: &Addr, protocol: u8) -> bool {
     match SERVICES.get(aya_ebpf::maps::lpm_trie::Key::new(128, *addr)) {
-        Some(v) => *v != SERVICE_DEFER_TCP || protocol == PROTO_TCP,
+        Some(v) => *v == SERVICE_DEFER_ALL || (*v == SERVICE_DEFER_TCP && protocol == PROTO_TCP),
         None => false,
     }
 }
