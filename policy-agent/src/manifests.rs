@@ -92,6 +92,11 @@ impl Manifests {
         let mut m = Manifests::default();
         for file in files {
             let name = file.display().to_string();
+            if std::fs::metadata(&file).is_ok_and(|md| !md.is_file()) {
+                // A FIFO or a device would block the read, or never end.
+                m.errors.push(ManifestError { source: name, object: None, message: "not a regular file: skipped".into() });
+                continue;
+            }
             match std::fs::read_to_string(&file) {
                 Ok(text) => m.add_yaml(&name, &text),
                 Err(e) => m.errors.push(ManifestError { source: name, object: None, message: format!("cannot read: {e}") }),
@@ -233,6 +238,23 @@ impl Manifests {
             }
         }
         (changes, errors)
+    }
+
+    /// What the valid ClusterNetworkPolicies cannot honour as written: a peer that sets no
+    /// field this version knows (a newer API's, or a misspelt one) fails closed, and a
+    /// `domainNames` peer matches nothing (see `ClusterPolicy::warnings`).
+    pub fn warnings(&self) -> Vec<ManifestError> {
+        let mut out = Vec::new();
+        for (src, cnp) in &self.cluster_policies {
+            if let Ok(p) = ClusterPolicy::from_manifest(cnp) {
+                out.extend(p.warnings.iter().map(|w| ManifestError {
+                    source: src.clone(),
+                    object: Some(format!("ClusterNetworkPolicy {}", p.name)),
+                    message: w.to_string(),
+                }));
+            }
+        }
+        out
     }
 
     /// The cluster state these manifests describe, and what could not be used.

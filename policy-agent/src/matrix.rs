@@ -4,6 +4,7 @@
 //! compiled tables the datapath would load. A disagreement is a bug in the compiler and is
 //! reported, never hidden.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use policy_model::{ClusterState, EndpointTables, Family, Flow, IpProtocol, ObjectKey, Pod, Protocol, compile_pod, verdict};
@@ -65,6 +66,22 @@ pub struct Matrix {
     /// Cells where the compiled tables and the reference evaluator disagree.
     #[serde(skip)]
     pub disagreements: Vec<String>,
+}
+
+/// The mark of a cell from its verdicts (one per family): `-` none, `.` all allowed, `X`
+/// all blocked, `!` both.
+fn mark_of(verdicts: impl Iterator<Item = bool>) -> char {
+    let (mut allowed, mut blocked) = (false, false);
+    for v in verdicts {
+        allowed |= v;
+        blocked |= !v;
+    }
+    match (allowed, blocked) {
+        (false, false) => '-',
+        (true, false) => '.',
+        (false, true) => 'X',
+        (true, true) => '!',
+    }
 }
 
 /// Pods that take part: non-hostNetwork pods that have an address.
@@ -132,23 +149,27 @@ impl Matrix {
 
     /// [`Matrix::mark`] over some families only.
     pub fn mark_in(&self, from: &str, to: &str, probe: Probe, families: &[Family]) -> char {
-        let cells: Vec<&Cell> = self
-            .results
-            .iter()
-            .filter(|c| {
-                c.from == from && c.to == to && c.port == probe.port && c.protocol == probe.protocol && families.contains(&c.family)
-            })
-            .collect();
-        match (cells.iter().any(|c| c.allowed), cells.iter().any(|c| !c.allowed)) {
-            (false, false) => '-',
-            (true, false) => '.',
-            (false, true) => 'X',
-            (true, true) => '!',
+        let cells = self.results.iter().filter(|c| {
+            c.from == from && c.to == to && c.port == probe.port && c.protocol == probe.protocol && families.contains(&c.family)
+        });
+        mark_of(cells.map(|c| c.allowed))
+    }
+
+    /// Every (from, to, port, protocol)'s verdicts, one per family: a table's cells looked
+    /// up in constant time (a scan of all results per cell made the text of a few hundred
+    /// pods take minutes).
+    fn verdicts(&self) -> HashMap<(&str, &str, u16, Protocol), Vec<bool>> {
+        let mut index: HashMap<(&str, &str, u16, Protocol), Vec<bool>> = HashMap::new();
+        for c in &self.results {
+            index.entry((c.from.as_str(), c.to.as_str(), c.port, c.protocol)).or_default().push(c.allowed);
         }
+        index
     }
 
     /// One table per probe: rows are clients, columns servers.
     pub fn render_text(&self) -> String {
+        let verdicts = self.verdicts();
+        let mark = |from: &str, to: &str, p: &Probe| mark_of(verdicts.get(&(from, to, p.port, p.protocol)).into_iter().flatten().copied());
         let mut out = String::new();
         let width = self.pods.iter().map(String::len).max().unwrap_or(1).max(1);
         for (n, probe) in self.probes.iter().enumerate() {
@@ -164,19 +185,16 @@ impl Matrix {
             for from in &self.pods {
                 let _ = write!(out, "{from:width$}");
                 for to in &self.pods {
-                    let _ = write!(out, " {:width$}", self.mark(from, to, *probe));
+                    let _ = write!(out, " {:width$}", mark(from, to, probe));
                 }
                 out.push('\n');
             }
         }
-        if self.results.iter().any(|c| c.allowed) && self.results.iter().any(|c| !c.allowed) && self.has_mixed_families() {
+        let mixed = || self.pods.iter().any(|f| self.pods.iter().any(|t| self.probes.iter().any(|p| matches!(mark(f, t, p), '!' | '-'))));
+        if self.results.iter().any(|c| c.allowed) && self.results.iter().any(|c| !c.allowed) && mixed() {
             out.push_str("\n! allowed in one address family and blocked in the other; - no shared address family\n");
         }
         out
-    }
-
-    fn has_mixed_families(&self) -> bool {
-        self.pods.iter().any(|f| self.pods.iter().any(|t| self.probes.iter().any(|p| matches!(self.mark(f, t, *p), '!' | '-'))))
     }
 
     pub fn render_json(&self) -> String {

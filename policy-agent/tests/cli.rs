@@ -325,3 +325,79 @@ spec:
     assert_eq!(o.status.code(), Some(2), "--via-node without --node-port: a usage error, not ignored");
     assert!(stderr(&o).contains("--via-node goes with --node-port"), "{}", stderr(&o));
 }
+
+/// A reader of stderr that goes away (`2>&1 >/dev/null | head -1`) is no failure of the
+/// command, and never a panic (exit 101): every invalid object still gets its line tried.
+#[test]
+fn a_closed_stderr_is_no_panic() {
+    let bad: String = (0..300).map(|i| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad{i}, namespace: x}}\nstatus: {{podIPs: [{{ip: nope}}]}}\n---\n")).collect();
+    let d = dir_with(&[("cluster.yaml", CLUSTER), ("bad.yaml", &bad)]);
+    for command in [&["matrix", "--port", "80/TCP"][..], &["compile", "--node", "n1"], &["explain", "--from", "x/a", "--to", "y/b", "--port", "80"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_policy-agent"))
+            .args(command)
+            .arg("--manifests")
+            .arg(d.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        let status = child.wait().unwrap();
+        assert_ne!(status.code(), Some(101), "{command:?} panicked on a closed stderr");
+        assert!(status.code().is_some(), "{command:?} died of a signal: {status:?}");
+    }
+}
+
+/// A FIFO named like a manifest would block the read forever: it is reported and skipped.
+#[test]
+fn a_fifo_among_the_manifests_is_skipped() {
+    let d = dir_with(&[("cluster.yaml", CLUSTER)]);
+    let fifo = d.path().join("pipe.yaml");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo (coreutils)");
+    assert!(made.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_policy-agent"))
+        .args(["matrix", "--port", "80/TCP", "--manifests"])
+        .arg(d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("matrix blocked on a FIFO in the manifest directory");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "an unusable file: exit 1");
+    assert!(stderr(&o).contains("pipe.yaml: not a regular file"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("x/a"), "the rest is still evaluated: {}", stdout(&o));
+}
+
+/// A ClusterNetworkPolicy peer with no field this version knows (here misspelt) fails
+/// closed, and the offline commands say so, naming the policy and the field.
+#[test]
+fn a_peer_that_fails_closed_is_a_warning() {
+    let cnp = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: typo}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  ingress:
+    - action: Deny
+      from: [{namespace: {matchLabels: {team: blue}}}]
+"#;
+    let d = dir_with(&[("cluster.yaml", CLUSTER), ("cnp.yaml", cnp)]);
+    let o = agent(&["explain", "--from", "x/a", "--to", "y/b", "--port", "80"], d.path());
+    let err = stderr(&o);
+    assert!(
+        err.lines().any(|l| l.starts_with("warning: ") && l.contains("ClusterNetworkPolicy typo") && l.contains("spec.ingress[0].from")),
+        "{err}"
+    );
+    assert!(stdout(&o).contains("BLOCKED"), "the Deny rule denies all traffic: {}", stdout(&o));
+}

@@ -154,7 +154,8 @@ fn scan(dirs: &[PathBuf]) -> Result<BTreeMap<FileId, Stamp>, (PathBuf, std::io::
             let Ok(meta) = std::fs::metadata(&path) else { continue };
             if meta.is_dir() {
                 walk(index, &path, out)?;
-            } else if is_manifest(&path) {
+            } else if meta.is_file() && is_manifest(&path) {
+                // Regular files only: reading a FIFO or a device would stall the agent.
                 out.insert((index, path), Stamp::of(&meta));
             }
         }
@@ -274,7 +275,8 @@ impl ManifestSource {
     fn read(id: &FileId) -> (FileObjects, Vec<ManifestError>) {
         let mut m = Manifests::default();
         let name = id.1.display().to_string();
-        match std::fs::read_to_string(&id.1) {
+        let regular = std::fs::metadata(&id.1).map(|md| md.is_file()).unwrap_or(true);
+        match if regular { std::fs::read_to_string(&id.1) } else { Err(std::io::Error::other("not a regular file")) } {
             Ok(text) => m.add_yaml(&name, &text),
             Err(e) => m.errors.push(ManifestError { source: name, object: None, message: format!("cannot read: {e}") }),
         }

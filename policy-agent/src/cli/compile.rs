@@ -30,9 +30,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let m = Manifests::read_dirs(&args.manifests).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (changes, errors) = m.changes();
-    for e in &errors {
-        eprintln!("error: {e}");
-    }
+    super::report(&m, &errors);
     let mut compiler = NodeCompiler::new(args.node.clone());
     compiler.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     compiler.apply(changes);

@@ -35,7 +35,7 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
     }
     if !m.disagreements.is_empty() {
         for d in &m.disagreements {
-            eprintln!("internal error: {d}");
+            super::note(&format!("internal error: {d}"));
         }
         return Ok(ExitCode::from(EXIT_INCONSISTENT));
     }

@@ -80,9 +80,27 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            note(&format!("error: {e}"));
             ExitCode::from(EXIT_CANNOT_RUN)
         }
+    }
+}
+
+/// Writes one line to stderr. A reader of stderr that went away is not this command's
+/// failure: unlike `eprintln!`, this never panics.
+pub fn note(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Reports the manifests' unusable objects, then warnings about usable ones (a
+/// ClusterNetworkPolicy peer that fails closed), on stderr.
+pub fn report(m: &Manifests, errors: &[ManifestError]) {
+    for e in errors {
+        note(&format!("error: {e}"));
+    }
+    for w in m.warnings() {
+        note(&format!("warning: {w}"));
     }
 }
 
@@ -96,9 +114,7 @@ pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliE
 pub fn load_with_objects(dirs: &[PathBuf]) -> Result<(Manifests, ClusterState, Vec<ManifestError>), CliError> {
     let m = Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (state, errors) = m.state();
-    for e in &errors {
-        eprintln!("error: {e}");
-    }
+    report(&m, &errors);
     Ok((m, state, errors))
 }
 

@@ -51,6 +51,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// How long `observe` without `--follow` waits for the agent's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     if let Some(pod) = &args.pod {
         if !pod.contains('/') {
@@ -73,12 +76,28 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let mut line = serde_json::to_string(&req).map_err(|e| CliError::Usage(e.to_string()))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(|e| CliError::Usage(format!("writing to {}: {e}", args.socket.display())))?;
+    if !args.follow {
+        // The agent answers from memory at once; a socket that accepts and never answers
+        // (a stuck or foreign server) must not hang the command. With --follow, new flows
+        // may take any time to come.
+        let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
+    }
     let reader = BufReader::new(stream);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for l in reader.lines() {
-        let l = l.map_err(|e| CliError::Usage(format!("reading from {}: {e}", args.socket.display())))?;
+        let l = l.map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                CliError::Usage(format!("no answer from {} within {} s", args.socket.display(), ANSWER_TIMEOUT.as_secs()))
+            }
+            _ => CliError::Usage(format!("reading from {}: {e}", args.socket.display())),
+        })?;
         let text = match args.output {
+            // Data only: a line that is not JSON is reported, never mixed into the output.
+            OutputFormat::Json if serde_json::from_str::<serde_json::Value>(&l).is_err() => {
+                super::note(&format!("error: {} sent a line that is not JSON: {l:?}", args.socket.display()));
+                continue;
+            }
             OutputFormat::Json => l,
             OutputFormat::Text => match serde_json::from_str::<Flow>(&l) {
                 Ok(f) => f.text(),

@@ -86,7 +86,8 @@ pub enum ClusterPort {
 pub enum FailClosed {
     /// An Accept rule with an unknown peer matches no traffic.
     MatchesNothing,
-    /// A Deny or Pass rule with an unknown or domain-name peer denies all traffic.
+    /// A Deny or Pass rule with an unknown peer denies all traffic (a domain-name peer is
+    /// refused there, as the API server's CEL rule refuses it).
     DenyAll,
 }
 

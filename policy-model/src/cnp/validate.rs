@@ -274,14 +274,17 @@ impl Validator {
         let action = action?;
         let unknown = peers.iter().any(|p| matches!(p, ClusterPeer::Unknown));
         let domains = peers.iter().any(|p| matches!(p, ClusterPeer::DomainNames(_)));
+        if domains && action != Action::Accept {
+            // CEL on the egress rule, as the API server refuses it.
+            self.err(field, "Invalid value: \"object\": domainNames peer can only be used with Accept action");
+            return None;
+        }
         // Unknown peers: the rule as a whole fails closed (upstream wording). Domain names
         // in an Accept rule only make that peer match nothing: the other peers are
-        // understood, and accepting less than asked is the closed side. Domain names in a
-        // Deny or Pass rule (upstream: "only supported for Accept rules") cannot be
-        // narrowed, so the rule denies everything.
+        // understood, and accepting less than asked is the closed side.
         let fail_closed = match action {
             Action::Accept if unknown => Some(FailClosed::MatchesNothing),
-            Action::Deny | Action::Pass if unknown || domains => Some(FailClosed::DenyAll),
+            Action::Deny | Action::Pass if unknown => Some(FailClosed::DenyAll),
             _ => None,
         };
         let to_from = if field.starts_with("spec.egress") { "to" } else { "from" };
@@ -292,10 +295,7 @@ impl Validator {
             )),
             Some(FailClosed::DenyAll) => self.warnings.push(FieldError::new(
                 format!("{field}.{to_from}"),
-                format!(
-                    "a peer cannot be honoured ({}): the {action} rule fails closed and denies all traffic",
-                    if unknown { "it sets no field this version knows" } else { "domainNames" }
-                ),
+                format!("a peer sets no field this version knows: the {action} rule fails closed and denies all traffic"),
             )),
             None if domains => self.warnings.push(FieldError::new(
                 format!("{field}.{to_from}"),

@@ -67,7 +67,14 @@ fn protocol_entry() -> impl Strategy<Value = Value> {
 fn rule(egress: bool) -> impl Strategy<Value = Value> {
     let peers = prop::collection::vec(peer(egress), 1..3);
     let protocols = prop::option::of(prop::collection::vec(protocol_entry(), 1..3));
-    (action(), peers, protocols, prop::sample::select(vec!["", "r"])).prop_map(move |(action, peers, protocols, name)| {
+    (action(), peers, protocols, prop::sample::select(vec!["", "r"])).prop_map(move |(action, mut peers, protocols, name)| {
+        // CEL: domainNames peers only in Accept rules.
+        if action != "Accept" {
+            peers.retain(|p| p.get("domainNames").is_none());
+            if peers.is_empty() {
+                peers.push(json!({"namespaces": {}}));
+            }
+        }
         let podless = peers.iter().any(|p| p.get("networks").is_some() || p.get("nodes").is_some() || p.get("domainNames").is_some());
         let mut r = json!({"action": action});
         if !name.is_empty() {

@@ -215,6 +215,16 @@ fn protocols() {
     assert!(validate("ok", rule(json!([{"tcp": {"destinationPort": {"range": {"start": 1, "end": 65535}}}}]))).is_ok());
 }
 
+// CEL on the egress rule: "domainNames peer can only be used with Accept action".
+#[test]
+fn domain_names_only_in_accept_rules() {
+    for action in ["Deny", "Pass"] {
+        let spec = base_egress(json!({"action": action, "to": [{"namespaces": {}}, {"domainNames": ["a.example"]}]}));
+        assert_eq!(field(spec), "spec.egress[0]", "{action}");
+    }
+    assert!(validate("ok", base_egress(json!({"action": "Accept", "to": [{"domainNames": ["a.example"]}]}))).is_ok());
+}
+
 // CEL on the egress rule: "networks/nodes/domainNames peer cannot be set with namedPorts".
 #[test]
 fn named_ports_only_with_pod_peers() {
