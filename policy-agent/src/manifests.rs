@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use policy_model::cnp::{ClusterNetworkPolicy, ClusterPolicy};
 use policy_model::{Change, ClusterState, InvalidObject, Namespace, Node, Pod, Policy};
 use serde::Deserialize;
@@ -240,11 +241,20 @@ impl Manifests {
         (changes, errors)
     }
 
-    /// What the valid ClusterNetworkPolicies cannot honour as written: a peer that sets no
-    /// field this version knows (a newer API's, or a misspelt one) fails closed, and a
-    /// `domainNames` peer matches nothing (see `ClusterPolicy::warnings`).
+    /// What is used, but maybe not as meant: an object defined again (the last definition
+    /// is used, as an API server keeps the last write); what the valid
+    /// ClusterNetworkPolicies cannot honour as written: a peer that sets no field this
+    /// version knows (a newer API's, or a misspelt one) fails closed, and a `domainNames`
+    /// peer matches nothing (see `ClusterPolicy::warnings`).
     pub fn warnings(&self) -> Vec<ManifestError> {
         let mut out = Vec::new();
+        redefined(&mut out, "Namespace", self.namespaces.iter().map(|(s, o)| (s, &o.metadata)));
+        redefined(&mut out, "Pod", self.pods.iter().map(|(s, o)| (s, &o.metadata)));
+        redefined(&mut out, "Node", self.nodes.iter().map(|(s, o)| (s, &o.metadata)));
+        redefined(&mut out, "NetworkPolicy", self.policies.iter().map(|(s, o)| (s, &o.metadata)));
+        redefined(&mut out, "ClusterNetworkPolicy", self.cluster_policies.iter().map(|(s, o)| (s, &o.metadata)));
+        redefined(&mut out, "Service", self.services.iter().map(|(s, o)| (s, &o.metadata)));
+        redefined(&mut out, "EndpointSlice", self.endpoint_slices.iter().map(|(s, o)| (s, &o.metadata)));
         for (src, cnp) in &self.cluster_policies {
             if let Ok(p) = ClusterPolicy::from_manifest(cnp) {
                 out.extend(p.warnings.iter().map(|w| ManifestError {
@@ -290,6 +300,44 @@ impl Manifests {
         }
         (state, errors)
     }
+}
+
+/// A warning for each object of `kind` defined again, naming where it was first.
+fn redefined<'a>(out: &mut Vec<ManifestError>, kind: &str, objects: impl Iterator<Item = (&'a String, &'a ObjectMeta)>) {
+    let mut first: std::collections::HashMap<(String, String), &String> = std::collections::HashMap::new();
+    for (src, meta) in objects {
+        let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+        if key.1.is_empty() {
+            continue; // refused as invalid, by name
+        }
+        match first.get(&key) {
+            Some(was) => out.push(ManifestError {
+                source: src.clone(),
+                object: Some(format!("{kind} {}", if key.0.is_empty() { key.1.clone() } else { format!("{}/{}", key.0, key.1) })),
+                message: format!("defined again (first in {was}): this definition is used"),
+            }),
+            None => {
+                first.insert(key, src);
+            }
+        }
+    }
+}
+
+/// A warning for each address that two pods claim: the first holder owns it (as the
+/// model resolves it), the other pod is not reachable at it.
+pub fn contested_addresses(state: &ClusterState) -> Vec<String> {
+    let mut out = Vec::new();
+    for pod in state.pods().filter(|p| !p.host_network) {
+        for ip in &pod.ips {
+            if let Some(owner) = state.pod_at(*ip).filter(|o| o.key != pod.key) {
+                out.push(format!(
+                    "Pod {}: address {ip} is also pod {}'s, which holds it: {} is not reachable at it",
+                    pod.key, owner.key, pod.key
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -21,7 +21,11 @@ impl std::str::FromStr for Probe {
     type Err = String;
     fn from_str(s: &str) -> Result<Probe, String> {
         let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
-        let port = port.parse::<u16>().map_err(|_| format!("{s:?}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
+        let port = match port.parse::<u32>() {
+            Ok(p @ 1..=65535) => p as u16,
+            Ok(_) => return Err(format!("{s:?}: the port must be 1-65535")),
+            Err(_) => return Err(format!("{s:?}: expected PORT/PROTOCOL, e.g. 80/TCP")),
+        };
         let protocol = proto.to_ascii_uppercase().parse::<Protocol>()?;
         Ok(Probe { port, protocol })
     }

@@ -330,9 +330,13 @@ spec:
 /// command, and never a panic (exit 101): every invalid object still gets its line tried.
 #[test]
 fn a_closed_stderr_is_no_panic() {
-    let bad: String = (0..300).map(|i| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad{i}, namespace: x}}\nstatus: {{podIPs: [{{ip: nope}}]}}\n---\n")).collect();
+    let bad: String = (0..300)
+        .map(|i| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: bad{i}, namespace: x}}\nstatus: {{podIPs: [{{ip: nope}}]}}\n---\n"))
+        .collect();
     let d = dir_with(&[("cluster.yaml", CLUSTER), ("bad.yaml", &bad)]);
-    for command in [&["matrix", "--port", "80/TCP"][..], &["compile", "--node", "n1"], &["explain", "--from", "x/a", "--to", "y/b", "--port", "80"]] {
+    for command in
+        [&["matrix", "--port", "80/TCP"][..], &["compile", "--node", "n1"], &["explain", "--from", "x/a", "--to", "y/b", "--port", "80"]]
+    {
         let mut child = Command::new(env!("CARGO_BIN_EXE_policy-agent"))
             .args(command)
             .arg("--manifests")
@@ -400,4 +404,45 @@ spec:
         "{err}"
     );
     assert!(stdout(&o).contains("BLOCKED"), "the Deny rule denies all traffic: {}", stdout(&o));
+}
+
+/// Objects defined twice, and an address two pods claim, are used as the model resolves
+/// them (the last definition; the first holder), and said so on stderr.
+#[test]
+fn redefinitions_and_contested_addresses_are_warnings() {
+    let again = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: x, labels: {pod: c}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIPs: [{ip: 10.244.0.1}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-blue, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+"#;
+    let d = dir_with(&[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY), ("z-again.yaml", again)]);
+    let o = agent(&["matrix", "--port", "8080/TCP", "--port", "8080/TCP", "-o", "json"], d.path());
+    let err = stderr(&o);
+    assert!(
+        err.lines().any(|l| l.starts_with("warning: ") && l.contains("NetworkPolicy x/from-blue") && l.contains("defined again")),
+        "{err}"
+    );
+    assert!(err.lines().any(|l| l.starts_with("warning: ") && l.contains("address 10.244.0.1 is also pod x/a")), "{err}");
+    assert_eq!(o.status.code(), Some(0), "warnings are no errors: {err}");
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    // The second from-blue (deny all ingress to x) is the one used.
+    let r = rows.iter().find(|r| r["from"] == "y/b" && r["to"] == "x/a" && r["family"] == "ipv4").unwrap();
+    assert_eq!(r["allowed"], false, "{r}");
+    // A repeated --port is one set of results.
+    let mut keys: Vec<String> = rows.iter().map(|r| format!("{}", r)).collect();
+    let n = keys.len();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "no repeated rows");
+    let o = agent(&["matrix", "--port", "0/TCP"], d.path());
+    assert_eq!(o.status.code(), Some(2), "port 0 is no port: {}", stderr(&o));
 }

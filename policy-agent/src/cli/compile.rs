@@ -31,6 +31,9 @@ pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let m = Manifests::read_dirs(&args.manifests).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (changes, errors) = m.changes();
     super::report(&m, &errors);
+    for w in crate::manifests::contested_addresses(&m.state().0) {
+        super::note(&format!("warning: {w}"));
+    }
     let mut compiler = NodeCompiler::new(args.node.clone());
     compiler.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     compiler.apply(changes);

@@ -27,7 +27,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let (mut state, errors) = load(&args.manifests)?;
     state.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
-    let probes = if args.ports.is_empty() { default_probes() } else { args.ports };
+    let mut probes = if args.ports.is_empty() { default_probes() } else { args.ports };
+    // A port given twice is one table (and one set of results), in the order first given.
+    let mut seen = std::collections::HashSet::new();
+    probes.retain(|p| seen.insert(*p));
     let m = compute(&state, &probes, None);
     match args.output {
         OutputFormat::Text => super::emit(&m.render_text())?,

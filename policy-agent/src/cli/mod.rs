@@ -115,6 +115,9 @@ pub fn load_with_objects(dirs: &[PathBuf]) -> Result<(Manifests, ClusterState, V
     let m = Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (state, errors) = m.state();
     report(&m, &errors);
+    for w in crate::manifests::contested_addresses(&state) {
+        note(&format!("warning: {w}"));
+    }
     Ok((m, state, errors))
 }
 
