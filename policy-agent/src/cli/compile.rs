@@ -30,13 +30,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode, CliError> {
     let m = Manifests::read_dirs(&args.manifests).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (changes, errors) = m.changes();
-    super::report(&m, &errors);
-    for w in crate::manifests::contested_addresses(&m.state().0) {
-        super::note(&format!("warning: {w}"));
-    }
     let mut compiler = NodeCompiler::new(args.node.clone());
     compiler.set_audit_all(args.enforcement == super::run::NodeEnforcement::Audit);
     compiler.apply(changes);
+    super::report(&m, compiler.state(), &errors);
     let view = NodeView { node: args.node, endpoints: compiler.endpoints().map(endpoint_view).collect() };
     match args.output {
         OutputFormat::Text => super::emit(&view.render_text())?,

@@ -93,13 +93,17 @@ pub fn note(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// Reports the manifests' unusable objects, then warnings about usable ones (a
-/// ClusterNetworkPolicy peer that fails closed), on stderr.
-pub fn report(m: &Manifests, errors: &[ManifestError]) {
+/// Reports the manifests' unusable objects, then warnings about usable ones (objects
+/// defined twice, ClusterNetworkPolicy peers that fail closed, addresses two pods of
+/// `state`, the cluster they make, claim), on stderr.
+pub fn report(m: &Manifests, state: &ClusterState, errors: &[ManifestError]) {
     for e in errors {
         note(&format!("error: {e}"));
     }
     for w in m.warnings() {
+        note(&format!("warning: {w}"));
+    }
+    for w in crate::manifests::contested_addresses(state) {
         note(&format!("warning: {w}"));
     }
 }
@@ -114,10 +118,7 @@ pub fn load(dirs: &[PathBuf]) -> Result<(ClusterState, Vec<ManifestError>), CliE
 pub fn load_with_objects(dirs: &[PathBuf]) -> Result<(Manifests, ClusterState, Vec<ManifestError>), CliError> {
     let m = Manifests::read_dirs(dirs).map_err(|(dir, source)| CliError::Manifests { dir, source })?;
     let (state, errors) = m.state();
-    report(&m, &errors);
-    for w in crate::manifests::contested_addresses(&state) {
-        note(&format!("warning: {w}"));
-    }
+    report(&m, &state, &errors);
     Ok((m, state, errors))
 }
 
